@@ -1,0 +1,276 @@
+"""Triton kernels computing y = x @ W.T straight from packed NVFP4 (W4A16).
+
+Three kernels:
+
+* ``_gemv_kernel``: M == 1 rows (decode). CUDA-core FMA. The packed weight is read as int32 words
+  (8 codes, half of a 16-block), each code turned into float32 bits with two shifts and a LOP3
+  (``DEQ=0``: E2M1 -> fp32 bits ``(mag << 22) | (sign << 31)``, which is value * 2^-126 exactly, the
+  subnormal 0.5 included; x is pre-multiplied by 2^32 so every product is a normal fp32 number) or
+  through fp16 bits (``DEQ=1``: ``(mag << 9) | (sign << 15)`` = value * 2^-14, then cvt to fp32).
+  Per-16-block partial sums get one e4m3 scale multiply per block; 2^94 (or 2^14) and the per-tensor
+  multiplier are one epilogue factor. Split-K writes fp32 partials that ``_splitk_reduce_kernel``
+  sums (no memset, no atomics).
+* ``_mm_kernel``: any M (used for 2 <= M <= 16 decode with BM=16 and for prefill). Dequantizes a
+  [BN, BK] tile in registers to x.dtype (e2m1 * e4m3 is exact in bf16 and fp16: <= 6 significant
+  bits, range 2^-10..2688) and multiplies with ``tl.dot`` (tensor cores, fp32 accumulation); the
+  per-tensor multiplier is applied in fp32 in the epilogue.
+* ``_dequant_kernel``: packed -> dense x.dtype rows (value * scale * multiplier), for the
+  dequantize-into-scratch + cuBLAS prefill path.
+
+The e4m3 block scales are read as raw bytes (uint8 view) and decoded with integer ops, so every
+kernel also runs under ``TRITON_INTERPRET=1`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# DEQ=0: weights come out as value * 2^-126, x is scaled by 2^32 -> partials carry 2^-94.
+X_PRESCALE_F32 = tl.constexpr(4294967296.0)  # 2^32
+EPI_F32 = tl.constexpr(2.0**94)
+# DEQ=1: weights come out as value * 2^-14.
+EPI_F16 = tl.constexpr(16384.0)
+
+
+@triton.jit
+def _e4m3_to_f32(s):
+    """float8_e4m3fn bytes (as int32 0..255) -> float32, exactly (subnormals included)."""
+    e = (s >> 3) & 15
+    m = s & 7
+    neg = (s & 128) != 0
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125  # m/8 * 2^-6
+    mag = tl.where(e == 0, sub, normal)
+    return tl.where(neg, -mag, mag)
+
+
+@triton.jit
+def _e2m1_word_f32(w, J: tl.constexpr):
+    """Code J (0..7) of int32 words w -> float32 equal to value * 2^-126 (bit trick, no table)."""
+    if 22 - 4 * J >= 0:
+        mag = (w << (22 - 4 * J)) & 0x01C00000
+    else:
+        mag = (w >> (4 * J - 22)) & 0x01C00000
+    sgn = (w << (28 - 4 * J)) & -2147483648
+    return (mag | sgn).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_word_f16(w, J: tl.constexpr):
+    """Code J (0..7) of int32 words w -> float32 equal to value * 2^-14 (through fp16 bits)."""
+    if 9 - 4 * J >= 0:
+        mag = (w << (9 - 4 * J)) & 0x0E00
+    else:
+        mag = (w >> (4 * J - 9)) & 0x0E00
+    if 12 - 4 * J >= 0:
+        sgn = (w << (12 - 4 * J)) & 0x8000
+    else:
+        sgn = (w >> (4 * J - 12)) & 0x8000
+    return (mag | sgn).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e2m1_nibble_f16(c):
+    """4-bit codes (int32 0..15) -> float16 equal to value * 2^-14."""
+    return (((c & 8) << 12) | ((c & 7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [M, K] fp16/bf16, row stride stride_xm, unit column stride
+    w_ptr,  # [N, K/8] int32 view of the packed bytes
+    s_ptr,  # [N, K/16] uint8 view of the e4m3 block scales
+    y_ptr,  # [M, N] output (x.dtype) or [SPLIT, M, N] fp32 workspace
+    mul_ptr,  # float32 scalar: per-tensor multiplier
+    b_ptr,  # [N] bias or dummy
+    M,
+    N,
+    KW,  # K / 8 (int32 words per row)
+    KB,  # K / 16 (blocks per row)
+    stride_xm,
+    stride_ym,
+    blocks_per_split,  # multiple of BKB
+    BN: tl.constexpr,
+    BKB: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DEQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_c = tl.minimum(rn, N - 1).to(tl.int64)  # clamp: rows past N load row N-1, never stored
+    rb = tl.arange(0, BKB)
+    rh = tl.arange(0, 2)
+    kb0 = pid_k * blocks_per_split
+    kb_end = tl.minimum(kb0 + blocks_per_split, KB)
+    w_base = w_ptr + rn_c[:, None, None] * KW + rb[None, :, None] * 2 + rh[None, None, :]
+    s_base = s_ptr + rn_c[:, None] * KB + rb[None, :]
+    x_base = x_ptr + m.to(tl.int64) * stride_xm + rb[:, None] * 16 + rh[None, :] * 8
+    acc = tl.zeros([BN, BKB], dtype=tl.float32)
+    for kb in range(kb0, kb_end, BKB):
+        if EVEN_K:
+            words = tl.load(w_base + kb * 2, cache_modifier=".cg")
+            sc = tl.load(s_base + kb, cache_modifier=".cg")
+        else:
+            bm = (kb + rb) < kb_end
+            words = tl.load(w_base + kb * 2, mask=bm[None, :, None], other=0, cache_modifier=".cg")
+            sc = tl.load(s_base + kb, mask=bm[None, :], other=0, cache_modifier=".cg")
+        part = tl.zeros([BN, BKB, 2], dtype=tl.float32)
+        for j in tl.static_range(8):
+            if EVEN_K:
+                xj = tl.load(x_base + kb * 16 + j).to(tl.float32)
+            else:
+                xj = tl.load(x_base + kb * 16 + j, mask=((kb + rb) < kb_end)[:, None], other=0.0)
+                xj = xj.to(tl.float32)
+            if DEQ == 0:
+                wj = _e2m1_word_f32(words, j)
+                xj = xj * X_PRESCALE_F32
+            else:
+                wj = _e2m1_word_f16(words, j)
+            part += wj * xj[None, :, :]
+        acc += tl.sum(part, axis=2) * _e4m3_to_f32(sc.to(tl.int32))
+    y = tl.sum(acc, axis=1)
+    if DEQ == 0:
+        y = y * EPI_F32
+    else:
+        y = y * EPI_F16
+    y = y * tl.load(mul_ptr)
+    nmask = rn < N
+    if SPLIT == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(y_ptr + (pid_k * M + m).to(tl.int64) * N + rn, y, mask=nmask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr, y_ptr, b_ptr, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """y[m, n] = sum_s ws[s, m, n] (+ bias[n]), cast to y's dtype."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mn = M * N
+    mask = offs < mn
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(ws_ptr + s * mn + offs, mask=mask, other=0.0)
+    row = offs // N
+    col = offs % N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + col, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mm_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K/2] uint8
+    s_ptr,  # [N, K/16] uint8 (e4m3 bits)
+    y_ptr,  # [M, N] out or [SPLIT, M, N] fp32 workspace
+    mul_ptr,
+    b_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    k_per_split,  # multiple of BK
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm_c = tl.minimum(rm, M - 1).to(tl.int64)
+    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rk2 = tl.arange(0, BK // 2)
+    rkb = tl.arange(0, BK // 16)
+    K2 = K // 2
+    KB = K // 16
+    k0 = pid_k * k_per_split
+    k_end = tl.minimum(k0 + k_per_split, K)
+    x_base = x_ptr + rm_c[:, None] * stride_xm + rk[None, :]
+    w_base = w_ptr + rn_c[:, None] * K2 + rk2[None, :]
+    s_base = s_ptr + rn_c[:, None] * KB + rkb[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in range(k0, k_end, BK):
+        if EVEN_K:
+            xt = tl.load(x_base + k)
+            wb = tl.load(w_base + k // 2)
+            sb = tl.load(s_base + k // 16)
+        else:
+            xt = tl.load(x_base + k, mask=(k + rk)[None, :] < k_end, other=0.0)
+            wb = tl.load(w_base + k // 2, mask=(k + 2 * rk2)[None, :] < k_end, other=0)
+            sb = tl.load(s_base + k // 16, mask=(k + 16 * rkb)[None, :] < k_end, other=0)
+        wb = wb.to(tl.int32)
+        lo = _e2m1_nibble_f16(wb & 15)
+        hi = _e2m1_nibble_f16(wb >> 4)
+        v = tl.reshape(tl.join(lo, hi), (BN, BK // 16, 16)).to(tl.float32)
+        sf = _e4m3_to_f32(sb.to(tl.int32)) * 16384.0
+        w = tl.reshape(v * sf[:, :, None], (BN, BK)).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(xt, tl.trans(w), acc)
+    acc = acc * tl.load(mul_ptr)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        ptrs = y_ptr + (pid_k * M + rm).to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    w_ptr,  # [N, K/2] uint8
+    s_ptr,  # [N, K/16] uint8
+    mul_ptr,
+    out_ptr,  # [rows, K] dense, row stride K
+    row0,
+    N,
+    K,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """out[r, :] = dequant(W[row0 + r, :]) * multiplier, rounded once to out's dtype."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk2 = pid_k * (BK // 2) + tl.arange(0, BK // 2)
+    rkb = pid_k * (BK // 16) + tl.arange(0, BK // 16)
+    rows = (row0 + rn).to(tl.int64)
+    nmask = (row0 + rn) < N
+    wb = tl.load(w_ptr + rows[:, None] * (K // 2) + rk2[None, :], mask=nmask[:, None] & (rk2 < K // 2)[None, :], other=0)
+    sb = tl.load(s_ptr + rows[:, None] * (K // 16) + rkb[None, :], mask=nmask[:, None] & (rkb < K // 16)[None, :], other=0)
+    wb = wb.to(tl.int32)
+    lo = _e2m1_nibble_f16(wb & 15)
+    hi = _e2m1_nibble_f16(wb >> 4)
+    v = tl.reshape(tl.join(lo, hi), (BN, BK // 16, 16)).to(tl.float32)
+    sf = _e4m3_to_f32(sb.to(tl.int32)) * (16384.0 * tl.load(mul_ptr))
+    w = tl.reshape(v * sf[:, :, None], (BN, BK))
+    rk = pid_k * BK + tl.arange(0, BK)
+    optrs = out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    tl.store(optrs, w.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & (rk < K)[None, :])

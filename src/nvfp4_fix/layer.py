@@ -1,0 +1,130 @@
+"""The packed NVFP4 linear layer: one module class for compressed-tensors and ModelOpt checkpoints.
+
+Parameters keep the checkpoint's own names, dtypes and shapes, so ``state_dict()`` and
+``save_pretrained`` write back exactly what was loaded:
+
+====================  ===========================  ===========================
+                      compressed-tensors           ModelOpt
+====================  ===========================  ===========================
+codes uint8 [N, K/2]  ``weight_packed``            ``weight``
+e4m3 [N, K/16]        ``weight_scale``             ``weight_scale``
+per-tensor float32    ``weight_global_scale`` (÷)  ``weight_scale_2`` (×)
+activation (W4A4)     ``input_global_scale`` (÷)   ``input_scale`` (×)
+AWQ                   -                            ``pre_quant_scale`` [K]
+====================  ===========================  ===========================
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checkpoint import COMPRESSED_TENSORS, MODELOPT
+from .codec import BLOCK, FP4_MAX, FP8_MAX, dequantize, e2m1_table, round_to_e2m1_codes
+from .kernels import nvfp4_linear
+
+#: "quantize" reproduces the producer's activation fake-quantization (W4A4 checkpoints);
+#: "bf16" feeds activations unquantized (faster; what vLLM's Marlin path does before Blackwell).
+ACTIVATION_MODES = ("quantize", "bf16")
+
+
+def fake_quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of activations per 16-element group along the last dim, as
+    compressed-tensors' forward and vLLM's emulation do: scale = e4m3(global * amax / 6)."""
+    shape = x.shape
+    if shape[-1] % BLOCK:
+        raise ValueError(f"activation width {shape[-1]} is not a multiple of {BLOCK}")
+    g = global_divisor.to(torch.float32)
+    groups = x.reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
+    amax = groups.abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    scale = (g * (amax / FP4_MAX)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float8_e4m3fn).eps), scale)
+    step = scale / g
+    codes = round_to_e2m1_codes((groups.to(torch.float32) / step).clamp(-FP4_MAX, FP4_MAX))
+    q = e2m1_table(x.device)[codes.long()]
+    return (q * step).to(x.dtype).reshape(shape)
+
+
+class NVFP4Linear(nn.Module):
+    """y = x @ W.T + b with W held packed (4.5 bits a weight) and computed through one dispatch."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        layout: str = COMPRESSED_TENSORS,
+        input_scale: bool = False,
+        pre_quant_scale: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features % BLOCK:
+            raise ValueError(f"in_features {in_features} is not a multiple of the NVFP4 block size {BLOCK}")
+        if layout not in (COMPRESSED_TENSORS, MODELOPT):
+            raise ValueError(f"layout must be {COMPRESSED_TENSORS!r} or {MODELOPT!r}, got {layout!r}")
+        self.in_features, self.out_features, self.layout = in_features, out_features, layout
+        self.activation_mode = "quantize"
+        self.dense_weight: torch.Tensor | None = None  # only when dequantized once on purpose
+
+        def param(shape: tuple[int, ...], dt: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
+
+        ct = layout == COMPRESSED_TENSORS
+        self._packed_name = "weight_packed" if ct else "weight"
+        self._global_name = "weight_global_scale" if ct else "weight_scale_2"
+        self._input_name = ("input_global_scale" if ct else "input_scale") if input_scale else None
+        # Registered directly: ``weight_packed`` is also a class property (for the ModelOpt layout).
+        self._parameters[self._packed_name] = param((out_features, in_features // 2), torch.uint8)
+        self.weight_scale = param((out_features, in_features // BLOCK), torch.float8_e4m3fn)
+        self._parameters[self._global_name] = param((1,) if ct else (), torch.float32)
+        if self._input_name:
+            self._parameters[self._input_name] = param((1,) if ct else (), torch.float32)
+        self.pre_quant_scale = param((in_features,), dtype) if pre_quant_scale else None
+        self.bias = param((out_features,), dtype) if bias else None
+
+    @property
+    def weight_packed(self) -> torch.Tensor:
+        """The uint8 codes [N, K/2], whatever the checkpoint called them."""
+        return self._parameters[self._packed_name]
+
+    @property
+    def packed(self) -> torch.Tensor:
+        return self._parameters[self._packed_name]
+
+    @property
+    def weight_mul(self) -> torch.Tensor:
+        """The per-tensor factor in the multiplier convention, float32."""
+        g = self._parameters[self._global_name].to(torch.float32)
+        return (1.0 / g if self.layout == COMPRESSED_TENSORS else g).reshape(())
+
+    @property
+    def input_divisor(self) -> torch.Tensor | None:
+        """The activation global scale in compressed-tensors' divisor convention, or None (W4A16)."""
+        if self._input_name is None:
+            return None
+        s = self._parameters[self._input_name].to(torch.float32)
+        return s if self.layout == COMPRESSED_TENSORS else 1.0 / s
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.packed, self.weight_scale, self.weight_mul, "multiplier", dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale.to(x.dtype)
+        divisor = self.input_divisor
+        if divisor is not None and self.activation_mode == "quantize":
+            x = fake_quantize_activations(x, divisor)
+        if self.dense_weight is not None:
+            return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
+        return nvfp4_linear(x, self.packed, self.weight_scale, self.weight_mul, self.bias)
+
+    def extra_repr(self) -> str:
+        mode = f", activations={self.activation_mode}" if self._input_name else ""
+        awq = ", awq" if self.pre_quant_scale is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, layout={self.layout}{mode}{awq}"
+        )
+

@@ -1,0 +1,420 @@
+"""Load NVFP4 checkpoints into transformers models whose quantized layers stay packed.
+
+The model skeleton is built by transformers on the meta device, the checkpoint's NVFP4 linears are
+swapped for :class:`~nvfp4_fix.layer.NVFP4Linear`, and every tensor is read from safetensors straight
+to its target device in the checkpoint's own dtype: no full-precision copy of a quantized layer
+exists at any point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, QuantizedModule, require_nvfp4
+from .errors import CheckpointError
+from .layer import ACTIVATION_MODES, NVFP4Linear
+from .moe import NVFP4Experts, expert_groups
+
+logger = logging.getLogger("nvfp4_fix")
+
+_AUTO_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def looks_like_nvfp4(path: Any) -> bool:
+    """Cheap test (two small JSON reads) used to route ``from_pretrained`` calls."""
+    try:
+        p = Path(os.fspath(path))
+    except TypeError:
+        return False
+    if not p.is_dir():
+        return False
+    if (p / "hf_quant_config.json").is_file():
+        with contextlib.suppress(Exception):
+            algo = json.loads((p / "hf_quant_config.json").read_text())["quantization"]["quant_algo"]
+            return "NVFP4" in str(algo).upper() or algo == "MIXED_PRECISION"
+    with contextlib.suppress(Exception):
+        qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+        if qc.get("quant_method") == COMPRESSED_TENSORS:
+            groups = qc.get("config_groups") or {}
+            return qc.get("format") == "nvfp4-pack-quantized" or any(
+                g.get("format") == "nvfp4-pack-quantized" for g in groups.values() if isinstance(g, dict)
+            )
+        if qc.get("quant_method") == MODELOPT:
+            return "NVFP4" in str(qc.get("quant_algo", "")).upper()
+    return False
+
+
+def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:
+    if dtype in (None, "auto"):
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32 for NVFP4 models, got {dtype}")
+    return dtype
+
+
+def _renamer(model: nn.Module) -> Callable[[str], list[str]]:
+    """Candidate model names for a checkpoint key, across transformers' key-renaming schemes."""
+    legacy = dict(getattr(model, "_checkpoint_conversion_mapping", {}) or {})
+    renamings: list[Any] = []
+    apply_renamings = None
+    with contextlib.suppress(Exception):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    prefix = getattr(model, "base_model_prefix", "")
+
+    def candidates(key: str) -> list[str]:
+        out = [key]
+        renamed = key
+        for pattern, repl in legacy.items():
+            renamed = re.sub(pattern, repl, renamed)
+        out.append(renamed)
+        if renamings and apply_renamings is not None:
+            out.append(apply_renamings(key, renamings))
+        for k in list(out):
+            if prefix:
+                out.append(f"{prefix}.{k}")
+                if k.startswith(prefix + "."):
+                    out.append(k[len(prefix) + 1 :])
+        return list(dict.fromkeys(out))
+
+    return candidates
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _swap_quantized_modules(model: nn.Module, info: CheckpointInfo, dtype: torch.dtype) -> dict[str, str]:
+    """Replace the checkpoint's NVFP4 linears by packed layers; return checkpoint->model prefix map."""
+    candidates = _renamer(model)
+    modules = dict(model.named_modules())
+    prefix_map: dict[str, str] = {}
+    layout = info.format or COMPRESSED_TENSORS
+
+    pending: dict[str, QuantizedModule] = {}
+    for ckpt_prefix, q in info.quantized.items():
+        target = next((c[: -len(".weight")] for c in candidates(ckpt_prefix + ".weight")
+                       if c[: -len(".weight")] in modules), None)  # fmt: skip
+        old = modules.get(target) if target else None
+        if not isinstance(old, nn.Linear):
+            pending[ckpt_prefix] = q
+            continue
+        if (old.in_features, old.out_features) != (q.in_features, q.out_features):
+            raise CheckpointError(
+                f"{info.path}: tensor {info.packed_name(ckpt_prefix)!r} holds a {q.out_features}x"
+                f"{q.in_features} layer but the config gives {old.out_features}x{old.in_features}"
+            )
+        new = NVFP4Linear(
+            q.in_features, q.out_features, bias=old.bias is not None, layout=layout,
+            input_scale=q.has_input_scale, pre_quant_scale=q.has_pre_quant_scale, dtype=dtype, device="meta",
+        )  # fmt: skip
+        _set_module(model, target, new)
+        prefix_map[ckpt_prefix] = target
+
+    groups = expert_groups(pending)
+    leftover = sorted(set(pending) - {p for members in groups.values() for p in members})
+    if leftover:
+        raise CheckpointError(
+            f"{info.path}: quantized layer {leftover[0]!r} matches no nn.Linear of {type(model).__name__}"
+            + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
+        )
+    for experts_prefix, members in groups.items():
+        target = next((c[: -len(".weight")] for c in candidates(experts_prefix + ".weight")
+                       if c[: -len(".weight")] in modules), None)  # fmt: skip
+        if target is None:
+            raise CheckpointError(f"{info.path}: experts {experts_prefix!r} match no module of {type(model).__name__}")
+        old = modules[target]
+        new = NVFP4Experts.replacing(old, members, info, layout, dtype, model.config)
+        _set_module(model, target, new)
+        prefix_map[experts_prefix] = target
+    return prefix_map
+
+
+def _placement(model: nn.Module, device_map: Any, max_memory: Any, dtype: torch.dtype) -> dict[str, Any]:
+    if device_map is None:
+        return {"": torch.device("cpu")}
+    if isinstance(device_map, int):
+        return {"": torch.device("cuda", device_map)}
+    if isinstance(device_map, torch.device) or (isinstance(device_map, str) and device_map not in _AUTO_PLACEMENTS):
+        return {"": torch.device(device_map)}
+    if isinstance(device_map, dict):
+        return dict(device_map)
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(
+            model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+            low_zero=device_map == "balanced_low_0",
+        )  # fmt: skip
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+
+
+def _device_of(placement: dict[str, Any], name: str) -> Any:
+    best, dev = -1, placement.get("", "cpu")
+    for prefix, d in placement.items():
+        if prefix and (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, dev = len(prefix), d
+    return dev
+
+
+def _load_tensors(
+    model: nn.Module, info: CheckpointInfo, prefix_map: dict[str, str], placement: dict[str, Any], dtype: torch.dtype
+) -> list[str]:
+    from safetensors import safe_open
+
+    candidates = _renamer(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    unexpected: list[str] = []
+    by_file: dict[Path, list[str]] = {}
+    for name, t in info.tensors.items():
+        by_file.setdefault(t.file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in names:
+                target = _map_key(key, prefix_map, candidates, params, buffers)
+                if target is None:
+                    unexpected.append(key)
+                    continue
+                old = params.get(target, buffers.get(target))
+                module = model.get_submodule(target.rpartition(".")[0]) if "." in target else model
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(old.shape):
+                    if old.numel() == tensor.numel() and old.dim() <= 1 and tensor.dim() <= 1:
+                        tensor = tensor.reshape(old.shape)
+                    else:
+                        raise CheckpointError(
+                            f"{file}: tensor {key!r} has shape {list(tensor.shape)}; the model "
+                            f"({type(model).__name__}) expects {list(old.shape)} for {target}"
+                        )
+                tensor = _cast(tensor, old, module, target, dtype, keep_fp32)
+                dev = _device_of(placement, target)
+                if dev == "disk":
+                    raise ValueError("disk offload is not supported for NVFP4 models; offload to 'cpu' instead")
+                tensor = tensor.to(dev if not isinstance(dev, int) else torch.device("cuda", dev))
+                leaf = target.rpartition(".")[2]
+                if target in params:
+                    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+                else:
+                    module._buffers[leaf] = tensor
+    return unexpected
+
+
+def _map_key(key: str, prefix_map: dict[str, str], candidates: Callable[[str], list[str]],
+             params: dict[str, Any], buffers: dict[str, Any]) -> str | None:  # fmt: skip
+    prefix, _, leaf = key.rpartition(".")
+    while prefix:
+        if prefix in prefix_map:
+            name = f"{prefix_map[prefix]}.{key[len(prefix) + 1:]}"
+            return name if name in params or name in buffers else None
+        prefix = prefix.rpartition(".")[0]
+    return next((c for c in candidates(key) if c in params or c in buffers), None)
+
+
+def _cast(tensor: torch.Tensor, old: torch.Tensor, module: nn.Module, name: str,
+          dtype: torch.dtype, keep_fp32: list[str]) -> torch.Tensor:  # fmt: skip
+    if isinstance(module, (NVFP4Linear, NVFP4Experts)):
+        leaf = name.rpartition(".")[2]
+        if leaf in ("bias", "pre_quant_scale"):
+            return tensor.to(dtype)
+        if tensor.dtype != old.dtype:
+            if old.dtype in (torch.uint8, torch.float8_e4m3fn):
+                raise CheckpointError(f"tensor {name!r} must be {old.dtype}, got {tensor.dtype}")
+            return tensor.to(old.dtype)
+        return tensor
+    if not tensor.is_floating_point():
+        return tensor
+    if any(k in name for k in keep_fp32):
+        return tensor.to(torch.float32)
+    return tensor.to(dtype if old.is_floating_point() else old.dtype)
+
+
+def _ct_config_for_save(info: CheckpointInfo) -> dict[str, Any]:
+    return copy.deepcopy(info.quant_config)
+
+
+def _wrap_save(model: nn.Module, info: CheckpointInfo) -> None:
+    """ModelOpt checkpoints carry hf_quant_config.json beside config.json: write it on save too."""
+    original = model.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        result = original(save_directory, *args, **kwargs)
+        src = info.path / "hf_quant_config.json"
+        if src.is_file():
+            shutil.copyfile(src, Path(save_directory) / "hf_quant_config.json")
+        return result
+
+    model.save_pretrained = save_pretrained  # type: ignore[method-assign]
+
+
+def load_model(
+    model_class: Any,
+    path: str | os.PathLike[str],
+    *,
+    config: Any = None,
+    dtype: Any = "auto",
+    device_map: Any = None,
+    max_memory: dict[Any, Any] | None = None,
+    activations: str = "quantize",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    **config_kwargs: Any,
+) -> Any:
+    """Build ``model_class`` (a transformers model class or Auto class) from an NVFP4 checkpoint."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
+    info = require_nvfp4(path)
+    if config is None:
+        config = AutoConfig.from_pretrained(info.path, trust_remote_code=trust_remote_code, **config_kwargs)
+    else:
+        config = copy.deepcopy(config)
+        for k, v in config_kwargs.items():
+            setattr(config, k, v)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    torch_dtype = _resolve_dtype(dtype, config)
+
+    if hasattr(model_class, "_model_mapping"):  # an Auto class: pick the concrete one for this config
+        model_class = model_class._model_mapping[type(config)]
+    dtype_kw = "dtype" if "dtype" in _from_config_params(model_class) else "torch_dtype"
+    with init_empty_weights(include_buffers=False):
+        model = model_class._from_config(config, **{dtype_kw: torch_dtype})
+    model.eval()
+
+    prefix_map = _swap_quantized_modules(model, info, torch_dtype)
+    placement = _placement(model, device_map, max_memory, torch_dtype)
+    unexpected = _load_tensors(model, info, prefix_map, placement, torch_dtype)
+    if unexpected:
+        logger.warning("nvfp4-fix: %d checkpoint tensors not used by %s, e.g. %s",
+                       len(unexpected), type(model).__name__, unexpected[:3])  # fmt: skip
+    with contextlib.suppress(Exception):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise CheckpointError(
+            f"{info.path}: the checkpoint has no tensor for {len(missing)} parameters of "
+            f"{type(model).__name__}, e.g. {missing[:3]}"
+        )
+    for m in model.modules():
+        if isinstance(m, (NVFP4Linear, NVFP4Experts)):
+            m.activation_mode = activations
+
+    if len(set(map(str, placement.values()))) > 1:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=placement)
+    else:
+        model.to(_device_of(placement, ""))
+    model.config.quantization_config = _ct_config_for_save(info) if info.format == COMPRESSED_TENSORS else (
+        copy.deepcopy(info.config.get("quantization_config") or _modelopt_quant_config(info))
+    )  # fmt: skip
+    model.nvfp4_checkpoint = info
+    with contextlib.suppress(Exception):
+        model.generation_config = GenerationConfig.from_pretrained(info.path)
+    _wrap_save(model, info)
+    return model
+
+
+def _modelopt_quant_config(info: CheckpointInfo) -> dict[str, Any]:
+    q = dict(info.quant_config.get("quantization") or {})
+    return {"quant_method": MODELOPT, **q}
+
+
+@functools.cache
+def _from_config_params(model_class: type) -> tuple[str, ...]:
+    import inspect
+
+    src = inspect.getsource(model_class._from_config)
+    return tuple(k for k in ("dtype", "torch_dtype") if f'"{k}"' in src)
+
+
+def from_pretrained(path: str | os.PathLike[str], model_class: Any = None, **kwargs: Any) -> Any:
+    """Load an NVFP4 checkpoint packed, without patching anything global.
+
+    ``model_class`` defaults to ``AutoModelForCausalLM``; pass e.g. ``AutoModelForImageTextToText``.
+    Keyword arguments: ``dtype``/``torch_dtype``, ``device_map``, ``max_memory``, ``activations``
+    ("quantize" reproduces W4A4 activation quantization, "bf16" skips it), ``trust_remote_code``,
+    ``attn_implementation``, and config overrides.
+    """
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    if "torch_dtype" in kwargs:
+        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    for ignored in ("low_cpu_mem_usage", "use_safetensors", "local_files_only", "revision", "_from_auto",
+                    "_commit_hash", "cache_dir", "force_download", "token", "offload_state_dict"):  # fmt: skip
+        kwargs.pop(ignored, None)
+    return load_model(model_class, path, **kwargs)
+
+
+_original_from_pretrained: Any = None
+
+
+def _wants_compressed_tensors_path(kwargs: dict[str, Any]) -> bool:
+    qc = kwargs.get("quantization_config")
+    if qc is None:
+        return False
+    return bool(getattr(qc, "dequantize", False) or getattr(qc, "run_compressed", True) is False)
+
+
+def install_routing() -> bool:
+    """Route ``PreTrainedModel.from_pretrained`` of local NVFP4 folders to :func:`load_model`."""
+    global _original_from_pretrained
+    from transformers import PreTrainedModel
+
+    if _original_from_pretrained is not None:
+        return False
+    original = PreTrainedModel.__dict__["from_pretrained"]
+
+    def routed(cls: Any, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        if not model_args and looks_like_nvfp4(pretrained_model_name_or_path) and not _wants_compressed_tensors_path(kwargs):
+            kwargs.pop("quantization_config", None)
+            return from_pretrained(pretrained_model_name_or_path, cls, **kwargs)
+        return original.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    PreTrainedModel.from_pretrained = classmethod(functools.wraps(original.__func__)(routed))  # type: ignore[method-assign]
+    _original_from_pretrained = original
+    return True
+
+
+def remove_routing() -> bool:
+    global _original_from_pretrained
+    if _original_from_pretrained is None:
+        return False
+    from transformers import PreTrainedModel
+
+    PreTrainedModel.from_pretrained = _original_from_pretrained  # type: ignore[method-assign]
+    _original_from_pretrained = None
+    return True
+
+
+def routing_installed() -> bool:
+    return _original_from_pretrained is not None

@@ -1,0 +1,71 @@
+"""apply_patch / remove_patch: the in-process switch for nvfp4-fix's fixes (re-exported by the package)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .compat import compressed_tensors as _ct
+
+_STATE: dict[str, Any] = {"active": False, "packed_layers": False, "routing": "not requested"}
+
+
+def apply_patch(packed_layers: bool = True) -> dict[str, Any]:
+    """Fix compressed-tensors bugs (now, or when it is imported) and, with ``packed_layers``, route
+    NVFP4 layers to nvfp4-fix's packed layers. Idempotent; returns ``patch_status()``."""
+    _ct.apply()
+    _STATE.update(active=True, packed_layers=packed_layers)
+    if packed_layers:
+        # ---- packed-layer routing (owned by the lead: nvfp4_fix.loading) ----
+        try:
+            from .loading import install_routing  # type: ignore[attr-defined]
+        except ImportError:
+            _STATE["routing"] = "unavailable: nvfp4_fix.loading.install_routing not found"
+        else:
+            install_routing()
+            _STATE["routing"] = "installed"
+        # ---- end packed-layer routing ----
+    return patch_status()
+
+
+def remove_patch() -> dict[str, Any]:
+    """Undo ``apply_patch``: originals back, routing removed, low-memory mode off."""
+    if _STATE["routing"] == "installed":
+        try:
+            from .loading import remove_routing  # type: ignore[attr-defined]
+        except ImportError:
+            pass
+        else:
+            remove_routing()
+    _ct.remove()
+    _ct.enable_low_memory_mode(False)
+    _STATE.update(active=False, packed_layers=False, routing="not requested")
+    return patch_status()
+
+
+def is_patched() -> bool:
+    """True after ``apply_patch`` when every fix the installed versions need is in place (or waits for
+    compressed_tensors to be imported)."""
+    return bool(_STATE["active"]) and _ct.is_applied()
+
+
+def enable_low_memory_mode(enabled: bool = True) -> None:
+    """compressed-tensors 0.13.x: decompress on every forward, keep no dense copy (see compat docs)."""
+    _ct.enable_low_memory_mode(enabled)
+
+
+def patch_status() -> dict[str, Any]:
+    """Everything ``check`` reports about this process, JSON-serialisable."""
+    from .compat import startup
+
+    return {
+        "versions": _ct.versions(),
+        "active": bool(_STATE["active"]),
+        "patched": is_patched(),
+        "packed_layers": bool(_STATE["packed_layers"]),
+        "routing": _STATE["routing"],
+        "low_memory_mode": _ct.low_memory_mode(),
+        "low_memory_supported": _ct.low_memory_supported(),
+        "fixes": [r.as_dict() for r in _ct.status()],
+        "known_bugs": [b.key for b in _ct.bugs_for()],
+        "persistent": startup.status(),
+    }

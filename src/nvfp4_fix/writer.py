@@ -1,0 +1,130 @@
+"""Write NVFP4 checkpoints from dense models, in either layout (for benchmarks, tests and tools).
+
+Real checkpoints come from llmcompressor and ModelOpt; this writer exists so that large shapes
+(e.g. a random Llama-3-8B) can be made without them. It quantizes with the reference quantizer in
+:mod:`nvfp4_fix.codec` and writes the same names, dtypes and configs the producers write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import COMPRESSED_TENSORS, MODELOPT
+from .codec import BLOCK, quantize
+from .fsutil import atomic_directory
+
+
+def ct_quantization_config(ignore: list[str], w4a4: bool) -> dict[str, Any]:
+    weights = {
+        "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+        "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
+        "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": None, "block_structure": None,
+    }  # fmt: skip
+    acts = dict(weights, dynamic="local") if w4a4 else None
+    return {
+        "quant_method": COMPRESSED_TENSORS,
+        "format": "nvfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                      "output_activations": None, "format": "nvfp4-pack-quantized"}},  # fmt: skip
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": "nvfp4-fix",
+    }
+
+
+def modelopt_quant_config(exclude: list[str], w4a4: bool) -> dict[str, Any]:
+    return {
+        "producer": {"name": "nvfp4-fix", "version": "0.1.0"},
+        "quantization": {"quant_algo": "NVFP4" if w4a4 else "W4A16_NVFP4", "kv_cache_quant_algo": None,
+                         "group_size": BLOCK, "exclude_modules": exclude},  # fmt: skip
+    }
+
+
+def quantized_tensors(
+    prefix: str, weight: torch.Tensor, layout: str, input_amax: float | None = None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one NVFP4 linear, from its dense weight."""
+    convention = "divisor" if layout == COMPRESSED_TENSORS else "multiplier"
+    packed, scale, glob = quantize(weight, convention)
+    if layout == COMPRESSED_TENSORS:
+        out = {f"{prefix}.weight_packed": packed, f"{prefix}.weight_scale": scale,
+               f"{prefix}.weight_global_scale": glob.reshape(1)}  # fmt: skip
+        if input_amax is not None:
+            out[f"{prefix}.input_global_scale"] = torch.tensor([448.0 * 6.0 / input_amax])
+        return out
+    out = {f"{prefix}.weight": packed, f"{prefix}.weight_scale": scale, f"{prefix}.weight_scale_2": glob.reshape(())}
+    if input_amax is not None:
+        out[f"{prefix}.input_scale"] = torch.tensor(input_amax / (448.0 * 6.0))
+    return out
+
+
+def save_quantized(
+    model: nn.Module,
+    out: str | os.PathLike[str],
+    layout: str = COMPRESSED_TENSORS,
+    ignore: Iterable[str] = ("lm_head",),
+    input_amax: float | None = None,
+    max_shard_bytes: int = 4 * 1024**3,
+) -> Path:
+    """Quantize every nn.Linear of ``model`` (except ``ignore``) to NVFP4 and write a checkpoint."""
+    if layout not in (COMPRESSED_TENSORS, MODELOPT):
+        raise ValueError(f"layout must be {COMPRESSED_TENSORS!r} or {MODELOPT!r}")
+    from safetensors.torch import save_file
+
+    ignore = list(ignore)
+    linears = {
+        n for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.in_features % BLOCK == 0 and not any(n == i or n.endswith("." + i) for i in ignore)
+    }  # fmt: skip
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix in linears and leaf == "weight":
+            tensors.update(quantized_tensors(prefix, t, layout, input_amax))
+        else:
+            tensors[name] = t.contiguous()
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        model.config.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        if layout == COMPRESSED_TENSORS:
+            cfg["quantization_config"] = ct_quantization_config(ignore, input_amax is not None)
+        else:
+            (tmp / "hf_quant_config.json").write_text(json.dumps(modelopt_quant_config(ignore, input_amax is not None), indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        _write_shards(tensors, tmp, max_shard_bytes, save_file)
+    return out
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int, save_file: Any) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": weight_map}  # fmt: skip
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
