@@ -24,6 +24,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,10 +64,16 @@ gated feed-forward block. Quantized checkpoints must load packed, or they no lon
 # --------------------------------------------------------------------------------------------
 # tokenizer
 # --------------------------------------------------------------------------------------------
-def build_tokenizer(vocab_size: int = VOCAB, chat_template: bool = False):
-    """A deterministic byte-level BPE tokenizer trained on CORPUS; returns PreTrainedTokenizerFast."""
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+)
+
+
+def build_raw_tokenizer(vocab_size: int = VOCAB):
+    """A deterministic byte-level BPE `tokenizers.Tokenizer` trained on CORPUS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -82,21 +89,79 @@ def build_tokenizer(vocab_size: int = VOCAB, chat_template: bool = False):
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
     )
     assert tok.token_to_id("<s>") == BOS_ID and tok.token_to_id("<image>") == IMAGE_ID
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    return tok
+
+
+def build_tokenizer(chat_template: bool = False):
+    """The same tokenizer as a transformers PreTrainedTokenizerFast (for llmcompressor / processors)."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
+        tokenizer_object=build_raw_tokenizer(),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         model_max_length=2048,
     )
     if chat_template:
-        fast.chat_template = (
-            "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
-            "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
-            "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
-        )
+        fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def save_tokenizer(outdir: Path, chat_template: bool = False):
+    """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json by hand.
+
+    transformers 5 writes `"tokenizer_class": "TokenizersBackend"`, which transformers 4.x cannot
+    load; this hand-written form (PreTrainedTokenizerFast) loads offline with AutoTokenizer in both.
+    """
+    outdir.mkdir(parents=True, exist_ok=True)
+    build_raw_tokenizer().save(str(outdir / "tokenizer.json"))
+    added = {
+        str(i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+        for i, t in enumerate(SPECIALS)
+    }
+    specials = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    cfg = dict(
+        added_tokens_decoder=added, **specials, clean_up_tokenization_spaces=False,
+        model_max_length=2048, tokenizer_class="PreTrainedTokenizerFast",
+    )
+    if chat_template:
+        cfg["chat_template"] = CHAT_TEMPLATE
+    (outdir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (outdir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+REF_IDS_SHAPE = (2, 24)
+
+
+def ref_input_ids():
+    import torch
+
+    g = torch.Generator().manual_seed(SEED + 2)
+    ids = torch.randint(len(SPECIALS), VOCAB, REF_IDS_SHAPE, generator=g)
+    ids[:, 0] = BOS_ID
+    return ids
+
+
+def ref_logits(model):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ref_input_ids()).logits.float().contiguous()
+
+
+def save_reference(outdir: Path, dense, producer, note: str):
+    """reference/outputs.safetensors: logits of the bf16 model before quantization and of the
+    producer's own quantized (fake-quant) model, for the same input_ids.  Kept in a subfolder so
+    that globbing <dir>/*.safetensors finds only the checkpoint."""
+    from safetensors.torch import save_file
+
+    d = outdir / "reference"
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"input_ids": ref_input_ids().contiguous(), "logits_dense": dense, "logits_producer": producer},
+        str(d / "outputs.safetensors"),
+        metadata={"note": note},
+    )
 
 
 def token_ids_for_config():
@@ -263,14 +328,23 @@ def run_llmcompressor(name, arch, scheme, ignore, outdir: Path, era: str):
         kw = dict(dataset=ds, num_calibration_samples=N_CALIB, max_seq_length=CALIB_LEN)
     if outdir.exists():
         shutil.rmtree(outdir)
-    oneshot(model=model, recipe=recipe, tokenizer=tok, **kw)
+    dense = ref_logits(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        # llmcompressor >= 0.14 `validate_model` re-reads AutoConfig.from_pretrained(
+        # model.config.name_or_path): an in-memory model (name_or_path "") fails with
+        # HFValidationError. Give it a local copy of the dense checkpoint to point at.
+        model.save_pretrained(tmp)
+        model.config.name_or_path = tmp
+        oneshot(model=model, recipe=recipe, tokenizer=tok, **kw)
+        model.config.name_or_path = ""
+    quant = ref_logits(model)  # llmcompressor leaves the model in fake-quant (frozen) state
     model.save_pretrained(str(outdir), save_compressed=True)
     if arch == "llava":
         make_processor(tok).save_pretrained(str(outdir))
-    else:
-        tok.save_pretrained(str(outdir))
-    # llmcompressor may drop a recipe.yaml next to the weights: keep it (it is what real
-    # checkpoints ship), it is tiny.
+    save_tokenizer(outdir, chat_template=(arch == "llava"))
+    save_reference(outdir, dense, quant, f"llmcompressor {scheme} fake-quant forward after oneshot; "
+                   f"input_ids seed {SEED + 2}")
+    # llmcompressor drops a recipe.yaml next to the weights: kept (real checkpoints ship it).
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,12 +413,17 @@ def run_modelopt(name, arch, cfg_name, outdir: Path, era: str):
             for i in range(0, N_CALIB, 4):
                 m(input_ids=ids[i : i + 4])
 
+    dense = ref_logits(model)
     model = mtq.quantize(model, cfg, forward_loop)
+    quant = ref_logits(model)
     if outdir.exists():
         shutil.rmtree(outdir)
     with torch.inference_mode():
         export_hf_checkpoint(model, export_dir=str(outdir))
-    tok.save_pretrained(str(outdir))
+    save_tokenizer(outdir)
+    save_reference(outdir, dense, quant, f"modelopt {cfg_name} fake-quant forward after mtq.quantize, "
+                   "NVFP4 block quantizer replaced by the CPU quantize-dequantize of "
+                   f"scripts/make_fixtures.py (approximate); input_ids seed {SEED + 2}")
 
 
 # --------------------------------------------------------------------------------------------

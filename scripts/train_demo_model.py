@@ -12,8 +12,9 @@ What it does, deterministically (fixed seed, sorted file walk, hash-based split)
      them to ``heldout.txt`` next to the checkpoint directory (``--heldout``);
   3. trains a byte-level BPE tokenizer (``tokenizers``) on the training documents;
   4. trains a ``LlamaForCausalLM`` (hidden 256, 4 layers, 4 heads of 64, 2 kv heads, intermediate 688,
-     untied lm_head, context 256) with AdamW + cosine schedule on packed 256-token chunks of
-     ``<s> doc </s>``, printing the loss curve and the held-out loss;
+     untied lm_head, context 256) with AdamW + cosine schedule (bf16 autocast, fp32 master weights) on
+     random 256-token windows of the stream ``<s> doc </s> <s> doc </s> ...``, printing the loss curve
+     and the held-out loss; keeps the weights of the best held-out evaluation;
   5. saves the model in bfloat16 with its tokenizer and a generation_config carrying the eos id.
 """
 
@@ -87,7 +88,7 @@ def build_tokenizer(train_docs: list[str], vocab_size: int, out_dir: Path):
         show_progress=False,
     )
     tok.train_from_iterator(train_docs, trainer=trainer)
-    bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    bos_id = tok.token_to_id(BOS)
     # Llama-style: the tokenizer prepends <s> when add_special_tokens=True
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
@@ -101,8 +102,39 @@ def build_tokenizer(train_docs: list[str], vocab_size: int, out_dir: Path):
         clean_up_tokenization_spaces=False,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out_dir)
+    save_portable_tokenizer(tok, out_dir)
     return fast
+
+
+def save_portable_tokenizer(tok, out_dir: Path) -> None:
+    """tokenizer.json + a hand-written tokenizer_config.json naming PreTrainedTokenizerFast.
+
+    transformers 5 writes ``"tokenizer_class": "TokenizersBackend"``, which transformers 4.x cannot load;
+    this form loads offline with ``AutoTokenizer.from_pretrained(dir)`` in 4.57 and 5.x alike.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    added = {
+        str(tok.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in (BOS, EOS, PAD)
+    }
+    cfg = {
+        "added_tokens_decoder": added,
+        **specials,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 256,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 
 def main() -> None:
@@ -111,7 +143,7 @@ def main() -> None:
     ap.add_argument("--heldout", default=None, help="held-out text file (default: <out>/../heldout.txt)")
     ap.add_argument("--heldout-bytes", type=int, default=8192, help="approximate size of heldout.txt")
     ap.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -119,13 +151,19 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=688)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--max-minutes", type=float, default=25.0, help="safety stop (makes the run non-repeatable)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 is deterministic and far faster than 2 on a machine other jobs share",
+    )
+    ap.add_argument("--no-amp", action="store_true", help="float32 training (default: bf16 autocast)")
+    ap.add_argument("--max-minutes", type=float, default=25.0, help="safety stop (then not repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -169,9 +207,9 @@ def main() -> None:
 
     def encode_stream(ds: list[str]) -> np.ndarray:
         ids: list[int] = []
-        for enc in tok(ds, add_special_tokens=False)["input_ids"]:
+        for enc in tok.backend_tokenizer.encode_batch(ds, add_special_tokens=False):
             ids.append(bos_id)
-            ids.extend(enc)
+            ids.extend(enc.ids)
             ids.append(eos_id)
         return np.asarray(ids, dtype=np.int64)
 
@@ -230,13 +268,18 @@ def main() -> None:
         tot, n = 0.0, 0
         for i in range(0, n_eval, 32):
             xb = eval_x[i : i + 32]
-            out_ = model(input_ids=xb, labels=xb)
+            with amp_ctx():
+                out_ = model(input_ids=xb, labels=xb)
             tot += out_.loss.item() * xb.shape[0]
             n += xb.shape[0]
         model.train()
         return tot / n
 
+    def amp_ctx():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_amp)
+
     gen = torch.Generator().manual_seed(args.seed)
+    best = (float("inf"), 0, None)
     max_start = len(train_ids) - T - 1
     t0 = time.time()
     model.train()
@@ -246,7 +289,8 @@ def main() -> None:
         xb = torch.stack([torch.from_numpy(train_ids[s : s + T]) for s in starts.tolist()])
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = model(input_ids=xb, labels=xb).loss
+        with amp_ctx():
+            loss = model(input_ids=xb, labels=xb).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -263,20 +307,26 @@ def main() -> None:
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             el = eval_loss()
             print(f"  eval  step {step + 1:5d}  held-out loss {el:.4f}  ppl {math.exp(el):.2f}", flush=True)
+            if el < best[0]:
+                best = (el, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if elapsed > args.max_minutes * 60:
             print(f"stopping early at step {step + 1}: --max-minutes {args.max_minutes} reached")
             break
 
     # ---- save ---------------------------------------------------------------------------------------
+    if best[2] is not None:
+        print(f"keeping the weights of step {best[1]} (best held-out loss {best[0]:.4f})")
+        model.load_state_dict(best[2])
     model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False, max_new_tokens=64
     )
     model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    save_portable_tokenizer(tok.backend_tokenizer, out)
     (out / "training_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
     model.eval()
+    args.no_amp = True  # the saved bf16 model, evaluated as is
     el = eval_loss()
     print(f"final bf16 held-out loss {el:.4f}  ppl {math.exp(el):.2f}")
     for prompt in ["Return the", "Create a new", "This module provides"]:

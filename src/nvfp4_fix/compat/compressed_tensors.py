@@ -83,9 +83,10 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         key="ct-float8-promotion",
         package=PACKAGE,
         affected=("0.13.0", "0.14.0"),
-        summary="_dequantize divides the float8 block scale by the global scale without a cast "
+        summary="_quantize/_dequantize divide the float8 block scale by the global scale without a cast "
         "(#514 reverted by #527; back in 0.14.0 as #537)",
-        symptom="RuntimeError: Promotion for Float8 Types is not supported (run_compressed=False)",
+        symptom="RuntimeError: Promotion for Float8 Types is not supported (run_compressed=False: at "
+        "load in _dequantize, then at every forward in _quantize)",
         fixed_by="fix cast_fp8_scale",
         checked="source of 0.10.2, 0.11.0, 0.12.0, 0.12.2 (cast), 0.13.0 (measured), 0.14.0.1 (cast)",
         fix="cast_fp8_scale",
@@ -113,6 +114,18 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         checked="source of 0.11.0 (eager), 0.12.0-0.14.0.1 (compiled), 0.15.0 (moved); measured on "
         "0.13.0 with torch 2.13.0 only",
         fix="eager_pack_fp4",
+    ),
+    KnownBug(
+        key="ct-bf16-decompressed-weight",
+        package=PACKAGE,
+        affected=("0.10.0", "0.15.0"),
+        summary="NVFP4 decompress_weight returns bfloat16 whatever the model dtype, and CompressedLinear "
+        "multiplies it with the activations as is",
+        symptom="RuntimeError: expected m1 and m2 to have the same dtype (float16/float32 model, "
+        "run_compressed=True; hidden behind the KeyError in 0.13)",
+        fixed_by="fix compressed_linear_dtype (also what enable_low_memory_mode() works through)",
+        checked="source of 0.10.2-0.14.0.1 (unpack_fp4_from_uint8 defaults to bfloat16), measured on 0.13.0",
+        fix="compressed_linear_dtype",
     ),
     KnownBug(
         key="tf-fp16-default",
@@ -204,26 +217,36 @@ def _apply_keep_weight_scale(cls: Any, saved: list) -> None:
 
 def _target_cast_fp8_scale() -> Any:
     mod = _module("compressed_tensors.quantization.lifecycle.forward")
-    return mod if callable(getattr(mod, "_dequantize", None)) else None
+    ok = all(callable(getattr(mod, n, None)) for n in ("_quantize", "_dequantize"))
+    return mod if ok else None
 
 
 def _apply_cast_fp8_scale(mod: Any, saved: list) -> None:
+    import inspect
+
     import torch
 
-    original = mod._dequantize
     fp8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, n)}
 
-    def _dequantize(
-        x_q: Any, scale: Any, zero_point: Any = None, dtype: Any = None, global_scale: Any = None
-    ) -> Any:
-        if global_scale is not None and scale.dtype in fp8:
-            # As 0.12.x did: compute in the global scale's dtype (float32 unless the model cast it).
-            g = global_scale.dtype
-            scale = scale.to(g if g.is_floating_point and g not in fp8 else torch.float32)
-        return original(x_q, scale, zero_point=zero_point, dtype=dtype, global_scale=global_scale)
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(original)
 
-    _dequantize.__wrapped__ = original  # type: ignore[attr-defined]
-    _swap(saved, mod, "_dequantize", _dequantize)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            scale, g = bound.arguments.get("scale"), bound.arguments.get("global_scale")
+            if g is not None and scale is not None and scale.dtype in fp8:
+                # As 0.12.x did: divide in the global scale's dtype (float32 unless the model cast it).
+                bound.arguments["scale"] = scale.to(
+                    g.dtype if g.dtype.is_floating_point and g.dtype not in fp8 else torch.float32
+                )
+            return original(*bound.args, **bound.kwargs)
+
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        wrapper.__name__ = original.__name__
+        return wrapper
+
+    for name in ("_quantize", "_dequantize"):
+        _swap(saved, mod, name, wrap(getattr(mod, name)))
 
 
 def _target_decompress_module_buffers() -> Any:
@@ -274,6 +297,45 @@ def _apply_eager_pack_fp4(compiled: Any, saved: list) -> None:
             _swap(saved, mod, "pack_fp4_to_uint8", eager)
 
 
+def _target_compressed_linear_forward() -> Any:
+    mod = _module("compressed_tensors.linear.compressed_linear")
+    cls = getattr(mod, "CompressedLinear", None)
+    # 0.15+ keeps a stub whose from_linear raises; only the 0.9-0.14 class decompresses in forward.
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    return cls if code is not None and "decompress_module" in code.co_names else None
+
+
+def _apply_compressed_linear_forward(cls: Any, saved: list) -> None:
+    import torch
+    from compressed_tensors.quantization import QuantizationStatus
+
+    utils = _module("compressed_tensors.utils")
+    register = getattr(utils, "register_offload_parameter", None)
+    delete = getattr(utils, "delete_offload_parameter", None)
+    original = cls.forward
+
+    def forward(self: Any, input: Any) -> Any:
+        compressed = self.quantization_status == QuantizationStatus.COMPRESSED
+        if _LOW_MEMORY and not compressed and "weight_packed" in self._parameters:
+            # Drop a dense copy cached before low-memory mode was switched on.
+            if "weight" in self._parameters:
+                delete(self, "weight") if delete else delattr(self, "weight")
+            self.quantization_status = compressed = QuantizationStatus.COMPRESSED
+        if compressed:
+            # decompress_weight returns bfloat16 whatever the model dtype: cast to the activations'.
+            weight = self.compressor.decompress_module(self).to(input.dtype)
+            if _LOW_MEMORY:
+                return torch.nn.functional.linear(input, weight, self.bias)
+            param = torch.nn.Parameter(weight, requires_grad=False)
+            register(self, "weight", param) if register else self.register_parameter("weight", param)
+            self.quantization_status = QuantizationStatus.FROZEN
+        weight = self.weight
+        return torch.nn.functional.linear(input, weight.to(input.dtype), self.bias)
+
+    forward.__wrapped__ = original  # type: ignore[attr-defined]
+    _swap(saved, cls, "forward", forward)
+
+
 @dataclass(frozen=True)
 class _Fix:
     name: str
@@ -285,50 +347,15 @@ class _Fix:
 FIXES: tuple[_Fix, ...] = (
     _Fix("keep_weight_scale", "BaseQuantizationCompressor._skip_scale / .compress",
          _target_keep_weight_scale, _apply_keep_weight_scale),
-    _Fix("cast_fp8_scale", "quantization.lifecycle.forward._dequantize",
+    _Fix("cast_fp8_scale", "quantization.lifecycle.forward._quantize / _dequantize",
          _target_cast_fp8_scale, _apply_cast_fp8_scale),
     _Fix("decompress_module_buffers", "BaseCompressor.decompress_module",
          _target_decompress_module_buffers, _apply_decompress_module_buffers),
     _Fix("eager_pack_fp4", "fp4_quantized.pack_fp4_to_uint8 (torch.compile'd)",
          _target_eager_pack_fp4, _apply_eager_pack_fp4),
+    _Fix("compressed_linear_dtype", "CompressedLinear.forward",
+         _target_compressed_linear_forward, _apply_compressed_linear_forward),
 )  # fmt: skip
-
-
-# ---- low-memory CompressedLinear forward ----------------------------------------------------------
-
-
-def _compressed_linear_cls() -> Any:
-    mod = _module("compressed_tensors.linear.compressed_linear")
-    cls = getattr(mod, "CompressedLinear", None)
-    # 0.15+ keeps a stub whose from_linear raises; only the 0.9-0.14 class decompresses in forward.
-    return cls if cls is not None and "decompress_module" in _source_names(cls.forward) else None
-
-
-def _source_names(fn: Any) -> tuple[str, ...]:
-    code = getattr(fn, "__code__", None)
-    return tuple(code.co_names) if code is not None else ()
-
-
-def _apply_low_memory_forward(cls: Any, saved: list) -> None:
-    import torch
-    from compressed_tensors.quantization import QuantizationStatus
-
-    original = cls.forward
-
-    def forward(self: Any, input: Any) -> Any:
-        if not _LOW_MEMORY:
-            return original(self, input)
-        if self.quantization_status == QuantizationStatus.FROZEN and "weight_packed" in self._parameters:
-            # Drop a dense copy cached before low-memory mode was switched on.
-            self._parameters.pop("weight", None)
-            self.quantization_status = QuantizationStatus.COMPRESSED
-        if self.quantization_status != QuantizationStatus.COMPRESSED:
-            return original(self, input)
-        weight = self.compressor.decompress_module(self)
-        return torch.nn.functional.linear(input, weight.to(input.dtype), self.bias)
-
-    forward.__wrapped__ = original  # type: ignore[attr-defined]
-    _swap(saved, cls, "forward", forward)
 
 
 # ---- public API -----------------------------------------------------------------------------------
@@ -418,12 +445,6 @@ def _apply_now() -> None:
             _restore(saved)
             raise
         _ORIGINALS[fix.name] = saved
-    if "low_memory_forward" not in _ORIGINALS:
-        cls = _compressed_linear_cls()
-        if cls is not None:
-            saved = []
-            _apply_low_memory_forward(cls, saved)
-            _ORIGINALS["low_memory_forward"] = saved
 
 
 def apply() -> list[FixRecord]:
@@ -453,8 +474,9 @@ def is_applied() -> bool:
 def enable_low_memory_mode(enabled: bool = True) -> None:
     """Decompress 0.13.x CompressedLinear weights on every forward and keep no dense copy.
 
-    Takes effect on models loaded after ``apply()``; a dense copy already cached is dropped at the
-    layer's next forward. No effect on compressed-tensors >= 0.15 (no such CompressedLinear).
+    Works through the ``compressed_linear_dtype`` fix, so only on 0.10-0.14 and for models loaded
+    after ``apply()``; a dense copy already cached is dropped at the layer's next forward. No effect
+    on compressed-tensors >= 0.15, which has no such CompressedLinear.
     """
     global _LOW_MEMORY
     _LOW_MEMORY = enabled
@@ -466,4 +488,4 @@ def low_memory_mode() -> bool:
 
 def low_memory_supported() -> bool | None:
     """Whether the installed CompressedLinear can run in low-memory mode (None: not imported yet)."""
-    return (_compressed_linear_cls() is not None) if _imported() else None
+    return ("compressed_linear_dtype" in _ORIGINALS) if _imported() else None

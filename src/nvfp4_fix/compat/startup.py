@@ -89,14 +89,14 @@ def status(target: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Is the hook installed, is its content one this version wrote, can it import its module, and
     did it arm in this process."""
     path = pth_path(target)
+    text: str | None = None
+    error: str | None = None
     try:
-        text: str | None = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        text = None
+        pass
     except OSError as exc:
-        text, error = None, str(exc)
-    else:
-        error = None
+        error = f"cannot read {path}: {exc.strerror or exc}"
     options = _parse_options(text) if text is not None else None
     importable = importlib.util.find_spec(HOOK_MODULE) is not None
     hook = sys.modules.get(HOOK_MODULE)

@@ -90,9 +90,9 @@ def _gemv_kernel(
     KB,  # K / 16 (blocks per row)
     stride_xm,
     stride_ym,
-    blocks_per_split,  # multiple of BKB
+    words_per_split,  # multiple of BKW
     BN: tl.constexpr,
-    BKB: tl.constexpr,
+    BKW: tl.constexpr,  # words per row per iteration (even)
     SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr,
     DEQ: tl.constexpr,
@@ -103,36 +103,35 @@ def _gemv_kernel(
     m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rn_c = tl.minimum(rn, N - 1).to(tl.int64)  # clamp: rows past N load row N-1, never stored
-    rb = tl.arange(0, BKB)
-    rh = tl.arange(0, 2)
-    kb0 = pid_k * blocks_per_split
-    kb_end = tl.minimum(kb0 + blocks_per_split, KB)
-    w_base = w_ptr + rn_c[:, None, None] * KW + rb[None, :, None] * 2 + rh[None, None, :]
+    rw = tl.arange(0, BKW)
+    rb = tl.arange(0, BKW // 2)
+    kw0 = pid_k * words_per_split
+    kw_end = tl.minimum(kw0 + words_per_split, KW)
+    w_base = w_ptr + rn_c[:, None] * KW + rw[None, :]
     s_base = s_ptr + rn_c[:, None] * KB + rb[None, :]
-    x_base = x_ptr + m.to(tl.int64) * stride_xm + rb[:, None] * 16 + rh[None, :] * 8
-    acc = tl.zeros([BN, BKB], dtype=tl.float32)
-    for kb in range(kb0, kb_end, BKB):
+    x_base = x_ptr + m.to(tl.int64) * stride_xm + rw * 8
+    acc = tl.zeros([BN, BKW], dtype=tl.float32)
+    for kw in range(kw0, kw_end, BKW):
         if EVEN_K:
-            words = tl.load(w_base + kb * 2, cache_modifier=".cg")
-            sc = tl.load(s_base + kb, cache_modifier=".cg")
+            words = tl.load(w_base + kw, cache_modifier=".cg")
+            sc = tl.load(s_base + kw // 2, cache_modifier=".cg")
         else:
-            bm = (kb + rb) < kb_end
-            words = tl.load(w_base + kb * 2, mask=bm[None, :, None], other=0, cache_modifier=".cg")
-            sc = tl.load(s_base + kb, mask=bm[None, :], other=0, cache_modifier=".cg")
-        part = tl.zeros([BN, BKB, 2], dtype=tl.float32)
+            words = tl.load(w_base + kw, mask=((kw + rw) < kw_end)[None, :], other=0, cache_modifier=".cg")
+            sc = tl.load(s_base + kw // 2, mask=((kw + 2 * rb) < kw_end)[None, :], other=0, cache_modifier=".cg")
+        part = tl.zeros([BN, BKW], dtype=tl.float32)
         for j in tl.static_range(8):
             if EVEN_K:
-                xj = tl.load(x_base + kb * 16 + j).to(tl.float32)
+                xj = tl.load(x_base + kw * 8 + j).to(tl.float32)
             else:
-                xj = tl.load(x_base + kb * 16 + j, mask=((kb + rb) < kb_end)[:, None], other=0.0)
-                xj = xj.to(tl.float32)
+                xj = tl.load(x_base + kw * 8 + j, mask=(kw + rw) < kw_end, other=0.0).to(tl.float32)
             if DEQ == 0:
                 wj = _e2m1_word_f32(words, j)
                 xj = xj * X_PRESCALE_F32
             else:
                 wj = _e2m1_word_f16(words, j)
-            part += wj * xj[None, :, :]
-        acc += tl.sum(part, axis=2) * _e4m3_to_f32(sc.to(tl.int32))
+            part += wj * xj[None, :]
+        sf = _e4m3_to_f32(sc.to(tl.int32))
+        acc += part * tl.reshape(tl.join(sf, sf), (BN, BKW))
     y = tl.sum(acc, axis=1)
     if DEQ == 0:
         y = y * EPI_F32
@@ -188,6 +187,7 @@ def _mm_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GROUP_M: tl.constexpr,
+    DOT_F32: tl.constexpr = False,  # interpreter only: its bf16 tl.dot is broken
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -230,7 +230,10 @@ def _mm_kernel(
         v = tl.reshape(tl.join(lo, hi), (BN, BK // 16, 16)).to(tl.float32)
         sf = _e4m3_to_f32(sb.to(tl.int32)) * 16384.0
         w = tl.reshape(v * sf[:, :, None], (BN, BK)).to(x_ptr.dtype.element_ty)
-        acc = tl.dot(xt, tl.trans(w), acc)
+        if DOT_F32:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc)
     acc = acc * tl.load(mul_ptr)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if SPLIT == 1:

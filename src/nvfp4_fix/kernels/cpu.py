@@ -1,0 +1,110 @@
+"""CPU paths for packed NVFP4 linears.
+
+* ``linear_chunked``: dequantize a chunk of rows of W to float32, matmul, next chunk. Used for every M
+  on the CPU (measured faster than the torch.compile'd fused GEMV on the 2-core CI machine and not
+  slower on 16 cores; see benchmarks/KERNEL_NOTES.md); never materializes the whole dense layer.
+* ``gemv_compiled``: the torch.compile'd fused GEMV from packed bytes (kept as an option:
+  ``kernel="cpu_gemv"``).
+* ``dequantize_dense``: dense weight once, for the "fast CPU, bf16 memory" load mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..codec import E2M1_VALUES
+
+# Bytes of float32 dense weight dequantized at once by the chunked path.
+CHUNK_BYTES = int(os.environ.get("NVFP4_FIX_CPU_CHUNK_MB", "16")) * (1 << 20)
+
+
+@functools.lru_cache(maxsize=None)
+def _table(device: str) -> torch.Tensor:
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table(device: str) -> torch.Tensor:
+    """[256, 2] float32: the two E2M1 values (low nibble first) of every byte."""
+    t = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    b = torch.arange(256)
+    return torch.stack((t[b & 15], t[b >> 4]), dim=-1).to(device)
+
+
+def _dequant_rows_f32(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor | None) -> torch.Tensor:
+    """float32 [rows, K] = e2m1 * e4m3 (* multiplier) for a slice of rows."""
+    rows, k2 = wp.shape
+    vals = _byte_table(str(wp.device))[wp.long()]  # [rows, K/2, 2]
+    vals = vals.view(rows, k2 // 8, 16)
+    vals = vals * ws.to(torch.float32).unsqueeze(-1)
+    if mul is not None:
+        vals = vals * mul.to(torch.float32)
+    return vals.view(rows, k2 * 2)
+
+
+def _rows_per_chunk(n: int, k: int, chunk_bytes: int) -> int:
+    return max(1, min(n, chunk_bytes // (k * 4)))
+
+
+def linear_chunked(x2, wp, ws, mul, bias=None, *, out=None, chunk_bytes=None):
+    """y = x @ W.T (+ bias) with W dequantized to float32 a chunk of rows at a time."""
+    m, k = x2.shape
+    n = wp.shape[0]
+    rows = _rows_per_chunk(n, k, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    xf = x2.to(torch.float32)
+    mulf = mul.to(torch.float32).reshape(())
+    y = torch.empty((m, n), dtype=torch.float32, device=x2.device) if out is None or out.dtype != torch.float32 else out
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = _dequant_rows_f32(wp[r0:r1], ws[r0:r1], None)
+        torch.matmul(xf, w.t(), out=y[:, r0:r1])
+    y.mul_(mulf)
+    if bias is not None:
+        y.add_(bias.to(torch.float32))
+    if y.dtype != x2.dtype:
+        if out is not None:
+            out.copy_(y)
+            return out
+        y = y.to(x2.dtype)
+    return y
+
+
+def _gemv_fused(x2: torch.Tensor, wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor, table: torch.Tensor):
+    m, k = x2.shape
+    n = wp.shape[0]
+    lo = table[(wp & 15).long()]
+    hi = table[(wp >> 4).long()]
+    vals = torch.stack((lo, hi), dim=-1).view(1, n, k // 16, 16)
+    xb = x2.to(torch.float32).view(m, 1, k // 16, 16)
+    part = (vals * xb).sum(-1)  # [m, n, K/16] per-block partial sums
+    y = (part * ws.to(torch.float32).unsqueeze(0)).sum(-1)
+    return (y * mul.to(torch.float32)).to(x2.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_gemv():
+    return torch.compile(_gemv_fused, dynamic=False, fullgraph=True)
+
+
+def gemv_compiled(x2, wp, ws, mul, bias=None):
+    """torch.compile'd fused GEMV from packed bytes (no dense copy of W); meant for M == 1."""
+    y = _compiled_gemv()(x2, wp, ws.view(torch.float8_e4m3fn), mul.reshape(()), _table(str(x2.device)))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+def dequantize_dense(wp, ws, mul, dtype=torch.bfloat16, *, chunk_bytes=None):
+    """Dense W [N, K] in ``dtype`` (value * scale * multiplier, one rounding), built in row chunks so
+    only one float32 chunk exists at a time. For the "dequantize once at load" mode."""
+    n, k2 = wp.shape
+    k = k2 * 2
+    out = torch.empty((n, k), dtype=dtype, device=wp.device)
+    rows = _rows_per_chunk(n, k, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        out[r0:r1] = _dequant_rows_f32(wp[r0:r1], ws[r0:r1], mul.reshape(()))
+    return out

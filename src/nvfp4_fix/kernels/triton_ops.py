@@ -1,0 +1,211 @@
+"""Host-side launchers for the Triton NVFP4 kernels (GPU, or the CPU interpreter under TRITON_INTERPRET=1).
+
+All launchers take x as 2-D [M, K] (fp16 or bf16), the packed weight [N, K/2] uint8 and the e4m3
+block scales [N, K/16] in checkpoint layout, the per-tensor multiplier as a float32 tensor (read on
+the device: no host sync), and an optional bias [N]. They allocate the output with torch.empty (or
+write into ``out``), so they are safe under CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from .triton_nvfp4 import _dequant_kernel, _gemv_kernel, _mm_kernel, _splitk_reduce_kernel
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Per-shape tuned configs, (N, K) -> cfg. Filled from benchmarks/bench_kernels.py --tune on an H100
+# (see benchmarks/RESULTS.md); anything else falls back to the heuristics below.
+GEMV_TUNED: dict[tuple[int, int], dict] = {}
+MM_SMALL_TUNED: dict[tuple[int, int], dict] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    if _INTERPRET or not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _split_for(programs_mn: int, k_iters: int, sms: int, target_waves: float = 4.0, min_iters: int = 4) -> int:
+    """Split K until there are ~target_waves programs per SM, keeping >= min_iters loop trips each."""
+    split = 1
+    while programs_mn * split < target_waves * sms and k_iters // (split * 2) >= min_iters:
+        split *= 2
+    return split
+
+
+def gemv_config(n: int, k: int, device: torch.device) -> dict:
+    cfg = GEMV_TUNED.get((n, k))
+    if cfg is not None:
+        return dict(cfg)
+    bn, bkw, warps = 16, 64, 4
+    kw = k // 8
+    while bkw > 2 and bkw // 2 >= kw:  # don't pad tiny K with a huge tile
+        bkw //= 2
+    split = _split_for(triton.cdiv(n, bn), triton.cdiv(kw, bkw), _sms(device))
+    return {"BN": bn, "BKW": bkw, "SPLIT": split, "num_warps": warps, "DEQ": 0, "num_stages": 3}
+
+
+def mm_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    if m <= 16:
+        cfg = MM_SMALL_TUNED.get((n, k))
+        if cfg is not None:
+            return dict(cfg)
+        bm, bn, bk, warps, stages = 16, 64, 256, 4, 4
+    elif m <= 64:
+        bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    while bk > 16 and bk // 2 >= k:
+        bk //= 2
+    split = 1
+    if m <= 64:
+        split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), _sms(device))
+    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT": split, "num_warps": warps, "num_stages": stages, "GROUP_M": 8}
+
+
+def _check(x2: torch.Tensor, wp: torch.Tensor, ws: torch.Tensor) -> tuple[int, int, int]:
+    m, k = x2.shape
+    n = wp.shape[0]
+    if k % 16:
+        raise ValueError(f"nvfp4 kernels need K to be a multiple of 16, got K={k}")
+    if wp.shape != (n, k // 2) or ws.shape != (n, k // 16):
+        raise ValueError(
+            f"packed weight {tuple(wp.shape)} / scales {tuple(ws.shape)} do not match x [..., {k}]"
+        )
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"triton nvfp4 kernels take fp16/bf16 activations, got {x2.dtype}")
+    return m, n, k
+
+
+def _prep(x2, wp, ws):
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if not wp.is_contiguous():
+        wp = wp.contiguous()
+    if not ws.is_contiguous():
+        ws = ws.contiguous()
+    s8 = ws.view(torch.uint8)
+    return x2, wp, s8
+
+
+def _alloc_out(out, m, n, dtype, device):
+    if out is None:
+        return torch.empty((m, n), dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError("out must be [M, N] in x.dtype with unit column stride")
+    return out
+
+
+def _reduce(ws_buf, y, bias, split):
+    m, n = y.shape
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        ws_buf, y, bias if bias is not None else ws_buf, m, n, y.stride(0),
+        SPLIT=split, BLOCK=block, HAS_BIAS=bias is not None, num_warps=4,
+    )
+
+
+def gemv(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
+    """Decode kernel (CUDA-core FMA); each program row handles one row of x (meant for M == 1)."""
+    m, n, k = _check(x2, wp, ws)
+    x2, wp, s8 = _prep(x2, wp, ws)
+    w32 = wp.view(torch.int32)
+    cfg = dict(cfg) if cfg is not None else gemv_config(n, k, x2.device)
+    kw, kb = k // 8, k // 16
+    bkw = cfg["BKW"]
+    wps = triton.cdiv(triton.cdiv(kw, cfg["SPLIT"]), bkw) * bkw
+    split = triton.cdiv(kw, wps)
+    even = kw % bkw == 0
+    y = _alloc_out(out, m, n, x2.dtype, x2.device)
+    mul = mul.reshape(())
+    dst = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(n, cfg["BN"]), split, m)
+    _gemv_kernel[grid](
+        x2, w32, s8, dst, mul, bias if bias is not None else mul,
+        m, n, kw, kb, x2.stride(0), y.stride(0), wps,
+        BN=cfg["BN"], BKW=bkw, SPLIT=split, EVEN_K=even, DEQ=cfg.get("DEQ", 0),
+        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+    )
+    if split > 1:
+        _reduce(dst, y, bias, split)
+    return y
+
+
+def mm(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
+    """Tensor-core kernel: dequantize [BN, BK] tiles in registers, tl.dot with fp32 accumulation."""
+    m, n, k = _check(x2, wp, ws)
+    x2, wp, s8 = _prep(x2, wp, ws)
+    cfg = dict(cfg) if cfg is not None else mm_config(m, n, k, x2.device)
+    bk = cfg["BK"]
+    kps = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), bk) * bk
+    split = triton.cdiv(k, kps)
+    even = k % bk == 0
+    y = _alloc_out(out, m, n, x2.dtype, x2.device)
+    mul = mul.reshape(())
+    dst = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
+    _mm_kernel[grid](
+        x2, wp, s8, dst, mul, bias if bias is not None else mul,
+        m, n, k, x2.stride(0), y.stride(0), kps,
+        BM=cfg["BM"], BN=cfg["BN"], BK=bk, SPLIT=split, EVEN_K=even, HAS_BIAS=bias is not None,
+        GROUP_M=cfg.get("GROUP_M", 8), DOT_F32=_INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+    )
+    if split > 1:
+        _reduce(dst, y, bias, split)
+    return y
+
+
+def dequantize_rows(wp, ws, mul, dtype, row0=0, rows=None, *, out=None):
+    """Dense rows [row0, row0+rows) of W (value * scale * multiplier, one rounding to dtype)."""
+    n, k2 = wp.shape
+    k = k2 * 2
+    rows = n - row0 if rows is None else rows
+    wp = wp.contiguous()
+    s8 = ws.contiguous().view(torch.uint8)
+    if out is None:
+        out = torch.empty((rows, k), dtype=dtype, device=wp.device)
+    bn, bk = 32, 256
+    while bk > 16 and bk // 2 >= k:
+        bk //= 2
+    grid = (triton.cdiv(rows, bn), triton.cdiv(k, bk))
+    _dequant_kernel[grid](wp, s8, mul.reshape(()), out, row0, n, k, BN=bn, BK=bk, num_warps=4)
+    return out
+
+
+# Largest bf16 scratch the dequantize-then-cuBLAS path uses at once (bytes); bigger layers go in
+# row chunks so no full dense copy of e.g. the lm_head is materialized.
+SCRATCH_BYTES = int(os.environ.get("NVFP4_FIX_SCRATCH_MB", "256")) * (1 << 20)
+
+
+def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
+    """Prefill path: dequantize W (in row chunks) into a bf16/fp16 scratch buffer, then cuBLAS."""
+    m, k = x2.shape
+    n = wp.shape[0]
+    if k % 16 or wp.shape != (n, k // 2) or ws.shape != (n, k // 16):
+        raise ValueError(f"packed weight {tuple(wp.shape)} / scales {tuple(ws.shape)} do not match x [..., {k}]")
+    dtype = x2.dtype
+    budget = SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    esize = torch.finfo(dtype).bits // 8
+    rows = n if n * k * esize <= budget else max(128, (budget // (k * esize)) // 128 * 128)
+    y = _alloc_out(out, m, n, dtype, x2.device)
+    scratch = torch.empty((min(rows, n), k), dtype=dtype, device=x2.device)
+    for r0 in range(0, n, rows):
+        r = min(rows, n - r0)
+        wd = dequantize_rows(wp, ws, mul, dtype, r0, r, out=scratch[:r])
+        if bias is not None:
+            torch.addmm(bias[r0 : r0 + r].to(dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
+        else:
+            torch.mm(x2, wd.t(), out=y[:, r0 : r0 + r])
+    return y

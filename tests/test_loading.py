@@ -1,0 +1,194 @@
+"""Loading NVFP4 checkpoints packed: every shipped fixture, both entry points, both layouts.
+
+Tolerances (relative L2 error of logits against the independent float64->float32 reference of
+tests/reference.py): float32 compute 1e-4; bf16/fp16 compute 3e-2 (bf16 has an 8-bit mantissa and
+the error grows through two layers). W4A4 with activation quantization on is compared with
+compressed-tensors' own forward where that library can run the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from reference import fixture_dirs, reference_model, rel_err
+from safetensors import safe_open
+
+import nvfp4_fix
+from nvfp4_fix.checkpoint import inspect_checkpoint
+from nvfp4_fix.errors import CheckpointError
+from nvfp4_fix.layer import NVFP4Linear
+from nvfp4_fix.loading import from_pretrained
+from nvfp4_fix.moe import NVFP4Experts
+from nvfp4_fix.writer import save_quantized
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ALL = [p for p in fixture_dirs(FIXTURES) if p.parent.name != "demo"] + fixture_dirs(FIXTURES / "demo")
+ALL = [p for p in ALL if (p / "hf_quant_config.json").exists() or "quantization_config" in (p / "config.json").read_text()]
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [f"{p.parent.name}/{p.name}" for p in paths]
+
+
+def model_class_for(path: Path):
+    import transformers
+
+    cfg = json.loads((path / "config.json").read_text())
+    if "vision_config" in cfg:
+        return getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+    return transformers.AutoModelForCausalLM
+
+
+def token_ids(path: Path, n: int = 11) -> torch.Tensor:
+    cfg = json.loads((path / "config.json").read_text())
+    vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(3, min(vocab, 4000), (2, n), generator=g)
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def assert_packed(model, info) -> None:
+    packed = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+    experts = [m for m in model.modules() if isinstance(m, NVFP4Experts)]
+    assert len(packed) == len(info.quantized), (len(packed), len(info.quantized), len(experts))
+    for m in packed:
+        assert m.weight_packed.dtype == torch.uint8
+        assert m.weight_scale.dtype == torch.float8_e4m3fn
+        assert m.dense_weight is None
+    assert not any(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.uint8 for m in model.modules())
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+def test_fixture_loads_packed_and_matches_reference(path: Path) -> None:
+    info = inspect_checkpoint(path)
+    cls = model_class_for(path)
+    model = from_pretrained(path, cls, dtype=torch.float32, activations="bf16")
+    assert_packed(model, info)
+    ids = token_ids(path)
+    ref = reference_model(path, cls)
+    assert rel_err(logits(model, ids), logits(ref, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+def test_fixture_bf16_and_fp16(path: Path) -> None:
+    cls = model_class_for(path)
+    ref = reference_model(path, cls)
+    ids = token_ids(path)
+    expected = logits(ref, ids)
+    for dtype in (torch.bfloat16, torch.float16):
+        model = from_pretrained(path, cls, dtype=dtype, activations="bf16")
+        for m in model.modules():
+            if isinstance(m, NVFP4Linear):
+                assert m._parameters[m._global_name].dtype == torch.float32
+        assert rel_err(logits(model, ids), expected) < 3e-2, dtype
+
+
+W4A4 = [p for p in ALL if inspect_checkpoint(p).scheme.startswith("W4A4")]
+
+
+@pytest.mark.parametrize("path", W4A4, ids=_ids(W4A4))
+def test_w4a4_activation_quantization_is_applied(path: Path) -> None:
+    cls = model_class_for(path)
+    ids = token_ids(path)
+    quant = from_pretrained(path, cls, dtype=torch.float32, activations="quantize")
+    plain = from_pretrained(path, cls, dtype=torch.float32, activations="bf16")
+    ref = logits(reference_model(path, cls), ids)
+    a, b = logits(quant, ids), logits(plain, ids)
+    assert 1e-4 < rel_err(a, b) < 0.5  # it changes the result, as much as 4-bit activations do
+    assert rel_err(a, ref) < 0.5
+
+
+@pytest.mark.parametrize("path", ALL[:1] + [p for p in ALL if p.parent.name == "modelopt"][:1], ids=str)
+def test_apply_patch_routes_plain_from_pretrained(path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    nvfp4_fix.apply_patch()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        q = model.model.layers[0].self_attn.q_proj
+        assert isinstance(q, NVFP4Linear) and q.weight_packed.dtype == torch.uint8
+    finally:
+        nvfp4_fix.remove_patch()
+    from transformers import PreTrainedModel
+
+    assert "routed" not in PreTrainedModel.from_pretrained.__func__.__code__.co_name
+
+
+def _quantized_tensors(path: Path) -> dict[str, bytes]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                t = fh.get_tensor(k)
+                if t.dtype in (torch.uint8, torch.float8_e4m3fn) or "scale" in k:
+                    out[k] = t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() + str((t.dtype, t.shape)).encode()
+    return out
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+def test_save_pretrained_roundtrip_is_byte_identical(path: Path, tmp_path: Path) -> None:
+    cls = model_class_for(path)
+    model = from_pretrained(path, cls)
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    assert _quantized_tensors(out) == _quantized_tensors(path)
+    again = inspect_checkpoint(out)
+    assert again.format == inspect_checkpoint(path).format
+    reloaded = from_pretrained(out, cls)
+    ids = token_ids(path)
+    assert torch.equal(logits(model, ids), logits(reloaded, ids))
+
+
+def _tiny_llama(hidden: int, inter: int, vocab: int = 300):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=hidden // 4, vocab_size=vocab,
+                      architectures=["LlamaForCausalLM"])  # fmt: skip
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
+@pytest.mark.parametrize("hidden,inter", [(272, 688), (208, 400)])
+def test_odd_shapes_synthetic(layout: str, hidden: int, inter: int, tmp_path: Path) -> None:
+    path = save_quantized(_tiny_llama(hidden, inter), tmp_path / "ckpt", layout)
+    model = from_pretrained(path, dtype=torch.float32)
+    ids = token_ids(path)
+    assert rel_err(logits(model, ids), logits(reference_model(path), ids)) < 1e-4
+
+
+def test_missing_scale_is_a_clear_error(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = save_quantized(_tiny_llama(256, 512), tmp_path / "ckpt", "compressed-tensors")
+    sd = load_file(path / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight_scale"]
+    save_file(sd, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.up_proj.*weight_scale"):
+        from_pretrained(path)
+
+
+def test_shape_not_matching_config_is_a_clear_error(tmp_path: Path) -> None:
+    path = save_quantized(_tiny_llama(256, 512), tmp_path / "ckpt", "modelopt")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 528
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mlp\.(gate|up|down)_proj.*config"):
+        from_pretrained(path)
+
+
+def test_not_nvfp4_is_a_clear_error(tmp_path: Path) -> None:
+    model = _tiny_llama(256, 512)
+    model.save_pretrained(tmp_path / "dense")
+    with pytest.raises(CheckpointError, match="not an NVFP4 checkpoint"):
+        from_pretrained(tmp_path / "dense")
+    shutil.rmtree(tmp_path / "dense")
