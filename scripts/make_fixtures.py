@@ -37,6 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+ERAS = ("legacy", "current", "modelopt")
 SEED = 1234
 HIDDEN = 256
 INTER = 688  # not a power of two, multiple of 16
@@ -130,7 +131,7 @@ def save_tokenizer(outdir: Path, chat_template: bool = False):
     (outdir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 
-REF_IDS_SHAPE = (2, 24)
+REF_IDS_SHAPE = (1, 16)
 
 
 def ref_input_ids():
@@ -335,10 +336,10 @@ def run_llmcompressor(name, arch, scheme, ignore, outdir: Path, era: str):
         # HFValidationError. Give it a local copy of the dense checkpoint to point at.
         model.save_pretrained(tmp)
         model.config.name_or_path = tmp
+        # (it also re-reads that config.json on save: `resave_config`, as for a real hub model)
         oneshot(model=model, recipe=recipe, tokenizer=tok, **kw)
-        model.config.name_or_path = ""
-    quant = ref_logits(model)  # llmcompressor leaves the model in fake-quant (frozen) state
-    model.save_pretrained(str(outdir), save_compressed=True)
+        quant = ref_logits(model)  # llmcompressor leaves the model in fake-quant (frozen) state
+        model.save_pretrained(str(outdir), save_compressed=True)
     if arch == "llava":
         make_processor(tok).save_pretrained(str(outdir))
     save_tokenizer(outdir, chat_template=(arch == "llava"))
@@ -460,7 +461,7 @@ def summarize(root: Path) -> str:
     from safetensors import safe_open
 
     lines = []
-    for d in sorted(p for p in root.glob("*/*") if p.is_dir()):
+    for d in sorted(p for era in ERAS for p in (root / era).glob("*") if p.is_dir()):
         files = sorted(d.glob("*.safetensors"))
         if not files:
             continue

@@ -8,8 +8,8 @@ The text ships with every Python install, so the model can be rebuilt anywhere w
 What it does, deterministically (fixed seed, sorted file walk, hash-based split):
   1. collects the docstrings (module, class, function) of the stdlib .py files of the running
      interpreter with ``ast`` (tests, idlelib, lib2to3, turtledemo and site-packages skipped), dedupes them;
-  2. holds out ~5% of the documents (sha1 of the text mod 20 == 0) for evaluation and writes a few KB of
-     them to ``heldout.txt`` next to the checkpoint directory (``--heldout``);
+  2. holds out ~5% of the documents (sha1 of the text mod 20 == 0) for evaluation and writes ~8 KB of
+     them, separated by blank lines, to ``heldout.txt`` next to the checkpoint directory (``--heldout``);
   3. trains a byte-level BPE tokenizer (``tokenizers``) on the training documents;
   4. trains a ``LlamaForCausalLM`` (hidden 256, 4 layers, 4 heads of 64, 2 kv heads, intermediate 688,
      untied lm_head, context 256) with AdamW + cosine schedule (bf16 autocast, fp32 master weights) on
@@ -71,6 +71,25 @@ def collect_docstrings(root: str) -> list[str]:
 
 def is_heldout(doc: str) -> bool:
     return int(hashlib.sha1(doc.encode()).hexdigest()[:8], 16) % 20 == 0
+
+
+def heldout_selection(eval_docs: list[str], max_bytes: int) -> list[str]:
+    """The held-out docs of heldout.txt: in sha1 order (a spread over the stdlib), <= 1500 chars each."""
+    chosen, size = [], 0
+    for d in sorted(eval_docs, key=lambda d: hashlib.sha1(d.encode()).hexdigest()):
+        if size >= max_bytes:
+            break
+        if len(d) <= 1500:
+            chosen.append(d)
+            size += len(d) + 2
+    return chosen
+
+
+def write_heldout(eval_docs: list[str], path: Path, max_bytes: int) -> None:
+    chosen = heldout_selection(eval_docs, max_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(chosen) + "\n", encoding="utf-8")
+    print(f"wrote {path} ({path.stat().st_size} bytes, {len(chosen)} docstrings)")
 
 
 def build_tokenizer(train_docs: list[str], vocab_size: int, out_dir: Path):
@@ -142,6 +161,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="directory for the bf16 checkpoint + tokenizer")
     ap.add_argument("--heldout", default=None, help="held-out text file (default: <out>/../heldout.txt)")
     ap.add_argument("--heldout-bytes", type=int, default=8192, help="approximate size of heldout.txt")
+    ap.add_argument("--heldout-only", action="store_true", help="write heldout.txt and stop")
     ap.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=256)
@@ -189,18 +209,9 @@ def main() -> None:
         f"train {len(train_docs)}, held out {len(eval_docs)} ({sum(map(len, eval_docs))} chars)"
     )
 
-    # heldout.txt: the first held-out docs (walk order) up to ~heldout_bytes, separated by blank lines
-    chosen, size = [], 0
-    for d in eval_docs:
-        if size >= args.heldout_bytes:
-            break
-        if len(d) > 2000:  # keep it varied
-            continue
-        chosen.append(d)
-        size += len(d) + 2
-    heldout_path.parent.mkdir(parents=True, exist_ok=True)
-    heldout_path.write_text("\n\n".join(chosen) + "\n", encoding="utf-8")
-    print(f"wrote {heldout_path} ({heldout_path.stat().st_size} bytes, {len(chosen)} docstrings)")
+    write_heldout(eval_docs, heldout_path, args.heldout_bytes)
+    if args.heldout_only:
+        return
 
     tok = build_tokenizer(train_docs, args.vocab_size, out)
     bos_id, eos_id, pad_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id

@@ -36,8 +36,10 @@ def fake_quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> 
         raise ValueError(f"activation width {shape[-1]} is not a multiple of {BLOCK}")
     g = global_divisor.to(torch.float32)
     groups = x.reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
-    amax = groups.abs().amax(dim=-1, keepdim=True).to(torch.float32)
-    scale = (g * (amax / FP4_MAX)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    # amax / 6 is rounded to the activation dtype before the global scale, as compressed-tensors does:
+    # near an e4m3 rounding boundary that double rounding decides the scale of the whole group.
+    local = groups.abs().amax(dim=-1, keepdim=True) / torch.tensor(FP4_MAX, dtype=x.dtype)
+    scale = (g * local.to(torch.float32)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
     scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float8_e4m3fn).eps), scale)
     step = scale / g
     codes = round_to_e2m1_codes((groups.to(torch.float32) / step).clamp(-FP4_MAX, FP4_MAX))

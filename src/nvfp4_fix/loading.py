@@ -336,6 +336,8 @@ def load_model(
         copy.deepcopy(info.config.get("quantization_config") or _modelopt_quant_config(info))
     )  # fmt: skip
     model.nvfp4_checkpoint = info
+    if device_map is not None:
+        model.hf_device_map = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in placement.items()}
     with contextlib.suppress(Exception):
         model.generation_config = GenerationConfig.from_pretrained(info.path)
     _wrap_save(model, info)

@@ -88,12 +88,19 @@ def save_quantized(
         if isinstance(m, nn.Linear) and m.in_features % BLOCK == 0 and not any(n == i or n.endswith("." + i) for i in ignore)
     }  # fmt: skip
     tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[Any, int, tuple[int, ...]]] = set()
     for name, t in model.state_dict().items():
         prefix, _, leaf = name.rpartition(".")
         if prefix in linears and leaf == "weight":
             tensors.update(quantized_tensors(prefix, t, layout, input_amax))
-        else:
-            tensors[name] = t.contiguous()
+            continue
+        # Tied weights (e.g. lm_head = embed_tokens) are written once, as save_pretrained does:
+        # safetensors refuses tensors that share memory, and loaders re-tie them.
+        ident = (t.device, t.data_ptr(), tuple(t.shape))
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        tensors[name] = t.contiguous()
     out = Path(out)
     with atomic_directory(out) as tmp:
         model.config.save_pretrained(tmp)

@@ -119,13 +119,13 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         key="ct-bf16-decompressed-weight",
         package=PACKAGE,
         affected=("0.10.0", "0.15.0"),
-        summary="NVFP4 decompress_weight returns bfloat16 whatever the model dtype, and CompressedLinear "
-        "multiplies it with the activations as is",
-        symptom="RuntimeError: expected m1 and m2 to have the same dtype (float16/float32 model, "
-        "run_compressed=True; hidden behind the KeyError in 0.13)",
-        fixed_by="fix compressed_linear_dtype (also what enable_low_memory_mode() works through)",
+        summary="NVFP4 decompress_weight returns bfloat16 whatever the model dtype; CompressedLinear "
+        "and decompress_model use it as is (fix: dequantize in float32, cast to the model dtype)",
+        symptom="RuntimeError: expected m1 and m2 to have the same dtype (float16/float32 model, first "
+        "forward, both load modes; in 0.13 hidden behind the KeyError / Float8 errors)",
+        fixed_by="fix weight_dtype (also what enable_low_memory_mode() works through)",
         checked="source of 0.10.2-0.14.0.1 (unpack_fp4_from_uint8 defaults to bfloat16), measured on 0.13.0",
-        fix="compressed_linear_dtype",
+        fix="weight_dtype",
     ),
     KnownBug(
         key="tf-fp16-default",
@@ -187,6 +187,12 @@ def _module(name: str) -> Any:
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+_PACK_MODULES = (
+    "compressed_tensors.compressors.quantized_compressors.fp4_quantized",  # 0.13, 0.14
+    "compressed_tensors.compressors.quantized_compressors.nvfp4_quantized",  # 0.12
+)
 
 
 # ---- the fixes ------------------------------------------------------------------------------------
@@ -275,12 +281,6 @@ def _apply_decompress_module_buffers(cls: Any, saved: list) -> None:
     _swap(saved, cls, "decompress_module", decompress_module)
 
 
-_PACK_MODULES = (
-    "compressed_tensors.compressors.quantized_compressors.fp4_quantized",  # 0.13, 0.14
-    "compressed_tensors.compressors.quantized_compressors.nvfp4_quantized",  # 0.12
-)
-
-
 def _target_eager_pack_fp4() -> Any:
     for name in _PACK_MODULES:
         fn = getattr(_module(name), "pack_fp4_to_uint8", None)
@@ -297,12 +297,60 @@ def _apply_eager_pack_fp4(compiled: Any, saved: list) -> None:
             _swap(saved, mod, "pack_fp4_to_uint8", eager)
 
 
-def _target_compressed_linear_forward() -> Any:
+def _target_weight_dtype() -> Any:
     mod = _module("compressed_tensors.linear.compressed_linear")
     cls = getattr(mod, "CompressedLinear", None)
     # 0.15+ keeps a stub whose from_linear raises; only the 0.9-0.14 class decompresses in forward.
     code = getattr(getattr(cls, "forward", None), "__code__", None)
-    return cls if code is not None and "decompress_module" in code.co_names else None
+    linear = cls if code is not None and "decompress_module" in code.co_names else None
+    mc = getattr(_module("compressed_tensors.compressors.model_compressors.model_compressor"),
+                 "ModelCompressor", None)
+    mc = mc if callable(getattr(mc, "decompress_model", None)) else None
+    fp4 = next((m for m in map(_module, _PACK_MODULES) if callable(getattr(m, "unpack_fp4_from_uint8", None))),
+               None)  # fmt: skip
+    return (linear, mc, fp4) if linear is not None or mc is not None else None
+
+
+def _apply_weight_dtype(targets: tuple[Any, Any, Any], saved: list) -> None:
+    linear, mc, fp4 = targets
+    if fp4 is not None:
+        _apply_unpack_float32(fp4, saved)
+    if linear is not None:
+        _apply_compressed_linear_forward(linear, saved)
+    if mc is not None:
+        _apply_decompress_model_dtype(mc, saved)
+
+
+def _apply_unpack_float32(mod: Any, saved: list) -> None:
+    import torch
+
+    original = mod.unpack_fp4_from_uint8
+
+    def unpack_fp4_from_uint8(a: Any, m: int, n: int, dtype: Any = torch.float32) -> Any:
+        # decompress_weight dequantizes in the dtype of the unpacked codes: make that float32, so the
+        # dense weight is rounded once, to the model's dtype, instead of to bfloat16 first.
+        return original(a, m, n, dtype=dtype)
+
+    unpack_fp4_from_uint8.__wrapped__ = original  # type: ignore[attr-defined]
+    _swap(saved, mod, "unpack_fp4_from_uint8", unpack_fp4_from_uint8)
+
+
+def _apply_decompress_model_dtype(cls: Any, saved: list) -> None:
+    original = cls.decompress_model
+
+    def decompress_model(self: Any, model: Any) -> Any:
+        dtype = getattr(model, "dtype", None)
+        result = original(self, model)
+        if dtype is not None and dtype.is_floating_point:
+            # decompress_weight returns bfloat16: bring dense weights back to the model's dtype.
+            for module in model.modules():
+                weight = module._parameters.get("weight") if hasattr(module, "quantization_scheme") else None
+                if weight is not None and weight.dtype.is_floating_point and weight.dtype != dtype:
+                    weight.data = weight.data.to(dtype)
+        return result
+
+    decompress_model.__wrapped__ = original  # type: ignore[attr-defined]
+    _swap(saved, cls, "decompress_model", decompress_model)
 
 
 def _apply_compressed_linear_forward(cls: Any, saved: list) -> None:
@@ -353,8 +401,8 @@ FIXES: tuple[_Fix, ...] = (
          _target_decompress_module_buffers, _apply_decompress_module_buffers),
     _Fix("eager_pack_fp4", "fp4_quantized.pack_fp4_to_uint8 (torch.compile'd)",
          _target_eager_pack_fp4, _apply_eager_pack_fp4),
-    _Fix("compressed_linear_dtype", "CompressedLinear.forward",
-         _target_compressed_linear_forward, _apply_compressed_linear_forward),
+    _Fix("weight_dtype", "CompressedLinear.forward / ModelCompressor.decompress_model",
+         _target_weight_dtype, _apply_weight_dtype),
 )  # fmt: skip
 
 
@@ -474,7 +522,7 @@ def is_applied() -> bool:
 def enable_low_memory_mode(enabled: bool = True) -> None:
     """Decompress 0.13.x CompressedLinear weights on every forward and keep no dense copy.
 
-    Works through the ``compressed_linear_dtype`` fix, so only on 0.10-0.14 and for models loaded
+    Works through the ``weight_dtype`` fix, so only on 0.10-0.14 and for models loaded
     after ``apply()``; a dense copy already cached is dropped at the layer's next forward. No effect
     on compressed-tensors >= 0.15, which has no such CompressedLinear.
     """
@@ -488,4 +536,8 @@ def low_memory_mode() -> bool:
 
 def low_memory_supported() -> bool | None:
     """Whether the installed CompressedLinear can run in low-memory mode (None: not imported yet)."""
-    return ("compressed_linear_dtype" in _ORIGINALS) if _imported() else None
+    if not _imported():
+        return None
+    return "weight_dtype" in _ORIGINALS and _target_weight_dtype() not in (None,) and any(
+        getattr(owner, "__name__", "") == "CompressedLinear" for owner, _, _ in _ORIGINALS["weight_dtype"]
+    )

@@ -1,7 +1,23 @@
 """One dispatch for y = x @ W.T (+ bias) with W in packed NVFP4.
 
-``weight_mul`` is the per-tensor factor in the multiplier convention (float32 scalar tensor).
-Set ``NVFP4_FIX_KERNEL=reference`` to force the reference path.
+``weight_mul`` is the per-tensor factor in the multiplier convention (float32 scalar tensor). Keep it
+on the same device as the weights (a registered buffer): it is read by the kernels on the device, so
+nothing syncs the host and the call can be captured in a CUDA graph.
+
+Choice of kernel (``kernel=`` argument, else env ``NVFP4_FIX_KERNEL``, else ``"auto"``):
+
+* ``reference``    dequantize to float32 and matmul (any device, slow, exact).
+* CUDA, auto:      M == 1 -> ``triton_gemv``; 2 <= M <= 16 -> ``triton_mm`` with BM=16 (split-K);
+                   larger M -> ``triton_mm`` or ``dequant_mm`` (dequantize into a bf16 scratch in
+                   row chunks + cuBLAS), by the thresholds measured in benchmarks/RESULTS.md.
+                   fp32 activations -> ``dequant_mm``. Without Triton -> ``chunked``.
+* CPU, auto:       M == 1 -> ``cpu_gemv`` (torch.compile'd fused GEMV from packed bytes, eager
+                   fallback); M > 1 -> ``chunked`` (row chunks dequantized to float32 + matmul).
+* ``blackwell_fp4`` (sm >= 100, W4A4 only): activations quantized to NVFP4 with ``input_mul``, then
+                   ``torch._scaled_mm`` on FP4 tensor cores. Only when ``input_mul`` is passed.
+
+The GPU and CPU kernels run inside the custom op ``torch.ops.nvfp4_fix.linear`` (with a fake/meta
+implementation), so torch.compile traces through it and CUDA graphs capture it.
 """
 
 from __future__ import annotations
@@ -10,7 +26,92 @@ import os
 
 import torch
 
+from . import cpu as _cpu
 from .reference import linear_reference
+
+try:  # Triton is optional: without it CUDA falls back to the chunked torch path.
+    import triton  # noqa: F401
+
+    from . import triton_ops as _tops
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    _tops = None
+    HAS_TRITON = False
+
+__all__ = ["nvfp4_linear", "dequantize_weight", "KERNELS", "HAS_TRITON", "select_kernel"]
+
+KERNELS = (
+    "auto",
+    "reference",
+    "triton_gemv",
+    "triton_mm",
+    "dequant_mm",
+    "cpu_gemv",
+    "chunked",
+    "blackwell_fp4",
+)
+
+# M above which the dequantize-into-scratch + cuBLAS path beats the in-kernel-dequant tl.dot GEMM
+# (measured on H100, benchmarks/RESULTS.md). Overridable for experiments.
+DEQUANT_MM_MIN_M = int(os.environ.get("NVFP4_FIX_DEQUANT_MM_MIN_M", "256"))
+
+
+def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
+    """The kernel ``auto`` picks for a 2-D input x2 [M, K] and an N x K weight."""
+    m = x2.shape[0]
+    if x2.device.type == "cuda":
+        if not HAS_TRITON:
+            return "chunked"
+        if x2.dtype not in (torch.float16, torch.bfloat16):
+            return "dequant_mm"
+        if m == 1:
+            return "triton_gemv"
+        if m <= 16 or m < DEQUANT_MM_MIN_M:
+            return "triton_mm"
+        return "dequant_mm"
+    if m == 1:
+        return "cpu_gemv"
+    return "chunked"
+
+
+def _run(kernel: str, x2, wp, ws, mul, bias):
+    n, k = wp.shape[0], x2.shape[1]
+    if ws.dtype == torch.uint8:  # the op carries the scales as raw bytes
+        ws = ws.view(torch.float8_e4m3fn)
+    if kernel == "auto":
+        kernel = select_kernel(x2, n, k)
+    if kernel == "reference":
+        return linear_reference(x2, wp, ws, mul, bias)
+    if kernel in ("triton_gemv", "triton_mm", "dequant_mm"):
+        if not HAS_TRITON:
+            raise RuntimeError(f"kernel {kernel!r} needs triton, which is not importable")
+        if x2.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"kernel {kernel!r} needs a CUDA device (or TRITON_INTERPRET=1)")
+        fn = {"triton_gemv": _tops.gemv, "triton_mm": _tops.mm, "dequant_mm": _tops.dequant_mm}[kernel]
+        return fn(x2, wp, ws, mul, bias)
+    if kernel == "cpu_gemv":
+        return _cpu.gemv_compiled(x2, wp, ws, mul, bias)
+    if kernel == "chunked":
+        return _cpu.linear_chunked(x2, wp, ws, mul, bias)
+    raise ValueError(f"unknown NVFP4 kernel {kernel!r}; choose one of {KERNELS}")
+
+
+@torch.library.custom_op("nvfp4_fix::linear", mutates_args=())
+def _linear_op(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,  # uint8 view of the float8_e4m3fn block scales
+    weight_mul: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel: str,
+) -> torch.Tensor:
+    return _run(kernel, x, weight_packed, weight_scale, weight_mul, bias)
+
+
+@_linear_op.register_fake
+def _linear_fake(x, weight_packed, weight_scale, weight_mul, bias, kernel):
+    return x.new_empty((x.shape[0], weight_packed.shape[0]))
 
 
 def nvfp4_linear(
@@ -19,8 +120,59 @@ def nvfp4_linear(
     weight_scale: torch.Tensor,
     weight_mul: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
+    kernel: str | None = None,
+    input_mul: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) times packed W [N, K/2] -> [..., N] in x.dtype."""
-    if os.environ.get("NVFP4_FIX_KERNEL", "") == "reference":
+    """x [..., K] (fp16/bf16/fp32) times packed W [N, K/2] -> [..., N] in x.dtype.
+
+    ``input_mul`` (W4A4 checkpoints only, multiplier convention) enables the Blackwell FP4 path when
+    the card has it and ``kernel`` is ``auto`` or ``blackwell_fp4``; otherwise it is ignored here
+    (activation fake-quantization, if wanted, is the layer's business).
+    """
+    if kernel is None:
+        kernel = os.environ.get("NVFP4_FIX_KERNEL", "") or "auto"
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown NVFP4 kernel {kernel!r}; choose one of {KERNELS}")
+    n, k2 = weight_packed.shape
+    k = x.shape[-1]
+    if k != 2 * k2 or k % 16:
+        raise ValueError(
+            f"x has {k} input features but the packed weight {tuple(weight_packed.shape)} holds {2 * k2}"
+            " (NVFP4 needs in_features to be a multiple of 16)"
+        )
+    if kernel == "reference":
         return linear_reference(x, weight_packed, weight_scale, weight_mul, bias)
-    return linear_reference(x, weight_packed, weight_scale, weight_mul, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if weight_mul.device != x.device:
+        weight_mul = weight_mul.to(x.device)  # eager convenience; register it as a device buffer instead
+    if input_mul is not None and kernel in ("auto", "blackwell_fp4"):
+        from . import blackwell
+
+        if blackwell.available(x.device):
+            return blackwell.linear_fp4(x2, weight_packed, weight_scale, weight_mul, bias, input_mul).reshape(
+                *lead, n
+            )
+        if kernel == "blackwell_fp4":
+            raise RuntimeError("kernel 'blackwell_fp4' needs a CUDA card with compute capability >= 10.0")
+    elif kernel == "blackwell_fp4":
+        raise ValueError("kernel 'blackwell_fp4' needs input_mul (W4A4 checkpoints only)")
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n))
+    scale_bytes = weight_scale.view(torch.uint8) if weight_scale.dtype != torch.uint8 else weight_scale
+    y = torch.ops.nvfp4_fix.linear(x2, weight_packed, scale_bytes, weight_mul, bias, kernel)
+    return y.reshape(*lead, n)
+
+
+def dequantize_weight(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_mul: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Dense W [N, K] in ``dtype`` (e2m1 * e4m3 * multiplier, rounded once), for the "dequantize once
+    at load" mode (fast CPU, bf16 memory). Built in row chunks on the CPU; one Triton kernel on CUDA."""
+    if weight_packed.device.type == "cuda" and HAS_TRITON and dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return _tops.dequantize_rows(weight_packed, weight_scale, weight_mul.to(weight_packed.device), dtype)
+    return _cpu.dequantize_dense(weight_packed, weight_scale, weight_mul.to(weight_packed.device), dtype)

@@ -1,10 +1,10 @@
 """CPU paths for packed NVFP4 linears.
 
-* ``linear_chunked``: dequantize a chunk of rows of W to float32, matmul, next chunk. Used for every M
-  on the CPU (measured faster than the torch.compile'd fused GEMV on the 2-core CI machine and not
-  slower on 16 cores; see benchmarks/KERNEL_NOTES.md); never materializes the whole dense layer.
-* ``gemv_compiled``: the torch.compile'd fused GEMV from packed bytes (kept as an option:
-  ``kernel="cpu_gemv"``).
+* ``gemv_compiled``: the torch.compile'd fused GEMV from packed bytes, for M == 1 (measured on the
+  2-core CI machine: 4096x4096 95-160 ms against 180-500 ms for chunked dequantize+matmul; see
+  benchmarks/KERNEL_NOTES.md).
+* ``linear_chunked``: dequantize a chunk of rows of W to float32 (torch.compile'd when possible),
+  matmul, next chunk; for M > 1. Never materializes the whole dense layer.
 * ``dequantize_dense``: dense weight once, for the "fast CPU, bf16 memory" load mode.
 """
 
@@ -26,23 +26,32 @@ def _table(device: str) -> torch.Tensor:
     return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
-def _byte_table(device: str) -> torch.Tensor:
-    """[256, 2] float32: the two E2M1 values (low nibble first) of every byte."""
-    t = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-    b = torch.arange(256)
-    return torch.stack((t[b & 15], t[b >> 4]), dim=-1).to(device)
-
-
-def _dequant_rows_f32(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor | None) -> torch.Tensor:
-    """float32 [rows, K] = e2m1 * e4m3 (* multiplier) for a slice of rows."""
+def _dequant_rows_f32(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor | None, tab: torch.Tensor) -> torch.Tensor:
+    """float32 [rows, K] = e2m1 * e4m3 (* multiplier) for a slice of rows; tab = _table(device)."""
     rows, k2 = wp.shape
-    vals = _byte_table(str(wp.device))[wp.long()]  # [rows, K/2, 2]
-    vals = vals.view(rows, k2 // 8, 16)
+    vals = torch.stack((tab[(wp & 15).long()], tab[(wp >> 4).long()]), dim=-1).view(rows, k2 // 8, 16)
     vals = vals * ws.to(torch.float32).unsqueeze(-1)
     if mul is not None:
         vals = vals * mul.to(torch.float32)
     return vals.view(rows, k2 * 2)
+
+
+def _compile_ok() -> bool:
+    return os.environ.get("NVFP4_FIX_CPU_COMPILE", "1") != "0" and not torch.compiler.is_compiling()
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_dequant():
+    return torch.compile(_dequant_rows_f32, dynamic=True)
+
+
+def _dequant_chunk(wp, ws):
+    if _compile_ok():
+        try:
+            return _compiled_dequant()(wp, ws, None, _table(str(wp.device)))
+        except Exception:  # no C++ compiler, unsupported platform: eager is exact too
+            pass
+    return _dequant_rows_f32(wp, ws, None, _table(str(wp.device)))
 
 
 def _rows_per_chunk(n: int, k: int, chunk_bytes: int) -> int:
@@ -59,7 +68,7 @@ def linear_chunked(x2, wp, ws, mul, bias=None, *, out=None, chunk_bytes=None):
     y = torch.empty((m, n), dtype=torch.float32, device=x2.device) if out is None or out.dtype != torch.float32 else out
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        w = _dequant_rows_f32(wp[r0:r1], ws[r0:r1], None)
+        w = _dequant_chunk(wp[r0:r1], ws[r0:r1])
         torch.matmul(xf, w.t(), out=y[:, r0:r1])
     y.mul_(mulf)
     if bias is not None:
@@ -86,12 +95,20 @@ def _gemv_fused(x2: torch.Tensor, wp: torch.Tensor, ws: torch.Tensor, mul: torch
 
 @functools.lru_cache(maxsize=1)
 def _compiled_gemv():
-    return torch.compile(_gemv_fused, dynamic=False, fullgraph=True)
+    return torch.compile(_gemv_fused, dynamic=True, fullgraph=True)
 
 
 def gemv_compiled(x2, wp, ws, mul, bias=None):
     """torch.compile'd fused GEMV from packed bytes (no dense copy of W); meant for M == 1."""
-    y = _compiled_gemv()(x2, wp, ws.view(torch.float8_e4m3fn), mul.reshape(()), _table(str(x2.device)))
+    args = (x2, wp, ws.view(torch.float8_e4m3fn), mul.reshape(()), _table(str(x2.device)))
+    y = None
+    if _compile_ok():
+        try:
+            y = _compiled_gemv()(*args)
+        except Exception:  # no C++ compiler etc.: the same math eagerly
+            y = None
+    if y is None:
+        y = _gemv_fused(*args)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y
@@ -103,8 +120,9 @@ def dequantize_dense(wp, ws, mul, dtype=torch.bfloat16, *, chunk_bytes=None):
     n, k2 = wp.shape
     k = k2 * 2
     out = torch.empty((n, k), dtype=dtype, device=wp.device)
+    mulf = mul.to(torch.float32).reshape(())
     rows = _rows_per_chunk(n, k, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        out[r0:r1] = _dequant_rows_f32(wp[r0:r1], ws[r0:r1], mul.reshape(()))
+        out[r0:r1] = _dequant_chunk(wp[r0:r1], ws[r0:r1]).mul_(mulf)
     return out

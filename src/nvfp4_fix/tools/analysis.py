@@ -147,32 +147,32 @@ def memory(info: CheckpointInfo) -> dict[str, int]:
 
 
 def runtimes(info: CheckpointInfo, mem: dict[str, int]) -> list[dict[str, Any]]:
-    """Which runtimes load this checkpoint, and why not where they don't."""
+    """Which runtimes load this checkpoint ("yes", "no", or "patch": only with nvfp4-fix's patch) and why."""
     w4a4 = info.scheme is not None and info.scheme.startswith("W4A4")
     awq = info.scheme is not None and info.scheme.endswith("AWQ")
     out: list[dict[str, Any]] = [{
-        "runtime": "nvfp4-fix (this package)", "loads": True,
+        "runtime": "nvfp4-fix (this package)", "loads": "yes",
         "note": f"layers stay packed ({human(mem['packed'])} resident)"
         + ("; W4A4 activations fake-quantized as compressed-tensors does" if w4a4 else "")
         + ("; AWQ pre_quant_scale applied" if awq else ""),
     }]  # fmt: skip
     if info.format == COMPRESSED_TENSORS:
-        out.append({"runtime": "compressed-tensors 0.13.x + transformers", "loads": False,
+        out.append({"runtime": "compressed-tensors 0.13.x + transformers", "loads": "patch",
                     "note": "needs nvfp4-fix's patch (apply_patch()): unpatched, the first forward raises "
                     "KeyError: 'weight_scale', and run_compressed=False fails with a Float8 promotion error"})
-        out.append({"runtime": "compressed-tensors >= 0.14 + transformers", "loads": True,
+        out.append({"runtime": "compressed-tensors >= 0.14 + transformers", "loads": "yes",
                     "note": f"loads, but decompresses the whole model to bf16 on the first forward "
                     f"(~{human(mem['bf16'])} instead of {human(mem['packed'])})"
                     + ("; dequantize=True drops the W4A4 activation quantization" if w4a4 else "")})
     else:
-        out.append({"runtime": "compressed-tensors / plain transformers", "loads": False,
+        out.append({"runtime": "compressed-tensors / plain transformers", "loads": "no",
                     "note": "transformers has no ModelOpt quantizer ('Unknown quantization type, got modelopt') "
                     "and compressed-tensors reads only its own layout; "
                     + ("the AWQ pre_quant_scale has no compressed-tensors equivalent" if awq else
                        "`nvfp4-fix convert --to compressed-tensors` rewrites it for them")})
     marlin = "weight-only Marlin FP4 on compute capability >= 7.5" + (
         " (activations stay bf16)" if w4a4 else "")
-    out.append({"runtime": "vLLM", "loads": True,
+    out.append({"runtime": "vLLM", "loads": "yes",
                 "note": f"native FP4 GEMMs (CUTLASS/FlashInfer) on Blackwell; {marlin}"})
     return out
 

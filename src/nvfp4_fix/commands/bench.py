@@ -1,0 +1,79 @@
+"""Measure prefill and decode speed and memory of an NVFP4 checkpoint loaded packed, on random tokens."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from ..errors import NVFP4Error
+
+HELP = "prefill and decode speed and memory (random tokens)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 or auto (config's dtype)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+
+
+def bench(path: str, device: str = "cpu", dtype: str = "auto", prompt_tokens: int = 128, new_tokens: int = 32,
+          batch: int = 1) -> dict[str, Any]:  # fmt: skip
+    import torch
+
+    from ..tools import runtime
+    from ..tools.analysis import memory
+
+    if min(prompt_tokens, new_tokens, batch) < 1:
+        raise NVFP4Error("--prompt-tokens, --new-tokens and --batch must be at least 1")
+    model, info, load_s = runtime.load(path, device, dtype)
+    vocab = int(model.config.get_text_config().vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=gen).to(device)
+    with torch.no_grad():
+        model(input_ids=ids[:, : min(8, prompt_tokens)])  # warm-up
+        runtime.sync(device)
+        runtime.reset_peak(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        runtime.sync(device)
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        runtime.sync(device)
+        t2 = time.perf_counter()
+    peak, what = runtime.peak_memory(device)
+    return {
+        "path": str(info.path), "format": info.format, "scheme": info.scheme, "device": device,
+        "dtype": str(model.dtype).removeprefix("torch."), "batch": batch, "load_seconds": load_s,
+        "prefill": {"tokens": batch * prompt_tokens, "seconds": t1 - t0},
+        "decode": {"tokens": batch * new_tokens, "seconds": t2 - t1},
+        "weights_bytes": runtime.weight_bytes(model), "bf16_bytes": memory(info)["bf16"],
+        "peak_bytes": peak, "peak_what": what,
+    }  # fmt: skip
+
+
+def render(r: dict[str, Any]) -> str:
+    from ..tools.analysis import human
+
+    lines = [
+        f"bench {r['path']} ({r['format']}, {r['scheme']}) on {r['device']}, {r['dtype']}, batch {r['batch']}",
+        "| phase   | tokens | seconds |    tok/s |",
+        "|---------|-------:|--------:|---------:|",
+    ]
+    for phase in ("prefill", "decode"):
+        p = r[phase]
+        lines.append(f"| {phase:<7} | {p['tokens']:>6} | {p['seconds']:>7.3f} | {p['tokens'] / p['seconds']:>8.1f} |")
+    lines.append(f"weights in memory {human(r['weights_bytes'])} (as bf16 {human(r['bf16_bytes'])}); "
+                 f"{r['peak_what']} {human(r['peak_bytes'])}; load {r['load_seconds']:.1f} s")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(render(bench(args.path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch)))
+    return 0

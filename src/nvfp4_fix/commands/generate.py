@@ -1,0 +1,121 @@
+"""Generate text from an NVFP4 checkpoint loaded packed, streaming it as it comes (the tokenizer's chat
+template is used when it has one), then print decode tok/s, time to first token and peak memory.
+
+--fast hands generation to ``nvfp4_fix.generation.generate(model, input_ids=..., attention_mask=...,
+max_new_tokens=..., streamer=..., **sampling)`` (same contract as ``model.generate``) when that module
+is installed: the static-cache / CUDA-graph path."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import time
+from typing import Any
+
+from ..errors import NVFP4Error
+
+HELP = "stream generated text, then tok/s, time to first token, peak memory"
+FAST_MODULE = "nvfp4_fix.generation"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint folder (with a tokenizer)")
+    p.add_argument("prompt")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 or auto (config's dtype)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: generation_config")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    p.add_argument("--fast", action="store_true", help=f"use {FAST_MODULE}.generate (static cache, CUDA graphs)")
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """generate() keyword arguments from the flags; nothing given = the checkpoint's generation_config."""
+    if args.temperature is None and args.top_k is None and args.top_p is None:
+        return {}
+    if args.temperature == 0:
+        return {"do_sample": False}
+    out: dict[str, Any] = {"do_sample": True}
+    for k in ("temperature", "top_k", "top_p"):
+        if getattr(args, k) is not None:
+            out[k] = getattr(args, k)
+    return out
+
+
+def encode(tok: Any, prompt: str, chat: bool) -> dict[str, Any]:
+    if chat and getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)  # fmt: skip
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask")}
+
+
+def make_streamer(tok: Any) -> Any:
+    from transformers import TextStreamer
+
+    class TimedStreamer(TextStreamer):
+        """TextStreamer that notes when the first new token arrives and counts new tokens."""
+
+        def __init__(self) -> None:
+            super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+            self.prompt_seen = False
+            self.first: float | None = None
+            self.last: float | None = None
+            self.count = 0
+
+        def put(self, value: Any) -> None:
+            if self.prompt_seen:
+                now = time.perf_counter()
+                self.first = self.first or now
+                self.last = now
+                self.count += int(value.numel())
+            self.prompt_seen = True
+            super().put(value)
+
+    return TimedStreamer()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..tools import runtime
+    from ..tools.analysis import human
+
+    if args.max_new_tokens < 1:
+        raise NVFP4Error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    fast = None
+    if args.fast:
+        if importlib.util.find_spec(FAST_MODULE) is None:
+            raise NVFP4Error(f"--fast needs {FAST_MODULE}, which this nvfp4-fix version does not have")
+        fast = importlib.import_module(FAST_MODULE).generate
+    model, info, load_s = runtime.load(args.path, args.device, args.dtype)
+    tok = runtime.tokenizer(info.path)
+    if tok is None:
+        raise NVFP4Error(f"{info.path}: no tokenizer (tokenizer.json / tokenizer_config.json) to encode the prompt")
+    inputs = {k: v.to(args.device) for k, v in encode(tok, args.prompt, not args.no_chat_template).items()
+              if v is not None}  # fmt: skip
+    streamer = make_streamer(tok)
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling(args))
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        kwargs["pad_token_id"] = tok.eos_token_id
+    runtime.reset_peak(args.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if fast is None:
+            model.generate(**inputs, **kwargs)
+        else:
+            fast(model, **inputs, **kwargs)
+    runtime.sync(args.device)
+    end = time.perf_counter()
+    peak, what = runtime.peak_memory(args.device)
+    n = streamer.count
+    ttft = (streamer.first - start) if streamer.first else float("nan")
+    decode = (n - 1) / (streamer.last - streamer.first) if n > 1 and streamer.last and streamer.last > streamer.first else 0.0
+    print()
+    print(f"--- {n} tokens in {end - start:.2f} s (load {load_s:.1f} s): {decode:.1f} tok/s decode, "
+          f"time to first token {ttft:.3f} s, {what} {human(peak)} ({args.device})")  # fmt: skip
+    return 0

@@ -1,0 +1,223 @@
+"""Load a checkpoint with nvfp4-fix and check it: every quantized layer stayed packed (uint8 codes, e4m3
+block scales), a sample of layers (first and last of each layer pattern) holds the checkpoint's bytes
+and computes what an independent float64 dequantization of the checkpoint computes, and one forward
+of the whole model gives finite logits. Prints the worst error per layer type; exit code 1 on failure."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import COMPRESSED_TENSORS, CheckpointInfo, layer_pattern
+
+HELP = "load packed, compare layers with a float64 reference, run one forward"
+
+#: Relative L2 error allowed for a layer's output, by model dtype (output rounding dominates).
+TOLERANCE = {"torch.float32": 1e-4, "torch.bfloat16": 1e-2, "torch.float16": 2e-3}
+#: Extra allowance when activations are fake-quantized too (a rare scale or code rounding flip).
+ACT_TOLERANCE = 5e-2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 or auto (config's dtype)")
+    p.add_argument("--all", action="store_true", help="compare every quantized layer, not a sample")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def e2m1_float64(codes: Any) -> Any:
+    """E2M1 code -> value from the bit fields (sign, 2-bit exponent, 1-bit mantissa), in float64."""
+    import torch
+
+    c = codes.to(torch.int64)
+    sign = 1.0 - 2.0 * ((c >> 3) & 1).to(torch.float64)
+    exp, man = (c >> 1) & 3, (c & 1).to(torch.float64)
+    mag = torch.where(exp == 0, 0.5 * man, torch.pow(2.0, (exp - 1).to(torch.float64)) * (1.0 + 0.5 * man))
+    return sign * mag
+
+
+def reference_weight(tensors: dict[str, Any], prefix: str, info: CheckpointInfo) -> Any:
+    """Float64 W from the checkpoint's own tensors, written independently of nvfp4_fix.codec."""
+    import torch
+
+    ct = info.format == COMPRESSED_TENSORS
+    packed = tensors[info.packed_name(prefix)]
+    low, high = packed & 0x0F, packed >> 4
+    codes = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    scale = tensors[prefix + ".weight_scale"].to(torch.float64)
+    w = e2m1_float64(codes) * scale.repeat_interleave(16, dim=-1)
+    glob = tensors[prefix + (".weight_global_scale" if ct else ".weight_scale_2")].to(torch.float64).reshape(())
+    return w / glob if ct else w * glob
+
+
+def reference_act_quant(x: Any, divisor: float) -> Any:
+    """Float64 NVFP4 quantize-dequantize of activations per 16 columns: s = e4m3(g * amax / 6)."""
+    import torch
+
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    g = x.reshape(*x.shape[:-1], -1, 16)
+    amax = g.abs().amax(-1, keepdim=True)
+    s = (divisor * amax / 6.0).clamp(max=448.0).to(torch.float8_e4m3fn).to(torch.float64)
+    s = torch.where(s == 0, torch.full_like(s, 0.125), s)  # compressed-tensors: finfo(e4m3).eps
+    step = s / divisor
+    v = (g / step).clamp(-6, 6)
+    q = grid[(v.abs().unsqueeze(-1) - grid).abs().argmin(-1)] * v.sign()
+    return (q * step).reshape(x.shape)
+
+
+def _module_names(model: Any, prefixes: list[str]) -> dict[str, str]:
+    """Checkpoint prefix -> name of the NVFP4Linear holding it (same name, or a renamed suffix)."""
+    from ..layer import NVFP4Linear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
+    exact = set(names)
+    out: dict[str, str] = {}
+    for p in prefixes:
+        if p in exact:
+            out[p] = p
+            continue
+        tail = p.split(".", 1)[-1]
+        match = [n for n in names if n.endswith("." + tail) or n == tail]
+        if len(match) == 1:
+            out[p] = match[0]
+    return out
+
+
+def sample(prefixes: list[str], everything: bool) -> list[str]:
+    if everything:
+        return sorted(prefixes)
+    by_pattern: dict[str, list[str]] = {}
+    for p in prefixes:
+        by_pattern.setdefault(layer_pattern(p), []).append(p)
+
+    def index(p: str) -> list[int]:
+        return [int(x) for x in p.split(".") if x.isdigit()]
+
+    picked: list[str] = []
+    for members in by_pattern.values():
+        members.sort(key=index)
+        picked += dict.fromkeys([members[0], members[-1]])
+    return picked
+
+
+def verify(path: str, device: str = "cpu", dtype: str = "auto", everything: bool = False,
+           seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    import torch
+    from safetensors import safe_open
+
+    from ..tools import progress, runtime
+
+    model, info, load_s = runtime.load(path, device, dtype)
+    mdtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float8_e4m3fn)
+    tol = TOLERANCE.get(str(mdtype), 1e-2)
+    names = _module_names(model, list(info.quantized))
+    modules = dict(model.named_modules())
+    failures: list[str] = []
+    missing = [p for p in info.quantized if p not in names]
+    if missing:
+        failures.append(f"{len(missing)} quantized layers have no packed NVFP4Linear in the model, e.g. {missing[0]}")
+    not_packed = [
+        n for n in names.values()
+        if modules[n].packed.dtype != torch.uint8 or modules[n].weight_scale.dtype != torch.float8_e4m3fn
+        or modules[n].dense_weight is not None
+    ]  # fmt: skip
+    if not_packed:
+        failures.append(f"{len(not_packed)} layers are not packed (uint8 + e4m3), e.g. {not_packed[0]}")
+    gen = torch.Generator().manual_seed(seed)
+    worst: dict[str, dict[str, Any]] = {}
+    picked = [p for p in sample(list(info.quantized), everything) if p in names]
+    with torch.no_grad():
+        for prefix in progress.track(picked, desc="comparing layers", unit="layer"):
+            mod = modules[names[prefix]]
+            tensors: dict[str, Any] = {}
+            for key in (n for n in info.tensors if n.rpartition(".")[0] == prefix):
+                with safe_open(str(info.tensors[key].file), framework="pt", device="cpu") as f:
+                    tensors[key] = f.get_tensor(key)
+            if not torch.equal(mod.packed.detach().cpu(), tensors[info.packed_name(prefix)]):
+                failures.append(f"{prefix}: packed bytes differ from the checkpoint's")
+            w = reference_weight(tensors, prefix, info)
+            x = torch.randn(4, mod.in_features, generator=gen, dtype=torch.float64).to(mdtype)
+            x64 = x.to(torch.float64)
+            pqs = tensors.get(prefix + ".pre_quant_scale")
+            if pqs is not None:
+                x64 = x64 * pqs.to(mdtype).to(torch.float64)
+            bias = mod.bias.detach().cpu().to(torch.float64) if mod.bias is not None else 0.0
+            checks = [("weights", "bf16", x64, tol)]
+            divisor = mod.input_divisor
+            if divisor is not None:
+                xq = reference_act_quant(x64.to(mdtype).to(torch.float64), float(divisor.reshape(-1)[0]))
+                checks.append(("weights+activations", "quantize", xq, tol + ACT_TOLERANCE))
+            saved = mod.activation_mode
+            try:
+                for what, mode, xin, limit in checks:
+                    mod.activation_mode = mode
+                    y = mod(x.to(mod.packed.device)).detach().cpu().to(torch.float64)
+                    ref = xin @ w.t() + bias
+                    err = float((y - ref).norm() / ref.norm().clamp(min=1e-30))
+                    kind = prefix.rpartition(".")[2] + ("" if what == "weights" else " (activations quantized)")
+                    entry = worst.setdefault(kind, {"layers": 0, "error": 0.0, "tolerance": limit, "where": prefix})
+                    entry["layers"] += 1
+                    if not err <= entry["error"]:
+                        entry.update(error=err, where=prefix)
+                    if not err <= limit:
+                        failures.append(f"{prefix}: {what} output differs from the float64 reference "
+                                        f"(relative error {err:.3g} > {limit:g})")  # fmt: skip
+            finally:
+                mod.activation_mode = saved
+    forward = _forward(model, info, device)
+    if not forward["finite"]:
+        failures.append("the forward pass produced non-finite logits")
+    return {
+        "path": str(info.path), "format": info.format, "scheme": info.scheme, "device": device,
+        "dtype": str(mdtype).removeprefix("torch."), "load_seconds": load_s,
+        "quantized": len(info.quantized), "packed": len(names) - len(not_packed), "sampled": len(picked),
+        "layer_types": worst, "forward": forward, "failures": failures, "passed": not failures,
+    }  # fmt: skip
+
+
+def _forward(model: Any, info: CheckpointInfo, device: str) -> dict[str, Any]:
+    import torch
+
+    from ..tools import runtime
+
+    tok = runtime.tokenizer(info.path)
+    if tok is not None:
+        ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    else:
+        vocab = int(getattr(model.config, "vocab_size", None) or model.config.get_text_config().vocab_size)
+        ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device)).logits
+    runtime.sync(device)
+    return {"shape": list(logits.shape), "finite": bool(torch.isfinite(logits).all()),
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def render(r: dict[str, Any]) -> str:
+    ok = "OK" if r["packed"] == r["quantized"] else "FAILED"
+    lines = [
+        f"verify {r['path']} ({r['format']}, {r['scheme']}) on {r['device']}, {r['dtype']}, loaded in "
+        f"{r['load_seconds']:.1f} s",
+        f"  packed    {r['packed']}/{r['quantized']} NVFP4 layers stayed packed (uint8 codes, e4m3 scales): {ok}",
+        f"  compared  {r['sampled']} layers with a float64 dequantization of the checkpoint (4 random inputs each)",
+        f"  {'layer type':<36} {'layers':>6}  {'worst rel. error':>16}  {'tolerance':>9}",
+    ]
+    for kind, e in sorted(r["layer_types"].items()):
+        status = "OK" if e["error"] <= e["tolerance"] else "FAILED"
+        lines.append(f"  {kind:<36} {e['layers']:>6}  {e['error']:>16.2e}  {e['tolerance']:>9.0e}  {status}")
+    f = r["forward"]
+    lines.append(f"  forward   logits {f['shape']} {'finite' if f['finite'] else 'NOT finite'} "
+                 f"in {f['seconds']:.2f} s: {'OK' if f['finite'] else 'FAILED'}")  # fmt: skip
+    lines += [f"  failure: {x}" for x in r["failures"]]
+    lines.append("PASS" if r["passed"] else "FAIL")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = verify(str(Path(args.path)), args.device, args.dtype, args.all, args.seed)
+    print(render(result))
+    return 0 if result["passed"] else 1

@@ -1,0 +1,507 @@
+"""Fast batch-1 generation: a static KV cache, the decode step captured once in a CUDA graph, sampling
+and stop-token checks on the device.
+
+    from nvfp4_fix.generation import generate
+    out = generate(model, input_ids, max_new_tokens=256)            # greedy
+    out = generate(model, input_ids, 256, temperature=0.7, top_p=0.9, streamer=TextStreamer(tok))
+
+Why: ``model.generate`` launches every kernel of every layer from Python for every token (~225 linear
+launches plus ~1500 small ones for an 8B Llama), and its dynamic cache reallocates; at batch 1 the
+GPU mostly waits for the CPU. Here:
+
+* the KV cache is a transformers ``StaticCache`` whose layers are all full-length ``StaticLayer``\\ s
+  (sliding-window layers, e.g. Gemma 2 / Mistral, are replaced by full ones: the sliding window is then
+  applied by the attention mask alone, which is exact and keeps every update free of host-side
+  branching, so one graph serves the whole generation);
+* the prompt is prefilled eagerly in chunks of ``prefill_chunk`` tokens (no [prompt, vocab] logits,
+  bounded activation scratch);
+* one decode step -- forward on a static ``input_ids``/position tensor, sampling, stop-token
+  bookkeeping, writing the token into a device-side sequence buffer, advancing the position -- is
+  warmed up on a side stream, captured into a ``torch.cuda.CUDAGraph`` and replayed once per token;
+* sampling is multinomial-free: temperature, top-k (``torch.topk`` threshold) and top-p (the same
+  rule as transformers' ``TopPLogitsWarper``), then ``argmax(p / E)`` with ``E ~ Exp(1)`` (the
+  exponential race, an exact sample from ``p``) drawn from the default CUDA generator, which graph
+  replays advance (``torch.manual_seed`` makes runs reproducible);
+* stop tokens are tracked on the device (finished rows emit the pad id, as in transformers); the host
+  reads the finished flags only every ``sync_every`` tokens (default 8), so at most ``sync_every - 1``
+  tokens are computed past a stop and then dropped. A streamer receives the prompt first, then the new
+  tokens in the same chunks (``TextStreamer`` / ``TextIteratorStreamer`` accept chunks).
+
+Greedy output equals ``model.generate(do_sample=False)`` token for token (tested on CPU for Llama,
+Mistral, Qwen3 and Gemma 2 shapes; chunked prefill and the static cache compute the same function,
+up to float rounding order). Sampling uses a different random stream than ``model.generate``.
+
+Falls back to ``model.generate`` (logged once, with the reason) where graph capture is impossible: on
+the CPU, models spread over several devices, architectures without static-cache support, or when the
+capture itself fails. ``use_cuda_graph=False`` runs the same static-cache loop eagerly (any device).
+Captured graphs and their KV caches are kept on the model (at most 2, least recently used dropped)
+and reused by later calls with the same batch size, cache length and sampling settings;
+:func:`clear_cache` frees them (call it after moving or changing the model's weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("nvfp4_fix")
+
+_RUNNERS_ATTR = "_nvfp4_fix_generation_runners"
+_MAX_RUNNERS = 2
+_WARMUP_STEPS = 2
+_CACHE_ALIGN = 128
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers API differences (4.57: past_key_values + cache_position; 5.0-5.2x: past_key_values,
+# cache writes driven by the cache's own device-side length; 5.24+: the kwarg is called ``cache``)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ForwardApi:
+    cache_kw: str
+    cache_position: bool
+    logits_kw: str | None
+
+
+def _forward_api(model: nn.Module) -> _ForwardApi:
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "past_key_values" if "past_key_values" in params else "cache" if "cache" in params else "past_key_values"
+    logits_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return _ForwardApi(cache_kw, "cache_position" in params, logits_kw)
+
+
+def _make_static_cache(model: nn.Module, max_cache_len: int) -> Any:
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise RuntimeError("this transformers version's StaticCache has no per-layer API")
+    for i, layer in enumerate(layers):
+        if getattr(layer, "is_sliding", False) or type(layer) is not StaticLayer:
+            # Full-length layer: the sliding window is applied by the mask (exact), and updates have
+            # no host-side state, so a captured graph stays valid for the whole generation.
+            layers[i] = StaticLayer(max_cache_len=max_cache_len)
+    return cache
+
+
+def _reset_cache(cache: Any) -> None:
+    """Zero the cache in place (tensor addresses are baked into captured graphs)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys.zero_()
+            layer.values.zero_()
+        length = getattr(layer, "cumulative_length", None)
+        if isinstance(length, torch.Tensor):
+            length.zero_()
+
+
+def _cache_lengths(cache: Any) -> list[torch.Tensor]:
+    return [t for t in (getattr(layer, "cumulative_length", None) for layer in cache.layers) if isinstance(t, torch.Tensor)]
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling, on the device, without torch.multinomial
+# ------------------------------------------------------------------------------------------------
+def make_sampler(
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """logits [B, V] -> token ids [B] (int64). temperature 0 (or None) is greedy (argmax, first max on
+    ties, as transformers). Otherwise temperature, then top-k, then top-p, as transformers' warpers,
+    and an exact sample by the exponential race argmax(p / E), E ~ Exp(1): no host sync, graph-safe."""
+    if not temperature or temperature <= 0:
+        return lambda logits: torch.argmax(logits, dim=-1)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.float() / temperature
+        if top_k:
+            k = min(int(top_k), scores.shape[-1])
+            kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
+            cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            remove = cum <= (1.0 - top_p)
+            remove[..., -1:] = False  # keep at least one token
+            scores = scores.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        race = torch.empty_like(probs).exponential_(1.0).clamp_min_(1e-30)
+        return torch.argmax(probs / race, dim=-1)
+
+    return sample
+
+
+# ------------------------------------------------------------------------------------------------
+# the static-cache runner (one per model x batch x cache length x sampling settings)
+# ------------------------------------------------------------------------------------------------
+class _Runner:
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: int,
+        max_cache_len: int,
+        device: torch.device,
+        sampler: Callable[[torch.Tensor], torch.Tensor],
+        stop_ids: tuple[int, ...],
+        pad_id: int,
+        compile_step: bool,
+    ) -> None:
+        self.model = model
+        self.api = _forward_api(model)
+        self.batch, self.max_cache_len, self.device = batch, max_cache_len, device
+        self.sampler = sampler
+        self.cache = _make_static_cache(model, max_cache_len)
+        z = functools.partial(torch.zeros, dtype=torch.long, device=device)
+        self.ids = z(batch, 1)  # the token the next decode step consumes
+        self.pos = z(1)  # its position
+        self.seq = z(batch, max_cache_len)  # the whole sequence, token t at column t
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
+        self.pad = torch.tensor(pad_id, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_failed = False
+        self.capture_s = 0.0
+        self._forward = self._decode_forward
+        if compile_step:
+            self._forward = torch.compile(self._decode_forward, dynamic=False, fullgraph=False)
+
+    # -- model calls -----------------------------------------------------------------------------
+    def _kwargs(self, position_ids: torch.Tensor, cache_position: torch.Tensor) -> dict[str, Any]:
+        kw: dict[str, Any] = {self.api.cache_kw: self.cache, "use_cache": True, "position_ids": position_ids}
+        if self.api.cache_position:
+            kw["cache_position"] = cache_position
+        if self.api.logits_kw:
+            kw[self.api.logits_kw] = 1
+        return kw
+
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, **self._kwargs(pos.view(1, 1).expand(self.batch, 1), pos))
+        return out.logits[:, -1, :]
+
+    def _finish(self, nxt: torch.Tensor) -> torch.Tensor:
+        if self.stop is not None:
+            nxt = torch.where(self.unfinished, nxt, self.pad)
+            self.unfinished &= ~(nxt.unsqueeze(-1) == self.stop).any(-1)
+        return nxt
+
+    def decode_step(self) -> None:
+        """One token: everything on the device, no host sync (this is what gets captured)."""
+        logits = self._forward(self.ids, self.pos)
+        nxt = self._finish(self.sampler(logits))
+        self.pos.add_(1)
+        self.seq.index_copy_(1, self.pos, nxt.unsqueeze(1))
+        self.ids.copy_(nxt.unsqueeze(1))
+
+    def prefill(self, input_ids: torch.Tensor, chunk: int) -> None:
+        """Fill the cache with the prompt in chunks; sample the first new token (eager)."""
+        b, p = input_ids.shape
+        _reset_cache(self.cache)
+        self.unfinished.fill_(True)
+        logits = None
+        for s in range(0, p, chunk):
+            e = min(p, s + chunk)
+            positions = torch.arange(s, e, device=self.device)
+            out = self.model(input_ids=input_ids[:, s:e], **self._kwargs(positions.unsqueeze(0).expand(b, -1), positions))
+            logits = out.logits[:, -1, :]
+            del out
+        assert logits is not None
+        nxt = self._finish(self.sampler(logits))
+        self.seq[:, :p].copy_(input_ids)
+        self.seq[:, p].copy_(nxt)
+        self.ids.copy_(nxt.unsqueeze(1))
+        self.pos.fill_(p)
+
+    # -- CUDA graph --------------------------------------------------------------------------------
+    def _save(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        state = [self.ids, self.pos, self.unfinished, *_cache_lengths(self.cache)]
+        return [(t, t.clone()) for t in state]
+
+    @staticmethod
+    def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for t, copy in saved:
+            t.copy_(copy)
+
+    def capture(self) -> None:
+        """Warm up on a side stream (compiles kernels, allocates), restore the state, then capture one
+        decode step. Called right after a prefill; leaves the runner's state as it found it."""
+        t0 = time.perf_counter()
+        saved = self._save()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_STEPS):
+                self.decode_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.decode_step()
+        self._restore(saved)  # capture runs nothing, but be certain
+        torch.cuda.synchronize(self.device)
+        self.graph = graph
+        self.capture_s = time.perf_counter() - t0
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.decode_step()
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+def clear_cache(model: nn.Module) -> None:
+    """Drop the captured graphs and static caches kept on ``model`` by :func:`generate`."""
+    runners = getattr(model, _RUNNERS_ATTR, None)
+    if runners:
+        runners.clear()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    devices.discard(torch.device("meta"))
+    if len(devices) != 1:
+        raise _Unsupported(f"the model spans several devices ({sorted(map(str, devices))})")
+    return devices.pop()
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _check_model(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        raise _Unsupported("only decoder-only transformers models are supported")
+    if not getattr(type(model), "_can_compile_fullgraph", False) or getattr(type(model), "_is_stateful", False):
+        raise _Unsupported(f"{type(model).__name__} does not support a static KV cache")
+
+
+def _stop_ids(model: nn.Module, stop_token_ids: int | Iterable[int] | None) -> tuple[int, ...]:
+    if stop_token_ids is None:
+        gc = getattr(model, "generation_config", None)
+        stop_token_ids = getattr(gc, "eos_token_id", None)
+        if stop_token_ids is None:
+            stop_token_ids = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if stop_token_ids is None:
+        return ()
+    if isinstance(stop_token_ids, int):
+        return (stop_token_ids,)
+    return tuple(int(t) for t in stop_token_ids)
+
+
+def _pad_id(model: nn.Module, stop: tuple[int, ...], pad_token_id: int | None) -> int:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        pid = getattr(src, "pad_token_id", None)
+        if isinstance(pid, int):
+            return pid
+    return stop[0] if stop else 0
+
+
+_logged: set[str] = set()
+
+
+def _log_fallback(reason: str) -> None:
+    msg = f"nvfp4-fix: fast generation unavailable ({reason}); falling back to model.generate"
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.warning(msg)
+    else:
+        logger.info(msg)
+
+
+def _hf_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    stop: tuple[int, ...],
+    pad_id: int,
+    streamer: Any,
+) -> torch.Tensor:
+    import copy
+
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    gc = copy.deepcopy(base) if base is not None else GenerationConfig()
+    sampling = bool(temperature) and temperature > 0
+    gc.do_sample = sampling
+    gc.temperature = float(temperature) if sampling else 1.0
+    gc.top_k = int(top_k) if (sampling and top_k) else None
+    gc.top_p = float(top_p) if (sampling and top_p is not None) else 1.0
+    gc.max_new_tokens = int(max_new_tokens)
+    gc.max_length = None
+    gc.min_new_tokens = None
+    gc.min_length = 0
+    gc.eos_token_id = list(stop) if stop else None
+    gc.pad_token_id = pad_id
+    return model.generate(input_ids=input_ids, generation_config=gc, streamer=streamer)
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token_ids: int | Iterable[int] | None = None,
+    streamer: Any = None,
+    prefill_chunk: int = 512,
+    use_cuda_graph: bool = True,
+    sync_every: int = 8,
+    max_cache_len: int | None = None,
+    pad_token_id: int | None = None,
+    compile_step: bool = False,
+    stats: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` after ``input_ids`` [B, P] (or [P]); return [B, P + n] ids
+    like ``model.generate`` (the prompt included; generation stops once every row produced a stop token,
+    which is kept; rows that stopped earlier are padded with ``pad_token_id``).
+
+    ``temperature`` 0 is greedy. ``stop_token_ids`` None means the model's ``generation_config``
+    EOS ids; pass ``()`` for none. Prompts must not be padded (no attention mask is taken).
+    ``use_cuda_graph=False`` runs the static-cache loop eagerly. ``sync_every``: tokens between two
+    host reads of the stop flags / streamer flushes. ``max_cache_len``: the static cache size
+    (default: prompt + new tokens, rounded up to 128). ``compile_step`` additionally wraps the decode
+    forward in ``torch.compile`` (fuses norms, rotary and other small kernels) before capture.
+    ``stats``, if given a dict, receives timings and the path taken.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if max_new_tokens <= 0:
+        return input_ids
+    if prefill_chunk <= 0:
+        raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
+    sync_every = max(1, int(sync_every))
+    stats = stats if stats is not None else {}
+    stop = _stop_ids(model, stop_token_ids)
+    pad_id = _pad_id(model, stop, pad_token_id)
+    sampling = bool(temperature) and temperature > 0
+
+    def fallback(reason: str) -> torch.Tensor:
+        _log_fallback(reason)
+        stats["path"] = "model.generate"
+        stats["fallback_reason"] = reason
+        return _hf_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, stop, pad_id, streamer)
+
+    try:
+        _check_model(model)
+        device = _model_device(model)
+    except _Unsupported as e:
+        return fallback(str(e))
+    if use_cuda_graph and device.type != "cuda":
+        return fallback(f"CUDA graphs need a CUDA device, the model is on {device.type}")
+    if use_cuda_graph and not torch.cuda.is_available():
+        return fallback("CUDA is not available")
+
+    batch, plen = input_ids.shape
+    input_ids = input_ids.to(device)
+    need = plen + max_new_tokens + _WARMUP_STEPS
+    cache_len = max_cache_len or _CACHE_ALIGN * math.ceil(need / _CACHE_ALIGN)
+    if cache_len < need:
+        raise ValueError(f"max_cache_len {cache_len} < prompt {plen} + max_new_tokens {max_new_tokens} + {_WARMUP_STEPS}")
+
+    key = (batch, cache_len, str(device), float(temperature) if sampling else 0.0,
+           top_k if sampling else None, top_p if sampling else None, stop, pad_id,
+           bool(use_cuda_graph), bool(compile_step))  # fmt: skip
+    runners: OrderedDict = getattr(model, _RUNNERS_ATTR, None) or OrderedDict()
+    if not hasattr(model, _RUNNERS_ATTR):
+        object.__setattr__(model, _RUNNERS_ATTR, runners)
+    runner = runners.pop(key, None)
+    fresh = runner is None
+    ctx = torch.no_grad()
+    with ctx:
+        if fresh:
+            while len(runners) >= _MAX_RUNNERS:
+                runners.popitem(last=False)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            runner = _Runner(model, batch, cache_len, device, make_sampler(temperature, top_k, top_p),
+                             stop, pad_id, compile_step)  # fmt: skip
+        runners[key] = runner
+
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        t0 = time.perf_counter()
+        runner.prefill(input_ids, prefill_chunk)
+        stats["prefill_s"] = time.perf_counter() - t0
+        if use_cuda_graph and runner.graph is None and not runner.capture_failed and max_new_tokens > 1:
+            saved = runner._save()
+            try:
+                runner.capture()
+                stats["capture_s"] = runner.capture_s
+            except Exception as e:  # noqa: BLE001 - any capture failure: keep going without a graph
+                runner.capture_failed = True
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize(device)
+                runner._restore(saved)
+                reason = f"{type(e).__name__}: {e}".split("\n")[0]
+                logger.warning("nvfp4-fix: CUDA graph capture failed (%s); continuing with the eager "
+                               "static-cache loop", reason)  # fmt: skip
+                stats["capture_error"] = reason
+        stats["path"] = "cuda-graph" if runner.graph is not None else "static-loop"
+
+        produced = 1  # the prefill sampled the first new token
+        flushed = 0  # new tokens handed to the streamer
+        check = bool(stop) or streamer is not None
+        all_done = False
+
+        def flush(upto: int) -> None:
+            nonlocal flushed
+            if streamer is not None and upto > flushed:
+                streamer.put(runner.seq[:, plen + flushed : plen + upto].cpu())
+                flushed = upto
+
+        if check:
+            flush(1)
+            all_done = bool(stop) and not bool(runner.unfinished.any())
+        while produced < max_new_tokens and not all_done:
+            n = min(sync_every, max_new_tokens - produced)
+            for _ in range(n):
+                runner.step()
+            produced += n
+            if check:
+                all_done = bool(stop) and not bool(runner.unfinished.any())  # one host sync per chunk
+                if not all_done:
+                    flush(produced)
+
+        new = runner.seq[:, plen : plen + produced].clone()
+        stats["decode_steps"] = produced - 1
+        if stop:
+            # Cut after the step where the last row finished; a row's first stop token is kept.
+            hits = (new.unsqueeze(-1) == torch.tensor(stop, device=new.device)).any(-1)
+            first = torch.where(hits.any(1), hits.int().argmax(1), torch.full_like(hits[:, 0], produced, dtype=torch.long))
+            if bool((first < produced).all()):
+                new = new[:, : int(first.max()) + 1]
+        flush_all = new.shape[1]
+        if streamer is not None:
+            if flush_all > flushed:
+                streamer.put(new[:, flushed:flush_all].cpu())
+            streamer.end()
+        return torch.cat([input_ids, new], dim=1)

@@ -1,0 +1,81 @@
+"""Loading a checkpoint for verify/generate/bench: progress over shards, load errors as one line."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+from ..checkpoint import CheckpointInfo, require_nvfp4
+from ..errors import CheckpointError, NVFP4Error
+from . import progress
+from .analysis import require_consistent
+
+DTYPE_NAMES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
+               "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}  # fmt: skip
+
+
+def load(path: str, device: str = "cpu", dtype: str = "auto") -> tuple[Any, CheckpointInfo, float]:
+    """(model, checkpoint info, seconds) via nvfp4_fix.loading.from_pretrained, layers packed."""
+    info = require_nvfp4(path)
+    require_consistent(info)
+    if dtype not in DTYPE_NAMES:
+        raise NVFP4Error(f"--dtype must be one of bf16, fp16, fp32 or auto, got {dtype!r}")
+    from ..loading import from_pretrained
+
+    files = {t.file for t in info.tensors.values()}
+    start = time.perf_counter()
+    try:
+        with progress.loading_shards(len(files)):
+            model = from_pretrained(info.path, dtype=DTYPE_NAMES[dtype], device_map=device)
+    except NVFP4Error:
+        raise
+    except (ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{info.path}: cannot load ({type(e).__name__}: {first})") from None
+    return model, info, time.perf_counter() - start
+
+
+def tokenizer(path: Any) -> Any | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def peak_memory(device: Any) -> tuple[int, str]:
+    """(bytes, what was measured): CUDA peak allocated on a GPU, else the process's peak RSS."""
+    import torch
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(dev), "peak CUDA memory allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss if sys.platform == "darwin" else rss * 1024), "peak process RSS"
+
+
+def reset_peak(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+def weight_bytes(model: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

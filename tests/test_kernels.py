@@ -1,0 +1,383 @@
+"""Correctness of every NVFP4 kernel against an independent float64 reference.
+
+The reference below decodes E2M1 codes and e4m3 scales from their bit fields in float64 (it does not
+use nvfp4_fix.codec). Inputs are fresh random draws for every case: random packed bytes (all 16 codes,
+both nibbles), random positive and negative e4m3 scales over their whole range (subnormals included,
+NaN excluded), a random per-tensor multiplier, random activations; never zeros.
+
+Tolerance, relative Frobenius error ||y - ref|| / ||ref|| against the float64 result of the same
+(already rounded) x: 1e-2 for bf16 outputs, 2e-3 for fp16, 1e-5 for fp32. Every output element must
+be finite; kernels that take ``out=`` get a NaN-poisoned buffer and must overwrite all of it.
+
+On a machine without CUDA the Triton kernels run through the Triton interpreter (TRITON_INTERPRET=1,
+set below before triton is imported; skipped when triton is not installed) on small shapes; the
+full-size cases are marked ``gpu`` and run on a CUDA machine: ``pytest tests/test_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if not HAS_CUDA and HAS_TRITON:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import nvfp4_fix.kernels as K  # noqa: E402
+from nvfp4_fix.kernels import cpu as kcpu  # noqa: E402
+
+if HAS_TRITON:
+    from nvfp4_fix.kernels import triton_ops as T  # noqa: E402
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+interp_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter variant; the gpu tests cover this on CUDA")
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+# ----------------------------------------------------------------------------- independent reference
+def _e2m1_f64(codes: torch.Tensor) -> torch.Tensor:
+    c = codes.to(torch.int64)
+    sign = 1.0 - 2.0 * ((c >> 3) & 1).to(torch.float64)
+    e = ((c >> 1) & 3).to(torch.float64)
+    m = (c & 1).to(torch.float64)
+    mag = torch.where(e == 0, 0.5 * m, torch.pow(2.0, e - 1) * (1.0 + 0.5 * m))
+    return sign * mag
+
+
+def _e4m3_f64(bits: torch.Tensor) -> torch.Tensor:
+    b = bits.to(torch.int64)
+    sign = 1.0 - 2.0 * ((b >> 7) & 1).to(torch.float64)
+    e = ((b >> 3) & 15).to(torch.float64)
+    m = (b & 7).to(torch.float64)
+    mag = torch.where(e == 0, m / 8.0 * 2.0**-6, torch.pow(2.0, e - 7) * (1.0 + m / 8.0))
+    return sign * mag
+
+
+def ref_weight_f64(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor) -> torch.Tensor:
+    wp = wp.cpu()
+    n, k2 = wp.shape
+    codes = torch.empty((n, 2 * k2), dtype=torch.int64)
+    codes[:, 0::2] = (wp & 15).to(torch.int64)  # low nibble = even column
+    codes[:, 1::2] = (wp >> 4).to(torch.int64)
+    scale = _e4m3_f64(ws.cpu().view(torch.uint8)).repeat_interleave(16, dim=1)
+    return _e2m1_f64(codes) * scale * float(mul.cpu().double())
+
+
+def ref_linear_f64(x, wp, ws, mul, bias=None):
+    y = x.cpu().double() @ ref_weight_f64(wp, ws, mul).t()
+    if bias is not None:
+        y = y + bias.cpu().double()
+    return y
+
+
+def make_weight(n: int, k: int, device="cpu", seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
+    wp = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    # positive and negative e4m3 scales over the whole range, subnormals included, never NaN (0x7F)
+    sb = torch.randint(0, 0x7F, (n, k // 16), dtype=torch.uint8, generator=g)
+    neg = torch.rand((n, k // 16), generator=g) < 0.1
+    sb = torch.where(neg, sb | 0x80, sb)
+    ws = sb.view(torch.float8_e4m3fn)
+    mul = torch.tensor(1.0 / 2688.0 * (0.5 + torch.rand((), generator=g).item()), dtype=torch.float32)
+    return wp.to(device), ws.to(device), mul.to(device)
+
+
+def make_x(m: int, k: int, dtype, device="cpu"):
+    x = torch.randn(m, k, dtype=torch.float32) + 0.1  # never zero-mean-exact, never zeros
+    return x.to(dtype).to(device)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check(y, ref, dtype, what=""):
+    assert y.dtype == dtype, what
+    assert torch.isfinite(y).all(), f"{what}: non-finite output (unwritten or overflow)"
+    err = rel_err(y, ref)
+    assert err < TOL[dtype], f"{what}: relative error {err:.3e} >= {TOL[dtype]}"
+    return err
+
+
+@pytest.fixture(autouse=True)
+def _eager_cpu_by_default(request, monkeypatch):
+    """torch.compile costs ~20 s per first compile on a 2-core CI machine: the CPU paths run eagerly
+    (same math) except in test_cpu_compiled_paths."""
+    if not request.node.name.startswith("test_cpu_compiled"):
+        monkeypatch.setenv("NVFP4_FIX_CPU_COMPILE", "0")
+
+
+# ----------------------------------------------------------------------------- reference sanity
+def test_independent_reference_matches_codec():
+    """The test's float64 decoding agrees with the package's own codec (both are checked elsewhere)."""
+    from nvfp4_fix.codec import dequantize
+
+    wp, ws, mul = make_weight(33, 48)
+    ours = ref_weight_f64(wp, ws, mul)
+    theirs = dequantize(wp, ws, mul, "multiplier", torch.float64)
+    assert torch.allclose(ours, theirs.double(), rtol=1e-6, atol=0)
+
+
+def test_e2m1_table_exact():
+    vals = _e2m1_f64(torch.arange(16))
+    assert vals.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+# ----------------------------------------------------------------------------- CPU paths
+CPU_SHAPES = [(97, 16), (33, 48), (97, 272), (64, 4096 + 16)]
+
+
+@pytest.mark.parametrize("n,k", CPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 2, 7, 17])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_chunked(n, k, m, dtype):
+    wp, ws, mul = make_weight(n, k)
+    x = make_x(m, k, dtype)
+    bias = torch.randn(n).to(dtype) if m == 7 else None
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    y = kcpu.linear_chunked(x, wp, ws, mul, bias, out=out, chunk_bytes=k * 4 * 16)  # 16-row chunks
+    assert y is out
+    check(y, ref_linear_f64(x, wp, ws, mul, bias), dtype, "chunked")
+
+
+@pytest.mark.parametrize("n,k", [(97, 16), (33, 272), (64, 4096 + 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_gemv(n, k, dtype):
+    wp, ws, mul = make_weight(n, k)
+    x = make_x(1, k, dtype)
+    bias = torch.randn(n).to(dtype)
+    check(kcpu.gemv_compiled(x, wp, ws, mul, bias), ref_linear_f64(x, wp, ws, mul, bias), dtype, "cpu_gemv")
+
+
+def test_cpu_compiled_paths():
+    """The torch.compile'd GEMV and chunk dequantization (dynamic shapes: one compile each)."""
+    for n, k in [(97, 272), (64, 4096 + 16)]:
+        wp, ws, mul = make_weight(n, k)
+        x = make_x(1, k, torch.bfloat16)
+        check(kcpu.gemv_compiled(x, wp, ws, mul), ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "gemv")
+        x = make_x(5, k, torch.float16)
+        y = kcpu.linear_chunked(x, wp, ws, mul, chunk_bytes=k * 4 * 32)
+        check(y, ref_linear_f64(x, wp, ws, mul), torch.float16, "chunked")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_weight(dtype):
+    wp, ws, mul = make_weight(97, 272)
+    w = K.dequantize_weight(wp, ws, mul, dtype)
+    ref = ref_weight_f64(wp, ws, mul)
+    assert w.shape == ref.shape and w.dtype == dtype
+    # one rounding of the exact value to dtype
+    eps = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-23}[dtype]
+    atol = 2.0**-25 if dtype == torch.float16 else 1e-45  # fp16 subnormal spacing / 2
+    assert torch.all((w.double() - ref).abs() <= eps * ref.abs() + atol)
+
+
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dispatch_cpu(m, dtype):
+    wp, ws, mul = make_weight(97, 272)
+    x = make_x(m, 272, dtype).view(1, m, 272)
+    bias = torch.randn(97).to(dtype)
+    y = K.nvfp4_linear(x, wp, ws, mul, bias)
+    assert y.shape == (1, m, 97)
+    check(y.reshape(-1, 97), ref_linear_f64(x.reshape(-1, 272), wp, ws, mul, bias), dtype, "auto")
+    assert K.select_kernel(x.reshape(-1, 272), 97, 272) == ("cpu_gemv" if m == 1 else "chunked")
+
+
+def test_dispatch_reference_forced(monkeypatch):
+    calls = []
+    real = K.linear_reference
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(K, "linear_reference", spy)
+    wp, ws, mul = make_weight(33, 48)
+    x = make_x(1, 48, torch.bfloat16)
+    monkeypatch.setenv("NVFP4_FIX_KERNEL", "reference")
+    y = K.nvfp4_linear(x, wp, ws, mul)
+    assert calls, "NVFP4_FIX_KERNEL=reference did not reach the reference path"
+    check(y, ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "reference")
+    monkeypatch.delenv("NVFP4_FIX_KERNEL")
+    calls.clear()
+    K.nvfp4_linear(x, wp, ws, mul, kernel="reference")
+    assert calls
+
+
+def test_errors():
+    wp, ws, mul = make_weight(33, 48)
+    with pytest.raises(ValueError, match="multiple of 16|holds"):
+        K.nvfp4_linear(make_x(1, 40, torch.bfloat16), wp[:, :20], ws[:, :2], mul)
+    with pytest.raises(ValueError, match="unknown"):
+        K.nvfp4_linear(make_x(1, 48, torch.bfloat16), wp, ws, mul, kernel="nope")
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="multiple of 16"):
+            T.gemv(make_x(1, 40, torch.bfloat16), torch.zeros(3, 20, dtype=torch.uint8), ws[:3, :2], mul)
+
+
+def test_custom_op_compiles_cpu():
+    wp, ws, mul = make_weight(33, 48)
+    x = make_x(4, 48, torch.bfloat16)
+    f = torch.compile(lambda t: K.nvfp4_linear(t, wp, ws, mul) * 2.0, fullgraph=True, backend="eager")
+    check(f(x) / 2, ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "compiled op")
+    torch.library.opcheck(torch.ops.nvfp4_fix.linear.default, (x, wp, ws.view(torch.uint8), mul, None, "chunked"))
+
+
+# ----------------------------------------------------------------------------- Triton, interpreter
+INTERP_CASES = [  # (m, n, k)
+    (1, 97, 16),
+    (1, 33, 48),
+    (2, 97, 272),
+    (7, 33, 272),
+    (16, 97, 48),
+    (17, 33, 272),
+    (1, 64, 4096 + 16),
+]
+
+
+def _poisoned(m, n, dtype, device):
+    return torch.full((m, n), float("nan"), dtype=dtype, device=device)
+
+
+def _run_all_triton(m, n, k, dtype, device, with_bias, extra_cfgs=True):
+    wp, ws, mul = make_weight(n, k, device)
+    x = make_x(m, k, dtype, device)
+    bias = torch.randn(n).to(dtype).to(device) if with_bias else None
+    ref = ref_linear_f64(x, wp, ws, mul, bias)
+    runs = [("mm", T.mm, None), ("dequant_mm", T.dequant_mm, None)]
+    if m <= 4:
+        runs.append(("gemv", T.gemv, None))
+        if extra_cfgs:
+            runs.append(("gemv_deq1", T.gemv, {**T.gemv_config(n, k, x.device), "DEQ": 1}))
+            runs.append(("gemv_split", T.gemv, {"BN": 16, "BKW": 4, "SPLIT": 3, "num_warps": 4, "DEQ": 0}))
+    if extra_cfgs and k <= 512:
+        runs.append(("mm_split", T.mm, {"BM": 16, "BN": 32, "BK": 32, "SPLIT": 3, "num_warps": 4}))
+    for name, fn, cfg in runs:
+        out = _poisoned(m, n, dtype, device)
+        kw = {"out": out}
+        if cfg is not None:
+            kw["cfg"] = cfg
+        y = fn(x, wp, ws, mul, bias, **kw)
+        assert y is out
+        check(y, ref, dtype, f"{name} m={m} n={n} k={k} {dtype}")
+
+
+@needs_triton
+@interp_only
+@pytest.mark.parametrize("m,n,k", INTERP_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_interpreter(m, n, k, dtype):
+    _run_all_triton(m, n, k, dtype, "cpu", with_bias=(m % 2 == 1), extra_cfgs=(k <= 512))
+
+
+@needs_triton
+@interp_only
+def test_triton_interpreter_dequant_chunks():
+    wp, ws, mul = make_weight(97, 48)
+    x = make_x(5, 48, torch.bfloat16)
+    y = T.dequant_mm(x, wp, ws, mul, scratch_bytes=48 * 2 * 128)  # 128-row chunks: 97 rows -> 1 chunk
+    check(y, ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "dequant_mm")
+    w = T.dequantize_rows(wp, ws, mul, torch.float32, 5, 40)
+    assert torch.allclose(w.double(), ref_weight_f64(wp, ws, mul)[5:45], rtol=1e-7, atol=0)
+
+
+# ----------------------------------------------------------------------------- Triton, CUDA
+GPU_NK = [(97, 16), (4097, 48), (97, 272), (4096, 4096 + 16), (4097, 14336), (1024, 4096)]
+GPU_M = [1, 2, 7, 16, 17, 128, 1000]
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("n,k", GPU_NK)
+@pytest.mark.parametrize("m", GPU_M)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_gpu(m, n, k, dtype):
+    _run_all_triton(m, n, k, dtype, "cuda", with_bias=(m % 2 == 1), extra_cfgs=(m <= 2 and k <= 4112))
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("n,k", [(97, 272), (4097, 4096), (128256 // 8, 4096)])
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 300])
+def test_dispatch_gpu(m, n, k):
+    wp, ws, mul = make_weight(n, k, "cuda")
+    x = make_x(m, k, torch.bfloat16, "cuda")
+    y = K.nvfp4_linear(x, wp, ws, mul)
+    check(y, ref_linear_f64(x, wp, ws, mul), torch.bfloat16, f"auto {K.select_kernel(x, n, k)}")
+    xf = make_x(m, k, torch.float32, "cuda")
+    check(K.nvfp4_linear(xf, wp, ws, mul), ref_linear_f64(xf, wp, ws, mul), torch.float32, "auto fp32")
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("m", [1, 4, 200])
+def test_gpu_no_sync_graph_and_compile(m):
+    n, k = 4097, 4096
+    wp, ws, mul = make_weight(n, k, "cuda")
+    bias = torch.randn(n, device="cuda").bfloat16()
+    x = make_x(m, k, torch.bfloat16, "cuda")
+    ref = ref_linear_f64(x, wp, ws, mul, bias)
+    K.nvfp4_linear(x, wp, ws, mul, bias)  # warm up (compiles the Triton kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = K.nvfp4_linear(x, wp, ws, mul, bias)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check(y, ref, torch.bfloat16, "no-sync")
+    # CUDA graph capture and replay on new data
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.nvfp4_linear(x, wp, ws, mul, bias)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = K.nvfp4_linear(x, wp, ws, mul, bias)
+    x.copy_(make_x(m, k, torch.bfloat16, "cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    check(yg, ref_linear_f64(x, wp, ws, mul, bias), torch.bfloat16, "graph replay")
+    f = torch.compile(lambda t: K.nvfp4_linear(t, wp, ws, mul, bias), fullgraph=True)
+    check(f(x), ref_linear_f64(x, wp, ws, mul, bias), torch.bfloat16, "torch.compile")
+
+
+@gpu
+@needs_cuda
+def test_blackwell_fp4():
+    from nvfp4_fix.kernels import blackwell
+
+    if not blackwell.available(torch.device("cuda")):
+        pytest.skip("needs compute capability >= 10.0 and torch.float4_e2m1fn_x2")
+    n, k, m = 4097, 4096, 33
+    wp, ws, mul = make_weight(n, k, "cuda")
+    ws = (ws.view(torch.uint8) & 0x7F).view(torch.float8_e4m3fn)  # cuBLAS block scales: positive
+    x = make_x(m, k, torch.bfloat16, "cuda")
+    in_mul = torch.tensor(x.float().abs().max().item() / (6 * 448), device="cuda")
+    xq, xs = blackwell.quantize_activations(x, in_mul)
+    xd = ref_weight_f64(xq, xs, in_mul)  # the fp4 activations, exactly
+    ref = xd @ ref_weight_f64(wp, ws, mul).t()
+    y = K.nvfp4_linear(x, wp, ws, mul, input_mul=in_mul)
+    check(y, ref, torch.bfloat16, "blackwell fp4")
+
+
+def test_tolerance_is_meaningful():
+    """A wrong nibble order must fail the tolerance: guards against a vacuous check."""
+    wp, ws, mul = make_weight(97, 272)
+    x = make_x(3, 272, torch.bfloat16)
+    swapped = ((wp & 15) << 4) | (wp >> 4)
+    y = kcpu.linear_chunked(x, swapped, ws, mul)
+    assert rel_err(y, ref_linear_f64(x, wp, ws, mul)) > 0.5
+    assert math.isfinite(rel_err(y, ref_linear_f64(x, wp, ws, mul)))
