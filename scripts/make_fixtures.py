@@ -336,6 +336,12 @@ def run_llmcompressor(name, arch, scheme, ignore, outdir: Path, era: str):
         # HFValidationError. Give it a local copy of the dense checkpoint to point at.
         model.save_pretrained(tmp)
         model.config.name_or_path = tmp
+        # transformers 5.17 save_pretrained turns config.dtype into the string "bfloat16" in
+        # place; llmcompressor 0.14 linearize_moe then passes that string to nn.Linear(dtype=...)
+        # (TypeError). Restore the torch.dtype. (load_quantizable_moe + from_pretrained, the
+        # documented route, fails here: transformers' patch mapping imports every model module,
+        # including image processors that need torchvision.)
+        model.config.dtype = torch.bfloat16
         # (it also re-reads that config.json on save: `resave_config`, as for a real hub model)
         oneshot(model=model, recipe=recipe, tokenizer=tok, **kw)
         quant = ref_logits(model)  # llmcompressor leaves the model in fake-quant (frozen) state

@@ -160,7 +160,9 @@ def versions() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--producer", required=True, choices=["llmcompressor", "modelopt"])
-    ap.add_argument("--scheme", required=True, help="llmcompressor: NVFP4A16|NVFP4; modelopt: W4A16_NVFP4|NVFP4")
+    ap.add_argument(
+        "--scheme", required=True, help="llmcompressor: NVFP4A16 | NVFP4; modelopt: W4A16_NVFP4 | NVFP4"
+    )
     ap.add_argument("--model", default="tests/fixtures/demo/bf16")
     ap.add_argument("--out", default=None)
     ap.add_argument("--heldout", default=None, help="evaluation text to keep out of calibration")

@@ -206,7 +206,6 @@ def test_w4a4_matches_compressed_tensors_own_forward(path: Path) -> None:
     with 4-bit activations a random tiny model amplifies bf16 rounding alone to ~0.1."""
     pytest.importorskip("compressed_tensors")
     import compressed_tensors
-    from transformers import AutoModelForCausalLM
 
     legacy = compressed_tensors.__version__.startswith("0.13")
     if legacy:
@@ -214,7 +213,15 @@ def test_w4a4_matches_compressed_tensors_own_forward(path: Path) -> None:
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         kw = {"torch_dtype" if legacy else "dtype": torch.bfloat16}
-        theirs = AutoModelForCausalLM.from_pretrained(path, **kw)
+        try:
+            theirs = model_class_for(path).from_pretrained(path, **kw)
+        except AttributeError as e:  # e.g. a transformers-5 LLaVA export in transformers 4.57
+            pytest.skip(f"compressed-tensors {compressed_tensors.__version__} cannot load it itself: {e}")
+        if legacy:  # transformers 4.57 cast the float32 global scales to bf16: put the real ones back
+            with safe_open(str(path / "model.safetensors"), "pt") as fh:
+                for k in fh.keys():
+                    if k.endswith("global_scale"):
+                        theirs.get_parameter(k).data = fh.get_tensor(k)
         hooks = [m.register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, (args[0], out)))
                  for n, m in theirs.named_modules() if hasattr(m, "input_global_scale")]  # fmt: skip
         logits(theirs, token_ids(path))
@@ -224,14 +231,11 @@ def test_w4a4_matches_compressed_tensors_own_forward(path: Path) -> None:
         if legacy:
             nvfp4_fix.remove_patch()
     assert len(seen) == len(inspect_checkpoint(path).quantized)
-    ours = from_pretrained(path, dtype=torch.bfloat16, activations="quantize")
-    # transformers 4.57 casts compressed-tensors' float32 global scales to the model dtype (bf16), so
-    # its own forward uses scales rounded to 8 bits; we keep float32 as the producer and vLLM do.
-    tol = 5e-2 if legacy else 1e-2
+    ours = from_pretrained(path, model_class_for(path), dtype=torch.bfloat16, activations="quantize")
     for name, (x, expected) in seen.items():
         layer = ours.get_submodule(name)
         with torch.no_grad():
             err = rel_err(layer(x), expected)
             layer.activation_mode = "bf16"
             err_plain = rel_err(layer(x), expected)
-        assert err < tol and err < err_plain / 2, (name, err, err_plain)
+        assert err < 1e-2 and err < err_plain / 3, (name, err, err_plain)

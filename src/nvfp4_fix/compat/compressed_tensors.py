@@ -213,7 +213,11 @@ def _apply_keep_weight_scale(cls: Any, saved: list) -> None:
         for name, value in model_state.items():
             # A scale whose weight is absent (CompressedLinear deleted it) was not re-emitted by
             # compress_weight, so _skip_scale() must not drop it.
-            if name.endswith("weight_scale") and name not in out and name[: -len("_scale")] not in model_state:
+            if (
+                name.endswith("weight_scale")
+                and name not in out
+                and name[: -len("_scale")] not in model_state
+            ):
                 out[name] = value.to(device)
         return out
 
@@ -293,7 +297,9 @@ def _apply_eager_pack_fp4(compiled: Any, saved: list) -> None:
     eager = compiled._torchdynamo_orig_callable
     # Swap every module-level reference (the defining module and the star re-exports).
     for name, mod in list(sys.modules.items()):
-        if (name == MODULE or name.startswith(MODULE + ".")) and vars(mod).get("pack_fp4_to_uint8") is compiled:
+        if (name == MODULE or name.startswith(MODULE + ".")) and vars(mod).get(
+            "pack_fp4_to_uint8"
+        ) is compiled:
             _swap(saved, mod, "pack_fp4_to_uint8", eager)
 
 
@@ -303,11 +309,13 @@ def _target_weight_dtype() -> Any:
     # 0.15+ keeps a stub whose from_linear raises; only the 0.9-0.14 class decompresses in forward.
     code = getattr(getattr(cls, "forward", None), "__code__", None)
     linear = cls if code is not None and "decompress_module" in code.co_names else None
-    mc = getattr(_module("compressed_tensors.compressors.model_compressors.model_compressor"),
-                 "ModelCompressor", None)
+    mc = getattr(
+        _module("compressed_tensors.compressors.model_compressors.model_compressor"), "ModelCompressor", None
+    )
     mc = mc if callable(getattr(mc, "decompress_model", None)) else None
-    fp4 = next((m for m in map(_module, _PACK_MODULES) if callable(getattr(m, "unpack_fp4_from_uint8", None))),
-               None)  # fmt: skip
+    fp4 = next(
+        (m for m in map(_module, _PACK_MODULES) if callable(getattr(m, "unpack_fp4_from_uint8", None))), None
+    )
     return (linear, mc, fp4) if linear is not None or mc is not None else None
 
 
@@ -339,9 +347,10 @@ def _apply_decompress_model_dtype(cls: Any, saved: list) -> None:
     original = cls.decompress_model
 
     def decompress_model(self: Any, model: Any) -> Any:
-        dtype = getattr(model, "dtype", None)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        dtype = getattr(getattr(emb, "weight", None), "dtype", None) or getattr(model, "dtype", None)
         result = original(self, model)
-        if dtype is not None and dtype.is_floating_point:
+        if dtype is not None and dtype.is_floating_point and dtype.itemsize > 1:
             # decompress_weight returns bfloat16: bring dense weights back to the model's dtype.
             for module in model.modules():
                 weight = module._parameters.get("weight") if hasattr(module, "quantization_scheme") else None
@@ -393,17 +402,37 @@ class _Fix:
 
 
 FIXES: tuple[_Fix, ...] = (
-    _Fix("keep_weight_scale", "BaseQuantizationCompressor._skip_scale / .compress",
-         _target_keep_weight_scale, _apply_keep_weight_scale),
-    _Fix("cast_fp8_scale", "quantization.lifecycle.forward._quantize / _dequantize",
-         _target_cast_fp8_scale, _apply_cast_fp8_scale),
-    _Fix("decompress_module_buffers", "BaseCompressor.decompress_module",
-         _target_decompress_module_buffers, _apply_decompress_module_buffers),
-    _Fix("eager_pack_fp4", "fp4_quantized.pack_fp4_to_uint8 (torch.compile'd)",
-         _target_eager_pack_fp4, _apply_eager_pack_fp4),
-    _Fix("weight_dtype", "CompressedLinear.forward / ModelCompressor.decompress_model",
-         _target_weight_dtype, _apply_weight_dtype),
-)  # fmt: skip
+    _Fix(
+        "keep_weight_scale",
+        "BaseQuantizationCompressor._skip_scale / .compress",
+        _target_keep_weight_scale,
+        _apply_keep_weight_scale,
+    ),
+    _Fix(
+        "cast_fp8_scale",
+        "quantization.lifecycle.forward._quantize / _dequantize",
+        _target_cast_fp8_scale,
+        _apply_cast_fp8_scale,
+    ),
+    _Fix(
+        "decompress_module_buffers",
+        "BaseCompressor.decompress_module",
+        _target_decompress_module_buffers,
+        _apply_decompress_module_buffers,
+    ),
+    _Fix(
+        "eager_pack_fp4",
+        "fp4_quantized.pack_fp4_to_uint8 (torch.compile'd)",
+        _target_eager_pack_fp4,
+        _apply_eager_pack_fp4,
+    ),
+    _Fix(
+        "weight_dtype",
+        "CompressedLinear.forward / ModelCompressor.decompress_model",
+        _target_weight_dtype,
+        _apply_weight_dtype,
+    ),
+)
 
 
 # ---- public API -----------------------------------------------------------------------------------
@@ -470,11 +499,19 @@ def status() -> list[FixRecord]:
             reason = "not applied"
         records.append(
             FixRecord(
-                name=fix.name, bug=bug.key, summary=bug.summary, target=fix.target, installed=ct,
-                affected=_range_text(bug), version_has_bug=has_bug, target_present=present,
-                needed=has_bug and present is not False, applied=applied, reason=reason,
+                name=fix.name,
+                bug=bug.key,
+                summary=bug.summary,
+                target=fix.target,
+                installed=ct,
+                affected=_range_text(bug),
+                version_has_bug=has_bug,
+                target_present=present,
+                needed=has_bug and present is not False,
+                applied=applied,
+                reason=reason,
             )
-        )  # fmt: skip
+        )
     return records
 
 
@@ -538,6 +575,10 @@ def low_memory_supported() -> bool | None:
     """Whether the installed CompressedLinear can run in low-memory mode (None: not imported yet)."""
     if not _imported():
         return None
-    return "weight_dtype" in _ORIGINALS and _target_weight_dtype() not in (None,) and any(
-        getattr(owner, "__name__", "") == "CompressedLinear" for owner, _, _ in _ORIGINALS["weight_dtype"]
+    return (
+        "weight_dtype" in _ORIGINALS
+        and _target_weight_dtype() not in (None,)
+        and any(
+            getattr(owner, "__name__", "") == "CompressedLinear" for owner, _, _ in _ORIGINALS["weight_dtype"]
+        )
     )

@@ -15,11 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import NVFP4Error
+
 PTH_NAME = "nvfp4_fix_startup.pth"
 HOOK_MODULE = "_nvfp4_fix_startup"
 
 
-class StartupHookError(RuntimeError):
+class StartupHookError(NVFP4Error, RuntimeError):
     """The start-up hook could not be written or removed."""
 
 

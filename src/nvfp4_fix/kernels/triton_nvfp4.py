@@ -253,6 +253,7 @@ def _dequant_kernel(
     mul_ptr,
     out_ptr,  # [rows, K] dense, row stride K
     row0,
+    rows,
     N,
     K,
     BN: tl.constexpr,
@@ -265,7 +266,7 @@ def _dequant_kernel(
     rk2 = pid_k * (BK // 2) + tl.arange(0, BK // 2)
     rkb = pid_k * (BK // 16) + tl.arange(0, BK // 16)
     rows = (row0 + rn).to(tl.int64)
-    nmask = (row0 + rn) < N
+    nmask = ((row0 + rn) < N) & (rn < rows)
     wb = tl.load(w_ptr + rows[:, None] * (K // 2) + rk2[None, :], mask=nmask[:, None] & (rk2 < K // 2)[None, :], other=0)
     sb = tl.load(s_ptr + rows[:, None] * (K // 16) + rkb[None, :], mask=nmask[:, None] & (rkb < K // 16)[None, :], other=0)
     wb = wb.to(tl.int32)

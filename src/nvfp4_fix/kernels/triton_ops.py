@@ -180,7 +180,7 @@ def dequantize_rows(wp, ws, mul, dtype, row0=0, rows=None, *, out=None):
     while bk > 16 and bk // 2 >= k:
         bk //= 2
     grid = (triton.cdiv(rows, bn), triton.cdiv(k, bk))
-    _dequant_kernel[grid](wp, s8, mul.reshape(()), out, row0, n, k, BN=bn, BK=bk, num_warps=4)
+    _dequant_kernel[grid](wp, s8, mul.reshape(()), out, row0, rows, n, k, BN=bn, BK=bk, num_warps=4)
     return out
 
 
