@@ -268,8 +268,12 @@ def main() -> None:
     ref = logits_on(ref_model, wins)
     results = {
         "heldout": {"chars": len(text), "tokens": sum(x.shape[1] for x in wins), "windows": len(wins)},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "numpy": np.__version__, "python": sys.version.split()[0]},  # fmt: skip
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+            "python": sys.version.split()[0],
+        },  # fmt: skip
         "models": {},
     }
     native = transformers.AutoModelForCausalLM.from_pretrained(str(bf16_dir), dtype=torch.bfloat16).eval()

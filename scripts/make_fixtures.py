@@ -449,6 +449,28 @@ def versions():
     return out
 
 
+def arch_details(arch: str) -> dict:
+    """What differs from MANIFEST["common"] for this arch (kept in sync with text_config/llava_config)."""
+    d = {
+        "llama": dict(model_type="llama", cls="LlamaForCausalLM", tie_word_embeddings=False),
+        "mistral": dict(model_type="mistral", cls="MistralForCausalLM", tie_word_embeddings=False,
+                        note="same tensors as llama (same shapes and seed)"),
+        "gemma": dict(model_type="gemma2", cls="Gemma2ForCausalLM", tie_word_embeddings=True,
+                      query_pre_attn_scalar=HEAD_DIM, sliding_window=128),
+        "qwen3": dict(model_type="qwen3", cls="Qwen3ForCausalLM", tie_word_embeddings=False),
+        "qwen3_moe": dict(model_type="qwen3_moe", cls="Qwen3MoeForCausalLM", tie_word_embeddings=False,
+                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                          decoder_sparse_step=1),
+        "llava": dict(model_type="llava", cls="LlavaForConditionalGeneration",
+                      text_config="llama as above", image_token_id=IMAGE_ID,
+                      vision_config=dict(model_type="clip_vision_model", hidden_size=128,
+                                         intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8),
+                      image_seq_length=16, processor="LlavaProcessor + CLIPImageProcessor(Pil) 32x32"),
+    }
+    return d[arch]
+
+
 def update_manifest(root: Path, entries: dict):
     path = root / "MANIFEST.json"
     data = json.loads(path.read_text()) if path.exists() else {}
@@ -463,6 +485,30 @@ def update_manifest(root: Path, entries: dict):
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+SHOW = ("layers.0.self_attn.o_proj.", "layers.0.mlp.down_proj.", "layers.0.mlp.experts.0.down_proj.",
+        "encoder.layers.0.mlp.fc1.")
+
+
+def check_layout(sf, keys) -> list[str]:
+    """Check the NVFP4 invariants of every packed linear; returns a list of problems."""
+    problems = []
+    for k in keys:
+        if k.endswith(".weight_packed"):
+            p, gname = k[: -len("weight_packed")], "weight_global_scale"
+        elif k.endswith(".weight") and sf.get_slice(k).get_dtype() == "U8":
+            p, gname = k[: -len("weight")], "weight_scale_2"
+        else:
+            continue
+        n, half_k = sf.get_slice(k).get_shape()
+        sc = sf.get_slice(p + "weight_scale")
+        if sc.get_dtype() != "F8_E4M3" or sc.get_shape() != [n, 2 * half_k // 16]:
+            problems.append(f"{p}weight_scale {sc.get_dtype()} {sc.get_shape()}")
+        g = sf.get_slice(p + gname)
+        if g.get_dtype() != "F32" or len(g.get_shape()) > 1 or (g.get_shape() and g.get_shape()[0] != 1):
+            problems.append(f"{p}{gname} {g.get_dtype()} {g.get_shape()}")
+    return problems
+
+
 def summarize(root: Path) -> str:
     from safetensors import safe_open
 
@@ -471,34 +517,39 @@ def summarize(root: Path) -> str:
         files = sorted(d.glob("*.safetensors"))
         if not files:
             continue
-        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-        lines.append(f"### {d.relative_to(root)}  ({size / 1e6:.2f} MB on disk)\n")
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        lines.append(f"### {d.relative_to(root)}  ({size / 1e6:.2f} MB incl. reference/)\n")
         cfg = json.loads((d / "config.json").read_text())
-        qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+        qc = cfg.get("quantization_config") or {}
         if qc:
+            ign = qc.get("ignore", qc.get("exclude_modules"))
             lines.append(f"- config.json quantization_config: quant_method={qc.get('quant_method')!r}, "
-                         f"format={qc.get('format')!r}, ignore/exclude={qc.get('ignore', qc.get('exclude_modules'))}")
+                         f"format={qc.get('format', qc.get('quant_algo'))!r}, ignore={ign}")
         if (d / "hf_quant_config.json").exists():
             hq = json.loads((d / "hf_quant_config.json").read_text()).get("quantization", {})
             lines.append(f"- hf_quant_config.json: quant_algo={hq.get('quant_algo')!r}, "
                          f"exclude_modules={hq.get('exclude_modules')}")
-        # one representative layer in full, then counts by suffix/dtype
-        rows, counts = [], {}
+        rows, counts, problems, nkeys = [], {}, [], 0
         for f in files:
             with safe_open(str(f), "pt") as sf:
-                for k in sorted(sf.keys()):
+                keys = sorted(sf.keys())
+                nkeys += len(keys)
+                problems += check_layout(sf, keys)
+                for k in keys:
                     sl = sf.get_slice(k)
                     dt, shp = sl.get_dtype(), sl.get_shape()
                     suffix = k.rsplit(".", 1)[-1]
-                    counts.setdefault((suffix, dt), 0)
-                    counts[(suffix, dt)] += 1
-                    if ".layers.0." in k or "layers.0." in k.split("language_model.")[-1][:10] or ".layers." not in k:
-                        rows.append(f"    {k:<72} {dt:<8} {shp}")
-        lines.append("- tensors (layer 0 and non-layer tensors):\n```")
-        lines.extend(r.strip("\n") for r in rows)
-        lines.append("```")
+                    counts[(suffix, dt)] = counts.get((suffix, dt), 0) + 1
+                    if any(s in k for s in SHOW) or ".layers." not in k:
+                        rows.append(f"{k:<66} {dt:<8} {shp}")
+        lines.append(f"- {nkeys} tensors; layout check (uint8 [N,K/2], F8_E4M3 [N,K/16], F32 global): "
+                     + ("OK" if not problems else "PROBLEMS: " + "; ".join(problems)))
         lines.append("- counts by suffix/dtype: " + ", ".join(
             f"{s}/{dt}: {n}" for (s, dt), n in sorted(counts.items())))
+        lines.append("- sample tensors (non-layer tensors, one attention and one MLP linear of layer 0):\n")
+        lines.append("```")
+        lines.extend(rows)
+        lines.append("```")
         lines.append("")
     return "\n".join(lines)
 
@@ -540,7 +591,8 @@ def main():
     failures = {}
     for name, spec in todo.items():
         outdir = root / args.era / name
-        cmd = f"python scripts/make_fixtures.py --era {args.era} --out {shlex.quote(str(args.out))} --only {name}"
+        cmd = (f"fixture-envs/{args.era}/bin/python scripts/make_fixtures.py --era {args.era} "
+               f"--out {shlex.quote(str(args.out))} --only {name}")
         t0 = time.time()
         print(f"=== {args.era}/{name} ===", flush=True)
         try:
@@ -564,10 +616,10 @@ def main():
             era=args.era, seed=SEED, path=f"{args.era}/{name}", versions=vers,
             env=f"fixture-envs/{args.era}", command=cmd,
             torchdynamo_disable=os.environ.get("TORCHDYNAMO_DISABLE") == "1",
-            seconds=round(time.time() - t0, 1),
+            model=arch_details(entry["arch"]),
         )
         update_manifest(root, {f"{args.era}/{name}": entry})
-        print(f"--- ok {args.era}/{name} in {entry['seconds']} s", flush=True)
+        print(f"--- ok {args.era}/{name} in {time.time() - t0:.1f} s", flush=True)
     if failures:
         print("FAILURES:", json.dumps(failures, indent=2))
         sys.exit(1)

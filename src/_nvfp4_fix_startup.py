@@ -6,11 +6,12 @@ When ``compressed_tensors`` is imported later, the finder lets the import finish
 to turn the hook off without uninstalling it.
 """
 
-from __future__ import annotations
-
 import os
 import sys
-from collections.abc import Callable
+
+TYPE_CHECKING = False  # not `from typing import ...`: nothing beyond os/sys is imported at start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 DISABLE_ENV = "NVFP4_FIX_DISABLE"
 TRIGGER = "compressed_tensors"
@@ -59,7 +60,7 @@ class _PostImportFinder:
 _FINDER = _PostImportFinder()
 
 
-def _call_quietly(callback: Callable[[], None]) -> None:
+def _call_quietly(callback: "Callable[[], None]") -> None:
     try:
         callback()
     except Exception as exc:  # a failed fix must not break the user's import
@@ -68,7 +69,7 @@ def _call_quietly(callback: Callable[[], None]) -> None:
         warnings.warn(f"nvfp4-fix: could not apply its fixes: {exc!r}", RuntimeWarning, stacklevel=2)
 
 
-def when_imported(name: str, callback: Callable[[], None]) -> bool:
+def when_imported(name: str, callback: "Callable[[], None]") -> bool:
     """Call ``callback`` once ``name`` (a top-level module) is imported; now if it already is.
 
     Returns True when it ran now, False when it waits for the import. A callback that is already
@@ -86,7 +87,7 @@ def when_imported(name: str, callback: Callable[[], None]) -> bool:
     return False
 
 
-def cancel(name: str, callback: Callable[[], None]) -> None:
+def cancel(name: str, callback: "Callable[[], None]") -> None:
     """Forget a callback that is still waiting for ``name``."""
     waiting = _FINDER.hooks.get(name, [])
     if callback in waiting:

@@ -84,26 +84,29 @@ def dense_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def reference_model(path: str | Path, model_class=None):
     """A float32 transformers model holding the independently dequantized weights.
 
-    AWQ ``pre_quant_scale`` is folded into the dense weight (W' = W * s along K), which is the same
-    function as scaling the input first.
+    The dense tensors are written to a temporary plain checkpoint and loaded by transformers itself,
+    so its own key renames (e.g. LLaVA's) apply. AWQ ``pre_quant_scale`` is folded into the dense
+    weight (W' = W * s along K), the same function as scaling the input first.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = model_class.from_config(config, torch_dtype=torch.float32)
+    path = Path(path)
     sd = dense_state_dict(path)
     for k in [k for k in sd if k.endswith(".pre_quant_scale")]:
         pre = k[: -len(".pre_quant_scale")]
         sd[pre + ".weight"] = sd[pre + ".weight"] * sd.pop(k)[None, :]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    real_missing = [m for m in missing if m not in tied and "rotary" not in m]
-    assert not real_missing, f"reference model misses {real_missing[:5]}"
-    assert not unexpected, f"reference model does not know {unexpected[:5]}"
-    model.tie_weights()
+    config = json.loads((path / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = config["dtype"] = "float32"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(tmp) / "model.safetensors"),
+                  metadata={"format": "pt"})  # fmt: skip
+        model = model_class.from_pretrained(tmp, torch_dtype=torch.float32)
     return model.eval()
 
 

@@ -14,27 +14,52 @@ LLAMA_70B = {"layers": 80, "hidden": 8192, "intermediate": 28672, "heads": 64, "
 DTYPE_BYTES = {"U8": 1, "F8_E4M3": 1, "F32": 4, "BF16": 2}
 
 
-def llama_config(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> dict[str, Any]:
+def llama_config(
+    layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int
+) -> dict[str, Any]:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": hidden // heads, "vocab_size": vocab, "hidden_act": "silu",
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
-    }  # fmt: skip
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
 
 
-def nvfp4_tensors(layout: str, w4a4: bool, layers: int, hidden: int, intermediate: int, heads: int,
-                  kv_heads: int, vocab: int) -> list[tuple[str, str, list[int]]]:  # fmt: skip
+def nvfp4_tensors(
+    layout: str,
+    w4a4: bool,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+) -> list[tuple[str, str, list[int]]]:
     """(name, dtype, shape) of every tensor of a Llama-shaped NVFP4 checkpoint, in file order."""
     head_dim = hidden // heads
     out: list[tuple[str, str, list[int]]] = [("model.embed_tokens.weight", "BF16", [vocab, hidden])]
     projs = {
-        "self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
-        "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
-        "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (intermediate, hidden),
+        "mlp.up_proj": (intermediate, hidden),
         "mlp.down_proj": (hidden, intermediate),
-    }  # fmt: skip
+    }
     ct = layout == CT
     scalar = [1] if ct else []
     for i in range(layers):
@@ -71,8 +96,9 @@ def write_sparse_shard(path: Path, tensors: list[tuple[str, str, list[int]]]) ->
     return 8 + len(raw) + offset
 
 
-def write_sparse_checkpoint(folder: Path, layout: str = CT, w4a4: bool = False, shard_bytes: int = 5 * 10**9,
-                            **shape: int) -> Path:  # fmt: skip
+def write_sparse_checkpoint(
+    folder: Path, layout: str = CT, w4a4: bool = False, shard_bytes: int = 5 * 10**9, **shape: int
+) -> Path:
     """A Llama-shaped NVFP4 checkpoint (default Llama-3-70B) with sparse shards and a real index."""
     from nvfp4_fix.writer import ct_quantization_config, modelopt_quant_config
 
@@ -102,7 +128,8 @@ def write_sparse_checkpoint(folder: Path, layout: str = CT, w4a4: bool = False, 
             n *= d
         total += n
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config = llama_config(**dims)
     if layout == CT:
         config["quantization_config"] = ct_quantization_config(["lm_head"], w4a4)
@@ -112,15 +139,27 @@ def write_sparse_checkpoint(folder: Path, layout: str = CT, w4a4: bool = False, 
     return folder
 
 
-def tiny_model(seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2, vocab: int = 256) -> Any:
+def tiny_model(
+    seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2, vocab: int = 256
+) -> Any:
     """A random bf16 LlamaForCausalLM small enough for the tests."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     cfg.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     with torch.no_grad():
@@ -138,7 +177,8 @@ def write_tokenizer(folder: Path, vocab: int = 256) -> None:
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(vocab - 4)]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.chat_template = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
     fast.save_pretrained(str(folder))

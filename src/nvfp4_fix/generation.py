@@ -115,12 +115,31 @@ def _cache_lengths(cache: Any) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 # sampling, on the device, without torch.multinomial
 # ------------------------------------------------------------------------------------------------
+def warp_logits(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """float32 scores [B, V] after temperature, top-k and top-p, as transformers' warpers (in that
+    order): removed tokens are -inf. Static shapes, no host sync."""
+    scores = logits.float() / temperature
+    if top_k:
+        k = min(int(top_k), scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1.0 - top_p)
+        remove[..., -1:] = False  # keep at least one token
+        scores = scores.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return scores
+
+
 def make_sampler(
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """logits [B, V] -> token ids [B] (int64). temperature 0 (or None) is greedy (argmax, first max on
-    ties, as transformers). Otherwise temperature, then top-k, then top-p, as transformers' warpers,
-    and an exact sample by the exponential race argmax(p / E), E ~ Exp(1): no host sync, graph-safe."""
+    ties, as transformers). Otherwise :func:`warp_logits`, then an exact sample by the exponential
+    race argmax(p / E), E ~ Exp(1) i.i.d.: no torch.multinomial, no host sync, graph-safe."""
     if not temperature or temperature <= 0:
         return lambda logits: torch.argmax(logits, dim=-1)
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -129,18 +148,7 @@ def make_sampler(
         raise ValueError(f"top_k must be >= 0, got {top_k}")
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        scores = logits.float() / temperature
-        if top_k:
-            k = min(int(top_k), scores.shape[-1])
-            kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
-            cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            remove = cum <= (1.0 - top_p)
-            remove[..., -1:] = False  # keep at least one token
-            scores = scores.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(warp_logits(logits, temperature, top_k, top_p), dim=-1)
         race = torch.empty_like(probs).exponential_(1.0).clamp_min_(1e-30)
         return torch.argmax(probs / race, dim=-1)
 
@@ -458,6 +466,7 @@ def generate(
                 stats["capture_s"] = runner.capture_s
             except Exception as e:  # noqa: BLE001 - any capture failure: keep going without a graph
                 runner.capture_failed = True
+                runner._forward = runner._decode_forward  # a torch.compile failure must not recur
                 with contextlib.suppress(Exception):
                     torch.cuda.synchronize(device)
                 runner._restore(saved)

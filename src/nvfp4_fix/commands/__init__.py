@@ -64,8 +64,9 @@ def register(subparsers: Any) -> None:
     """Add every subcommand of this package to an argparse subparsers object."""
     for name, module in COMMANDS.items():
         mod = importlib.import_module(f".{module}", __name__)
-        p = subparsers.add_parser(name, help=mod.HELP, description=mod.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p = subparsers.add_parser(
+            name, help=mod.HELP, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         mod.add_arguments(p)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=functools.partial(run_command, mod.run))

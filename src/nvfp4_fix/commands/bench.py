@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from typing import Any
 
@@ -20,8 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
 
 
-def bench(path: str, device: str = "cpu", dtype: str = "auto", prompt_tokens: int = 128, new_tokens: int = 32,
-          batch: int = 1) -> dict[str, Any]:  # fmt: skip
+def bench(
+    path: str,
+    device: str = "cpu",
+    dtype: str = "auto",
+    prompt_tokens: int = 128,
+    new_tokens: int = 32,
+    batch: int = 1,
+) -> dict[str, Any]:
     import torch
 
     from ..tools import runtime
@@ -31,6 +38,8 @@ def bench(path: str, device: str = "cpu", dtype: str = "auto", prompt_tokens: in
         raise NVFP4Error("--prompt-tokens, --new-tokens and --batch must be at least 1")
     model, info, load_s = runtime.load(path, device, dtype)
     vocab = int(model.config.get_text_config().vocab_size)
+    # transformers >= 5.24 renamed past_key_values to cache (the old name warns until 5.40)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=gen).to(device)
     with torch.no_grad():
@@ -41,36 +50,51 @@ def bench(path: str, device: str = "cpu", dtype: str = "auto", prompt_tokens: in
         out = model(input_ids=ids, use_cache=True)
         runtime.sync(device)
         t1 = time.perf_counter()
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{cache_kw: _cache(out)})
         runtime.sync(device)
         t2 = time.perf_counter()
     peak, what = runtime.peak_memory(device)
     return {
-        "path": str(info.path), "format": info.format, "scheme": info.scheme, "device": device,
-        "dtype": str(model.dtype).removeprefix("torch."), "batch": batch, "load_seconds": load_s,
+        "path": str(info.path),
+        "format": info.format,
+        "scheme": info.scheme,
+        "device": device,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "batch": batch,
+        "load_seconds": load_s,
         "prefill": {"tokens": batch * prompt_tokens, "seconds": t1 - t0},
         "decode": {"tokens": batch * new_tokens, "seconds": t2 - t1},
-        "weights_bytes": runtime.weight_bytes(model), "bf16_bytes": memory(info)["bf16"],
-        "peak_bytes": peak, "peak_what": what,
-    }  # fmt: skip
+        "weights_bytes": runtime.weight_bytes(model),
+        "bf16_bytes": memory(info)["bf16"],
+        "peak_bytes": peak,
+        "peak_what": what,
+    }
+
+
+def _cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def render(r: dict[str, Any]) -> str:
     from ..tools.analysis import human
 
     lines = [
-        f"bench {r['path']} ({r['format']}, {r['scheme']}) on {r['device']}, {r['dtype']}, batch {r['batch']}",
+        f"bench {r['path']} ({r['format']}, {r['scheme']}) on {r['device']}, {r['dtype']}, "
+        f"batch {r['batch']}",
         "| phase   | tokens | seconds |    tok/s |",
         "|---------|-------:|--------:|---------:|",
     ]
     for phase in ("prefill", "decode"):
         p = r[phase]
-        lines.append(f"| {phase:<7} | {p['tokens']:>6} | {p['seconds']:>7.3f} | {p['tokens'] / p['seconds']:>8.1f} |")
-    lines.append(f"weights in memory {human(r['weights_bytes'])} (as bf16 {human(r['bf16_bytes'])}); "
-                 f"{r['peak_what']} {human(r['peak_bytes'])}; load {r['load_seconds']:.1f} s")  # fmt: skip
+        lines.append(
+            f"| {phase:<7} | {p['tokens']:>6} | {p['seconds']:>7.3f} | {p['tokens'] / p['seconds']:>8.1f} |"
+        )
+    lines.append(
+        f"weights in memory {human(r['weights_bytes'])} (as bf16 {human(r['bf16_bytes'])}); "
+        f"{r['peak_what']} {human(r['peak_bytes'])}; load {r['load_seconds']:.1f} s"
+    )
     return "\n".join(lines)
 
 

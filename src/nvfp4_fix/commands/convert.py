@@ -22,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from ..tools.rewrite import convert_checkpoint
 
     r = convert_checkpoint(args.path, args.out, args.to, args.force)
-    print(f"wrote {r['out']}: {r['layers']} NVFP4 layers in the {r['to']} layout, {len(r['files'])} shard(s); "
-          f"copied {', '.join(r['copied']) or 'no side files'}")  # fmt: skip
+    print(
+        f"wrote {r['out']}: {r['layers']} NVFP4 layers in the {r['to']} layout, {len(r['files'])} shard(s); "
+        f"copied {', '.join(r['copied']) or 'no side files'}"
+    )
     return 0

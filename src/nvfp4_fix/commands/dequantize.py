@@ -21,8 +21,10 @@ def run(args: argparse.Namespace) -> int:
     from ..tools.rewrite import dequantize_checkpoint
 
     r = dequantize_checkpoint(args.path, args.out, args.dtype, args.force)
-    print(f"wrote {r['out']}: {r['layers']} layers dequantized to {args.dtype}, {len(r['files'])} shard(s); "
-          f"copied {', '.join(r['copied']) or 'no side files'}")  # fmt: skip
+    print(
+        f"wrote {r['out']}: {r['layers']} layers dequantized to {args.dtype}, {len(r['files'])} shard(s); "
+        f"copied {', '.join(r['copied']) or 'no side files'}"
+    )
     if r["dropped_activation_quantization"]:
         print("note: the checkpoint is W4A4; the dense copy runs activations unquantized")
     return 0

@@ -1,9 +1,9 @@
 """Generate text from an NVFP4 checkpoint loaded packed, streaming it as it comes (the tokenizer's chat
 template is used when it has one), then print decode tok/s, time to first token and peak memory.
 
---fast hands generation to ``nvfp4_fix.generation.generate(model, input_ids=..., attention_mask=...,
-max_new_tokens=..., streamer=..., **sampling)`` (same contract as ``model.generate``) when that module
-is installed: the static-cache / CUDA-graph path."""
+--fast hands generation to ``nvfp4_fix.generation.generate(model, input_ids, max_new_tokens,
+temperature=, top_k=, top_p=, streamer=, pad_token_id=)`` (static KV cache, decode step captured in a
+CUDA graph; it falls back to ``model.generate`` where it cannot capture, e.g. on the CPU)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
-    p.add_argument("--fast", action="store_true", help=f"use {FAST_MODULE}.generate (static cache, CUDA graphs)")
+    p.add_argument(
+        "--fast", action="store_true", help=f"use {FAST_MODULE}.generate (static cache, CUDA graphs)"
+    )
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,10 +47,27 @@ def sampling(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def fast_sampling(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """temperature/top_k/top_p for nvfp4_fix.generation.generate (temperature 0 = greedy)."""
+    s = sampling(args)
+    if not s:  # the checkpoint's generation_config decides, as model.generate would
+        gc = getattr(model, "generation_config", None)
+        if gc is None or not getattr(gc, "do_sample", False):
+            return {"temperature": 0}
+        s = {"temperature": gc.temperature or 1.0, "top_k": gc.top_k, "top_p": gc.top_p}
+    if not s.pop("do_sample", False):
+        return {"temperature": 0}
+    return {"temperature": s.get("temperature", 1.0), "top_k": s.get("top_k"), "top_p": s.get("top_p")}
+
+
 def encode(tok: Any, prompt: str, chat: bool) -> dict[str, Any]:
     if chat and getattr(tok, "chat_template", None):
-        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)  # fmt: skip
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
     else:
         enc = tok(prompt, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask")}
@@ -95,27 +114,49 @@ def run(args: argparse.Namespace) -> int:
     model, info, load_s = runtime.load(args.path, args.device, args.dtype)
     tok = runtime.tokenizer(info.path)
     if tok is None:
-        raise NVFP4Error(f"{info.path}: no tokenizer (tokenizer.json / tokenizer_config.json) to encode the prompt")
-    inputs = {k: v.to(args.device) for k, v in encode(tok, args.prompt, not args.no_chat_template).items()
-              if v is not None}  # fmt: skip
+        raise NVFP4Error(
+            f"{info.path}: no tokenizer (tokenizer.json / tokenizer_config.json) to encode the prompt"
+        )
+    inputs = {
+        k: v.to(args.device)
+        for k, v in encode(tok, args.prompt, not args.no_chat_template).items()
+        if v is not None
+    }
     streamer = make_streamer(tok)
-    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling(args))
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
-        kwargs["pad_token_id"] = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     runtime.reset_peak(args.device)
     start = time.perf_counter()
     with torch.no_grad():
         if fast is None:
-            model.generate(**inputs, **kwargs)
+            model.generate(
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                streamer=streamer,
+                pad_token_id=pad,
+                **sampling(args),
+            )
         else:
-            fast(model, **inputs, **kwargs)
+            fast(
+                model,
+                inputs["input_ids"],
+                args.max_new_tokens,
+                streamer=streamer,
+                pad_token_id=pad,
+                **fast_sampling(args, model),
+            )
     runtime.sync(args.device)
     end = time.perf_counter()
     peak, what = runtime.peak_memory(args.device)
     n = streamer.count
     ttft = (streamer.first - start) if streamer.first else float("nan")
-    decode = (n - 1) / (streamer.last - streamer.first) if n > 1 and streamer.last and streamer.last > streamer.first else 0.0
+    decode = (
+        (n - 1) / (streamer.last - streamer.first)
+        if n > 1 and streamer.last and streamer.last > streamer.first
+        else 0.0
+    )
     print()
-    print(f"--- {n} tokens in {end - start:.2f} s (load {load_s:.1f} s): {decode:.1f} tok/s decode, "
-          f"time to first token {ttft:.3f} s, {what} {human(peak)} ({args.device})")  # fmt: skip
+    print(
+        f"--- {n} tokens in {end - start:.2f} s (load {load_s:.1f} s): {decode:.1f} tok/s decode, "
+        f"time to first token {ttft:.3f} s, {what} {human(peak)} ({args.device})"
+    )
     return 0

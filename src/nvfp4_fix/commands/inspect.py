@@ -53,17 +53,22 @@ def render(rep: dict[str, Any]) -> str:
         f"  format     {rep['format_name']}{algo}",
         f"  scheme     {scheme}: {SCHEMES.get(base, base)}{awq}",
         f"  producer   {rep['producer']} {rep['producer_version'] or '(version unknown)'}",
-        f"  model      {rep['architecture']} ({rep['model_type']}), {rep['layers']} layers, hidden {rep['hidden_size']}",
+        f"  model      {rep['architecture']} ({rep['model_type']}), {rep['layers']} layers, "
+        f"hidden {rep['hidden_size']}",
         f"  quantized  {rep['quantized_count']} layers in {len(rep['quantized'])} patterns:",
     ]
     width = max((len(q["pattern"]) for q in rep["quantized"]), default=0)
     for q in rep["quantized"]:
-        extra = "".join([
-            f" x{q['experts']} experts" if q["experts"] else "",
-            " +input scale" if q["input_scale"] else "",
-            " +pre_quant_scale" if q["pre_quant_scale"] else "",
-        ])  # fmt: skip
-        lines.append(f"             {q['pattern']:<{width}}  x{q['count']:<4} {', '.join(q['shapes'])}{extra}")
+        extra = "".join(
+            [
+                f" x{q['experts']} experts" if q["experts"] else "",
+                " +input scale" if q["input_scale"] else "",
+                " +pre_quant_scale" if q["pre_quant_scale"] else "",
+            ]
+        )
+        lines.append(
+            f"             {q['pattern']:<{width}}  x{q['count']:<4} {', '.join(q['shapes'])}{extra}"
+        )
     excl = ", ".join(rep["excluded"]) or "(none listed)"
     unq = ", ".join(f"{u['pattern']} x{u['count']}" for u in rep["unquantized"]) or "(none)"
     t = rep["tensors"]
@@ -73,7 +78,8 @@ def render(rep: dict[str, Any]) -> str:
         f"  excluded   config: {excl}",
         f"             unquantized 2-D weights: {unq}",
         f"  tensors    {t['count']} in {len(t['files'])} file{'s' if len(t['files']) != 1 else ''}: {dtypes}",
-        f"  memory     on disk {human(m['disk'])}; loaded packed {human(m['packed'])}; as bf16 {human(m['bf16'])}"
+        f"  memory     on disk {human(m['disk'])}; loaded packed {human(m['packed'])}; "
+        f"as bf16 {human(m['bf16'])}"
         f" (x{m['bf16'] / max(m['packed'], 1):.1f})",
         "  runtimes",
     ]
@@ -87,7 +93,9 @@ def render(rep: dict[str, Any]) -> str:
     else:
         lines.append("  checks     OK: tensor dtypes and shapes match the format and config.json")
     if "scan" in rep:
-        lines += ["  scan       " + s.strip() if i == 0 else "  " + s for i, s in enumerate(scan_lines(rep["scan"]))]
+        lines += [
+            "  scan       " + s.strip() if i == 0 else "  " + s for i, s in enumerate(scan_lines(rep["scan"]))
+        ]
     return "\n".join(lines)
 
 

@@ -23,17 +23,21 @@ def card(rep: dict[str, Any], name: str) -> str:
     w4a4 = scheme.startswith("W4A4")
     awq = scheme.endswith("AWQ")
     what = ("weights and activations in NVFP4 (W4A4)" if w4a4 else "weight-only NVFP4 (W4A16)") + (
-        ", with AWQ pre-quantization scales" if awq else "")
-    layout = ("the compressed-tensors `nvfp4-pack-quantized` layout" if ct
-              else f"the NVIDIA ModelOpt layout (`hf_quant_config.json`, `{rep['quant_algo']}`)")  # fmt: skip
+        ", with AWQ pre-quantization scales" if awq else ""
+    )
+    layout = (
+        "the compressed-tensors `nvfp4-pack-quantized` layout"
+        if ct
+        else f"the NVIDIA ModelOpt layout (`hf_quant_config.json`, `{rep['quant_algo']}`)"
+    )
     mem = rep["memory"]
     arch = rep["architecture"] or ""
     auto = "AutoModelForImageTextToText" if "ConditionalGeneration" in arch else "AutoModelForCausalLM"
     out = [
         "## How to load",
         "",
-        f"This checkpoint is NVFP4 (4-bit E2M1 weights with an FP8 scale per 16 values and one FP32 scale per "
-        f"tensor) in {layout}: {what}, {rep['quantized_count']} quantized linear layers. "
+        "This checkpoint is NVFP4 (4-bit E2M1 weights with an FP8 scale per 16 values and one FP32 scale "
+        f"per tensor) in {layout}: {what}, {rep['quantized_count']} quantized linear layers. "
         f"Size: {human(mem['disk'])} on disk, {human(mem['packed'])} in memory with packed layers, "
         f"about {human(mem['bf16'])} as bf16.",
         "",
@@ -60,18 +64,25 @@ def card(rep: dict[str, Any], name: str) -> str:
     if ct:
         out += [
             "With `compressed-tensors >= 0.14` installed, `AutoModelForCausalLM.from_pretrained` loads this "
-            f"checkpoint, but decompresses every layer to bf16 on the first forward (about {human(mem['bf16'])}"
-            " instead of " + human(mem["packed"]) + ")"
+            "checkpoint, but decompresses every layer to bf16 on the first forward "
+            f"(about {human(mem['bf16'])}"
+            " instead of "
+            + human(mem["packed"])
+            + ")"
             + (", and `dequantize=True` drops the W4A4 activation quantization" if w4a4 else "")
             + ". With compressed-tensors 0.13.x the first forward raises `KeyError: 'weight_scale'` "
             "unless nvfp4-fix's `apply_patch()` runs first.",
         ]
     else:
         out += [
-            "Transformers has no ModelOpt quantizer and compressed-tensors does not read this layout, so plain "
-            "transformers cannot load it; use nvfp4-fix (above) or vLLM (below)."
-            + ("" if awq else " `nvfp4-fix convert PATH OUT --to compressed-tensors` writes a copy that "
-               "compressed-tensors reads."),
+            "Transformers has no ModelOpt quantizer and compressed-tensors does not read this layout, so "
+            "plain transformers cannot load it; use nvfp4-fix (above) or vLLM (below)."
+            + (
+                ""
+                if awq
+                else " `nvfp4-fix convert PATH OUT --to compressed-tensors` writes a copy that "
+                "compressed-tensors reads."
+            ),
         ]
     out += [
         "",
@@ -97,8 +108,10 @@ def card(rep: dict[str, Any], name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import inspect_checkpoint
-    from ..tools.analysis import report
+    from ..tools.analysis import report, require_consistent
 
-    rep = report(inspect_checkpoint(args.path))
+    info = inspect_checkpoint(args.path)
+    rep = report(info)
+    require_consistent(info)
     print(card(rep, args.name or args.path))
     return 0

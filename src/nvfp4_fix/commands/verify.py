@@ -49,7 +49,9 @@ def reference_weight(tensors: dict[str, Any], prefix: str, info: CheckpointInfo)
     codes = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     scale = tensors[prefix + ".weight_scale"].to(torch.float64)
     w = e2m1_float64(codes) * scale.repeat_interleave(16, dim=-1)
-    glob = tensors[prefix + (".weight_global_scale" if ct else ".weight_scale_2")].to(torch.float64).reshape(())
+    glob = (
+        tensors[prefix + (".weight_global_scale" if ct else ".weight_scale_2")].to(torch.float64).reshape(())
+    )
     return w / glob if ct else w * glob
 
 
@@ -103,27 +105,34 @@ def sample(prefixes: list[str], everything: bool) -> list[str]:
     return picked
 
 
-def verify(path: str, device: str = "cpu", dtype: str = "auto", everything: bool = False,
-           seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def verify(
+    path: str, device: str = "cpu", dtype: str = "auto", everything: bool = False, seed: int = 0
+) -> dict[str, Any]:
     import torch
     from safetensors import safe_open
 
     from ..tools import progress, runtime
 
     model, info, load_s = runtime.load(path, device, dtype)
-    mdtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float8_e4m3fn)
+    mdtype = next(
+        p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float8_e4m3fn
+    )
     tol = TOLERANCE.get(str(mdtype), 1e-2)
     names = _module_names(model, list(info.quantized))
     modules = dict(model.named_modules())
     failures: list[str] = []
     missing = [p for p in info.quantized if p not in names]
     if missing:
-        failures.append(f"{len(missing)} quantized layers have no packed NVFP4Linear in the model, e.g. {missing[0]}")
+        failures.append(
+            f"{len(missing)} quantized layers have no packed NVFP4Linear in the model, e.g. {missing[0]}"
+        )
     not_packed = [
-        n for n in names.values()
-        if modules[n].packed.dtype != torch.uint8 or modules[n].weight_scale.dtype != torch.float8_e4m3fn
+        n
+        for n in names.values()
+        if modules[n].packed.dtype != torch.uint8
+        or modules[n].weight_scale.dtype != torch.float8_e4m3fn
         or modules[n].dense_weight is not None
-    ]  # fmt: skip
+    ]
     if not_packed:
         failures.append(f"{len(not_packed)} layers are not packed (uint8 + e4m3), e.g. {not_packed[0]}")
     gen = torch.Generator().manual_seed(seed)
@@ -157,25 +166,40 @@ def verify(path: str, device: str = "cpu", dtype: str = "auto", everything: bool
                     y = mod(x.to(mod.packed.device)).detach().cpu().to(torch.float64)
                     ref = xin @ w.t() + bias
                     err = float((y - ref).norm() / ref.norm().clamp(min=1e-30))
-                    kind = prefix.rpartition(".")[2] + ("" if what == "weights" else " (activations quantized)")
-                    entry = worst.setdefault(kind, {"layers": 0, "error": 0.0, "tolerance": limit, "where": prefix})
+                    kind = prefix.rpartition(".")[2] + (
+                        "" if what == "weights" else " (activations quantized)"
+                    )
+                    entry = worst.setdefault(
+                        kind, {"layers": 0, "error": 0.0, "tolerance": limit, "where": prefix}
+                    )
                     entry["layers"] += 1
                     if not err <= entry["error"]:
                         entry.update(error=err, where=prefix)
                     if not err <= limit:
-                        failures.append(f"{prefix}: {what} output differs from the float64 reference "
-                                        f"(relative error {err:.3g} > {limit:g})")  # fmt: skip
+                        failures.append(
+                            f"{prefix}: {what} output differs from the float64 reference "
+                            f"(relative error {err:.3g} > {limit:g})"
+                        )
             finally:
                 mod.activation_mode = saved
     forward = _forward(model, info, device)
     if not forward["finite"]:
         failures.append("the forward pass produced non-finite logits")
     return {
-        "path": str(info.path), "format": info.format, "scheme": info.scheme, "device": device,
-        "dtype": str(mdtype).removeprefix("torch."), "load_seconds": load_s,
-        "quantized": len(info.quantized), "packed": len(names) - len(not_packed), "sampled": len(picked),
-        "layer_types": worst, "forward": forward, "failures": failures, "passed": not failures,
-    }  # fmt: skip
+        "path": str(info.path),
+        "format": info.format,
+        "scheme": info.scheme,
+        "device": device,
+        "dtype": str(mdtype).removeprefix("torch."),
+        "load_seconds": load_s,
+        "quantized": len(info.quantized),
+        "packed": len(names) - len(not_packed),
+        "sampled": len(picked),
+        "layer_types": worst,
+        "forward": forward,
+        "failures": failures,
+        "passed": not failures,
+    }
 
 
 def _forward(model: Any, info: CheckpointInfo, device: str) -> dict[str, Any]:
@@ -193,8 +217,11 @@ def _forward(model: Any, info: CheckpointInfo, device: str) -> dict[str, Any]:
     with torch.no_grad():
         logits = model(input_ids=ids.to(device)).logits
     runtime.sync(device)
-    return {"shape": list(logits.shape), "finite": bool(torch.isfinite(logits).all()),
-            "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "shape": list(logits.shape),
+        "finite": bool(torch.isfinite(logits).all()),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def render(r: dict[str, Any]) -> str:
@@ -202,16 +229,20 @@ def render(r: dict[str, Any]) -> str:
     lines = [
         f"verify {r['path']} ({r['format']}, {r['scheme']}) on {r['device']}, {r['dtype']}, loaded in "
         f"{r['load_seconds']:.1f} s",
-        f"  packed    {r['packed']}/{r['quantized']} NVFP4 layers stayed packed (uint8 codes, e4m3 scales): {ok}",
-        f"  compared  {r['sampled']} layers with a float64 dequantization of the checkpoint (4 random inputs each)",
+        f"  packed    {r['packed']}/{r['quantized']} NVFP4 layers stayed packed (uint8 codes, e4m3 "
+        f"scales): {ok}",
+        f"  compared  {r['sampled']} layers with a float64 dequantization of the checkpoint "
+        "(4 random inputs each)",
         f"  {'layer type':<36} {'layers':>6}  {'worst rel. error':>16}  {'tolerance':>9}",
     ]
     for kind, e in sorted(r["layer_types"].items()):
         status = "OK" if e["error"] <= e["tolerance"] else "FAILED"
         lines.append(f"  {kind:<36} {e['layers']:>6}  {e['error']:>16.2e}  {e['tolerance']:>9.0e}  {status}")
     f = r["forward"]
-    lines.append(f"  forward   logits {f['shape']} {'finite' if f['finite'] else 'NOT finite'} "
-                 f"in {f['seconds']:.2f} s: {'OK' if f['finite'] else 'FAILED'}")  # fmt: skip
+    lines.append(
+        f"  forward   logits {f['shape']} {'finite' if f['finite'] else 'NOT finite'} "
+        f"in {f['seconds']:.2f} s: {'OK' if f['finite'] else 'FAILED'}"
+    )
     lines += [f"  failure: {x}" for x in r["failures"]]
     lines.append("PASS" if r["passed"] else "FAIL")
     return "\n".join(lines)

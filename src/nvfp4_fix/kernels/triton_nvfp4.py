@@ -93,7 +93,7 @@ def _gemv_kernel(
     words_per_split,  # multiple of BKW
     BN: tl.constexpr,
     BKW: tl.constexpr,  # words per row per iteration (even)
-    SPLIT: tl.constexpr,
+    USE_WS: tl.constexpr,  # split-K: write fp32 partials [split, M, N]
     EVEN_K: tl.constexpr,
     DEQ: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -139,7 +139,7 @@ def _gemv_kernel(
         y = y * EPI_F16
     y = y * tl.load(mul_ptr)
     nmask = rn < N
-    if SPLIT == 1:
+    if not USE_WS:
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
@@ -149,7 +149,7 @@ def _gemv_kernel(
 
 @triton.jit
 def _splitk_reduce_kernel(
-    ws_ptr, y_ptr, b_ptr, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr
+    ws_ptr, y_ptr, b_ptr, M, N, stride_ym, SPLIT, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr
 ):
     """y[m, n] = sum_s ws[s, m, n] (+ bias[n]), cast to y's dtype."""
     pid = tl.program_id(0)
@@ -157,7 +157,7 @@ def _splitk_reduce_kernel(
     mn = M * N
     mask = offs < mn
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
+    for s in range(SPLIT):
         acc += tl.load(ws_ptr + s * mn + offs, mask=mask, other=0.0)
     row = offs // N
     col = offs % N
@@ -183,7 +183,7 @@ def _mm_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    USE_WS: tl.constexpr,  # split-K: write fp32 partials [split, M, N]
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -236,7 +236,7 @@ def _mm_kernel(
             acc = tl.dot(xt, tl.trans(w), acc)
     acc = acc * tl.load(mul_ptr)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    if SPLIT == 1:
+    if not USE_WS:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -265,10 +265,10 @@ def _dequant_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     rk2 = pid_k * (BK // 2) + tl.arange(0, BK // 2)
     rkb = pid_k * (BK // 16) + tl.arange(0, BK // 16)
-    rows = (row0 + rn).to(tl.int64)
+    src = (row0 + rn).to(tl.int64)
     nmask = ((row0 + rn) < N) & (rn < rows)
-    wb = tl.load(w_ptr + rows[:, None] * (K // 2) + rk2[None, :], mask=nmask[:, None] & (rk2 < K // 2)[None, :], other=0)
-    sb = tl.load(s_ptr + rows[:, None] * (K // 16) + rkb[None, :], mask=nmask[:, None] & (rkb < K // 16)[None, :], other=0)
+    wb = tl.load(w_ptr + src[:, None] * (K // 2) + rk2[None, :], mask=nmask[:, None] & (rk2 < K // 2)[None, :], other=0)
+    sb = tl.load(s_ptr + src[:, None] * (K // 16) + rkb[None, :], mask=nmask[:, None] & (rkb < K // 16)[None, :], other=0)
     wb = wb.to(tl.int32)
     lo = _e2m1_nibble_f16(wb & 15)
     hi = _e2m1_nibble_f16(wb >> 4)

@@ -112,8 +112,8 @@ def _reduce(ws_buf, y, bias, split):
     m, n = y.shape
     block = 1024
     _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-        ws_buf, y, bias if bias is not None else ws_buf, m, n, y.stride(0),
-        SPLIT=split, BLOCK=block, HAS_BIAS=bias is not None, num_warps=4,
+        ws_buf, y, bias if bias is not None else ws_buf, m, n, y.stride(0), split,
+        BLOCK=block, HAS_BIAS=bias is not None, num_warps=4,
     )
 
 
@@ -135,7 +135,7 @@ def gemv(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
     _gemv_kernel[grid](
         x2, w32, s8, dst, mul, bias if bias is not None else mul,
         m, n, kw, kb, x2.stride(0), y.stride(0), wps,
-        BN=cfg["BN"], BKW=bkw, SPLIT=split, EVEN_K=even, DEQ=cfg.get("DEQ", 0),
+        BN=cfg["BN"], BKW=bkw, USE_WS=split > 1, EVEN_K=even, DEQ=cfg.get("DEQ", 0),
         HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
     if split > 1:
@@ -159,7 +159,7 @@ def mm(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
     _mm_kernel[grid](
         x2, wp, s8, dst, mul, bias if bias is not None else mul,
         m, n, k, x2.stride(0), y.stride(0), kps,
-        BM=cfg["BM"], BN=cfg["BN"], BK=bk, SPLIT=split, EVEN_K=even, HAS_BIAS=bias is not None,
+        BM=cfg["BM"], BN=cfg["BN"], BK=bk, USE_WS=split > 1, EVEN_K=even, HAS_BIAS=bias is not None,
         GROUP_M=cfg.get("GROUP_M", 8), DOT_F32=_INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
     if split > 1:

@@ -19,8 +19,10 @@ FORMAT_NAMES = {
     COMPRESSED_TENSORS: "compressed-tensors nvfp4-pack-quantized",
     MODELOPT: "NVIDIA ModelOpt (hf_quant_config.json)",
 }
-_DECODER = re.compile(r"^(?:model\.|model\.language_model\.|language_model\.model\.)layers\.\d+\."
-                      r"(?:self_attn|mlp)\.(?P<leaf>[qkvo]_proj|gate_proj|up_proj|down_proj)$")  # fmt: skip
+_DECODER = re.compile(
+    r"^(?:model\.|model\.language_model\.|language_model\.model\.)layers\.\d+\."
+    r"(?:self_attn|mlp)\.(?P<leaf>[qkvo]_proj|gate_proj|up_proj|down_proj)$"
+)
 FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 
@@ -43,7 +45,11 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
     """(out, in) per decoder projection, from a Llama-like config; {} when the keys are missing."""
     c = text_config(config)
     try:
-        hidden, heads, inter = int(c["hidden_size"]), int(c["num_attention_heads"]), int(c["intermediate_size"])
+        hidden, heads, inter = (
+            int(c["hidden_size"]),
+            int(c["num_attention_heads"]),
+            int(c["intermediate_size"]),
+        )
         kv = int(c.get("num_key_value_heads") or heads)
         head_dim = int(c.get("head_dim") or hidden // heads)
     except (KeyError, TypeError, ValueError):
@@ -84,12 +90,16 @@ def header_problems(info: CheckpointInfo) -> list[str]:
             if t.dtype != "F32":
                 problems.append(f"{t.file}: tensor {t.name!r} is {t.dtype}; expected F32")
             if t.numel != max(1, _prod(lead)) or len(t.shape) > 1 + len(lead):
-                problems.append(f"{t.file}: tensor {t.name!r} has shape {list(t.shape)}; expected one value "
-                                f"per tensor ([] or [1])")  # fmt: skip
+                problems.append(
+                    f"{t.file}: tensor {t.name!r} has shape {list(t.shape)}; expected one value "
+                    f"per tensor ([] or [1])"
+                )
         pqs = info.tensors.get(prefix + ".pre_quant_scale")
         if pqs is not None and (pqs.shape[-1:] != (q.in_features,) or pqs.dtype not in FLOAT_DTYPES):
-            problems.append(f"{pqs.file}: tensor {pqs.name!r} is {pqs.dtype}{list(pqs.shape)}; expected a "
-                            f"float vector [{q.in_features}] (in_features)")  # fmt: skip
+            problems.append(
+                f"{pqs.file}: tensor {pqs.name!r} is {pqs.dtype}{list(pqs.shape)}; expected a "
+                f"float vector [{q.in_features}] (in_features)"
+            )
         m = _DECODER.match(prefix)
         if m and m["leaf"] in expected and q.experts is None:
             n, k, why = expected[m["leaf"]]
@@ -103,8 +113,10 @@ def header_problems(info: CheckpointInfo) -> list[str]:
         if name.endswith("embed_tokens.weight") and name.startswith(("model.", "model.language_model.")):
             want = (c.get("vocab_size"), c.get("hidden_size"))
             if None not in want and t.shape != want:
-                problems.append(f"{t.file}: tensor {name!r} has shape {list(t.shape)}; {cfg} expects "
-                                f"{list(want)} (vocab_size, hidden_size)")  # fmt: skip
+                problems.append(
+                    f"{t.file}: tensor {name!r} has shape {list(t.shape)}; {cfg} expects "
+                    f"{list(want)} (vocab_size, hidden_size)"
+                )
     return problems
 
 
@@ -150,30 +162,57 @@ def runtimes(info: CheckpointInfo, mem: dict[str, int]) -> list[dict[str, Any]]:
     """Which runtimes load this checkpoint ("yes", "no", or "patch": only with nvfp4-fix's patch) and why."""
     w4a4 = info.scheme is not None and info.scheme.startswith("W4A4")
     awq = info.scheme is not None and info.scheme.endswith("AWQ")
-    out: list[dict[str, Any]] = [{
-        "runtime": "nvfp4-fix (this package)", "loads": "yes",
-        "note": f"layers stay packed ({human(mem['packed'])} resident)"
-        + ("; W4A4 activations fake-quantized as compressed-tensors does" if w4a4 else "")
-        + ("; AWQ pre_quant_scale applied" if awq else ""),
-    }]  # fmt: skip
+    out: list[dict[str, Any]] = [
+        {
+            "runtime": "nvfp4-fix (this package)",
+            "loads": "yes",
+            "note": f"layers stay packed ({human(mem['packed'])} resident)"
+            + ("; W4A4 activations fake-quantized as compressed-tensors does" if w4a4 else "")
+            + ("; AWQ pre_quant_scale applied" if awq else ""),
+        }
+    ]
     if info.format == COMPRESSED_TENSORS:
-        out.append({"runtime": "compressed-tensors 0.13.x + transformers", "loads": "patch",
-                    "note": "needs nvfp4-fix's patch (apply_patch()): unpatched, the first forward raises "
-                    "KeyError: 'weight_scale', and run_compressed=False fails with a Float8 promotion error"})
-        out.append({"runtime": "compressed-tensors >= 0.14 + transformers", "loads": "yes",
-                    "note": f"loads, but decompresses the whole model to bf16 on the first forward "
-                    f"(~{human(mem['bf16'])} instead of {human(mem['packed'])})"
-                    + ("; dequantize=True drops the W4A4 activation quantization" if w4a4 else "")})
+        out.append(
+            {
+                "runtime": "compressed-tensors 0.13.x + transformers",
+                "loads": "patch",
+                "note": "needs nvfp4-fix's patch (apply_patch()): unpatched, the first forward raises "
+                "KeyError: 'weight_scale', and run_compressed=False fails with a Float8 promotion error",
+            }
+        )
+        out.append(
+            {
+                "runtime": "compressed-tensors >= 0.14 + transformers",
+                "loads": "yes",
+                "note": f"loads, but decompresses the whole model to bf16 on the first forward "
+                f"(~{human(mem['bf16'])} instead of {human(mem['packed'])})"
+                + ("; dequantize=True drops the W4A4 activation quantization" if w4a4 else ""),
+            }
+        )
     else:
-        out.append({"runtime": "compressed-tensors / plain transformers", "loads": "no",
-                    "note": "transformers has no ModelOpt quantizer ('Unknown quantization type, got modelopt') "
-                    "and compressed-tensors reads only its own layout; "
-                    + ("the AWQ pre_quant_scale has no compressed-tensors equivalent" if awq else
-                       "`nvfp4-fix convert --to compressed-tensors` rewrites it for them")})
+        out.append(
+            {
+                "runtime": "compressed-tensors / plain transformers",
+                "loads": "no",
+                "note": "transformers has no ModelOpt quantizer ('Unknown quantization type, got modelopt') "
+                "and compressed-tensors reads only its own layout; "
+                + (
+                    "the AWQ pre_quant_scale has no compressed-tensors equivalent"
+                    if awq
+                    else "`nvfp4-fix convert --to compressed-tensors` rewrites it for them"
+                ),
+            }
+        )
     marlin = "weight-only Marlin FP4 on compute capability >= 7.5" + (
-        " (activations stay bf16)" if w4a4 else "")
-    out.append({"runtime": "vLLM", "loads": "yes",
-                "note": f"native FP4 GEMMs (CUTLASS/FlashInfer) on Blackwell; {marlin}"})
+        " (activations stay bf16)" if w4a4 else ""
+    )
+    out.append(
+        {
+            "runtime": "vLLM",
+            "loads": "yes",
+            "note": f"native FP4 GEMMs (CUTLASS/FlashInfer) on Blackwell; {marlin}",
+        }
+    )
     return out
 
 
@@ -199,15 +238,27 @@ def report(info: CheckpointInfo) -> dict[str, Any]:
     quantized: dict[str, dict[str, Any]] = {}
     for prefix, q in info.quantized.items():
         pat = layer_pattern(prefix)
-        entry = quantized.setdefault(pat, {"pattern": pat, "count": 0, "shapes": [], "experts": q.experts,
-                                           "input_scale": q.has_input_scale, "pre_quant_scale": False})  # fmt: skip
+        entry = quantized.setdefault(
+            pat,
+            {
+                "pattern": pat,
+                "count": 0,
+                "shapes": [],
+                "experts": q.experts,
+                "input_scale": q.has_input_scale,
+                "pre_quant_scale": False,
+            },
+        )
         entry["count"] += 1
         shape = f"{q.out_features}x{q.in_features}"
         if shape not in entry["shapes"]:
             entry["shapes"].append(shape)
         entry["pre_quant_scale"] |= q.has_pre_quant_scale
-    unquantized = [module_of(n) for n, t in info.tensors.items()
-                   if n.endswith(".weight") and len(t.shape) == 2 and module_of(n) not in info.quantized]  # fmt: skip
+    unquantized = [
+        module_of(n)
+        for n, t in info.tensors.items()
+        if n.endswith(".weight") and len(t.shape) == 2 and module_of(n) not in info.quantized
+    ]
     mem = memory(info)
     files = sorted({t.file for t in info.tensors.values()})
     c = text_config(info.config)
@@ -227,8 +278,11 @@ def report(info: CheckpointInfo) -> dict[str, Any]:
         "quantized_count": len(info.quantized),
         "excluded": info.excluded,
         "unquantized": collapse(unquantized),
-        "tensors": {"count": len(info.tensors), "files": [f.name for f in files],
-                    "dtypes": dict(Counter(t.dtype for t in info.tensors.values()))},  # fmt: skip
+        "tensors": {
+            "count": len(info.tensors),
+            "files": [f.name for f in files],
+            "dtypes": dict(Counter(t.dtype for t in info.tensors.values())),
+        },
         "memory": mem,
         "runtimes": runtimes(info, mem),
         "installed": installed_versions(),

@@ -23,7 +23,9 @@ def check_output(src: Path, out: Path, force: bool) -> None:
     if s in o.parents:
         raise NVFP4Error(f"{out}: OUT is inside the input checkpoint {src}; write to another folder")
     if o in s.parents:
-        raise NVFP4Error(f"{out}: OUT contains the input checkpoint {src}; replacing it would delete the input")
+        raise NVFP4Error(
+            f"{out}: OUT contains the input checkpoint {src}; replacing it would delete the input"
+        )
     if out.exists() and not out.is_dir():
         raise NVFP4Error(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
@@ -77,12 +79,18 @@ class ShardWriter:
     def finish(self) -> list[str]:
         self.flush()
         n = len(self.parts)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
         weight_map: dict[str, str] = {}
         for (part, keys), name in zip(self.parts, names, strict=True):
             os.replace(part, self.folder / name)
             weight_map.update(dict.fromkeys(keys, name))
         if n > 1:
-            write_json(self.folder / "model.safetensors.index.json",
-                       {"metadata": {"total_size": self.total}, "weight_map": weight_map})  # fmt: skip
+            write_json(
+                self.folder / "model.safetensors.index.json",
+                {"metadata": {"total_size": self.total}, "weight_map": weight_map},
+            )
         return names

@@ -31,18 +31,22 @@ class _Bar:
         self.n += k
         now = time.monotonic()
         if now - self.start >= DELAY and now - self.last >= 0.1:
-            self.last, self.shown = now, True
-            rate = self.n / max(now - self.start, 1e-9)
-            if self.total:
-                filled = int(20 * self.n / self.total)
-                text = f"{self.desc}: [{'#' * filled}{'.' * (20 - filled)}] {self.n}/{self.total}"
-            else:
-                text = f"{self.desc}: {self.n}"
-            sys.stderr.write(f"\r{text} {self.unit} ({rate:.1f}/s)\x1b[K")
-            sys.stderr.flush()
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        self.last, self.shown = now, True
+        rate = self.n / max(now - self.start, 1e-9)
+        if self.total:
+            filled = int(20 * self.n / self.total)
+            text = f"{self.desc}: [{'#' * filled}{'.' * (20 - filled)}] {self.n}/{self.total}"
+        else:
+            text = f"{self.desc}: {self.n}"
+        sys.stderr.write(f"\r{text} {self.unit} ({rate:.1f}/s)\x1b[K")
+        sys.stderr.flush()
 
     def close(self) -> None:
         if self.shown:
+            self._draw(time.monotonic())
             sys.stderr.write("\n")
             sys.stderr.flush()
 

@@ -20,8 +20,14 @@ from . import progress
 from .analysis import FLOAT_DTYPES, module_of, quant_algo, require_consistent
 from .files import ShardWriter, check_output, copy_side_files, write_json
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}  # fmt: skip
+DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
 ROWS_PER_CHUNK = 4096
 
 
@@ -44,7 +50,9 @@ class _Reader:
 
         t = self.info.tensors[name]
         if t.file not in self.handles:
-            self.handles[t.file] = self.stack.enter_context(safe_open(str(t.file), framework="pt", device="cpu"))
+            self.handles[t.file] = self.stack.enter_context(
+                safe_open(str(t.file), framework="pt", device="cpu")
+            )
         try:
             return self.handles[t.file].get_tensor(name)
         except Exception as e:
@@ -83,16 +91,26 @@ def dense_weight(reader: _Reader, prefix: str, dtype: Any) -> Any:
     out = torch.empty((packed2.shape[0], n, k), dtype=dtype)
     for e in range(packed2.shape[0]):
         for r in range(0, n, ROWS_PER_CHUNK):
-            w = dequantize(packed2[e, r : r + ROWS_PER_CHUNK], scale2[e, r : r + ROWS_PER_CHUNK], muls[e],
-                           "multiplier", torch.float32)  # fmt: skip
+            w = dequantize(
+                packed2[e, r : r + ROWS_PER_CHUNK],
+                scale2[e, r : r + ROWS_PER_CHUNK],
+                muls[e],
+                "multiplier",
+                torch.float32,
+            )
             if pqs is not None:
                 w = w * pqs
             out[e, r : r + ROWS_PER_CHUNK] = w.to(dtype)
     return out.reshape(*lead, n, k)
 
 
-def dequantize_checkpoint(path: str | Path, out: str | Path, dtype: str = "bf16", force: bool = False,
-                          max_shard_bytes: int = 5 * 1024**3) -> dict[str, Any]:  # fmt: skip
+def dequantize_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    force: bool = False,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> dict[str, Any]:
     import torch
 
     if dtype not in DTYPES:
@@ -125,13 +143,22 @@ def dequantize_checkpoint(path: str | Path, out: str | Path, dtype: str = "bf16"
             config[k] = DTYPES[dtype]
         write_json(tmp / "config.json", config)
         copied = copy_side_files(info.path, tmp)
-    return {"out": str(out), "layers": written, "files": files, "copied": copied,
-            "dropped_activation_quantization": info.scheme is not None and info.scheme.startswith("W4A4")}  # fmt: skip
+    return {
+        "out": str(out),
+        "layers": written,
+        "files": files,
+        "copied": copied,
+        "dropped_activation_quantization": info.scheme is not None and info.scheme.startswith("W4A4"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- convert
 
-_CT_TO_MO = {"weight_packed": "weight", "weight_global_scale": "weight_scale_2", "input_global_scale": "input_scale"}
+_CT_TO_MO = {
+    "weight_packed": "weight",
+    "weight_global_scale": "weight_scale_2",
+    "input_global_scale": "input_scale",
+}
 _MO_TO_CT = {v: k for k, v in _CT_TO_MO.items()}
 _KEEP = {"weight_scale", "bias"}
 
@@ -150,7 +177,10 @@ def _ct_ignore(info: CheckpointInfo) -> list[str]:
     for name, t in info.tensors.items():
         m = module_of(name)
         if name.endswith(".weight") and len(t.shape) == 2 and m not in info.quantized:
-            if not any(fnmatch.fnmatchcase(m, g) or m == g or m.endswith("." + g) for g in globs) and m not in ignore:
+            if (
+                not any(fnmatch.fnmatchcase(m, g) or m == g or m.endswith("." + g) for g in globs)
+                and m not in ignore
+            ):
                 ignore.append(m)
     return ignore
 
@@ -177,22 +207,32 @@ def _refuse_unconvertible(info: CheckpointInfo, to: str) -> None:
         awq = [p for p, q in info.quantized.items() if q.has_pre_quant_scale]
         if awq:
             raise NVFP4Error(
-                f"{info.path}: {len(awq)} layers carry a ModelOpt AWQ pre_quant_scale (e.g. {awq[0]}.pre_quant_scale)"
-                "; compressed-tensors has no equivalent (load it with nvfp4-fix or vLLM, or `nvfp4-fix dequantize`)"
+                f"{info.path}: {len(awq)} layers carry a ModelOpt AWQ pre_quant_scale "
+                f"(e.g. {awq[0]}.pre_quant_scale); compressed-tensors has no equivalent "
+                "(load it with nvfp4-fix or vLLM, or `nvfp4-fix dequantize`)"
             )
         q = info.quant_config.get("quantization") or info.quant_config
         if q.get("kv_cache_quant_algo"):
-            raise NVFP4Error(f"{info.path}: FP8 KV-cache scales (kv_cache_quant_algo "
-                             f"{q['kv_cache_quant_algo']!r}) are not converted to compressed-tensors")  # fmt: skip
+            raise NVFP4Error(
+                f"{info.path}: FP8 KV-cache scales (kv_cache_quant_algo "
+                f"{q['kv_cache_quant_algo']!r}) are not converted to compressed-tensors"
+            )
         layers = q.get("quantized_layers") or {}
         other = sorted({str(v.get("quant_algo")) for v in layers.values() if isinstance(v, dict)} - {"NVFP4"})
         if other:
-            raise NVFP4Error(f"{info.path}: mixed-precision checkpoint with {', '.join(other)} layers; "
-                             "only NVFP4 layers can be converted")  # fmt: skip
+            raise NVFP4Error(
+                f"{info.path}: mixed-precision checkpoint with {', '.join(other)} layers; "
+                "only NVFP4 layers can be converted"
+            )
     for prefix in info.quantized:
         for name in (n for n in info.tensors if module_of(n) == prefix):
             leaf = name.rpartition(".")[2]
-            if leaf not in _KEEP and leaf not in _CT_TO_MO and leaf not in _MO_TO_CT and leaf != "pre_quant_scale":
+            if (
+                leaf not in _KEEP
+                and leaf not in _CT_TO_MO
+                and leaf not in _MO_TO_CT
+                and leaf != "pre_quant_scale"
+            ):
                 raise NVFP4Error(f"{info.tensors[name].file}: tensor {name!r} has no {to} equivalent")
 
 
@@ -219,16 +259,31 @@ def _modelopt_configs(info: CheckpointInfo) -> tuple[dict[str, Any], dict[str, A
     algo = "NVFP4" if w4a4 else "W4A16_NVFP4"
     exclude = _modelopt_exclude(info)
     # vLLM recognises hf_quant_config.json by producer name "modelopt"; the version says who wrote it.
-    producer = {"name": "modelopt", "version": f"nvfp4-fix {__version__} convert (from compressed-tensors "
-                f"{info.producer_version or 'unknown'})"}  # fmt: skip
-    hf_quant = {"producer": producer, "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None,
-                                                       "group_size": 16, "exclude_modules": exclude}}  # fmt: skip
+    producer = {
+        "name": "modelopt",
+        "version": f"nvfp4-fix {__version__} convert (from compressed-tensors "
+        f"{info.producer_version or 'unknown'})",
+    }
+    hf_quant = {
+        "producer": producer,
+        "quantization": {
+            "quant_algo": algo,
+            "kv_cache_quant_algo": None,
+            "group_size": 16,
+            "exclude_modules": exclude,
+        },
+    }
     spec = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
     group: dict[str, Any] = {"weights": spec, "targets": ["Linear"]}
     if w4a4:
         group = {"input_activations": spec, **group}
-    qc = {"config_groups": {"group_0": group}, "ignore": exclude, "quant_algo": algo, "producer": producer,
-          "quant_method": MODELOPT}  # fmt: skip
+    qc = {
+        "config_groups": {"group_0": group},
+        "ignore": exclude,
+        "quant_algo": algo,
+        "producer": producer,
+        "quant_method": MODELOPT,
+    }
     return hf_quant, qc
 
 

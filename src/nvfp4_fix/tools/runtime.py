@@ -12,8 +12,15 @@ from ..errors import CheckpointError, NVFP4Error
 from . import progress
 from .analysis import require_consistent
 
-DTYPE_NAMES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
-               "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}  # fmt: skip
+DTYPE_NAMES = {
+    "auto": "auto",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "float32": "float32",
+}
 
 
 def load(path: str, device: str = "cpu", dtype: str = "auto") -> tuple[Any, CheckpointInfo, float]:
@@ -37,12 +44,26 @@ def load(path: str, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Chec
     return model, info, time.perf_counter() - start
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "tiktoken.model",
+)
+
+
 def tokenizer(path: Any) -> Any | None:
+    """The checkpoint's tokenizer, or None when it has none (or transformers cannot build it)."""
+    from pathlib import Path
+
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
         return None
 
 

@@ -74,7 +74,9 @@ def scan(info: CheckpointInfo) -> dict[str, Any]:
             if stats["nan"]:
                 findings.append(f"{t.name}: {stats['nan']} of {stats['blocks']} block scales are NaN")
             if stats["negative"]:
-                findings.append(f"{t.name}: {stats['negative']} of {stats['blocks']} block scales are negative")
+                findings.append(
+                    f"{t.name}: {stats['negative']} of {stats['blocks']} block scales are negative"
+                )
             if stats["zero"] == stats["blocks"]:
                 zero_layers.append(prefix)
             for suffix in (glob_suffix, act_suffix):
@@ -97,17 +99,27 @@ def scan(info: CheckpointInfo) -> dict[str, Any]:
     for (_, group), members in globals_by_layer.items():
         if len(set(members.values())) > 1:
             names = ", ".join(p.rpartition(".")[2] for p in sorted(members))
-            warnings.append(f"{min(members)}: fused {group} partners ({names}) have different per-tensor scales; "
-                            "vLLM fuses them and uses one scale (outputs differ there)")  # fmt: skip
+            warnings.append(
+                f"{min(members)}: fused {group} partners ({names}) have different per-tensor scales; "
+                "vLLM fuses them and uses one scale (outputs differ there)"
+            )
     if zero_layers:
-        findings.append(f"{len(zero_layers)} all-zero layers (every block scale is 0), e.g. " + ", ".join(zero_layers[:3]))
+        findings.append(
+            f"{len(zero_layers)} all-zero layers (every block scale is 0), e.g. " + ", ".join(zero_layers[:3])
+        )
     if fp16_overflow:
         warnings.append(
-            f"{len(fp16_overflow)} weight global scales exceed fp16's 65504 (amax < 0.041); loaders that cast "
-            "them to float16 (transformers 4.57 + compressed-tensors) get inf, e.g. " + ", ".join(fp16_overflow[:3])
+            f"{len(fp16_overflow)} weight global scales exceed fp16's 65504 (amax < 0.041); loaders that "
+            "cast them to float16 (transformers 4.57 + compressed-tensors) get inf, e.g. "
+            + ", ".join(fp16_overflow[:3])
         )
-    return {"totals": totals, "problems": findings, "warnings": warnings,
-            "zero_layers": zero_layers, "fp16_overflow": fp16_overflow}  # fmt: skip
+    return {
+        "totals": totals,
+        "problems": findings,
+        "warnings": warnings,
+        "zero_layers": zero_layers,
+        "fp16_overflow": fp16_overflow,
+    }
 
 
 def _fused_key(prefix: str) -> tuple[str, str] | None:
@@ -118,8 +130,10 @@ def _fused_key(prefix: str) -> tuple[str, str] | None:
 
 def scan_lines(result: dict[str, Any]) -> Iterator[str]:
     t = result["totals"]
-    yield (f"scanned {t['modules']} layers, {t['blocks']:,} block scales: {t['nan']} NaN, "
-           f"{t['negative']} negative, {t['zero']:,} zero")  # fmt: skip
+    yield (
+        f"scanned {t['modules']} layers, {t['blocks']:,} block scales: {t['nan']} NaN, "
+        f"{t['negative']} negative, {t['zero']:,} zero"
+    )
     for f in result["problems"]:
         yield f"  problem: {f}"
     for w in result["warnings"]:
