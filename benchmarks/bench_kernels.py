@@ -1,14 +1,19 @@
+# ruff: noqa: B023, E501  (lambdas are called at once, inside the loop that binds them)
 """Per-layer NVFP4 linear timings against cuBLAS bf16 and plain-torch dequantize-then-matmul.
 
     PYTHONPATH=src python benchmarks/bench_kernels.py [--models 8b,70b] [--m 1,4,16,128,2048]
-        [--tune] [--quick] [--out results.md]
+        [--tune] [--out PATH]
 
-Timing: triton.testing.do_bench, median, which zeroes a 256 MB buffer before every repetition (so
-the L2 never holds the weights from the previous run); activations also rotate among 8 copies.
-GB/s counts the bytes a layer must move once: N*K*9/16 (codes + e4m3 scales) for NVFP4, N*K*2 for
-bf16, plus activations in and out (M*K*2 + M*N*2).
-``--tune`` sweeps the GEMV (M=1) and small-M tl.dot (M=16) configurations per shape first and prints
-the winners as Python dicts for GEMV_TUNED / MM_SMALL_TUNED in kernels/triton_ops.py.
+Timing: every method is captured in a CUDA graph as 10 back-to-back calls and the graph replayed 15
+times (CUDA events, median per call): that is how a decode step runs (graph-captured, no launch gaps),
+and it keeps Python launch overhead out of the kernel numbers. Each call uses the next of several
+copies of the weights and activations, enough copies that consecutive calls never find their
+weights in the 50 MB L2. The plain-torch dequantize-then-matmul baseline cannot be captured (it builds
+a lookup table on the host) and is timed with triton.testing.do_bench (median, L2 flushed each rep).
+GB/s counts the bytes a layer must move once: N*K*9/16 (codes + e4m3 scales) for NVFP4, plus the
+activations in and out (M*K*2 + M*N*2).
+``--tune`` first sweeps, per shape, the GEMV and BM=16 tl.dot configurations at M=1 and the tl.dot
+ones at M=16, and prints the winners as TUNED_M1 / TUNED_SMALL for kernels/triton_ops.py.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 
@@ -42,86 +48,146 @@ SHAPES = {
         ("70B down", 8192, 28672),
     ],
 }
+L2_BYTES = 50 * 2**20
 
 
 def make_layer(n, k, device="cuda"):
     wp = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
     sb = torch.randint(0x30, 0x70, (n, k // 16), dtype=torch.uint8, device=device)  # realistic scales
-    ws = sb.view(torch.float8_e4m3fn)
-    mul = torch.tensor(1.0 / 2688.0, dtype=torch.float32, device=device)
-    return wp, ws, mul
+    return wp, sb.view(torch.float8_e4m3fn), torch.tensor(1.0 / 2688.0, dtype=torch.float32, device=device)
 
 
-def bench(fn, rep=100, warmup=20):
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # us
+def n_copies(nbytes):
+    return max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
 
 
-class Rot:
-    """Cycle through several activation copies."""
+class Layer:
+    """Several copies of one layer's packed weights, its bf16 twin and activations."""
 
-    def __init__(self, m, k, n_copies=8):
-        self.xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) + 0.1 for _ in range(n_copies)]
-        self.i = 0
+    def __init__(self, n, k, m, with_bf16=True):
+        self.n, self.k, self.m = n, k, m
+        base = make_layer(n, k)
+        cq = n_copies(n * k * 9 // 16 + m * k * 2)
+        self.q = [base] + [tuple(t.clone() for t in base) for _ in range(cq - 1)]
+        self.w16 = []
+        if with_bf16:
+            w = dequantize(base[0], base[1], base[2], "multiplier", torch.bfloat16)
+            cb = n_copies(n * k * 2 + m * k * 2)
+            self.w16 = [w] + [w.clone() for _ in range(cb - 1)]
+        cx = max(cq, len(self.w16))
+        self.x = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) + 0.1 for _ in range(cx)]
 
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.xs)
-        return self.xs[self.i]
+    def qargs(self, i):
+        wp, ws, mul = self.q[i % len(self.q)]
+        return self.x[i % len(self.x)], wp, ws, mul
+
+
+def bench_graph(call, n_inner=10, reps=15):
+    """call(i) -> one layer call; returns median us per call of graph-replayed back-to-back calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(2):
+            call(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n_inner):
+            call(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / n_inner)
+    del g
+    times.sort()
+    return times[len(times) // 2]
 
 
 def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def tune(shapes, log):
-    gemv_best, mm_best = {}, {}
-    for name, n, k in shapes:
-        wp, ws, mul = make_layer(n, k)
-        rot = Rot(1, k)
-        ref = T.mm(rot.xs[0], wp, ws, mul)
-        results = []
-        for bn, bkw, warps, deq in itertools.product((8, 16, 32), (32, 64, 128), (4,), (0, 1)):
-            base = T.gemv_config(n, k, torch.device("cuda"))
-            for split in sorted({max(1, base["SPLIT"] // 2), base["SPLIT"] * 2}):
-                cfg = {"BN": bn, "BKW": bkw, "SPLIT": split, "num_warps": warps, "DEQ": deq, "num_stages": 3}
-                try:
-                    y = T.gemv(rot.xs[0], wp, ws, mul, cfg=cfg)
-                    if rel_err(y, ref) > 1e-2:
-                        log(f"  gemv {cfg} WRONG err={rel_err(y, ref):.2e}")
-                        continue
-                    t = bench(lambda cfg=cfg: T.gemv(rot(), wp, ws, mul, cfg=cfg), rep=25, warmup=5)
-                except Exception as e:  # out of resources etc.
-                    log(f"  gemv {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
-                    continue
-                results.append((t, cfg))
-        results.sort(key=lambda r: r[0])
-        for t, cfg in results[:3]:
-            log(f"  {name} gemv M=1 {t:8.1f} us {cfg}")
-        gemv_best[(n, k)] = results[0][1]
+def _try(log, what, fn):
+    try:
+        return fn()
+    except Exception as e:  # out of resources, etc.
+        log(f"  {what} failed: {type(e).__name__}: {str(e)[:120]}")
+        return None
 
-        rot16 = Rot(16, k)
-        ref16 = T.mm(rot16.xs[0], wp, ws, mul, cfg={"BM": 16, "BN": 64, "BK": 128, "SPLIT": 1, "num_warps": 4})
-        results = []
-        for bn, bk, warps, stages in itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 4)):
-            base = T.mm_config(16, n, k, torch.device("cuda"))
-            for split in sorted({max(1, base["SPLIT"] // 2), base["SPLIT"], base["SPLIT"] * 2}):
-                cfg = {"BM": 16, "BN": bn, "BK": bk, "SPLIT": split, "num_warps": warps, "num_stages": stages}
-                try:
-                    y = T.mm(rot16.xs[0], wp, ws, mul, cfg=cfg)
-                    if rel_err(y, ref16) > 1e-2:
-                        log(f"  mm {cfg} WRONG")
-                        continue
-                    t = bench(lambda cfg=cfg: T.mm(rot16(), wp, ws, mul, cfg=cfg), rep=25, warmup=5)
-                except Exception as e:
-                    log(f"  mm {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
+
+def tune(shapes, log):
+    m1, small = {}, {}
+    dev = torch.device("cuda")
+    for name, n, k in shapes:
+        lay = Layer(n, k, 16, with_bf16=False)
+        x16 = lay.x[0]
+        x1 = x16[:1].contiguous()
+        wp, ws, mul = lay.q[0]
+        ref1 = K.nvfp4_linear(x1, wp, ws, mul, kernel="reference").float()
+        ref16 = K.nvfp4_linear(x16, wp, ws, mul, kernel="reference").float()
+        res1, res16 = [], []
+        base = T.gemv_config(n, k, dev)["SPLIT"]
+        for bn, bkw in itertools.product((8, 16, 32), (32, 64, 128)):
+            for split in sorted({max(1, base // 2), base, base * 2}):
+                cfg = {"BN": bn, "BKW": bkw, "SPLIT": split, "num_warps": 4, "DEQ": 0, "num_stages": 3}
+                y = _try(log, f"gemv {cfg}", lambda cfg=cfg: T.gemv(x1, wp, ws, mul, cfg=cfg))
+                if y is None or rel_err(y, ref1) > 1e-2:
                     continue
-                results.append((t, cfg))
-        results.sort(key=lambda r: r[0])
-        for t, cfg in results[:3]:
-            log(f"  {name} mm M=16 {t:8.1f} us {cfg}")
-        mm_best[(n, k)] = results[0][1]
-        del wp, ws
+                t = _try(
+                    log,
+                    "bench",
+                    lambda cfg=cfg: bench_graph(
+                        lambda i: T.gemv(lay.qargs(i)[0][:1], *lay.qargs(i)[1:], cfg=cfg)
+                    ),
+                )
+                if t is not None:
+                    res1.append((t, "gemv", cfg))
+        base = T.mm_config(16, n, k, dev)["SPLIT"]
+        for bn, bk, warps, stages in itertools.product((32, 64, 128, 256), (128, 256), (4, 8), (3, 4)):
+            if bn == 256 and warps == 4:
+                continue
+            for split in sorted({max(1, base // 2), base * 2}):
+                cfg = {"BM": 16, "BN": bn, "BK": bk, "SPLIT": split, "num_warps": warps, "num_stages": stages}
+                y = _try(log, f"mm {cfg}", lambda cfg=cfg: T.mm(x16, wp, ws, mul, cfg=cfg))
+                if y is None or rel_err(y, ref16) > 1e-2:
+                    if y is not None:
+                        log(f"  mm {cfg} WRONG {rel_err(y, ref16):.2e}")
+                    continue
+                t16 = _try(log, "bench", lambda cfg=cfg: bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=cfg)))
+                t1 = _try(
+                    log,
+                    "bench",
+                    lambda cfg=cfg: bench_graph(
+                        lambda i: T.mm(lay.qargs(i)[0][:1], *lay.qargs(i)[1:], cfg=cfg)
+                    ),
+                )
+                if t16 is not None:
+                    res16.append((t16, "mm", cfg))
+                if t1 is not None:
+                    res1.append((t1, "mm", cfg))
+        res1.sort(key=lambda r: r[0])
+        res16.sort(key=lambda r: r[0])
+        for t, kern, cfg in res1[:4]:
+            log(f"  {name} M=1 {t:8.1f} us {kern} {cfg}")
+        for t, kern, cfg in res16[:2]:
+            log(f"  {name} M=16 {t:8.1f} us {kern} {cfg}")
+        best_gemv = min((r for r in res1 if r[1] == "gemv"), key=lambda r: r[0], default=None)
+        best_mm1 = min((r for r in res1 if r[1] == "mm"), key=lambda r: r[0], default=None)
+        log(
+            f"  {name} M=1 best gemv {best_gemv[0] if best_gemv else None} best mm {best_mm1[0] if best_mm1 else None}"
+        )
+        m1[(n, k)] = (res1[0][1], res1[0][2])
+        small[(n, k)] = res16[0][2]
+        lay = None
         torch.cuda.empty_cache()
-    return gemv_best, mm_best
+    return m1, small
 
 
 def main():
@@ -130,10 +196,10 @@ def main():
     ap.add_argument("--m", default="1,4,16,128,2048")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--no-torch-dequant", action="store_true", help="skip the slow plain-torch baseline")
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--out", default=None, help="also write the log here")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    logf = open(args.out + ".log", "w") if args.out else None
+    logf = open(args.out, "w") if args.out else None
 
     def log(s):
         print(s, flush=True)
@@ -141,47 +207,64 @@ def main():
             logf.write(s + "\n")
             logf.flush()
 
-    dev = torch.cuda.get_device_name()
-    log(f"# device: {dev}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"cuda {torch.version.cuda}, sms {torch.cuda.get_device_properties(0).multi_processor_count}")
+    props = torch.cuda.get_device_properties(0)
+    log(
+        f"# device: {torch.cuda.get_device_name()}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+        f"triton {triton.__version__}, cuda {torch.version.cuda}"
+    )
     shapes = [s for key in args.models.split(",") for s in SHAPES[key]]
     ms = [int(v) for v in args.m.split(",")]
 
     if args.tune:
         t0 = time.time()
-        gb, mb = tune(shapes, log)
-        T.GEMV_TUNED.update(gb)
-        T.MM_SMALL_TUNED.update(mb)
-        log("GEMV_TUNED = " + repr(gb))
-        log("MM_SMALL_TUNED = " + repr(mb))
+        m1, small = tune(shapes, log)
+        T.TUNED_M1.update(m1)
+        T.TUNED_SMALL.update(small)
+        log("TUNED_M1 = " + repr(m1))
+        log("TUNED_SMALL = " + repr(small))
         log(f"# tuning took {time.time() - t0:.0f} s")
 
     rows = []
-    header = ("| layer | N x K | M | cuBLAS bf16 us | auto (kernel) us | speedup | GB/s | triton_gemv us | "
-              "triton_mm us | dequant_mm us | torch dequant+mm us | err |")
-    log(header)
+    log(
+        "| layer | N x K | M | cuBLAS bf16 us | NVFP4 auto us (kernel) | speedup | NVFP4 GB/s | triton_gemv | "
+        "triton_mm | dequant_mm | torch dequant+mm | rel err |"
+    )
     log("|" + "---|" * 12)
     for name, n, k in shapes:
-        wp, ws, mul = make_layer(n, k)
-        w_bf16 = dequantize(wp, ws, mul, "multiplier", torch.bfloat16)
         for m in ms:
-            rot = Rot(m, k)
-            x0 = rot.xs[0]
+            lay = Layer(n, k, m)
+            x0, wp, ws, mul = lay.qargs(0)
             r = {"layer": name, "N": n, "K": k, "M": m}
-            r["cublas"] = bench(lambda: torch.nn.functional.linear(rot(), w_bf16))
+            nw = len(lay.w16)
+            r["cublas"] = bench_graph(
+                lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw])
+            )
             kern = K.select_kernel(x0, n, k)
             r["kernel"] = kern
-            r["auto"] = bench(lambda: K.nvfp4_linear(rot(), wp, ws, mul))
-            y = K.nvfp4_linear(x0, wp, ws, mul)
-            ref = torch.nn.functional.linear(x0.float(), w_bf16.float()) if m <= 2048 else None
-            r["err"] = rel_err(y, ref)
-            r["gemv"] = bench(lambda: T.gemv(rot(), wp, ws, mul)) if m <= 4 else None
-            r["mm"] = bench(lambda: T.mm(rot(), wp, ws, mul))
-            r["dequant_mm"] = bench(lambda: T.dequant_mm(rot(), wp, ws, mul))
+            r["auto"] = bench_graph(lambda i: K.nvfp4_linear(*lay.qargs(i)))
+            ref = torch.nn.functional.linear(x0.float(), lay.w16[0].float())
+            r["err"] = rel_err(K.nvfp4_linear(x0, wp, ws, mul), ref)
+            r["gemv"] = (
+                _try(log, "gemv", lambda: bench_graph(lambda i: T.gemv(*lay.qargs(i)))) if m <= 4 else None
+            )
+            r["mm"] = (
+                _try(log, "mm", lambda: bench_graph(lambda i: T.mm(*lay.qargs(i)))) if m <= 256 else None
+            )
+            r["dequant_mm"] = _try(
+                log, "dequant_mm", lambda: bench_graph(lambda i: T.dequant_mm(*lay.qargs(i)))
+            )
             if not args.no_torch_dequant and m in (1, 2048):
-                r["torch_deq"] = bench(
-                    lambda: torch.nn.functional.linear(rot(), dequantize(wp, ws, mul, "multiplier", torch.bfloat16)),
-                    rep=50, warmup=5)
+                r["torch_deq"] = (
+                    triton.testing.do_bench(
+                        lambda: torch.nn.functional.linear(
+                            x0, dequantize(wp, ws, mul, "multiplier", torch.bfloat16)
+                        ),
+                        warmup=5,
+                        rep=50,
+                        return_mode="median",
+                    )
+                    * 1e3
+                )
             else:
                 r["torch_deq"] = None
             nbytes = n * k * 9 / 16 + m * k * 2 + m * n * 2
@@ -191,12 +274,14 @@ def main():
             def f(v):
                 return "-" if v is None else f"{v:.1f}"
 
-            log(f"| {name} | {n}x{k} | {m} | {f(r['cublas'])} | {f(r['auto'])} ({kern}) | {r['speedup']:.2f}x | "
+            log(
+                f"| {name} | {n}x{k} | {m} | {f(r['cublas'])} | {f(r['auto'])} ({kern}) | {r['speedup']:.2f}x | "
                 f"{r['gbs']:.0f} | {f(r['gemv'])} | {f(r['mm'])} | {f(r['dequant_mm'])} | {f(r['torch_deq'])} | "
-                f"{r['err']:.1e} |")
+                f"{r['err']:.1e} |"
+            )
             rows.append(r)
-        del wp, ws, w_bf16
-        torch.cuda.empty_cache()
+            lay = None
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

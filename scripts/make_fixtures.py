@@ -100,7 +100,10 @@ def build_tokenizer(chat_template: bool = False):
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=build_raw_tokenizer(),
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
         model_max_length=2048,
     )
     if chat_template:
@@ -122,8 +125,11 @@ def save_tokenizer(outdir: Path, chat_template: bool = False):
     }
     specials = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     cfg = dict(
-        added_tokens_decoder=added, **specials, clean_up_tokenization_spaces=False,
-        model_max_length=2048, tokenizer_class="PreTrainedTokenizerFast",
+        added_tokens_decoder=added,
+        **specials,
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+        tokenizer_class="PreTrainedTokenizerFast",
     )
     if chat_template:
         cfg["chat_template"] = CHAT_TEMPLATE
@@ -189,7 +195,8 @@ def text_config(arch: str):
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False), tf.LlamaForCausalLM
     if arch == "mistral":
-        return tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False), tf.MistralForCausalLM
+        cfg = tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+        return cfg, tf.MistralForCausalLM
     if arch == "gemma":  # Gemma 2 (text only); tied embeddings as in the real models
         return (
             tf.Gemma2Config(**common, query_pre_attn_scalar=HEAD_DIM, sliding_window=128),
@@ -323,9 +330,7 @@ def run_llmcompressor(name, arch, scheme, ignore, outdir: Path, era: str):
     kw = {}
     if scheme == "NVFP4":
         ids = calib_ids()
-        ds = Dataset.from_dict(
-            {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-        )
+        ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
         kw = dict(dataset=ds, num_calibration_samples=N_CALIB, max_seq_length=CALIB_LEN)
     if outdir.exists():
         shutil.rmtree(outdir)
@@ -349,8 +354,12 @@ def run_llmcompressor(name, arch, scheme, ignore, outdir: Path, era: str):
     if arch == "llava":
         make_processor(tok).save_pretrained(str(outdir))
     save_tokenizer(outdir, chat_template=(arch == "llava"))
-    save_reference(outdir, dense, quant, f"llmcompressor {scheme} fake-quant forward after oneshot; "
-                   f"input_ids seed {SEED + 2}")
+    save_reference(
+        outdir,
+        dense,
+        quant,
+        f"llmcompressor {scheme} fake-quant forward after oneshot; input_ids seed {SEED + 2}",
+    )
     # llmcompressor drops a recipe.yaml next to the weights: kept (real checkpoints ship it).
 
 
@@ -370,11 +379,16 @@ def patch_modelopt_cpu():
         idx = (a.unsqueeze(-1) - grid).abs().argmin(-1)
         return grid[idx] * x.sign()
 
-    def dynamic_block_quantize_cpu(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits,
-                                   scale_exponent_bits):
+    def dynamic_block_quantize_cpu(
+        inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits
+    ):
         # NVFP4 only: E2M1 values, blocks of 16, per-block fp8 e4m3 scale, per-tensor amax.
         assert (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) == (4, 2, 8, 4), (
-            num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
+            num_bits,
+            exponent_bits,
+            scale_num_bits,
+            scale_exponent_bits,
+        )
         shape, dtype = inputs.shape, inputs.dtype
         x = inputs.float().reshape(-1, block_size)
         if amax is None:
@@ -405,13 +419,12 @@ MODELOPT_FIXTURES = {
 
 
 def run_modelopt(name, arch, cfg_name, outdir: Path, era: str):
-    import torch
     import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.export import export_hf_checkpoint
 
     patch_modelopt_cpu()
     model = make_model(arch)
-    tok = build_tokenizer()
     cfg = getattr(mtq, cfg_name)
     ids = calib_ids()
 
@@ -428,9 +441,14 @@ def run_modelopt(name, arch, cfg_name, outdir: Path, era: str):
     with torch.inference_mode():
         export_hf_checkpoint(model, export_dir=str(outdir))
     save_tokenizer(outdir)
-    save_reference(outdir, dense, quant, f"modelopt {cfg_name} fake-quant forward after mtq.quantize, "
-                   "NVFP4 block quantizer replaced by the CPU quantize-dequantize of "
-                   f"scripts/make_fixtures.py (approximate); input_ids seed {SEED + 2}")
+    save_reference(
+        outdir,
+        dense,
+        quant,
+        f"modelopt {cfg_name} fake-quant forward after mtq.quantize, "
+        "NVFP4 block quantizer replaced by the CPU quantize-dequantize of "
+        f"scripts/make_fixtures.py (approximate); input_ids seed {SEED + 2}",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,8 +458,17 @@ def versions():
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for p in ["llmcompressor", "compressed-tensors", "transformers", "torch", "nvidia-modelopt",
-              "accelerate", "datasets", "tokenizers", "safetensors"]:
+    for p in [
+        "llmcompressor",
+        "compressed-tensors",
+        "transformers",
+        "torch",
+        "nvidia-modelopt",
+        "accelerate",
+        "datasets",
+        "tokenizers",
+        "safetensors",
+    ]:
         try:
             out[p] = version(p)
         except PackageNotFoundError:
@@ -453,20 +480,46 @@ def arch_details(arch: str) -> dict:
     """What differs from MANIFEST["common"] for this arch (kept in sync with text_config/llava_config)."""
     d = {
         "llama": dict(model_type="llama", cls="LlamaForCausalLM", tie_word_embeddings=False),
-        "mistral": dict(model_type="mistral", cls="MistralForCausalLM", tie_word_embeddings=False,
-                        note="same tensors as llama (same shapes and seed)"),
-        "gemma": dict(model_type="gemma2", cls="Gemma2ForCausalLM", tie_word_embeddings=True,
-                      query_pre_attn_scalar=HEAD_DIM, sliding_window=128),
+        "mistral": dict(
+            model_type="mistral",
+            cls="MistralForCausalLM",
+            tie_word_embeddings=False,
+            note="same tensors as llama (same shapes and seed)",
+        ),
+        "gemma": dict(
+            model_type="gemma2",
+            cls="Gemma2ForCausalLM",
+            tie_word_embeddings=True,
+            query_pre_attn_scalar=HEAD_DIM,
+            sliding_window=128,
+        ),
         "qwen3": dict(model_type="qwen3", cls="Qwen3ForCausalLM", tie_word_embeddings=False),
-        "qwen3_moe": dict(model_type="qwen3_moe", cls="Qwen3MoeForCausalLM", tie_word_embeddings=False,
-                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
-                          decoder_sparse_step=1),
-        "llava": dict(model_type="llava", cls="LlavaForConditionalGeneration",
-                      text_config="llama as above", image_token_id=IMAGE_ID,
-                      vision_config=dict(model_type="clip_vision_model", hidden_size=128,
-                                         intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=32, patch_size=8),
-                      image_seq_length=16, processor="LlavaProcessor + CLIPImageProcessor(Pil) 32x32"),
+        "qwen3_moe": dict(
+            model_type="qwen3_moe",
+            cls="Qwen3MoeForCausalLM",
+            tie_word_embeddings=False,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=128,
+            decoder_sparse_step=1,
+        ),
+        "llava": dict(
+            model_type="llava",
+            cls="LlavaForConditionalGeneration",
+            text_config="llama as above",
+            image_token_id=IMAGE_ID,
+            vision_config=dict(
+                model_type="clip_vision_model",
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            image_seq_length=16,
+            processor="LlavaProcessor + CLIPImageProcessor(Pil) 32x32",
+        ),
     }
     return d[arch]
 
@@ -477,16 +530,26 @@ def update_manifest(root: Path, entries: dict):
     data.setdefault("checkpoints", {}).update(entries)
     data["checkpoints"] = dict(sorted(data["checkpoints"].items()))
     data["common"] = dict(
-        hidden_size=HIDDEN, num_hidden_layers=LAYERS, vocab_size=VOCAB, intermediate_size=INTER,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16",
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        vocab_size=VOCAB,
+        intermediate_size=INTER,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype="bfloat16",
         tokenizer="byte-level BPE, vocab 512, built by build_tokenizer() in scripts/make_fixtures.py",
         calibration=f"{N_CALIB} random token-id samples x {CALIB_LEN} tokens (seed {SEED + 1})",
     )
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-SHOW = ("layers.0.self_attn.o_proj.", "layers.0.mlp.down_proj.", "layers.0.mlp.experts.0.down_proj.",
-        "encoder.layers.0.mlp.fc1.")
+SHOW = (
+    "layers.0.self_attn.o_proj.",
+    "layers.0.mlp.down_proj.",
+    "layers.0.mlp.experts.0.down_proj.",
+    "encoder.layers.0.mlp.fc1.",
+)
 
 
 def check_layout(sf, keys) -> list[str]:
@@ -523,12 +586,16 @@ def summarize(root: Path) -> str:
         qc = cfg.get("quantization_config") or {}
         if qc:
             ign = qc.get("ignore", qc.get("exclude_modules"))
-            lines.append(f"- config.json quantization_config: quant_method={qc.get('quant_method')!r}, "
-                         f"format={qc.get('format', qc.get('quant_algo'))!r}, ignore={ign}")
+            lines.append(
+                f"- config.json quantization_config: quant_method={qc.get('quant_method')!r}, "
+                f"format={qc.get('format', qc.get('quant_algo'))!r}, ignore={ign}"
+            )
         if (d / "hf_quant_config.json").exists():
             hq = json.loads((d / "hf_quant_config.json").read_text()).get("quantization", {})
-            lines.append(f"- hf_quant_config.json: quant_algo={hq.get('quant_algo')!r}, "
-                         f"exclude_modules={hq.get('exclude_modules')}")
+            lines.append(
+                f"- hf_quant_config.json: quant_algo={hq.get('quant_algo')!r}, "
+                f"exclude_modules={hq.get('exclude_modules')}"
+            )
         rows, counts, problems, nkeys = [], {}, [], 0
         for f in files:
             with safe_open(str(f), "pt") as sf:
@@ -542,10 +609,14 @@ def summarize(root: Path) -> str:
                     counts[(suffix, dt)] = counts.get((suffix, dt), 0) + 1
                     if any(s in k for s in SHOW) or ".layers." not in k:
                         rows.append(f"{k:<66} {dt:<8} {shp}")
-        lines.append(f"- {nkeys} tensors; layout check (uint8 [N,K/2], F8_E4M3 [N,K/16], F32 global): "
-                     + ("OK" if not problems else "PROBLEMS: " + "; ".join(problems)))
-        lines.append("- counts by suffix/dtype: " + ", ".join(
-            f"{s}/{dt}: {n}" for (s, dt), n in sorted(counts.items())))
+        lines.append(
+            f"- {nkeys} tensors; layout check (uint8 [N,K/2], F8_E4M3 [N,K/16], F32 global): "
+            + ("OK" if not problems else "PROBLEMS: " + "; ".join(problems))
+        )
+        lines.append(
+            "- counts by suffix/dtype: "
+            + ", ".join(f"{s}/{dt}: {n}" for (s, dt), n in sorted(counts.items()))
+        )
         lines.append("- sample tensors (non-layer tensors, one attention and one MLP linear of layer 0):\n")
         lines.append("```")
         lines.extend(rows)
@@ -556,13 +627,14 @@ def summarize(root: Path) -> str:
 
 def write_summary(root: Path):
     readme = root / "README.md"
-    text = readme.read_text() if readme.exists() else "# Test fixtures\n\n<!-- AUTOGEN START -->\n<!-- AUTOGEN END -->\n"
     start, end = "<!-- AUTOGEN START -->", "<!-- AUTOGEN END -->"
+    text = readme.read_text() if readme.exists() else f"# Test fixtures\n\n{start}\n{end}\n"
     if start not in text:
         text += f"\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    body = "## Tensor summary (generated by `python scripts/make_fixtures.py --summarize`)\n\n" + summarize(root)
+    body = "## Tensor summary (generated by `python scripts/make_fixtures.py --summarize`)\n\n"
+    body += summarize(root)
     readme.write_text(head + start + "\n" + body + "\n" + end + tail)
 
 
@@ -591,8 +663,10 @@ def main():
     failures = {}
     for name, spec in todo.items():
         outdir = root / args.era / name
-        cmd = (f"fixture-envs/{args.era}/bin/python scripts/make_fixtures.py --era {args.era} "
-               f"--out {shlex.quote(str(args.out))} --only {name}")
+        cmd = (
+            f"fixture-envs/{args.era}/bin/python scripts/make_fixtures.py --era {args.era} "
+            f"--out {shlex.quote(str(args.out))} --only {name}"
+        )
         t0 = time.time()
         print(f"=== {args.era}/{name} ===", flush=True)
         try:
@@ -613,8 +687,12 @@ def main():
                 raise
             continue
         entry.update(
-            era=args.era, seed=SEED, path=f"{args.era}/{name}", versions=vers,
-            env=f"fixture-envs/{args.era}", command=cmd,
+            era=args.era,
+            seed=SEED,
+            path=f"{args.era}/{name}",
+            versions=vers,
+            env=f"fixture-envs/{args.era}",
+            command=cmd,
             torchdynamo_disable=os.environ.get("TORCHDYNAMO_DISABLE") == "1",
             model=arch_details(entry["arch"]),
         )

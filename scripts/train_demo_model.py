@@ -171,7 +171,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=688)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=600, help="length of the LR schedule")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after N steps (default: --steps)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -315,11 +316,14 @@ def main() -> None:
                 f"{elapsed:6.0f}s  {tps:.0f} tok/s",
                 flush=True,
             )
-        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+        if (step + 1) % args.eval_every == 0 or step + 1 in (args.steps, args.stop_after):
             el = eval_loss()
             print(f"  eval  step {step + 1:5d}  held-out loss {el:.4f}  ppl {math.exp(el):.2f}", flush=True)
             if el < best[0]:
                 best = (el, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if args.stop_after is not None and step + 1 >= args.stop_after:
+            print(f"stopping after step {step + 1} (--stop-after)")
+            break
         if elapsed > args.max_minutes * 60:
             print(f"stopping early at step {step + 1}: --max-minutes {args.max_minutes} reached")
             break

@@ -26,6 +26,7 @@ class _PostImportFinder:
     def __init__(self) -> None:
         self.hooks: dict[str, list[Callable[[], None]]] = {}
         self._busy: set[str] = set()
+        self.firing: set[str] = set()
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
         if fullname not in self.hooks or fullname in self._busy:
@@ -51,8 +52,13 @@ class _PostImportFinder:
         return spec
 
     def _fire(self, name: str) -> None:
-        for callback in self.hooks.pop(name, []):
-            _call_quietly(callback)
+        # The module is executed but importlib still marks it as initializing until we return.
+        self.firing.add(name)
+        try:
+            for callback in self.hooks.pop(name, []):
+                _call_quietly(callback)
+        finally:
+            self.firing.discard(name)
         if not self.hooks and self in sys.meta_path:
             sys.meta_path.remove(self)
 
@@ -69,14 +75,21 @@ def _call_quietly(callback: "Callable[[], None]") -> None:
         warnings.warn(f"nvfp4-fix: could not apply its fixes: {exc!r}", RuntimeWarning, stacklevel=2)
 
 
+def is_imported(name: str) -> bool:
+    """``name`` is in sys.modules and done executing (or its post-import callbacks are running)."""
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    return name in _FINDER.firing or not getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
 def when_imported(name: str, callback: "Callable[[], None]") -> bool:
     """Call ``callback`` once ``name`` (a top-level module) is imported; now if it already is.
 
     Returns True when it ran now, False when it waits for the import. A callback that is already
     waiting for ``name`` is not added twice.
     """
-    module = sys.modules.get(name)
-    if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+    if is_imported(name):
         _call_quietly(callback)
         return True
     waiting = _FINDER.hooks.setdefault(name, [])

@@ -31,21 +31,21 @@ def run_case(case: str, out: Path, index: int) -> dict:
     try:
         model = AutoModelForCausalLM.from_pretrained(fixture, **kwargs)
         ids = torch.randint(3, 500, (2, 11), generator=torch.Generator().manual_seed(1234))
+
+        def cached() -> int:
+            return sum("weight" in m._parameters for m in model.modules() if hasattr(m, "weight_packed"))
+
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float()
+            result["dense_cached"] = cached()
             if "lowmem" in flags:
                 import nvfp4_fix.patch as p
 
-                p.enable_low_memory_mode(True)
+                result["lowmem_dropped"] = p.enable_low_memory_mode(True, model)
                 again = model(input_ids=ids).logits.float()
-                result["lowmem_equal"] = bool(torch.equal(again, logits))
-                result["lowmem_dense_cached"] = sum(
-                    "weight" in m._parameters for m in model.modules() if hasattr(m, "weight_packed")
-                )
+                result["lowmem_dense_cached"] = cached()
+                result["lowmem_rel_diff"] = float((again - logits).norm() / logits.norm())
                 p.enable_low_memory_mode(False)
-        result["dense_cached"] = sum(
-            "weight" in m._parameters for m in model.modules() if hasattr(m, "weight_packed")
-        )
         torch.save(logits, out / f"{index}.pt")
         result.update(ok=True, logits=str(out / f"{index}.pt"), dtype=str(model.dtype))
     except Exception as exc:

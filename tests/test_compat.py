@@ -154,8 +154,11 @@ def test_patched_w4a4_both_modes_agree(patched: dict) -> None:
 def test_low_memory_mode_keeps_no_dense_weight(patched: dict) -> None:
     r = patched[_case(A16, "default", "float32", "patch", "lowmem")]
     assert r["ok"], r
-    assert r["lowmem_dense_cached"] == 0 and r["lowmem_equal"], r
-    assert r["dense_cached"] > 0  # back in normal mode the dense copy is cached again
+    assert r["dense_cached"] == 7 * 2 and r["lowmem_dropped"] == r["dense_cached"], r
+    assert r["lowmem_dense_cached"] == 0, r
+    # Normal mode also fake-quantizes the cached dense weight at each forward; low-memory mode uses the
+    # decompressed weight directly. Both are the checkpoint's values: float32 rounding apart.
+    assert r["lowmem_rel_diff"] < 1e-5, r
 
 
 # ---- in-process apply / remove --------------------------------------------------------------------

@@ -128,7 +128,24 @@ def test_independent_reference_matches_codec():
 
 def test_e2m1_table_exact():
     vals = _e2m1_f64(torch.arange(16))
-    assert vals.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    assert vals.tolist() == [
+        0.0,
+        0.5,
+        1.0,
+        1.5,
+        2.0,
+        3.0,
+        4.0,
+        6.0,
+        -0.0,
+        -0.5,
+        -1.0,
+        -1.5,
+        -2.0,
+        -3.0,
+        -4.0,
+        -6.0,
+    ]
 
 
 # ----------------------------------------------------------------------------- CPU paths
@@ -229,7 +246,9 @@ def test_custom_op_compiles_cpu():
     x = make_x(4, 48, torch.bfloat16)
     f = torch.compile(lambda t: K.nvfp4_linear(t, wp, ws, mul) * 2.0, fullgraph=True, backend="eager")
     check(f(x) / 2, ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "compiled op")
-    torch.library.opcheck(torch.ops.nvfp4_fix.linear.default, (x, wp, ws.view(torch.uint8), mul, None, "chunked"))
+    torch.library.opcheck(
+        torch.ops.nvfp4_fix.linear.default, (x, wp, ws.view(torch.uint8), mul, None, "chunked")
+    )
 
 
 # ----------------------------------------------------------------------------- Triton, interpreter
@@ -261,6 +280,8 @@ def _run_all_triton(m, n, k, dtype, device, with_bias, extra_cfgs=True):
             runs.append(("gemv_split", T.gemv, {"BN": 16, "BKW": 4, "SPLIT": 3, "num_warps": 4, "DEQ": 0}))
     if extra_cfgs and k <= 512:
         runs.append(("mm_split", T.mm, {"BM": 16, "BN": 32, "BK": 32, "SPLIT": 3, "num_warps": 4}))
+    if device == "cuda" and m in (1, 17, 128):  # the plain-Triton dequantization too (the GPU default is PTX)
+        runs.append(("mm_noasm", T.mm, {**T.mm_config(m, n, k, x.device), "ASM": False}))
     for name, fn, cfg in runs:
         out = _poisoned(m, n, dtype, device)
         kw = {"out": out}

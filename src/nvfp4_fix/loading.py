@@ -68,7 +68,11 @@ def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:
 
 
 def _renamer(model: nn.Module) -> Callable[[str], list[str]]:
-    """Candidate model names for a checkpoint key, across transformers' key-renaming schemes."""
+    """Candidate model names for a checkpoint key, across transformers' key-renaming schemes.
+
+    Last resort: the one model name that holds all of the key's components in order (e.g. a
+    transformers-5 ``vision_tower.embeddings.x`` for 4.57's ``vision_tower.vision_model.embeddings.x``).
+    """
     legacy = dict(getattr(model, "_checkpoint_conversion_mapping", {}) or {})
     renamings: list[Any] = []
     apply_renamings = None
@@ -78,6 +82,14 @@ def _renamer(model: nn.Module) -> Callable[[str], list[str]]:
 
         renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     prefix = getattr(model, "base_model_prefix", "")
+    by_tail: dict[tuple[str, ...], list[list[str]]] = {}
+    for name in [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]:
+        parts = name.split(".")
+        by_tail.setdefault(tuple(parts[-2:]), []).append(parts)
+
+    def in_order(needle: list[str], hay: list[str]) -> bool:
+        it = iter(hay)
+        return all(part in it for part in needle)
 
     def candidates(key: str) -> list[str]:
         out = [key]
@@ -92,6 +104,10 @@ def _renamer(model: nn.Module) -> Callable[[str], list[str]]:
                 out.append(f"{prefix}.{k}")
                 if k.startswith(prefix + "."):
                     out.append(k[len(prefix) + 1 :])
+        parts = key.split(".")
+        loose = [h for h in by_tail.get(tuple(parts[-2:]), []) if in_order(parts, h)]
+        if len(loose) == 1:
+            out.append(".".join(loose[0]))
         return list(dict.fromkeys(out))
 
     return candidates

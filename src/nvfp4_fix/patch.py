@@ -48,9 +48,11 @@ def is_patched() -> bool:
     return bool(_STATE["active"]) and _ct.is_applied()
 
 
-def enable_low_memory_mode(enabled: bool = True) -> None:
-    """compressed-tensors 0.13.x: decompress on every forward, keep no dense copy (see compat docs)."""
-    _ct.enable_low_memory_mode(enabled)
+def enable_low_memory_mode(enabled: bool = True, model: Any = None) -> int:
+    """compressed-tensors 0.10-0.14 ``CompressedLinear``: decompress on every forward and keep no dense
+    copy (memory stays packed; every forward pays a dequantization per layer). Pass ``model`` to drop
+    the copies already cached; returns how many were dropped."""
+    return _ct.enable_low_memory_mode(enabled, model)
 
 
 def patch_status() -> dict[str, Any]:

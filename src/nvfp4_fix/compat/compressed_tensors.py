@@ -368,17 +368,10 @@ def _apply_compressed_linear_forward(cls: Any, saved: list) -> None:
 
     utils = _module("compressed_tensors.utils")
     register = getattr(utils, "register_offload_parameter", None)
-    delete = getattr(utils, "delete_offload_parameter", None)
     original = cls.forward
 
     def forward(self: Any, input: Any) -> Any:
-        compressed = self.quantization_status == QuantizationStatus.COMPRESSED
-        if _LOW_MEMORY and not compressed and "weight_packed" in self._parameters:
-            # Drop a dense copy cached before low-memory mode was switched on.
-            if "weight" in self._parameters:
-                delete(self, "weight") if delete else delattr(self, "weight")
-            self.quantization_status = compressed = QuantizationStatus.COMPRESSED
-        if compressed:
+        if self.quantization_status == QuantizationStatus.COMPRESSED:
             # decompress_weight returns bfloat16 whatever the model dtype: cast to the activations'.
             weight = self.compressor.decompress_module(self).to(input.dtype)
             if _LOW_MEMORY:
@@ -386,11 +379,25 @@ def _apply_compressed_linear_forward(cls: Any, saved: list) -> None:
             param = torch.nn.Parameter(weight, requires_grad=False)
             register(self, "weight", param) if register else self.register_parameter("weight", param)
             self.quantization_status = QuantizationStatus.FROZEN
-        weight = self.weight
-        return torch.nn.functional.linear(input, weight.to(input.dtype), self.bias)
+        return torch.nn.functional.linear(input, self.weight.to(input.dtype), self.bias)
 
     forward.__wrapped__ = original  # type: ignore[attr-defined]
     _swap(saved, cls, "forward", forward)
+
+
+def _drop_dense_copies(model: Any) -> int:
+    """Delete the dense weights CompressedLinear layers cached, so they decompress again."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    delete = getattr(_module("compressed_tensors.utils"), "delete_offload_parameter", None)
+    dropped = 0
+    for module in model.modules():
+        params = getattr(module, "_parameters", {})
+        if type(module).__name__ == "CompressedLinear" and "weight_packed" in params and "weight" in params:
+            delete(module, "weight") if delete else delattr(module, "weight")
+            module.quantization_status = QuantizationStatus.COMPRESSED
+            dropped += 1
+    return dropped
 
 
 @dataclass(frozen=True)
@@ -464,8 +471,7 @@ def _range_text(bug: KnownBug) -> str:
 
 
 def _imported() -> bool:
-    mod = sys.modules.get(MODULE)
-    return mod is not None and not getattr(getattr(mod, "__spec__", None), "_initializing", False)
+    return _hooks.is_imported(MODULE)
 
 
 def status() -> list[FixRecord]:
@@ -477,8 +483,8 @@ def status() -> list[FixRecord]:
     for fix in FIXES:
         bug = BUGS_BY_FIX[fix.name]
         has_bug = bug.affects(vers)
-        present = (fix.find() is not None) if imported else None
         applied = fix.name in _ORIGINALS
+        present = True if applied else (fix.find() is not None) if imported else None
         if ct is None:
             reason = "not needed: compressed-tensors is not installed"
         elif applied:
@@ -556,15 +562,16 @@ def is_applied() -> bool:
     return _ARMED and all(r.applied or not r.needed or r.target_present is None for r in status())
 
 
-def enable_low_memory_mode(enabled: bool = True) -> None:
-    """Decompress 0.13.x CompressedLinear weights on every forward and keep no dense copy.
+def enable_low_memory_mode(enabled: bool = True, model: Any = None) -> int:
+    """Decompress 0.10-0.14 CompressedLinear weights on every forward and keep no dense copy.
 
-    Works through the ``weight_dtype`` fix, so only on 0.10-0.14 and for models loaded
-    after ``apply()``; a dense copy already cached is dropped at the layer's next forward. No effect
-    on compressed-tensors >= 0.15, which has no such CompressedLinear.
+    Works through the ``weight_dtype`` fix, so only for models loaded after ``apply()``. Layers that
+    already ran keep their cached dense copy unless ``model`` is given: then those copies are dropped
+    now (returns how many). No effect on compressed-tensors >= 0.15, which has no such CompressedLinear.
     """
     global _LOW_MEMORY
     _LOW_MEMORY = enabled
+    return _drop_dense_copies(model) if enabled and model is not None and _imported() else 0
 
 
 def low_memory_mode() -> bool:

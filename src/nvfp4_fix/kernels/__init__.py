@@ -66,7 +66,7 @@ def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
         if x2.dtype not in (torch.float16, torch.bfloat16):
             return "dequant_mm"
         if m == 1:
-            return "triton_gemv"
+            return "triton_gemv" if _tops.m1_kernel(n, k) == "gemv" else "triton_mm"
         if m <= 16 or m < DEQUANT_MM_MIN_M:
             return "triton_mm"
         return "dequant_mm"
@@ -173,6 +173,10 @@ def dequantize_weight(
 ) -> torch.Tensor:
     """Dense W [N, K] in ``dtype`` (e2m1 * e4m3 * multiplier, rounded once), for the "dequantize once
     at load" mode (fast CPU, bf16 memory). Built in row chunks on the CPU; one Triton kernel on CUDA."""
-    if weight_packed.device.type == "cuda" and HAS_TRITON and dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if (
+        weight_packed.device.type == "cuda"
+        and HAS_TRITON
+        and dtype in (torch.float16, torch.bfloat16, torch.float32)
+    ):
         return _tops.dequantize_rows(weight_packed, weight_scale, weight_mul.to(weight_packed.device), dtype)
     return _cpu.dequantize_dense(weight_packed, weight_scale, weight_mul.to(weight_packed.device), dtype)

@@ -21,12 +21,14 @@ from ..codec import E2M1_VALUES
 CHUNK_BYTES = int(os.environ.get("NVFP4_FIX_CPU_CHUNK_MB", "16")) * (1 << 20)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table(device: str) -> torch.Tensor:
     return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
 
 
-def _dequant_rows_f32(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor | None, tab: torch.Tensor) -> torch.Tensor:
+def _dequant_rows_f32(
+    wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor | None, tab: torch.Tensor
+) -> torch.Tensor:
     """float32 [rows, K] = e2m1 * e4m3 (* multiplier) for a slice of rows; tab = _table(device)."""
     rows, k2 = wp.shape
     vals = torch.stack((tab[(wp & 15).long()], tab[(wp >> 4).long()]), dim=-1).view(rows, k2 // 8, 16)
@@ -65,7 +67,11 @@ def linear_chunked(x2, wp, ws, mul, bias=None, *, out=None, chunk_bytes=None):
     rows = _rows_per_chunk(n, k, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     xf = x2.to(torch.float32)
     mulf = mul.to(torch.float32).reshape(())
-    y = torch.empty((m, n), dtype=torch.float32, device=x2.device) if out is None or out.dtype != torch.float32 else out
+    y = (
+        torch.empty((m, n), dtype=torch.float32, device=x2.device)
+        if out is None or out.dtype != torch.float32
+        else out
+    )
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = _dequant_chunk(wp[r0:r1], ws[r0:r1])

@@ -76,6 +76,92 @@ def _e2m1_nibble_f16(c):
     return (((c & 8) << 12) | ((c & 7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
 
 
+# One asm instance: 4 packed bytes (8 codes) + their 4 block scales (16-bit, pre-multiplied by 2^119
+# for bf16 or 2^7 for fp16) -> 4 registers of 16-bit pairs: lo nibbles (even columns) of bytes
+# (0,1), (2,3), then hi nibbles (odd columns) of bytes (0,1), (2,3). Per 2 codes: a prmt/shift share,
+# 3 logic ops and one packed multiply (fma with -0.0) by the scale, subnormals kept: the E2M1 code is
+# placed as value * 2^-126 (bf16, S=6) or value * 2^-14 (fp16, S=3), so the product is value * scale
+# * 2^-7, exact in both formats; the epilogue multiplies by 2^7.
+_DEQ_ASM = """
+{
+.reg .b32 t0, t1, u0, u1, a, b, nz, sc;
+mov.b32 nz, 0x80008000;
+cvt.rn.CVT sc, $5, $5;
+prmt.b32 t0, $4, 0, 0x1404;
+prmt.b32 t1, $4, 0, 0x3424;
+shl.b32 u0, t0, 4;
+shl.b32 u1, t1, 4;
+and.b32 a, u0, 0x70007000;
+shr.b32 a, a, SHIFT;
+and.b32 b, u0, 0x80008000;
+or.b32 a, a, b;
+fma.rn.TYPE $0, a, sc, nz;
+and.b32 a, u1, 0x70007000;
+shr.b32 a, a, SHIFT;
+and.b32 b, u1, 0x80008000;
+or.b32 a, a, b;
+fma.rn.TYPE $1, a, sc, nz;
+and.b32 a, t0, 0x70007000;
+shr.b32 a, a, SHIFT;
+and.b32 b, t0, 0x80008000;
+or.b32 a, a, b;
+fma.rn.TYPE $2, a, sc, nz;
+and.b32 a, t1, 0x70007000;
+shr.b32 a, a, SHIFT;
+and.b32 b, t1, 0x80008000;
+or.b32 a, a, b;
+fma.rn.TYPE $3, a, sc, nz;
+}
+"""
+# $5..$8 are the (identical) fp32 scales of the 4 bytes: 4 consecutive bytes never straddle a
+# 16-element block (8 bytes) because Triton packs 4-aligned groups of a contiguous, 8-aligned row.
+DEQ_ASM_BF16 = tl.constexpr(
+    _DEQ_ASM.replace("SHIFT", "6").replace("TYPE", "bf16x2").replace("CVT", "bf16x2.f32")
+)
+DEQ_ASM_F16 = tl.constexpr(
+    _DEQ_ASM.replace("SHIFT", "3").replace("TYPE", "f16x2").replace("CVT", "f16x2.f32")
+)
+
+
+@triton.jit
+def _dequant_tile(wb, sb, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+    """Packed bytes [BN, BK/2] (uint8) + e4m3 bytes [BN, BK/16] -> W tile [BN, BK] in DT equal to
+    value * scale * 2^-7 (exact). ASM=True uses packed PTX (GPU); False plain Triton (interpreter)."""
+    sf = _e4m3_to_f32(sb.to(tl.int32))  # [BN, BK/16]
+    if ASM:
+        if DT == tl.bfloat16:
+            s32 = sf * 6.646139978924579e35  # 2^119
+        else:
+            s32 = sf * 128.0
+        s32 = tl.reshape(tl.broadcast_to(s32[:, :, None], (BN, BK // 16, 8)), (BN, BK // 2))
+        if DT == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(
+                DEQ_ASM_BF16,
+                "=r,=r,=r,=r,r,r,r,r,r",
+                [wb, s32],
+                dtype=(tl.bfloat16, tl.bfloat16),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                DEQ_ASM_F16,
+                "=r,=r,=r,=r,r,r,r,r,r",
+                [wb, s32],
+                dtype=(tl.float16, tl.float16),
+                is_pure=True,
+                pack=4,
+            )
+        w = tl.reshape(tl.join(lo, hi), (BN, BK))
+    else:
+        wi = wb.to(tl.int32)
+        lo = _e2m1_nibble_f16(wi & 15)
+        hi = _e2m1_nibble_f16(wi >> 4)
+        v = tl.reshape(tl.join(lo, hi), (BN, BK // 16, 16)).to(tl.float32)  # value * 2^-14
+        w = tl.reshape(v * (sf * 0.0078125 * 16384.0)[:, :, None], (BN, BK)).to(DT)
+    return w
+
+
 @triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] fp16/bf16, row stride stride_xm, unit column stride
@@ -117,7 +203,9 @@ def _gemv_kernel(
             sc = tl.load(s_base + kw // 2, cache_modifier=".cg")
         else:
             words = tl.load(w_base + kw, mask=((kw + rw) < kw_end)[None, :], other=0, cache_modifier=".cg")
-            sc = tl.load(s_base + kw // 2, mask=((kw + 2 * rb) < kw_end)[None, :], other=0, cache_modifier=".cg")
+            sc = tl.load(
+                s_base + kw // 2, mask=((kw + 2 * rb) < kw_end)[None, :], other=0, cache_modifier=".cg"
+            )
         part = tl.zeros([BN, BKW], dtype=tl.float32)
         for j in tl.static_range(8):
             if EVEN_K:
@@ -187,6 +275,7 @@ def _mm_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GROUP_M: tl.constexpr,
+    ASM: tl.constexpr = True,  # packed PTX dequantization (False: plain Triton, for the interpreter)
     DOT_F32: tl.constexpr = False,  # interpreter only: its bf16 tl.dot is broken
 ):
     pid = tl.program_id(0)
@@ -224,17 +313,12 @@ def _mm_kernel(
             xt = tl.load(x_base + k, mask=(k + rk)[None, :] < k_end, other=0.0)
             wb = tl.load(w_base + k // 2, mask=(k + 2 * rk2)[None, :] < k_end, other=0)
             sb = tl.load(s_base + k // 16, mask=(k + 16 * rkb)[None, :] < k_end, other=0)
-        wb = wb.to(tl.int32)
-        lo = _e2m1_nibble_f16(wb & 15)
-        hi = _e2m1_nibble_f16(wb >> 4)
-        v = tl.reshape(tl.join(lo, hi), (BN, BK // 16, 16)).to(tl.float32)
-        sf = _e4m3_to_f32(sb.to(tl.int32)) * 16384.0
-        w = tl.reshape(v * sf[:, :, None], (BN, BK)).to(x_ptr.dtype.element_ty)
+        w = _dequant_tile(wb, sb, x_ptr.dtype.element_ty, BN, BK, ASM)
         if DOT_F32:
             acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, tl.trans(w), acc)
-    acc = acc * tl.load(mul_ptr)
+    acc = acc * (tl.load(mul_ptr) * 128.0)  # tiles carry value * scale * 2^-7
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if not USE_WS:
         if HAS_BIAS:
@@ -267,8 +351,14 @@ def _dequant_kernel(
     rkb = pid_k * (BK // 16) + tl.arange(0, BK // 16)
     src = (row0 + rn).to(tl.int64)
     nmask = ((row0 + rn) < N) & (rn < rows)
-    wb = tl.load(w_ptr + src[:, None] * (K // 2) + rk2[None, :], mask=nmask[:, None] & (rk2 < K // 2)[None, :], other=0)
-    sb = tl.load(s_ptr + src[:, None] * (K // 16) + rkb[None, :], mask=nmask[:, None] & (rkb < K // 16)[None, :], other=0)
+    wb = tl.load(
+        w_ptr + src[:, None] * (K // 2) + rk2[None, :], mask=nmask[:, None] & (rk2 < K // 2)[None, :], other=0
+    )
+    sb = tl.load(
+        s_ptr + src[:, None] * (K // 16) + rkb[None, :],
+        mask=nmask[:, None] & (rkb < K // 16)[None, :],
+        other=0,
+    )
     wb = wb.to(tl.int32)
     lo = _e2m1_nibble_f16(wb & 15)
     hi = _e2m1_nibble_f16(wb >> 4)

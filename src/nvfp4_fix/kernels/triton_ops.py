@@ -18,13 +18,15 @@ from .triton_nvfp4 import _dequant_kernel, _gemv_kernel, _mm_kernel, _splitk_red
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Per-shape tuned configs, (N, K) -> cfg. Filled from benchmarks/bench_kernels.py --tune on an H100
-# (see benchmarks/RESULTS.md); anything else falls back to the heuristics below.
-GEMV_TUNED: dict[tuple[int, int], dict] = {}
-MM_SMALL_TUNED: dict[tuple[int, int], dict] = {}
+# Per-shape tuned configs from benchmarks/bench_kernels.py --tune on an H100 (benchmarks/RESULTS.md).
+# TUNED_M1[(N, K)] = (kernel, cfg) with kernel "gemv" or "mm" (whichever measured faster at M=1);
+# TUNED_SMALL[(N, K)] = cfg of the BM=16 tl.dot kernel measured at M=16 (used for 2 <= M <= 16).
+# Shapes not listed fall back to the heuristics below.
+TUNED_M1: dict[tuple[int, int], tuple[str, dict]] = {}
+TUNED_SMALL: dict[tuple[int, int], dict] = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     if _INTERPRET or not torch.cuda.is_available():
         return 132
@@ -37,7 +39,9 @@ def _sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _split_for(programs_mn: int, k_iters: int, sms: int, target_waves: float = 4.0, min_iters: int = 4) -> int:
+def _split_for(
+    programs_mn: int, k_iters: int, sms: int, target_waves: float = 4.0, min_iters: int = 4
+) -> int:
     """Split K until there are ~target_waves programs per SM, keeping >= min_iters loop trips each."""
     split = 1
     while programs_mn * split < target_waves * sms and k_iters // (split * 2) >= min_iters:
@@ -46,12 +50,12 @@ def _split_for(programs_mn: int, k_iters: int, sms: int, target_waves: float = 4
 
 
 def gemv_config(n: int, k: int, device: torch.device) -> dict:
-    cfg = GEMV_TUNED.get((n, k))
-    if cfg is not None:
-        return dict(cfg)
+    tuned = TUNED_M1.get((n, k))
+    if tuned is not None and tuned[0] == "gemv":
+        return dict(tuned[1])
     bn, bkw, warps = 16, 64, 4
     kw = k // 8
-    while bkw > 2 and bkw // 2 >= kw:  # don't pad tiny K with a huge tile
+    while bkw > 4 and bkw // 2 >= kw:  # don't pad tiny K with a huge tile (BKW >= 4: no size-1 dims)
         bkw //= 2
     split = _split_for(triton.cdiv(n, bn), triton.cdiv(kw, bkw), _sms(device))
     return {"BN": bn, "BKW": bkw, "SPLIT": split, "num_warps": warps, "DEQ": 0, "num_stages": 3}
@@ -59,20 +63,37 @@ def gemv_config(n: int, k: int, device: torch.device) -> dict:
 
 def mm_config(m: int, n: int, k: int, device: torch.device) -> dict:
     if m <= 16:
-        cfg = MM_SMALL_TUNED.get((n, k))
+        tuned = TUNED_M1.get((n, k)) if m == 1 else None
+        if tuned is not None and tuned[0] == "mm":
+            return dict(tuned[1])
+        cfg = TUNED_SMALL.get((n, k))
         if cfg is not None:
             return dict(cfg)
         bm, bn, bk, warps, stages = 16, 64, 256, 4, 4
     elif m <= 64:
-        bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
+        bm, bn, bk, warps, stages = 64, 128, 128, 4, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    while bk > 16 and bk // 2 >= k:
+    while bk > 32 and bk // 2 >= k:  # BK >= 32: no size-1 block dimension
         bk //= 2
-    split = 1
-    if m <= 64:
-        split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), _sms(device))
-    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT": split, "num_warps": warps, "num_stages": stages, "GROUP_M": 8}
+    split = _split_for(
+        triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), _sms(device), target_waves=2.0
+    )
+    return {
+        "BM": bm,
+        "BN": bn,
+        "BK": bk,
+        "SPLIT": split,
+        "num_warps": warps,
+        "num_stages": stages,
+        "GROUP_M": 8,
+    }
+
+
+def m1_kernel(n: int, k: int) -> str:
+    """ "gemv" or "mm" for M == 1 on this shape (tuned table; default gemv)."""
+    tuned = TUNED_M1.get((n, k))
+    return tuned[0] if tuned is not None else "gemv"
 
 
 def _check(x2: torch.Tensor, wp: torch.Tensor, ws: torch.Tensor) -> tuple[int, int, int]:
@@ -112,8 +133,16 @@ def _reduce(ws_buf, y, bias, split):
     m, n = y.shape
     block = 1024
     _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-        ws_buf, y, bias if bias is not None else ws_buf, m, n, y.stride(0), split,
-        BLOCK=block, HAS_BIAS=bias is not None, num_warps=4,
+        ws_buf,
+        y,
+        bias if bias is not None else ws_buf,
+        m,
+        n,
+        y.stride(0),
+        split,
+        BLOCK=block,
+        HAS_BIAS=bias is not None,
+        num_warps=4,
     )
 
 
@@ -133,10 +162,27 @@ def gemv(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
     dst = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(n, cfg["BN"]), split, m)
     _gemv_kernel[grid](
-        x2, w32, s8, dst, mul, bias if bias is not None else mul,
-        m, n, kw, kb, x2.stride(0), y.stride(0), wps,
-        BN=cfg["BN"], BKW=bkw, USE_WS=split > 1, EVEN_K=even, DEQ=cfg.get("DEQ", 0),
-        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        x2,
+        w32,
+        s8,
+        dst,
+        mul,
+        bias if bias is not None else mul,
+        m,
+        n,
+        kw,
+        kb,
+        x2.stride(0),
+        y.stride(0),
+        wps,
+        BN=cfg["BN"],
+        BKW=bkw,
+        USE_WS=split > 1,
+        EVEN_K=even,
+        DEQ=cfg.get("DEQ", 0),
+        HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3),
     )
     if split > 1:
         _reduce(dst, y, bias, split)
@@ -157,10 +203,29 @@ def mm(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
     dst = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
     _mm_kernel[grid](
-        x2, wp, s8, dst, mul, bias if bias is not None else mul,
-        m, n, k, x2.stride(0), y.stride(0), kps,
-        BM=cfg["BM"], BN=cfg["BN"], BK=bk, USE_WS=split > 1, EVEN_K=even, HAS_BIAS=bias is not None,
-        GROUP_M=cfg.get("GROUP_M", 8), DOT_F32=_INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        x2,
+        wp,
+        s8,
+        dst,
+        mul,
+        bias if bias is not None else mul,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        y.stride(0),
+        kps,
+        BM=cfg["BM"],
+        BN=cfg["BN"],
+        BK=bk,
+        USE_WS=split > 1,
+        EVEN_K=even,
+        HAS_BIAS=bias is not None,
+        GROUP_M=cfg.get("GROUP_M", 8),
+        ASM=cfg.get("ASM", not _INTERPRET),
+        DOT_F32=_INTERPRET,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3),
     )
     if split > 1:
         _reduce(dst, y, bias, split)
@@ -177,7 +242,7 @@ def dequantize_rows(wp, ws, mul, dtype, row0=0, rows=None, *, out=None):
     if out is None:
         out = torch.empty((rows, k), dtype=dtype, device=wp.device)
     bn, bk = 32, 256
-    while bk > 16 and bk // 2 >= k:
+    while bk > 32 and bk // 2 >= k:
         bk //= 2
     grid = (triton.cdiv(rows, bn), triton.cdiv(k, bk))
     _dequant_kernel[grid](wp, s8, mul.reshape(()), out, row0, rows, n, k, BN=bn, BK=bk, num_warps=4)
@@ -194,7 +259,9 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
     m, k = x2.shape
     n = wp.shape[0]
     if k % 16 or wp.shape != (n, k // 2) or ws.shape != (n, k // 16):
-        raise ValueError(f"packed weight {tuple(wp.shape)} / scales {tuple(ws.shape)} do not match x [..., {k}]")
+        raise ValueError(
+            f"packed weight {tuple(wp.shape)} / scales {tuple(ws.shape)} do not match x [..., {k}]"
+        )
     dtype = x2.dtype
     budget = SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
     esize = torch.finfo(dtype).bits // 8
