@@ -149,6 +149,7 @@ def save_portable_tokenizer(tok, out_dir: Path) -> None:
         "added_tokens_decoder": added,
         **specials,
         "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],  # 4.x would add token_type_ids
         "model_max_length": 256,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }

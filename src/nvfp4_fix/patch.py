@@ -24,18 +24,25 @@ def apply_patch(packed_layers: bool = True) -> dict[str, Any]:
             install_routing()
             _STATE["routing"] = "installed"
         # ---- end packed-layer routing ----
+    elif _STATE["routing"] == "installed":
+        _remove_routing()
     return patch_status()
+
+
+def _remove_routing() -> None:
+    try:
+        from .loading import remove_routing  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+    else:
+        remove_routing()
+    _STATE["routing"] = "not requested"
 
 
 def remove_patch() -> dict[str, Any]:
     """Undo ``apply_patch``: originals back, routing removed, low-memory mode off."""
     if _STATE["routing"] == "installed":
-        try:
-            from .loading import remove_routing  # type: ignore[attr-defined]
-        except ImportError:
-            pass
-        else:
-            remove_routing()
+        _remove_routing()
     _ct.remove()
     _ct.enable_low_memory_mode(False)
     _STATE.update(active=False, packed_layers=False, routing="not requested")

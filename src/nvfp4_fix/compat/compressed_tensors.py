@@ -4,11 +4,13 @@ Each fix is applied only when the installed release is in the affected range of 
 code it replaces is still there. Originals are kept and put back by ``remove()``. If compressed-tensors
 is not imported yet, ``apply()`` waits for its import (a post-import hook) instead of importing it.
 
-Low-memory mode (0.13.x ``CompressedLinear`` only): by default ``CompressedLinear`` decompresses its
-weight on the first forward and then keeps the dense copy next to the packed one (~4.5x the packed
-bytes per layer, for the rest of the process). With ``enable_low_memory_mode()`` it decompresses on
-every forward and keeps nothing: memory stays at the packed size plus one layer's dense weight at a
-time, at the price of a dequantization per layer per forward (much slower decode).
+Low-memory mode (the 0.10-0.14 ``CompressedLinear``, i.e. 0.13.x here): by default a layer
+decompresses its weight on the first forward and then keeps the dense copy next to the packed one for
+the rest of the process (16-bit dense: ~3.6x the packed bytes, on top of them). With
+``enable_low_memory_mode()`` it decompresses on every forward and keeps nothing: memory stays at the
+packed size plus one layer's dense weight at a time, at the price of a full dequantization per layer
+per forward (decode gets many times slower). Load mode ``run_compressed=False`` decompresses the whole
+model at load time and is not affected.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import importlib.metadata
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import _nvfp4_fix_startup as _hooks
@@ -458,7 +460,6 @@ class FixRecord:
     needed: bool
     applied: bool
     reason: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
