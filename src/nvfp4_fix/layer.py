@@ -69,6 +69,8 @@ class NVFP4Linear(nn.Module):
         self.in_features, self.out_features, self.layout = in_features, out_features, layout
         self.activation_mode = "quantize"
         self.dense_weight: torch.Tensor | None = None  # only when dequantized once on purpose
+        self._mul: torch.Tensor | None = None
+        self._mul_key: tuple[object, ...] | None = None
 
         def param(shape: tuple[int, ...], dt: torch.dtype) -> nn.Parameter:
             return nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
@@ -97,9 +99,15 @@ class NVFP4Linear(nn.Module):
 
     @property
     def weight_mul(self) -> torch.Tensor:
-        """The per-tensor factor in the multiplier convention, float32."""
-        g = self._parameters[self._global_name].to(torch.float32)
-        return (1.0 / g if self.layout == COMPRESSED_TENSORS else g).reshape(())
+        """The per-tensor factor in the multiplier convention: a float32 scalar on the weights' device,
+        computed once per value of the global scale (one launch less per forward)."""
+        g = self._parameters[self._global_name]
+        key = (g.device, g.data_ptr(), g._version)
+        if self._mul_key != key:
+            g32 = g.detach().to(torch.float32)
+            self._mul = (1.0 / g32 if self.layout == COMPRESSED_TENSORS else g32).reshape(())
+            self._mul_key = key
+        return self._mul
 
     @property
     def input_divisor(self) -> torch.Tensor | None:
