@@ -257,3 +257,20 @@ def test_w4a4_matches_compressed_tensors_own_forward(path: Path) -> None:
             layer.activation_mode = "bf16"
             err_plain = rel_err(layer(x), expected)
         assert err < 1e-2 and err < err_plain / 3, (name, err, err_plain)
+
+
+def test_dense_on_cpu_and_low_memory_mode() -> None:
+    path = FIXTURES / "demo" / "ct-nvfp4a16"
+    ids = token_ids(path)
+    packed = from_pretrained(path, dtype=torch.float32)
+    dense = from_pretrained(path, dtype=torch.float32, dense_on_cpu=True)
+    layers = [m for m in dense.modules() if isinstance(m, NVFP4Linear)]
+    assert all(m.dense_weight is not None and m.weight_packed.dtype == torch.uint8 for m in layers)
+    assert rel_err(logits(dense, ids), logits(packed, ids)) < 1e-5
+    try:
+        assert nvfp4_fix.enable_low_memory_mode(model=dense) >= len(layers)
+        assert all(m.dense_weight is None for m in layers)
+        with pytest.raises(RuntimeError, match="low-memory"):
+            from_pretrained(path, dense_on_cpu=True)
+    finally:
+        nvfp4_fix.enable_low_memory_mode(False)

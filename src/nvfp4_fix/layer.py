@@ -23,6 +23,9 @@ from .checkpoint import COMPRESSED_TENSORS, MODELOPT
 from .codec import BLOCK, FP4_MAX, FP8_MAX, dequantize, e2m1_table, round_to_e2m1_codes
 from .kernels import nvfp4_linear
 
+#: Set by ``enable_low_memory_mode()``: no layer may hold a dequantized copy of its weight.
+LOW_MEMORY = False
+
 #: "quantize" reproduces the producer's activation fake-quantization (W4A4 checkpoints);
 #: "bf16" feeds activations unquantized (faster; what vLLM's Marlin path does before Blackwell).
 ACTIVATION_MODES = ("quantize", "bf16")
@@ -119,6 +122,13 @@ class NVFP4Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.packed, self.weight_scale, self.weight_mul, "multiplier", dtype)
+
+    def keep_dense_copy(self, dtype: torch.dtype | None) -> None:
+        """Dequantize once and compute with the dense copy (fast on CPU, at dense memory), or drop it
+        (``None``). The packed tensors stay, so ``state_dict()`` is unchanged either way."""
+        if dtype is not None and LOW_MEMORY:
+            raise RuntimeError("low-memory mode is on: layers keep no dequantized copy")
+        self.dense_weight = None if dtype is None else self.dequantized_weight(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:

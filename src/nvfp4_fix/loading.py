@@ -294,6 +294,7 @@ def load_model(
     device_map: Any = None,
     max_memory: dict[Any, Any] | None = None,
     activations: str = "quantize",
+    dense_on_cpu: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     **config_kwargs: Any,
@@ -341,6 +342,8 @@ def load_model(
     for m in model.modules():
         if isinstance(m, (NVFP4Linear, NVFP4Experts)):
             m.activation_mode = activations
+        if dense_on_cpu and isinstance(m, NVFP4Linear) and m.packed.device.type == "cpu":
+            m.keep_dense_copy(torch_dtype)
 
     if len(set(map(str, placement.values()))) > 1:
         from accelerate import dispatch_model
@@ -378,7 +381,9 @@ def from_pretrained(path: str | os.PathLike[str], model_class: Any = None, **kwa
 
     ``model_class`` defaults to ``AutoModelForCausalLM``; pass e.g. ``AutoModelForImageTextToText``.
     Keyword arguments: ``dtype``/``torch_dtype``, ``device_map``, ``max_memory``, ``activations``
-    ("quantize" reproduces W4A4 activation quantization, "bf16" skips it), ``trust_remote_code``,
+    ("quantize" reproduces W4A4 activation quantization, "bf16" skips it), ``dense_on_cpu`` (CPU only:
+    dequantize each layer once at load and compute densely: fast, at dense memory; refused in
+    low-memory mode), ``trust_remote_code``,
     ``attn_implementation``, and config overrides.
     """
     if model_class is None:

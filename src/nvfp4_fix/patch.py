@@ -56,10 +56,22 @@ def is_patched() -> bool:
 
 
 def enable_low_memory_mode(enabled: bool = True, model: Any = None) -> int:
-    """compressed-tensors 0.10-0.14 ``CompressedLinear``: decompress on every forward and keep no dense
-    copy (memory stays packed; every forward pays a dequantization per layer). Pass ``model`` to drop
-    the copies already cached; returns how many were dropped."""
-    return _ct.enable_low_memory_mode(enabled, model)
+    """No layer keeps a dequantized copy of its weight across forwards.
+
+    nvfp4-fix's packed layers then always compute from the packed bytes (``dense_on_cpu`` is
+    refused), and compressed-tensors 0.10-0.14 ``CompressedLinear`` decompresses on every forward
+    instead of caching (memory stays packed; every forward pays a dequantization per layer). Pass
+    ``model`` to drop the copies it already holds; returns how many were dropped."""
+    from . import layer
+
+    layer.LOW_MEMORY = enabled
+    dropped = 0
+    if enabled and model is not None:
+        for m in model.modules():
+            if isinstance(m, layer.NVFP4Linear) and m.dense_weight is not None:
+                m.keep_dense_copy(None)
+                dropped += 1
+    return dropped + _ct.enable_low_memory_mode(enabled, model)
 
 
 def patch_status() -> dict[str, Any]:
