@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 DISABLE_ENV = "NVFP4_FIX_DISABLE"
 TRIGGER = "compressed_tensors"
+#: transformers imports compressed_tensors only inside the first from_pretrained: routing must be in
+#: place before that, so the hook also fires when transformers' modeling code (which has torch) loads.
+ROUTING_TRIGGER = "transformers.modeling_utils"
 
 #: Set by ``arm()``: the options the start-up hook was armed with, or None.
 ARMED: dict[str, bool] | None = None
@@ -130,3 +133,5 @@ def arm(packed_layers: bool = True) -> None:
         return
     ARMED = {"packed_layers": packed_layers}
     when_imported(TRIGGER, _apply_patch)
+    if packed_layers:
+        when_imported(ROUTING_TRIGGER, _apply_patch)

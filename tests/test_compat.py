@@ -333,6 +333,21 @@ def test_persistent_hook_applies_on_import_and_costs_nothing_at_start(venv: Path
     assert gone.stdout.strip() == "False"
 
 
+def test_persistent_hook_routes_the_very_first_from_pretrained(venv: Path) -> None:
+    """transformers imports compressed_tensors inside from_pretrained: the hook must already route."""
+    assert _cli(venv, "apply-patch").returncode == 0
+    fixture = HERE / "fixtures" / "current" / "llama-nvfp4a16"
+    code = (
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(fixture)!r})\n"
+        "q = m.model.layers[0].self_attn.q_proj\n"
+        "print(type(q).__name__, q.weight_packed.dtype)"
+    )
+    r = _py(venv, code)
+    assert r.returncode == 0 and r.stdout.strip().endswith("NVFP4Linear torch.uint8"), r.stderr[-2000:]
+    assert _cli(venv, "remove-patch").returncode == 0
+
+
 def test_missing_or_broken_package_keeps_start_up_silent(venv: Path, tmp_path: Path) -> None:
     site = Path(_py(venv, "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
     startup.install(site)

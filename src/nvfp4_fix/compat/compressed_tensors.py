@@ -130,6 +130,17 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         fix="weight_dtype",
     ),
     KnownBug(
+        key="ct-bf16-weight-first-forward",
+        package=PACKAGE,
+        affected=("0.15.0", None),
+        summary="the NVFP4 decompressor still returns bfloat16; the whole-model decompression at the first "
+        "forward leaves bfloat16 weights in a float16/float32 model",
+        symptom="RuntimeError: expected m1 and m2 to have the same dtype (default load with dtype=float16 "
+        "or float32; dequantize=True and bfloat16 work)",
+        fixed_by="advice: load with dtype=torch.bfloat16, or apply_patch() (nvfp4-fix's packed layers)",
+        checked="measured on 0.20.0 with transformers 5.24.0; source of 0.15.0 has the same decompressor",
+    ),
+    KnownBug(
         key="tf-fp16-default",
         package="transformers",
         affected=(None, "5.24.0"),
