@@ -123,7 +123,7 @@ def _try(log, what, fn):
 
 
 def tune(shapes, log):
-    m1, small = {}, {}
+    m1, small, mid = {}, {}, {}
     dev = torch.device("cuda")
     for name, n, k in shapes:
         lay = Layer(n, k, 16, with_bf16=False)
@@ -134,9 +134,9 @@ def tune(shapes, log):
         ref16 = K.nvfp4_linear(x16, wp, ws, mul, kernel="reference").float()
         res1, res16 = [], []
         base = T.gemv_config(n, k, dev)["SPLIT"]
-        for bn, bkw in itertools.product((8, 16, 32), (32, 64, 128)):
+        for bn, bkw, deq in itertools.product((8, 16, 32), (32, 64, 128), (0, 2)):
             for split in sorted({max(1, base // 2), base, base * 2}):
-                cfg = {"BN": bn, "BKW": bkw, "SPLIT": split, "num_warps": 4, "DEQ": 0, "num_stages": 3}
+                cfg = {"BN": bn, "BKW": bkw, "SPLIT": split, "num_warps": 4, "DEQ": deq, "num_stages": 3}
                 y = _try(log, f"gemv {cfg}", lambda cfg=cfg: T.gemv(x1, wp, ws, mul, cfg=cfg))
                 if y is None or rel_err(y, ref1) > 1e-2:
                     continue
@@ -151,7 +151,7 @@ def tune(shapes, log):
                     res1.append((t, "gemv", cfg))
         base = T.mm_config(16, n, k, dev)["SPLIT"]
         for bn, bk, warps, stages in itertools.product((32, 64, 128, 256), (128, 256), (4, 8), (3, 4)):
-            if bn == 256 and warps == 4:
+            if (bn == 256 and warps == 4) or (bn <= 64 and warps == 8):
                 continue
             for split in sorted({max(1, base // 2), base * 2}):
                 cfg = {"BM": 16, "BN": bn, "BK": bk, "SPLIT": split, "num_warps": warps, "num_stages": stages}
@@ -172,6 +172,28 @@ def tune(shapes, log):
                     res16.append((t16, "mm", cfg))
                 if t1 is not None:
                     res1.append((t1, "mm", cfg))
+        # M=128: the tl.dot kernel's block shapes and split
+        x128 = torch.randn(128, k, device="cuda", dtype=torch.bfloat16) + 0.1
+        ref128 = K.nvfp4_linear(x128, wp, ws, mul, kernel="reference").float()
+        res128 = []
+        base = T.mm_config(128, n, k, dev)["SPLIT"]
+        for bm, bn, bk, warps in itertools.product((64, 128), (64, 128), (64, 128), (4, 8)):
+            for split in sorted({max(1, base // 2), base, base * 2}):
+                cfg = {"BM": bm, "BN": bn, "BK": bk, "SPLIT": split, "num_warps": warps, "num_stages": 3}
+                y = _try(log, f"mm {cfg}", lambda cfg=cfg: T.mm(x128, wp, ws, mul, cfg=cfg))
+                if y is None or rel_err(y, ref128) > 1e-2:
+                    continue
+                t = _try(
+                    log,
+                    "bench",
+                    lambda cfg=cfg: bench_graph(lambda i: T.mm(x128, *lay.qargs(i)[1:], cfg=cfg)),
+                )
+                if t is not None:
+                    res128.append((t, "mm", cfg))
+        res128.sort(key=lambda r: r[0])
+        for t, kern, cfg in res128[:2]:
+            log(f"  {name} M=128 {t:8.1f} us {kern} {cfg}")
+        mid[(n, k)] = res128[0][2]
         res1.sort(key=lambda r: r[0])
         res16.sort(key=lambda r: r[0])
         for t, kern, cfg in res1[:4]:
@@ -187,7 +209,7 @@ def tune(shapes, log):
         small[(n, k)] = res16[0][2]
         lay = None
         torch.cuda.empty_cache()
-    return m1, small
+    return m1, small, mid
 
 
 def main():
@@ -195,6 +217,7 @@ def main():
     ap.add_argument("--models", default="8b,70b")
     ap.add_argument("--m", default="1,4,16,128,2048")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-dequant", action="store_true", help="sweep the dequantize kernel's block shape")
     ap.add_argument("--no-torch-dequant", action="store_true", help="skip the slow plain-torch baseline")
     ap.add_argument("--out", default=None, help="also write the log here")
     ap.add_argument("--json", default=None)
@@ -217,12 +240,38 @@ def main():
 
     if args.tune:
         t0 = time.time()
-        m1, small = tune(shapes, log)
+        m1, small, mid = tune(shapes, log)
         T.TUNED_M1.update(m1)
         T.TUNED_SMALL.update(small)
+        T.TUNED_MID.update(mid)
         log("TUNED_M1 = " + repr(m1))
         log("TUNED_SMALL = " + repr(small))
+        log("TUNED_MID = " + repr(mid))
         log(f"# tuning took {time.time() - t0:.0f} s")
+
+    if args.tune_dequant:
+        best = {}
+        for name, n, k in shapes:
+            lay = Layer(n, k, 1, with_bf16=False)
+            out = torch.empty((min(n, T.SCRATCH_BYTES // (2 * k)), k), dtype=torch.bfloat16, device="cuda")
+            rows_ = out.shape[0]
+            for cfg in ((32, 256, 4), (64, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4), (32, 512, 8)):
+                t = _try(
+                    log,
+                    "dequant",
+                    lambda cfg=cfg: bench_graph(
+                        lambda i: T.dequantize_rows(
+                            *lay.q[i % len(lay.q)], torch.bfloat16, 0, rows_, out=out, cfg=cfg
+                        )
+                    ),
+                )
+                if t is not None:
+                    gbs = rows_ * k * (2 + 9 / 16) / (t * 1e-6) / 1e9
+                    log(f"  dequant {name} rows={rows_} {cfg}: {t:.1f} us {gbs:.0f} GB/s")
+                    best[cfg] = best.get(cfg, 0.0) + t / rows_ / k
+            lay = None
+        T.DEQUANT_CFG = min(best, key=best.get)
+        log(f"DEQUANT_CFG = {T.DEQUANT_CFG!r}")
 
     rows = []
     log(
@@ -248,7 +297,7 @@ def main():
                 _try(log, "gemv", lambda: bench_graph(lambda i: T.gemv(*lay.qargs(i)))) if m <= 4 else None
             )
             r["mm"] = (
-                _try(log, "mm", lambda: bench_graph(lambda i: T.mm(*lay.qargs(i)))) if m <= 256 else None
+                _try(log, "mm", lambda: bench_graph(lambda i: T.mm(*lay.qargs(i)))) if m <= 2048 else None
             )
             r["dequant_mm"] = _try(
                 log, "dequant_mm", lambda: bench_graph(lambda i: T.dequant_mm(*lay.qargs(i)))

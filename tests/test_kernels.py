@@ -278,6 +278,11 @@ def _run_all_triton(m, n, k, dtype, device, with_bias, extra_cfgs=True):
         if extra_cfgs:
             runs.append(("gemv_deq1", T.gemv, {**T.gemv_config(n, k, x.device), "DEQ": 1}))
             runs.append(("gemv_split", T.gemv, {"BN": 16, "BKW": 4, "SPLIT": 3, "num_warps": 4, "DEQ": 0}))
+        if device == "cuda":  # packed-PTX decode (GPU only)
+            runs.append(("gemv_deq2", T.gemv, {**T.gemv_config(n, k, x.device), "DEQ": 2}))
+            runs.append(
+                ("gemv_deq2_split", T.gemv, {"BN": 8, "BKW": 4, "SPLIT": 3, "num_warps": 4, "DEQ": 2})
+            )
     if extra_cfgs and k <= 512:
         runs.append(("mm_split", T.mm, {"BM": 16, "BN": 32, "BK": 32, "SPLIT": 3, "num_warps": 4}))
     if device == "cuda" and m in (1, 17, 128):  # the plain-Triton dequantization too (the GPU default is PTX)

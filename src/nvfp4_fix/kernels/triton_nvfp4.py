@@ -123,6 +123,32 @@ DEQ_ASM_F16 = tl.constexpr(
 )
 
 
+def _gemv_word_asm() -> str:
+    """PTX: $0 = sum_{i<8} e2m1(code i of word $1) * 2^-14 * $(2+i). Codes i and i+4 sit in the two
+    16-bit halves, so one shift and three logic ops make two fp16 values (value * 2^-14, subnormal
+    0.5 included), each converted exactly to fp32 and FMA'd in fp32."""
+    lines = ["{", ".reg .b32 t, a, b;", ".reg .b16 l, h;", ".reg .f32 f, acc;", "mov.f32 acc, 0f00000000;"]
+    for j in range(4):
+        sh = 12 - 4 * j
+        lines.append(f"shl.b32 t, $1, {sh};" if sh else "mov.b32 t, $1;")
+        lines += [
+            "and.b32 a, t, 0x70007000;",
+            "shr.b32 a, a, 3;",
+            "and.b32 b, t, 0x80008000;",
+            "or.b32 a, a, b;",
+            "mov.b32 {l, h}, a;",
+            "cvt.f32.f16 f, l;",
+            f"fma.rn.f32 acc, f, ${2 + j}, acc;",
+            "cvt.f32.f16 f, h;",
+            f"fma.rn.f32 acc, f, ${6 + j}, acc;",
+        ]
+    lines += ["mov.f32 $0, acc;", "}"]
+    return "\n".join(lines)
+
+
+GEMV_WORD_ASM = tl.constexpr(_gemv_word_asm())
+
+
 @triton.jit
 def _dequant_tile(wb, sb, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
     """Packed bytes [BN, BK/2] (uint8) + e4m3 bytes [BN, BK/16] -> W tile [BN, BK] in DT equal to
@@ -206,18 +232,58 @@ def _gemv_kernel(
             sc = tl.load(
                 s_base + kw // 2, mask=((kw + 2 * rb) < kw_end)[None, :], other=0, cache_modifier=".cg"
             )
-        part = tl.zeros([BN, BKW], dtype=tl.float32)
-        for j in tl.static_range(8):
+        if DEQ == 2:
+            # packed PTX: one instance per word -> sum_j w_j * x_j over its 8 codes (value * 2^-14)
             if EVEN_K:
-                xj = tl.load(x_base + kw * 8 + j).to(tl.float32)
+                x0 = tl.load(x_base + kw * 8 + 0).to(tl.float32)
+                x1 = tl.load(x_base + kw * 8 + 1).to(tl.float32)
+                x2 = tl.load(x_base + kw * 8 + 2).to(tl.float32)
+                x3 = tl.load(x_base + kw * 8 + 3).to(tl.float32)
+                x4 = tl.load(x_base + kw * 8 + 4).to(tl.float32)
+                x5 = tl.load(x_base + kw * 8 + 5).to(tl.float32)
+                x6 = tl.load(x_base + kw * 8 + 6).to(tl.float32)
+                x7 = tl.load(x_base + kw * 8 + 7).to(tl.float32)
             else:
-                xj = tl.load(x_base + kw * 8 + j, mask=(kw + rw) < kw_end, other=0.0).to(tl.float32)
-            if DEQ == 0:
-                wj = _e2m1_word_f32(words, j)
-                xj = xj * X_PRESCALE_F32
-            else:
-                wj = _e2m1_word_f16(words, j)
-            part += wj * xj[None, :]
+                km = (kw + rw) < kw_end
+                x0 = tl.load(x_base + kw * 8 + 0, mask=km, other=0.0).to(tl.float32)
+                x1 = tl.load(x_base + kw * 8 + 1, mask=km, other=0.0).to(tl.float32)
+                x2 = tl.load(x_base + kw * 8 + 2, mask=km, other=0.0).to(tl.float32)
+                x3 = tl.load(x_base + kw * 8 + 3, mask=km, other=0.0).to(tl.float32)
+                x4 = tl.load(x_base + kw * 8 + 4, mask=km, other=0.0).to(tl.float32)
+                x5 = tl.load(x_base + kw * 8 + 5, mask=km, other=0.0).to(tl.float32)
+                x6 = tl.load(x_base + kw * 8 + 6, mask=km, other=0.0).to(tl.float32)
+                x7 = tl.load(x_base + kw * 8 + 7, mask=km, other=0.0).to(tl.float32)
+            part = tl.inline_asm_elementwise(
+                GEMV_WORD_ASM,
+                "=f,r,f,f,f,f,f,f,f,f",
+                [
+                    words,
+                    x0[None, :],
+                    x1[None, :],
+                    x2[None, :],
+                    x3[None, :],
+                    x4[None, :],
+                    x5[None, :],
+                    x6[None, :],
+                    x7[None, :],
+                ],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            part = tl.zeros([BN, BKW], dtype=tl.float32)
+            for j in tl.static_range(8):
+                if EVEN_K:
+                    xj = tl.load(x_base + kw * 8 + j).to(tl.float32)
+                else:
+                    xj = tl.load(x_base + kw * 8 + j, mask=(kw + rw) < kw_end, other=0.0).to(tl.float32)
+                if DEQ == 0:
+                    wj = _e2m1_word_f32(words, j)
+                    xj = xj * X_PRESCALE_F32
+                else:
+                    wj = _e2m1_word_f16(words, j)
+                part = tl.fma(wj, xj[None, :], part)  # explicit FMA (fp fusion may be off)
         sf = _e4m3_to_f32(sc.to(tl.int32))
         acc += part * tl.reshape(tl.join(sf, sf), (BN, BKW))
     y = tl.sum(acc, axis=1)
@@ -275,6 +341,7 @@ def _mm_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr = False,  # compute (W x^T)^T: the weight tile is the MMA's A operand
     ASM: tl.constexpr = True,  # packed PTX dequantization (False: plain Triton, for the interpreter)
     DOT_F32: tl.constexpr = False,  # interpreter only: its bf16 tl.dot is broken
 ):
@@ -303,7 +370,10 @@ def _mm_kernel(
     x_base = x_ptr + rm_c[:, None] * stride_xm + rk[None, :]
     w_base = w_ptr + rn_c[:, None] * K2 + rk2[None, :]
     s_base = s_ptr + rn_c[:, None] * KB + rkb[None, :]
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if SWAP:
+        acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k in range(k0, k_end, BK):
         if EVEN_K:
             xt = tl.load(x_base + k)
@@ -315,9 +385,20 @@ def _mm_kernel(
             sb = tl.load(s_base + k // 16, mask=(k + 16 * rkb)[None, :] < k_end, other=0)
         w = _dequant_tile(wb, sb, x_ptr.dtype.element_ty, BN, BK, ASM)
         if DOT_F32:
-            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            xt = xt.to(tl.float32)
+            w = w.to(tl.float32)
+        if SWAP:  # W^T as the A operand (registers), x^T as B: lets Hopper use wgmma
+            if DOT_F32:
+                acc_t = tl.dot(w, tl.trans(xt), acc_t, input_precision="ieee")
+            else:
+                acc_t = tl.dot(w, tl.trans(xt), acc_t)
         else:
-            acc = tl.dot(xt, tl.trans(w), acc)
+            if DOT_F32:
+                acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc_t)
     acc = acc * (tl.load(mul_ptr) * 128.0)  # tiles carry value * scale * 2^-7
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if not USE_WS:
@@ -342,6 +423,7 @@ def _dequant_kernel(
     K,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    ASM: tl.constexpr = False,
 ):
     """out[r, :] = dequant(W[row0 + r, :]) * multiplier, rounded once to out's dtype."""
     pid_n = tl.program_id(0)
@@ -359,12 +441,19 @@ def _dequant_kernel(
         mask=nmask[:, None] & (rkb < K // 16)[None, :],
         other=0,
     )
-    wb = wb.to(tl.int32)
-    lo = _e2m1_nibble_f16(wb & 15)
-    hi = _e2m1_nibble_f16(wb >> 4)
-    v = tl.reshape(tl.join(lo, hi), (BN, BK // 16, 16)).to(tl.float32)
-    sf = _e4m3_to_f32(sb.to(tl.int32)) * (16384.0 * tl.load(mul_ptr))
-    w = tl.reshape(v * sf[:, :, None], (BN, BK))
+    if ASM:  # exact value * scale * 2^-7 in a 16-bit type, then one fp32 multiply and one rounding
+        if out_ptr.dtype.element_ty == tl.float16:
+            w16 = _dequant_tile(wb, sb, tl.float16, BN, BK, True)
+        else:
+            w16 = _dequant_tile(wb, sb, tl.bfloat16, BN, BK, True)
+        w = w16.to(tl.float32) * (tl.load(mul_ptr) * 128.0)
+    else:
+        wb = wb.to(tl.int32)
+        lo = _e2m1_nibble_f16(wb & 15)
+        hi = _e2m1_nibble_f16(wb >> 4)
+        v = tl.reshape(tl.join(lo, hi), (BN, BK // 16, 16)).to(tl.float32)
+        sf = _e4m3_to_f32(sb.to(tl.int32)) * (16384.0 * tl.load(mul_ptr))
+        w = tl.reshape(v * sf[:, :, None], (BN, BK))
     rk = pid_k * BK + tl.arange(0, BK)
     optrs = out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     tl.store(optrs, w.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & (rk < K)[None, :])

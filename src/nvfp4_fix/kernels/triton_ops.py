@@ -18,12 +18,45 @@ from .triton_nvfp4 import _dequant_kernel, _gemv_kernel, _mm_kernel, _splitk_red
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Per-shape tuned configs from benchmarks/bench_kernels.py --tune on an H100 (benchmarks/RESULTS.md).
+# Per-shape tuned configs from benchmarks/bench_kernels.py --tune on an H100 80GB HBM3 (torch 2.11,
+# Triton 3.6; benchmarks/RESULTS.md): the Llama-3-8B and -70B layer shapes.
 # TUNED_M1[(N, K)] = (kernel, cfg) with kernel "gemv" or "mm" (whichever measured faster at M=1);
 # TUNED_SMALL[(N, K)] = cfg of the BM=16 tl.dot kernel measured at M=16 (used for 2 <= M <= 16).
 # Shapes not listed fall back to the heuristics below.
-TUNED_M1: dict[tuple[int, int], tuple[str, dict]] = {}
-TUNED_SMALL: dict[tuple[int, int], dict] = {}
+TUNED_M1: dict[tuple[int, int], tuple[str, dict]] = {
+    (6144, 4096): ("gemv", {"BN": 8, "BKW": 128, "SPLIT": 1, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+    (4096, 4096): ("gemv", {"BN": 8, "BKW": 128, "SPLIT": 1, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+    (28672, 4096): ("gemv", {"BN": 16, "BKW": 128, "SPLIT": 1, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+    (4096, 14336): ("gemv", {"BN": 16, "BKW": 128, "SPLIT": 4, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+    (128256, 4096): ("gemv", {"BN": 16, "BKW": 128, "SPLIT": 1, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+    (10240, 8192): ("gemv", {"BN": 8, "BKW": 128, "SPLIT": 1, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+    (8192, 8192): ("gemv", {"BN": 16, "BKW": 128, "SPLIT": 1, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+    (57344, 8192): ("gemv", {"BN": 16, "BKW": 128, "SPLIT": 1, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+    (8192, 28672): ("gemv", {"BN": 16, "BKW": 128, "SPLIT": 4, "num_warps": 4, "DEQ": 2, "num_stages": 3}),
+}
+TUNED_SMALL: dict[tuple[int, int], dict] = {
+    (6144, 4096): {"BM": 16, "BN": 64, "BK": 128, "SPLIT": 8, "num_warps": 4, "num_stages": 3},
+    (4096, 4096): {"BM": 16, "BN": 64, "BK": 128, "SPLIT": 8, "num_warps": 4, "num_stages": 3},
+    (28672, 4096): {"BM": 16, "BN": 64, "BK": 128, "SPLIT": 2, "num_warps": 4, "num_stages": 3},
+    (4096, 14336): {"BM": 16, "BN": 64, "BK": 256, "SPLIT": 4, "num_warps": 4, "num_stages": 4},
+    (128256, 4096): {"BM": 16, "BN": 64, "BK": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 3},
+    (10240, 8192): {"BM": 16, "BN": 64, "BK": 128, "SPLIT": 4, "num_warps": 4, "num_stages": 4},
+    (8192, 8192): {"BM": 16, "BN": 64, "BK": 128, "SPLIT": 8, "num_warps": 4, "num_stages": 3},
+    (57344, 8192): {"BM": 16, "BN": 64, "BK": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 3},
+    (8192, 28672): {"BM": 16, "BN": 64, "BK": 128, "SPLIT": 8, "num_warps": 4, "num_stages": 3},
+}
+# TUNED_MID[(N, K)] = cfg of the tl.dot kernel measured at M=128 (used for 64 < M <= 256).
+TUNED_MID: dict[tuple[int, int], dict] = {
+    (6144, 4096): {"BM": 128, "BN": 64, "BK": 64, "SPLIT": 4, "num_warps": 4, "num_stages": 3},
+    (4096, 4096): {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 8, "num_warps": 8, "num_stages": 3},
+    (28672, 4096): {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 1, "num_warps": 8, "num_stages": 3},
+    (4096, 14336): {"BM": 64, "BN": 128, "BK": 64, "SPLIT": 8, "num_warps": 4, "num_stages": 3},
+    (128256, 4096): {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 1, "num_warps": 8, "num_stages": 3},
+    (10240, 8192): {"BM": 128, "BN": 64, "BK": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 3},
+    (8192, 8192): {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 4, "num_warps": 4, "num_stages": 3},
+    (57344, 8192): {"BM": 128, "BN": 64, "BK": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 3},
+    (8192, 28672): {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 4, "num_warps": 8, "num_stages": 3},
+}
 
 
 @functools.cache
@@ -51,14 +84,15 @@ def _split_for(
 
 def gemv_config(n: int, k: int, device: torch.device) -> dict:
     tuned = TUNED_M1.get((n, k))
-    if tuned is not None and tuned[0] == "gemv":
+    if tuned is not None and tuned[0] == "gemv" and not _INTERPRET:
         return dict(tuned[1])
-    bn, bkw, warps = 16, 64, 4
+    bn, bkw, warps = 16, 128, 4
     kw = k // 8
     while bkw > 4 and bkw // 2 >= kw:  # don't pad tiny K with a huge tile (BKW >= 4: no size-1 dims)
         bkw //= 2
     split = _split_for(triton.cdiv(n, bn), triton.cdiv(kw, bkw), _sms(device))
-    return {"BN": bn, "BKW": bkw, "SPLIT": split, "num_warps": warps, "DEQ": 0, "num_stages": 3}
+    deq = 0 if _INTERPRET else 2  # 2: packed-PTX decode (measured fastest); 0: plain Triton bit trick
+    return {"BN": bn, "BKW": bkw, "SPLIT": split, "num_warps": warps, "DEQ": deq, "num_stages": 3}
 
 
 def mm_config(m: int, n: int, k: int, device: torch.device) -> dict:
@@ -70,6 +104,8 @@ def mm_config(m: int, n: int, k: int, device: torch.device) -> dict:
         if cfg is not None:
             return dict(cfg)
         bm, bn, bk, warps, stages = 16, 64, 256, 4, 4
+    elif m > 64 and m <= 256 and (n, k) in TUNED_MID:
+        return dict(TUNED_MID[(n, k)])
     elif m <= 64:
         bm, bn, bk, warps, stages = 64, 128, 128, 4, 4
     else:
@@ -222,6 +258,7 @@ def mm(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
         EVEN_K=even,
         HAS_BIAS=bias is not None,
         GROUP_M=cfg.get("GROUP_M", 8),
+        SWAP=cfg.get("SWAP", False),
         ASM=cfg.get("ASM", not _INTERPRET),
         DOT_F32=_INTERPRET,
         num_warps=cfg["num_warps"],
@@ -232,7 +269,11 @@ def mm(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
     return y
 
 
-def dequantize_rows(wp, ws, mul, dtype, row0=0, rows=None, *, out=None):
+# (BN, BK, num_warps) of the dequantize kernel, from benchmarks/bench_kernels.py --tune-dequant.
+DEQUANT_CFG: tuple[int, int, int] = (16, 512, 4)
+
+
+def dequantize_rows(wp, ws, mul, dtype, row0=0, rows=None, *, out=None, cfg=None):
     """Dense rows [row0, row0+rows) of W (value * scale * multiplier, one rounding to dtype)."""
     n, k2 = wp.shape
     k = k2 * 2
@@ -241,11 +282,13 @@ def dequantize_rows(wp, ws, mul, dtype, row0=0, rows=None, *, out=None):
     s8 = ws.contiguous().view(torch.uint8)
     if out is None:
         out = torch.empty((rows, k), dtype=dtype, device=wp.device)
-    bn, bk = 32, 256
+    bn, bk, warps = cfg if cfg is not None else DEQUANT_CFG
     while bk > 32 and bk // 2 >= k:
         bk //= 2
     grid = (triton.cdiv(rows, bn), triton.cdiv(k, bk))
-    _dequant_kernel[grid](wp, s8, mul.reshape(()), out, row0, rows, n, k, BN=bn, BK=bk, num_warps=4)
+    _dequant_kernel[grid](
+        wp, s8, mul.reshape(()), out, row0, rows, n, k, BN=bn, BK=bk, ASM=not _INTERPRET, num_warps=warps
+    )
     return out
 
 
