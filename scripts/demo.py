@@ -23,8 +23,10 @@ def main() -> None:
     args = ap.parse_args()
 
     status = apply_patch()
-    print(f"apply_patch(): routing {status['routing']}, compressed-tensors fixes: "
-          + ", ".join(f"{f['name']}={'applied' if f['applied'] else 'not needed'}" for f in status["fixes"]))  # fmt: skip
+    print(
+        f"apply_patch(): routing {status['routing']}, compressed-tensors fixes: "
+        + ", ".join(f"{f['name']}={'applied' if f['applied'] else 'not needed'}" for f in status["fixes"])
+    )
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.path)
     tok = AutoTokenizer.from_pretrained(args.path)
@@ -34,10 +36,15 @@ def main() -> None:
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     dense = sum(m.in_features * m.out_features * 2 for m in packed)
     packed_bytes = sum(m.weight_packed.numel() + m.weight_scale.numel() for m in packed)
-    print(f"loaded {args.path} in {load_s:.2f} s: {type(model).__name__}, {len(packed)} NVFP4 layers kept packed "
-          f"(q_proj.weight_packed is {model.model.layers[0].self_attn.q_proj.weight_packed.dtype})")  # fmt: skip
-    print(f"quantized layers: {packed_bytes / 1e6:.2f} MB packed vs {dense / 1e6:.2f} MB in bf16; "
-          f"whole model {nbytes / 1e6:.2f} MB")  # fmt: skip
+    q_dtype = model.model.layers[0].self_attn.q_proj.weight_packed.dtype
+    print(
+        f"loaded {args.path} in {load_s:.2f} s: {type(model).__name__}, "
+        f"{len(packed)} NVFP4 layers kept packed (q_proj.weight_packed is {q_dtype})"
+    )
+    print(
+        f"quantized layers: {packed_bytes / 1e6:.2f} MB packed vs {dense / 1e6:.2f} MB in bf16; "
+        f"whole model {nbytes / 1e6:.2f} MB"
+    )
 
     ids = tok(args.prompt, return_tensors="pt")
     t = time.perf_counter()
@@ -45,7 +52,9 @@ def main() -> None:
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     gen_s = time.perf_counter() - t
     new = out.shape[1] - ids["input_ids"].shape[1]
-    print(f"greedy, {new} new tokens in {gen_s:.2f} s ({new / gen_s:.1f} tok/s on CPU, reference kernel path):")
+    print(
+        f"greedy, {new} new tokens in {gen_s:.2f} s ({new / gen_s:.1f} tok/s on CPU, reference kernel path):"
+    )
     print("  " + tok.decode(out[0], skip_special_tokens=True))
 
 

@@ -28,7 +28,9 @@ def e4m3_to_float(bits: np.ndarray) -> np.ndarray:
     return np.where((bits & 0x7F) == 0x7F, np.nan, out)
 
 
-def dequantize_np(packed: np.ndarray, scale_bits: np.ndarray, global_scale: float, convention: str) -> np.ndarray:
+def dequantize_np(
+    packed: np.ndarray, scale_bits: np.ndarray, global_scale: float, convention: str
+) -> np.ndarray:
     """float64 weights [N, K] from uint8 codes [N, K/2] (low nibble = even column) and e4m3 bytes."""
     codes = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.int64)
     codes[:, 0::2] = packed & 0x0F
@@ -64,11 +66,23 @@ def dense_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if k.endswith(packed_suffix) and t.dtype == torch.uint8:
             pre = k[: -len(packed_suffix)]
             g = raw[pre + (".weight_scale_2" if modelopt else ".weight_global_scale")]
-            w = dequantize_np(_np(t), _np(raw[pre + ".weight_scale"]), float(g.reshape(-1)[0]),
-                              "multiplier" if modelopt else "divisor")  # fmt: skip
+            w = dequantize_np(
+                _np(t),
+                _np(raw[pre + ".weight_scale"]),
+                float(g.reshape(-1)[0]),
+                "multiplier" if modelopt else "divisor",
+            )
             out[pre + ".weight"] = torch.from_numpy(w).float()
-            skip |= {pre + s for s in (".weight_scale", ".weight_scale_2", ".weight_global_scale",
-                                       ".input_global_scale", ".input_scale")}  # fmt: skip
+            skip |= {
+                pre + s
+                for s in (
+                    ".weight_scale",
+                    ".weight_scale_2",
+                    ".weight_global_scale",
+                    ".input_global_scale",
+                    ".input_scale",
+                )
+            }
             if pre + ".pre_quant_scale" in raw:
                 out[pre + ".pre_quant_scale"] = raw[pre + ".pre_quant_scale"].float()
                 skip.add(pre + ".pre_quant_scale")
@@ -104,8 +118,11 @@ def reference_model(path: str | Path, model_class=None):
     config["torch_dtype"] = config["dtype"] = "float32"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(tmp) / "model.safetensors"),
-                  metadata={"format": "pt"})  # fmt: skip
+        save_file(
+            {k: v.contiguous() for k, v in sd.items()},
+            str(Path(tmp) / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         model = model_class.from_pretrained(tmp, torch_dtype=torch.float32)
     return model.eval()
 
@@ -117,8 +134,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fixture_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.glob("*/*/config.json") if (p.parent / "model.safetensors").exists()
-                  or (p.parent / "model.safetensors.index.json").exists())  # fmt: skip
+    return sorted(
+        p.parent
+        for p in root.glob("*/*/config.json")
+        if (p.parent / "model.safetensors").exists() or (p.parent / "model.safetensors.index.json").exists()
+    )
 
 
 def manifest(root: Path) -> dict:

@@ -12,8 +12,9 @@ from nvfp4_fix.codec import NVFP4FormatError, dequantize, pack, quantize, round_
 
 def test_e2m1_table_and_e4m3_decoding_agree_with_torch() -> None:
     codes = torch.arange(16, dtype=torch.uint8)
-    got = dequantize(pack(codes.reshape(1, 16)), torch.ones(1, 1).to(torch.float8_e4m3fn), torch.tensor(1.0),
-                     "multiplier")  # fmt: skip
+    got = dequantize(
+        pack(codes.reshape(1, 16)), torch.ones(1, 1).to(torch.float8_e4m3fn), torch.tensor(1.0), "multiplier"
+    )
     assert np.array_equal(got.numpy().ravel(), E2M1.astype(np.float32))
     bits = torch.arange(256, dtype=torch.uint8)
     ours = bits.view(torch.float8_e4m3fn).float().numpy()
@@ -73,5 +74,9 @@ def test_bad_shapes_are_clear_errors() -> None:
     with pytest.raises(NVFP4FormatError, match="multiple of the block size"):
         quantize(torch.randn(4, 40))
     with pytest.raises(NVFP4FormatError, match="expected"):
-        dequantize(torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 2).to(torch.float8_e4m3fn), torch.ones(1),
-                   "divisor")  # fmt: skip
+        dequantize(
+            torch.zeros(4, 8, dtype=torch.uint8),
+            torch.zeros(4, 2).to(torch.float8_e4m3fn),
+            torch.ones(1),
+            "divisor",
+        )

@@ -18,8 +18,11 @@ from nvfp4_fix.loading import from_pretrained
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CASES = [FIXTURES / "current" / "llama-nvfp4a16", FIXTURES / "modelopt" / "llama-nvfp4",
-         FIXTURES / "current" / "qwen3_moe-nvfp4a16"]  # fmt: skip
+CASES = [
+    FIXTURES / "current" / "llama-nvfp4a16",
+    FIXTURES / "modelopt" / "llama-nvfp4",
+    FIXTURES / "current" / "qwen3_moe-nvfp4a16",
+]
 CASES = [p for p in CASES if p.exists()]
 
 

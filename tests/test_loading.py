@@ -27,7 +27,11 @@ from nvfp4_fix.writer import save_quantized
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ALL = [p for p in fixture_dirs(FIXTURES) if p.parent.name != "demo"] + fixture_dirs(FIXTURES / "demo")
-ALL = [p for p in ALL if (p / "hf_quant_config.json").exists() or "quantization_config" in (p / "config.json").read_text()]
+ALL = [
+    p
+    for p in ALL
+    if (p / "hf_quant_config.json").exists() or "quantization_config" in (p / "config.json").read_text()
+]
 
 
 def _loadable_here(path: Path) -> bool:
@@ -51,7 +55,9 @@ def model_class_for(path: Path):
 
     cfg = json.loads((path / "config.json").read_text())
     if "vision_config" in cfg:
-        return getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+        return (
+            getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+        )
     return transformers.AutoModelForCausalLM
 
 
@@ -141,7 +147,10 @@ def _quantized_tensors(path: Path) -> dict[str, bytes]:
             for k in fh.keys():
                 t = fh.get_tensor(k)
                 if t.dtype in (torch.uint8, torch.float8_e4m3fn) or "scale" in k:
-                    out[k] = t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() + str((t.dtype, t.shape)).encode()
+                    out[k] = (
+                        t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+                        + str((t.dtype, t.shape)).encode()
+                    )
     return out
 
 
@@ -169,9 +178,16 @@ def _tiny_llama(hidden: int, inter: int, vocab: int = 300):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=hidden // 4, vocab_size=vocab,
-                      architectures=["LlamaForCausalLM"])  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        vocab_size=vocab,
+        architectures=["LlamaForCausalLM"],
+    )
     return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
@@ -240,15 +256,20 @@ def test_w4a4_matches_compressed_tensors_own_forward(path: Path) -> None:
                 for k in fh.keys():
                     if k.endswith("global_scale"):
                         theirs.get_parameter(k).data = fh.get_tensor(k)
-        hooks = [m.register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, (args[0], out)))
-                 for n, m in theirs.named_modules() if hasattr(m, "input_global_scale")]  # fmt: skip
+        hooks = [
+            m.register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, (args[0], out)))
+            for n, m in theirs.named_modules()
+            if hasattr(m, "input_global_scale")
+        ]
         logits(theirs, token_ids(path))
         for h in hooks:
             h.remove()
     finally:
         if legacy:
             nvfp4_fix.remove_patch()
-    assert seen  # every linear compressed-tensors itself quantizes (transformers 5 fuses MoE experts: not those)
+    assert (
+        seen
+    )  # every linear compressed-tensors itself quantizes (transformers 5 fuses MoE experts: not those)
     ours = from_pretrained(path, model_class_for(path), dtype=torch.bfloat16, activations="quantize")
     for name, (x, expected) in seen.items():
         layer = ours.get_submodule(name)

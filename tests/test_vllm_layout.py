@@ -27,11 +27,19 @@ CASES = [FIXTURES / "demo" / n for n in ("ct-nvfp4a16", "ct-nvfp4", "modelopt-nv
 CASES = [p for p in CASES if p.exists()]
 
 SPEC = {
-    "compressed-tensors": {"weight_packed": (torch.uint8, "N,K/2"), "weight_scale": (torch.float8_e4m3fn, "N,K/16"),
-                           "weight_global_scale": (torch.float32, "1"), "input_global_scale": (torch.float32, "1")},
-    "modelopt": {"weight": (torch.uint8, "N,K/2"), "weight_scale": (torch.float8_e4m3fn, "N,K/16"),
-                 "weight_scale_2": (torch.float32, ""), "input_scale": (torch.float32, "")},
-}  # fmt: skip
+    "compressed-tensors": {
+        "weight_packed": (torch.uint8, "N,K/2"),
+        "weight_scale": (torch.float8_e4m3fn, "N,K/16"),
+        "weight_global_scale": (torch.float32, "1"),
+        "input_global_scale": (torch.float32, "1"),
+    },
+    "modelopt": {
+        "weight": (torch.uint8, "N,K/2"),
+        "weight_scale": (torch.float8_e4m3fn, "N,K/16"),
+        "weight_scale_2": (torch.float32, ""),
+        "input_scale": (torch.float32, ""),
+    },
+}
 
 
 def _shape(spec: str, n: int, k: int) -> tuple[int, ...]:
@@ -54,12 +62,17 @@ def test_saved_checkpoint_has_vllm_loader_layout(path: Path, tmp_path: Path) -> 
                     assert name not in keys
                     continue
                 t = fh.get_tensor(name)
-                assert t.dtype == dtype and tuple(t.shape) == _shape(shape, q.out_features, q.in_features), name
+                assert t.dtype == dtype and tuple(t.shape) == _shape(shape, q.out_features, q.in_features), (
+                    name
+                )
     config = json.loads((out / "config.json").read_text())
     if info.format == "compressed-tensors":
         qc = config["quantization_config"]
         assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "nvfp4-pack-quantized"
-        assert qc["config_groups"] == json.loads((path / "config.json").read_text())["quantization_config"]["config_groups"]
+        assert (
+            qc["config_groups"]
+            == json.loads((path / "config.json").read_text())["quantization_config"]["config_groups"]
+        )
     else:
         hq = json.loads((out / "hf_quant_config.json").read_text())
         assert "NVFP4" in hq["quantization"]["quant_algo"]

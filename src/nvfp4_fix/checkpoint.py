@@ -18,16 +18,32 @@ from .errors import CheckpointError
 COMPRESSED_TENSORS = "compressed-tensors"
 MODELOPT = "modelopt"
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
 MAX_TENSOR_ELEMENTS = 2**40
 MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 64  # real configs nest ~5 deep; deeper input would make later copies recurse
 
+#: Bits per element of each safetensors dtype that torch can load.
 SAFETENSORS_DTYPES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+    "F4": 4,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -83,21 +99,70 @@ class CheckpointInfo:
         return f"{prefix}.weight_packed" if self.format == COMPRESSED_TENSORS else f"{prefix}.weight"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
+def parse_json(raw: bytes, where: str, strict: bool = False) -> Any:
+    """JSON from untrusted bytes; every failure is a one-line CheckpointError. ``strict`` (safetensors
+    headers) also refuses NaN/Infinity and duplicate keys, as safetensors itself does."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: JSON file larger than {MAX_JSON_BYTES} bytes")
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid UTF-8 JSON ({e})") from None
+        hooks = {"parse_constant": _no_constant, "object_pairs_hook": _no_duplicates}
+        data = json.loads(raw.decode("utf-8"), **(hooks if strict else {}))  # type: ignore[arg-type]
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, huge ints
+        raise CheckpointError(f"{where}: not valid UTF-8 JSON ({e})") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        if not path.is_file():  # a FIFO or device would block or never end
+            raise CheckpointError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: JSON file larger than {MAX_JSON_BYTES} bytes")
+    data = parse_json(raw, str(path))
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
+def _obj(x: Any) -> dict[str, Any]:
+    """A JSON sub-object, or {} when the field is missing or of another type."""
+    return x if isinstance(x, dict) else {}
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensor table of one .safetensors file, validated against the file size."""
+    """The tensor table of one .safetensors file, validated as safetensors itself validates it (so
+    whatever passes here safetensors loads): offsets tile the data region exactly, no duplicates."""
     try:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not a regular file")
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
@@ -108,19 +173,30 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise CheckpointError(f"{path}: safetensors header length {n} exceeds the file size {size}")
             raw = f.read(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid UTF-8 JSON ({e})") from None
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    header = parse_json(raw, f"{path}: safetensors header", strict=True)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header must be a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
     data_size = size - 8 - n
     out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        out[name] = _tensor_info(path, name, meta, data_size)
+    for name, entry in header.items():
+        if name != "__metadata__":
+            out[name] = _tensor_info(path, name, entry, data_size)
+    end = 0
+    for t in sorted(out.values(), key=lambda t: t.offsets):
+        if t.offsets[0] != end:
+            raise CheckpointError(
+                f"{path}: tensor {t.name!r} starts at byte {t.offsets[0]} of the data region, expected "
+                f"{end} (tensors must tile it without gaps or overlaps)"
+            )
+        end = t.offsets[1]
+    if end != data_size:
+        raise CheckpointError(
+            f"{path}: tensors cover {end} of the {data_size} data bytes (truncated or corrupt file?)"
+        )
     return out
 
 
@@ -129,7 +205,7 @@ def _tensor_info(path: Path, name: str, meta: Any, data_size: int) -> TensorInfo
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: header entry must be an object")
     dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # (a list is unhashable)
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
         raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
@@ -141,13 +217,25 @@ def _tensor_info(path: Path, name: str, meta: Any, data_size: int) -> TensorInfo
     if numel > MAX_TENSOR_ELEMENTS:
         raise CheckpointError(f"{where}: {numel} elements is beyond any real model")
     begin, end = offs
-    expected = numel * SAFETENSORS_DTYPES[dtype]
+    bits = numel * SAFETENSORS_DTYPES[dtype]
+    if bits % 8:
+        raise CheckpointError(f"{where}: {dtype}{shape} is not a whole number of bytes")
+    expected = bits // 8
     if not (0 <= begin <= end <= data_size) or end - begin != expected:
         raise CheckpointError(
             f"{where}: data offsets {offs} do not hold {expected} bytes of {dtype}{shape} "
             f"within the {data_size}-byte data region (truncated or corrupt file?)"
         )
     return TensorInfo(name, dtype, tuple(shape), path, (begin, end))
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """``path`` (a file of the folder ``root``, resolved) stays in it; or, for a Hugging Face cache
+    snapshot (``.../snapshots/<rev>/``), it is one of that repository's ``blobs/``."""
+    real = path.resolve()
+    if real.parent == root:
+        return True
+    return root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -158,24 +246,30 @@ def weight_files(folder: Path) -> list[Path]:
     root = folder.resolve()
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object")
         files: list[Path] = []
-        for fname in dict.fromkeys(weight_map.values()):
+        for fname in weight_map.values():
             if not isinstance(fname, str) or not fname.endswith(".safetensors"):
                 raise CheckpointError(f"{index}: weight_map entry {fname!r} is not a .safetensors file name")
-            p = (folder / fname).resolve()
-            if os.path.isabs(fname) or p.parent != root:
-                raise CheckpointError(f"{index}: weight_map file {fname!r} points outside {folder}")
+        for fname in dict.fromkeys(weight_map.values()):
+            if "/" in fname or "\\" in fname or fname.startswith(".") or "\0" in fname:
+                raise CheckpointError(f"{index}: weight_map entry {fname!r} is not a plain file name")
+            p = folder / fname
             if not p.is_file():
                 raise CheckpointError(f"{index}: shard {fname!r} is missing")
+            if not _inside(p, root):
+                raise CheckpointError(f"{index}: weight_map file {fname!r} links outside {folder}")
             files.append(p)
         return files
-    files = sorted(p for p in folder.glob("*.safetensors"))
+    # dot files are never weights: left-over temporary files, macOS "._" resource forks
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
     for p in files:
-        if p.resolve().parent != root:
+        if not _inside(p, root):
             raise CheckpointError(f"{p}: symlink points outside {folder}")
+        if not p.is_file():
+            raise CheckpointError(f"{p}: not a regular file")
     if files:
         return files
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -201,29 +295,28 @@ def _quant_config(folder: Path, config: dict[str, Any]) -> tuple[str | None, dic
     qc = config.get("quantization_config")
     hf_quant = folder / "hf_quant_config.json"
     if isinstance(qc, dict) and qc.get("quant_method") == COMPRESSED_TENSORS:
-        return (COMPRESSED_TENSORS if qc.get("format") == "nvfp4-pack-quantized" or _ct_is_nvfp4(qc) else None), qc
+        nvfp4 = qc.get("format") == "nvfp4-pack-quantized" or _ct_is_nvfp4(qc)
+        return (COMPRESSED_TENSORS if nvfp4 else None), qc
     if hf_quant.exists():
-        hq = _read_json(hf_quant)
-        algo = (hq.get("quantization") or {}).get("quant_algo")
-        return (MODELOPT if _modelopt_is_nvfp4(algo, hq.get("quantization") or {}) else None), hq
+        hq = read_json(hf_quant)
+        algo = _obj(hq.get("quantization")).get("quant_algo")
+        return (MODELOPT if _modelopt_is_nvfp4(algo, _obj(hq.get("quantization"))) else None), hq
     if isinstance(qc, dict) and qc.get("quant_method") == MODELOPT:
-        algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
+        algo = qc.get("quant_algo") or _obj(qc.get("quantization")).get("quant_algo")
         return (MODELOPT if _modelopt_is_nvfp4(algo, qc) else None), qc
     return None, qc if isinstance(qc, dict) else {}
 
 
 def _ct_is_nvfp4(qc: dict[str, Any]) -> bool:
-    groups = qc.get("config_groups") or {}
-    return any(
-        isinstance(g, dict) and g.get("format") == "nvfp4-pack-quantized" for g in groups.values()
-    )
+    groups = _obj(qc.get("config_groups"))
+    return any(isinstance(g, dict) and g.get("format") == "nvfp4-pack-quantized" for g in groups.values())
 
 
 def _modelopt_is_nvfp4(algo: Any, q: dict[str, Any]) -> bool:
     if isinstance(algo, str) and "NVFP4" in algo.upper():
         return True
-    layers = q.get("quantized_layers") or {}
-    return isinstance(layers, dict) and any(
+    layers = _obj(q.get("quantized_layers"))
+    return any(
         isinstance(v, dict) and "NVFP4" in str(v.get("quant_algo", "")).upper() for v in layers.values()
     )
 
@@ -231,11 +324,11 @@ def _modelopt_is_nvfp4(algo: Any, q: dict[str, Any]) -> bool:
 def _scheme(fmt: str, qc: dict[str, Any], quantized: dict[str, QuantizedModule]) -> str:
     w4a4 = any(m.has_input_scale for m in quantized.values())
     if fmt == COMPRESSED_TENSORS:
-        groups = qc.get("config_groups") or {}
+        groups = _obj(qc.get("config_groups"))
         w4a4 = w4a4 or any(isinstance(g, dict) and g.get("input_activations") for g in groups.values())
         return "W4A4" if w4a4 else "W4A16"
     awq = any(m.has_pre_quant_scale for m in quantized.values())
-    algo = str((qc.get("quantization") or qc).get("quant_algo", ""))
+    algo = str(_obj(qc.get("quantization") or qc).get("quant_algo", ""))
     if "AWQ" in algo.upper():
         awq = True
     return ("W4A4" if w4a4 else "W4A16") + ("-AWQ" if awq else "")
@@ -250,7 +343,8 @@ def _shape_of(info: TensorInfo, what: str, ndim: tuple[int, ...]) -> tuple[int, 
 def find_quantized(fmt: str, tensors: dict[str, TensorInfo]) -> dict[str, QuantizedModule]:
     """Every NVFP4 module, checked: uint8 codes [.., N, K/2], e4m3 scales [.., N, K/16], a global scale."""
     if fmt == COMPRESSED_TENSORS:
-        packed_suffix, global_suffix, act_suffix = ".weight_packed", ".weight_global_scale", ".input_global_scale"
+        packed_suffix, global_suffix = ".weight_packed", ".weight_global_scale"
+        act_suffix = ".input_global_scale"
     else:
         packed_suffix, global_suffix, act_suffix = ".weight", ".weight_scale_2", ".input_scale"
     out: dict[str, QuantizedModule] = {}
@@ -290,8 +384,57 @@ def _excluded(fmt: str, qc: dict[str, Any]) -> list[str]:
     if fmt == COMPRESSED_TENSORS:
         ign = qc.get("ignore") or []
     else:
-        ign = (qc.get("quantization") or qc).get("exclude_modules") or qc.get("modules_to_not_convert") or []
+        q = _obj(qc.get("quantization") or qc)
+        ign = q.get("exclude_modules") or qc.get("modules_to_not_convert") or []
     return [str(x) for x in ign] if isinstance(ign, list) else []
+
+
+#: config keys (and their GPT-2 style aliases) whose values size the model transformers builds.
+SIZE_KEYS = {
+    "hidden_size": "n_embd",
+    "num_hidden_layers": "n_layer",
+    "vocab_size": None,
+    "num_attention_heads": "n_head",
+    "num_key_value_heads": None,
+    "head_dim": None,
+    "num_experts": "num_local_experts",
+    "n_routed_experts": None,
+    "intermediate_size": None,
+}
+
+
+def _size(cfg: dict[str, Any], key: str, where: str) -> int:
+    alias = SIZE_KEYS[key]
+    value = cfg.get(key, cfg.get(alias) if alias else None)
+    if value is None:
+        return 0
+    if type(value) is not int or value < 0:
+        raise CheckpointError(f"{where}: {key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def check_config_sizes(path: Path, config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Refuse a config.json that sizes a model far beyond the checkpoint's tensor bytes, before
+    transformers builds anything (10^7 layers take hours to build even on the meta device, and some
+    buffers are allocated for real). The bound is a loose lower bound on parameters: one
+    hidden x hidden matrix per layer, the embedding, one attention layer's query projection, one MLP and
+    one router; real models hold ~12x more. A tensor byte holds at most 2 elements (4-bit codes)."""
+    where = f"{path / 'config.json'}"
+    capacity = 2 * sum(t.nbytes for t in tensors.values())
+    subs = [config, *(v for v in config.values() if isinstance(v, dict) and v.get("hidden_size") is not None)]
+    bound = 0
+    for cfg in subs:
+        keys = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+        h, layers, vocab, inter = (_size(cfg, k, where) for k in keys)
+        heads = max(_size(cfg, "num_attention_heads", where), _size(cfg, "num_key_value_heads", where))
+        head_dim = _size(cfg, "head_dim", where) or (h // heads if heads else 0)
+        experts = max(_size(cfg, "num_experts", where), _size(cfg, "n_routed_experts", where))
+        bound = max(bound, layers * h * h + vocab * h + heads * head_dim * h + experts * h + inter * h)
+    if bound > 8 * capacity + 2**24:
+        raise CheckpointError(
+            f"{where}: its sizes imply at least {bound:.3g} parameters but the checkpoint's tensors hold at "
+            f"most {capacity:.3g} (absurd or corrupt config?)"
+        )
 
 
 def inspect_checkpoint(folder: str | os.PathLike[str]) -> CheckpointInfo:
@@ -302,12 +445,13 @@ def inspect_checkpoint(folder: str | os.PathLike[str]) -> CheckpointInfo:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: no config.json; not a transformers checkpoint folder")
-    config = _read_json(cfg_path)
+    config = read_json(cfg_path)
     fmt, qc = _quant_config(path, config)
     tensors = tensor_index(path)
     info = CheckpointInfo(path, fmt, None, config, qc, None, None, tensors)
     if fmt is None:
         return info
+    check_config_sizes(path, config, tensors)
     info.quantized = find_quantized(fmt, tensors)
     if not info.quantized:
         raise CheckpointError(f"{path}: config says {fmt} NVFP4 but no tensor holds packed NVFP4 weights")
@@ -316,7 +460,7 @@ def inspect_checkpoint(folder: str | os.PathLike[str]) -> CheckpointInfo:
     if fmt == COMPRESSED_TENSORS:
         info.producer, info.producer_version = "llmcompressor / compressed-tensors", _str(qc.get("version"))
     else:
-        producer = qc.get("producer") or {}
+        producer = _obj(qc.get("producer"))
         info.producer = _str(producer.get("name")) or "modelopt"
         info.producer_version = _str(producer.get("version"))
     return info

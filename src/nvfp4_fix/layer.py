@@ -105,6 +105,11 @@ class NVFP4Linear(nn.Module):
         """The per-tensor factor in the multiplier convention: a float32 scalar on the weights' device,
         computed once per value of the global scale (one launch less per forward)."""
         g = self._parameters[self._global_name]
+        if torch.compiler.is_compiling():
+            # torch.compile: data_ptr()/cache checks graph-break (and recompile per layer); compute
+            # inline instead, it fuses into the compiled graph.
+            g32 = g.to(torch.float32)
+            return (1.0 / g32 if self.layout == COMPRESSED_TENSORS else g32).reshape(())
         key = (g.device, g.data_ptr(), g._version)
         if self._mul_key != key:
             g32 = g.detach().to(torch.float32)
@@ -147,4 +152,3 @@ class NVFP4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, layout={self.layout}{mode}{awq}"
         )
-

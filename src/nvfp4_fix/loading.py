@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import os
 import re
@@ -23,8 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, QuantizedModule, require_nvfp4
-from .errors import CheckpointError
+from .checkpoint import (
+    COMPRESSED_TENSORS,
+    MODELOPT,
+    CheckpointInfo,
+    QuantizedModule,
+    read_json,
+    require_nvfp4,
+)
+from .errors import CheckpointError, NVFP4Error
+from .fsutil import atomic_directory, carry_over
 from .layer import ACTIVATION_MODES, NVFP4Linear
 from .moe import NVFP4Experts, expert_groups
 
@@ -41,12 +48,13 @@ def looks_like_nvfp4(path: Any) -> bool:
         return False
     if not p.is_dir():
         return False
+    # read_json: bounded reads of regular files only (a FIFO or /dev/zero named config.json would hang)
     if (p / "hf_quant_config.json").is_file():
         with contextlib.suppress(Exception):
-            algo = json.loads((p / "hf_quant_config.json").read_text())["quantization"]["quant_algo"]
+            algo = read_json(p / "hf_quant_config.json")["quantization"]["quant_algo"]
             return "NVFP4" in str(algo).upper() or algo == "MIXED_PRECISION"
     with contextlib.suppress(Exception):
-        qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+        qc = read_json(p / "config.json").get("quantization_config") or {}
         if qc.get("quant_method") == COMPRESSED_TENSORS:
             groups = qc.get("config_groups") or {}
             return qc.get("format") == "nvfp4-pack-quantized" or any(
@@ -128,8 +136,14 @@ def _swap_quantized_modules(model: nn.Module, info: CheckpointInfo, dtype: torch
 
     pending: dict[str, QuantizedModule] = {}
     for ckpt_prefix, q in info.quantized.items():
-        target = next((c[: -len(".weight")] for c in candidates(ckpt_prefix + ".weight")
-                       if c[: -len(".weight")] in modules), None)  # fmt: skip
+        target = next(
+            (
+                c[: -len(".weight")]
+                for c in candidates(ckpt_prefix + ".weight")
+                if c[: -len(".weight")] in modules
+            ),
+            None,
+        )
         old = modules.get(target) if target else None
         if not isinstance(old, nn.Linear):
             pending[ckpt_prefix] = q
@@ -140,9 +154,15 @@ def _swap_quantized_modules(model: nn.Module, info: CheckpointInfo, dtype: torch
                 f"{q.in_features} layer but the config gives {old.out_features}x{old.in_features}"
             )
         new = NVFP4Linear(
-            q.in_features, q.out_features, bias=old.bias is not None, layout=layout,
-            input_scale=q.has_input_scale, pre_quant_scale=q.has_pre_quant_scale, dtype=dtype, device="meta",
-        )  # fmt: skip
+            q.in_features,
+            q.out_features,
+            bias=old.bias is not None,
+            layout=layout,
+            input_scale=q.has_input_scale,
+            pre_quant_scale=q.has_pre_quant_scale,
+            dtype=dtype,
+            device="meta",
+        )
         _set_module(model, target, new)
         prefix_map[ckpt_prefix] = target
 
@@ -154,10 +174,18 @@ def _swap_quantized_modules(model: nn.Module, info: CheckpointInfo, dtype: torch
             + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
         )
     for experts_prefix, members in groups.items():
-        target = next((c[: -len(".weight")] for c in candidates(experts_prefix + ".weight")
-                       if c[: -len(".weight")] in modules), None)  # fmt: skip
+        target = next(
+            (
+                c[: -len(".weight")]
+                for c in candidates(experts_prefix + ".weight")
+                if c[: -len(".weight")] in modules
+            ),
+            None,
+        )
         if target is None:
-            raise CheckpointError(f"{info.path}: experts {experts_prefix!r} match no module of {type(model).__name__}")
+            raise CheckpointError(
+                f"{info.path}: experts {experts_prefix!r} match no module of {type(model).__name__}"
+            )
         old = modules[target]
         new = NVFP4Experts.replacing(old, members, info, layout, dtype, model.config)
         _set_module(model, target, new)
@@ -170,7 +198,9 @@ def _placement(model: nn.Module, device_map: Any, max_memory: Any, dtype: torch.
         return {"": torch.device("cpu")}
     if isinstance(device_map, int):
         return {"": torch.device("cuda", device_map)}
-    if isinstance(device_map, torch.device) or (isinstance(device_map, str) and device_map not in _AUTO_PLACEMENTS):
+    if isinstance(device_map, torch.device) or (
+        isinstance(device_map, str) and device_map not in _AUTO_PLACEMENTS
+    ):
         return {"": torch.device(device_map)}
     if isinstance(device_map, dict):
         return dict(device_map)
@@ -179,9 +209,12 @@ def _placement(model: nn.Module, device_map: Any, max_memory: Any, dtype: torch.
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     if device_map != "sequential":
         max_memory = get_balanced_memory(
-            model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=no_split,
+            dtype=dtype,
             low_zero=device_map == "balanced_low_0",
-        )  # fmt: skip
+        )
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
 
 
@@ -194,7 +227,11 @@ def _device_of(placement: dict[str, Any], name: str) -> Any:
 
 
 def _load_tensors(
-    model: nn.Module, info: CheckpointInfo, prefix_map: dict[str, str], placement: dict[str, Any], dtype: torch.dtype
+    model: nn.Module,
+    info: CheckpointInfo,
+    prefix_map: dict[str, str],
+    placement: dict[str, Any],
+    dtype: torch.dtype,
 ) -> list[str]:
     from safetensors import safe_open
 
@@ -224,10 +261,16 @@ def _load_tensors(
                             f"{file}: tensor {key!r} has shape {list(tensor.shape)}; the model "
                             f"({type(model).__name__}) expects {list(old.shape)} for {target}"
                         )
-                tensor = _cast(tensor, old, module, target, dtype, keep_fp32)
                 dev = _device_of(placement, target)
                 if dev == "disk":
-                    raise ValueError("disk offload is not supported for NVFP4 models; offload to 'cpu' instead")
+                    raise ValueError(
+                        "disk offload is not supported for NVFP4 models; offload to 'cpu' instead"
+                    )
+                try:
+                    tensor = _cast(tensor, old, module, target, dtype, keep_fp32)
+                except (RuntimeError, TypeError) as e:  # e.g. a float4 or complex tensor where weights belong
+                    what = f"{file}: tensor {key!r} ({tensor.dtype})"
+                    raise CheckpointError(f"{what} cannot fill {target}: {e}") from None
                 tensor = tensor.to(dev if not isinstance(dev, int) else torch.device("cuda", dev))
                 leaf = target.rpartition(".")[2]
                 if target in params:
@@ -237,19 +280,30 @@ def _load_tensors(
     return unexpected
 
 
-def _map_key(key: str, prefix_map: dict[str, str], candidates: Callable[[str], list[str]],
-             params: dict[str, Any], buffers: dict[str, Any]) -> str | None:  # fmt: skip
+def _map_key(
+    key: str,
+    prefix_map: dict[str, str],
+    candidates: Callable[[str], list[str]],
+    params: dict[str, Any],
+    buffers: dict[str, Any],
+) -> str | None:
     prefix, _, leaf = key.rpartition(".")
     while prefix:
         if prefix in prefix_map:
-            name = f"{prefix_map[prefix]}.{key[len(prefix) + 1:]}"
+            name = f"{prefix_map[prefix]}.{key[len(prefix) + 1 :]}"
             return name if name in params or name in buffers else None
         prefix = prefix.rpartition(".")[0]
     return next((c for c in candidates(key) if c in params or c in buffers), None)
 
 
-def _cast(tensor: torch.Tensor, old: torch.Tensor, module: nn.Module, name: str,
-          dtype: torch.dtype, keep_fp32: list[str]) -> torch.Tensor:  # fmt: skip
+def _cast(
+    tensor: torch.Tensor,
+    old: torch.Tensor,
+    module: nn.Module,
+    name: str,
+    dtype: torch.dtype,
+    keep_fp32: list[str],
+) -> torch.Tensor:
     if isinstance(module, (NVFP4Linear, NVFP4Experts)):
         leaf = name.rpartition(".")[2]
         if leaf in ("bias", "pre_quant_scale"):
@@ -266,20 +320,46 @@ def _cast(tensor: torch.Tensor, old: torch.Tensor, module: nn.Module, name: str,
     return tensor.to(dtype if old.is_floating_point() else old.dtype)
 
 
+def _brief(e: BaseException) -> str:
+    """An exception from another library as one short line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
 def _ct_config_for_save(info: CheckpointInfo) -> dict[str, Any]:
     return copy.deepcopy(info.quant_config)
 
 
+#: What a save replaces in an existing folder: weight files, their index, the ModelOpt config.
+_REPLACED_ON_SAVE = re.compile(
+    r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)"
+    r"\.index\.json|hf_quant_config\.json"
+)
+
+
 def _wrap_save(model: nn.Module, info: CheckpointInfo) -> None:
-    """ModelOpt checkpoints carry hf_quant_config.json beside config.json: write it on save too."""
+    """``save_pretrained`` made atomic: transformers writes into a dot-prefixed temporary folder beside
+    the target, which then replaces the target in one rename (an interrupted save leaves the old folder
+    or none, never a half-written checkpoint). Files of an existing target that the save does not
+    write (tokenizer, README, sub-folders) are kept, as transformers keeps them. ModelOpt checkpoints
+    carry hf_quant_config.json beside config.json: it is written too."""
     original = model.save_pretrained
 
     @functools.wraps(original)
     def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
-        result = original(save_directory, *args, **kwargs)
+        target = Path(save_directory)
         src = info.path / "hf_quant_config.json"
-        if src.is_file():
-            shutil.copyfile(src, Path(save_directory) / "hf_quant_config.json")
+        if kwargs.get("push_to_hub") or kwargs.get("is_main_process") is False or target.is_file():
+            result = original(save_directory, *args, **kwargs)  # transformers' own rules (repo name, ranks)
+            if src.is_file() and target.is_dir():
+                shutil.copyfile(src, target / "hf_quant_config.json")
+            return result
+        with atomic_directory(target, force=True) as tmp:
+            result = original(tmp, *args, **kwargs)
+            if src.is_file():
+                shutil.copyfile(src, tmp / "hf_quant_config.json")
+            if target.is_dir():
+                carry_over(target, tmp, _REPLACED_ON_SAVE)
         return result
 
     model.save_pretrained = save_pretrained  # type: ignore[method-assign]
@@ -305,9 +385,15 @@ def load_model(
 
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
-    info = require_nvfp4(path)
+    info = require_nvfp4(path)  # validates headers, and config.json's sizes against them
     if config is None:
-        config = AutoConfig.from_pretrained(info.path, trust_remote_code=trust_remote_code, **config_kwargs)
+        try:
+            config = AutoConfig.from_pretrained(
+                info.path, trust_remote_code=trust_remote_code, **config_kwargs
+            )
+        except Exception as e:  # config.json is untrusted data: an unknown model_type, sizes it refuses, ...
+            what = f"{info.path}/config.json: transformers cannot read it"
+            raise CheckpointError(f"{what} ({_brief(e)})") from None
     else:
         config = copy.deepcopy(config)
         for k, v in config_kwargs.items():
@@ -316,21 +402,41 @@ def load_model(
         del config.quantization_config
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    torch_dtype = _resolve_dtype(dtype, config)
+    try:
+        torch_dtype = _resolve_dtype(dtype, config)
+    except ValueError as e:
+        if dtype not in (None, "auto"):
+            raise
+        raise CheckpointError(f"{info.path / 'config.json'}: {e}") from None
 
     if hasattr(model_class, "_model_mapping"):  # an Auto class: pick the concrete one for this config
-        model_class = model_class._model_mapping[type(config)]
+        try:
+            model_class = model_class._model_mapping[type(config)]
+        except KeyError:
+            what = f"{model_class.__name__} has no class for {type(config).__name__}"
+            raise CheckpointError(f"{info.path / 'config.json'}: {what}") from None
     dtype_kw = "dtype" if "dtype" in _from_config_params(model_class) else "torch_dtype"
-    with init_empty_weights(include_buffers=False):
-        model = model_class._from_config(config, **{dtype_kw: torch_dtype})
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = model_class._from_config(config, **{dtype_kw: torch_dtype})
+    except NVFP4Error:
+        raise
+    except Exception as e:  # sizes transformers accepts but cannot build (or allocate)
+        raise CheckpointError(
+            f"{info.path}/config.json: transformers cannot build {model_class.__name__} from it ({_brief(e)})"
+        ) from None
     model.eval()
 
     prefix_map = _swap_quantized_modules(model, info, torch_dtype)
     placement = _placement(model, device_map, max_memory, torch_dtype)
     unexpected = _load_tensors(model, info, prefix_map, placement, torch_dtype)
     if unexpected:
-        logger.warning("nvfp4-fix: %d checkpoint tensors not used by %s, e.g. %s",
-                       len(unexpected), type(model).__name__, unexpected[:3])  # fmt: skip
+        logger.warning(
+            "nvfp4-fix: %d checkpoint tensors not used by %s, e.g. %s",
+            len(unexpected),
+            type(model).__name__,
+            unexpected[:3],
+        )
     with contextlib.suppress(Exception):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -351,12 +457,16 @@ def load_model(
         model = dispatch_model(model, device_map=placement)
     else:
         model.to(_device_of(placement, ""))
-    model.config.quantization_config = _ct_config_for_save(info) if info.format == COMPRESSED_TENSORS else (
-        copy.deepcopy(info.config.get("quantization_config") or _modelopt_quant_config(info))
-    )  # fmt: skip
+    model.config.quantization_config = (
+        _ct_config_for_save(info)
+        if info.format == COMPRESSED_TENSORS
+        else (copy.deepcopy(info.config.get("quantization_config") or _modelopt_quant_config(info)))
+    )
     model.nvfp4_checkpoint = info
     if device_map is not None:
-        model.hf_device_map = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in placement.items()}
+        model.hf_device_map = {
+            k: (str(v) if isinstance(v, torch.device) else v) for k, v in placement.items()
+        }
     with contextlib.suppress(Exception):
         model.generation_config = GenerationConfig.from_pretrained(info.path)
     _wrap_save(model, info)
@@ -392,8 +502,18 @@ def from_pretrained(path: str | os.PathLike[str], model_class: Any = None, **kwa
         model_class = AutoModelForCausalLM
     if "torch_dtype" in kwargs:
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-    for ignored in ("low_cpu_mem_usage", "use_safetensors", "local_files_only", "revision", "_from_auto",
-                    "_commit_hash", "cache_dir", "force_download", "token", "offload_state_dict"):  # fmt: skip
+    for ignored in (
+        "low_cpu_mem_usage",
+        "use_safetensors",
+        "local_files_only",
+        "revision",
+        "_from_auto",
+        "_commit_hash",
+        "cache_dir",
+        "force_download",
+        "token",
+        "offload_state_dict",
+    ):
         kwargs.pop(ignored, None)
     return load_model(model_class, path, **kwargs)
 
@@ -418,7 +538,11 @@ def install_routing() -> bool:
     original = PreTrainedModel.__dict__["from_pretrained"]
 
     def routed(cls: Any, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
-        if not model_args and looks_like_nvfp4(pretrained_model_name_or_path) and not _wants_compressed_tensors_path(kwargs):
+        if (
+            not model_args
+            and looks_like_nvfp4(pretrained_model_name_or_path)
+            and not _wants_compressed_tensors_path(kwargs)
+        ):
             kwargs.pop("quantization_config", None)
             return from_pretrained(pretrained_model_name_or_path, cls, **kwargs)
         return original.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)

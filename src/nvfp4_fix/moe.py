@@ -45,13 +45,21 @@ class NVFP4Experts(nn.Module):
 
     @classmethod
     def replacing(
-        cls, old: nn.Module, members: list[str], info: CheckpointInfo, layout: str, dtype: torch.dtype, config: Any
+        cls,
+        old: nn.Module,
+        members: list[str],
+        info: CheckpointInfo,
+        layout: str,
+        dtype: torch.dtype,
+        config: Any,
     ) -> NVFP4Experts:
         parsed = [(_EXPERT.match(p), p) for p in members]
         num = max(int(m["idx"]) for m, _ in parsed) + 1
         names = {_ROLES[m["proj"]]: m["proj"] for m, _ in parsed}
         if set(names) != {"gate", "up", "down"}:
-            raise CheckpointError(f"{info.path}: experts need gate, up and down projections, found {sorted(names)}")
+            raise CheckpointError(
+                f"{info.path}: experts need gate, up and down projections, found {sorted(names)}"
+            )
         act_fn = getattr(old, "act_fn", None)
         if act_fn is None:
             from transformers.activations import ACT2FN
@@ -60,17 +68,26 @@ class NVFP4Experts(nn.Module):
         new = cls(getattr(old, "num_experts", num), act_fn, names)
         for i in range(new.num_experts):
             expert = nn.Module()
-            for role, proj in names.items():
+            for proj in names.values():
                 q = info.quantized.get(f"{members[0].rsplit('.', 2)[0]}.{i}.{proj}")
                 if q is None:
                     raise CheckpointError(f"{info.path}: expert {i} has no quantized {proj}")
-                layer = NVFP4Linear(q.in_features, q.out_features, layout=layout, input_scale=q.has_input_scale,
-                                    pre_quant_scale=q.has_pre_quant_scale, dtype=dtype, device="meta")  # fmt: skip
+                layer = NVFP4Linear(
+                    q.in_features,
+                    q.out_features,
+                    layout=layout,
+                    input_scale=q.has_input_scale,
+                    pre_quant_scale=q.has_pre_quant_scale,
+                    dtype=dtype,
+                    device="meta",
+                )
                 setattr(expert, proj, layer)
             new.add_module(str(i), expert)
         return new
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         hit = torch.unique(top_k_index).tolist()
         for e in hit:

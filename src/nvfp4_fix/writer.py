@@ -23,17 +23,33 @@ from .fsutil import atomic_directory
 
 def ct_quantization_config(ignore: list[str], w4a4: bool) -> dict[str, Any]:
     weights = {
-        "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
-        "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
-        "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": None, "block_structure": None,
-    }  # fmt: skip
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "strategy": "tensor_group",
+        "group_size": 16,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+        "scale_dtype": "torch.float8_e4m3fn",
+        "zp_dtype": None,
+        "block_structure": None,
+    }
     acts = dict(weights, dynamic="local") if w4a4 else None
     return {
         "quant_method": COMPRESSED_TENSORS,
         "format": "nvfp4-pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
-                                      "output_activations": None, "format": "nvfp4-pack-quantized"}},  # fmt: skip
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": acts,
+                "output_activations": None,
+                "format": "nvfp4-pack-quantized",
+            }
+        },
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
@@ -46,8 +62,12 @@ def ct_quantization_config(ignore: list[str], w4a4: bool) -> dict[str, Any]:
 def modelopt_quant_config(exclude: list[str], w4a4: bool) -> dict[str, Any]:
     return {
         "producer": {"name": "nvfp4-fix", "version": "0.1.0"},
-        "quantization": {"quant_algo": "NVFP4" if w4a4 else "W4A16_NVFP4", "kv_cache_quant_algo": None,
-                         "group_size": BLOCK, "exclude_modules": exclude},  # fmt: skip
+        "quantization": {
+            "quant_algo": "NVFP4" if w4a4 else "W4A16_NVFP4",
+            "kv_cache_quant_algo": None,
+            "group_size": BLOCK,
+            "exclude_modules": exclude,
+        },
     }
 
 
@@ -58,12 +78,19 @@ def quantized_tensors(
     convention = "divisor" if layout == COMPRESSED_TENSORS else "multiplier"
     packed, scale, glob = quantize(weight, convention)
     if layout == COMPRESSED_TENSORS:
-        out = {f"{prefix}.weight_packed": packed, f"{prefix}.weight_scale": scale,
-               f"{prefix}.weight_global_scale": glob.reshape(1)}  # fmt: skip
+        out = {
+            f"{prefix}.weight_packed": packed,
+            f"{prefix}.weight_scale": scale,
+            f"{prefix}.weight_global_scale": glob.reshape(1),
+        }
         if input_amax is not None:
             out[f"{prefix}.input_global_scale"] = torch.tensor([448.0 * 6.0 / input_amax])
         return out
-    out = {f"{prefix}.weight": packed, f"{prefix}.weight_scale": scale, f"{prefix}.weight_scale_2": glob.reshape(())}
+    out = {
+        f"{prefix}.weight": packed,
+        f"{prefix}.weight_scale": scale,
+        f"{prefix}.weight_scale_2": glob.reshape(()),
+    }
     if input_amax is not None:
         out[f"{prefix}.input_scale"] = torch.tensor(input_amax / (448.0 * 6.0))
     return out
@@ -84,9 +111,12 @@ def save_quantized(
 
     ignore = list(ignore)
     linears = {
-        n for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and m.in_features % BLOCK == 0 and not any(n == i or n.endswith("." + i) for i in ignore)
-    }  # fmt: skip
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and m.in_features % BLOCK == 0
+        and not any(n == i or n.endswith("." + i) for i in ignore)
+    }
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[Any, int, tuple[int, ...]]] = set()
     for name, t in model.state_dict().items():
@@ -108,7 +138,9 @@ def save_quantized(
         if layout == COMPRESSED_TENSORS:
             cfg["quantization_config"] = ct_quantization_config(ignore, input_amax is not None)
         else:
-            (tmp / "hf_quant_config.json").write_text(json.dumps(modelopt_quant_config(ignore, input_amax is not None), indent=2))
+            (tmp / "hf_quant_config.json").write_text(
+                json.dumps(modelopt_quant_config(ignore, input_amax is not None), indent=2)
+            )
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         _write_shards(tensors, tmp, max_shard_bytes, save_file)
     return out
@@ -132,6 +164,8 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": weight_map}  # fmt: skip
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": weight_map,
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
