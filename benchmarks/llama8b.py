@@ -30,8 +30,9 @@ def llama8b_config(layers: int = 32, tiny: bool = False) -> Any:
                           num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                           max_position_embeddings=8192, tie_word_embeddings=False)  # fmt: skip
     else:
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                          head_dim=128,
                           max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
                           tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)  # fmt: skip
     cfg.architectures = ["LlamaForCausalLM"]
@@ -56,7 +57,7 @@ def random_model(cfg: Any, device: str, seed: int = 0) -> torch.nn.Module:
     model = model.to(torch.bfloat16).eval()
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02, generator=g)
             else:
@@ -138,8 +139,8 @@ def ensure_checkpoints(root: Path, kinds: tuple[str, ...], cfg: Any, device: str
             model = random_model(cfg, device)
         for k in missing:
             info = write_checkpoint(model, paths[k], quantized=(k == "nvfp4"))
-            print(f"wrote {k} checkpoint: {info['bytes'] / 1e9:.2f} GB in {info['seconds']:.1f} s -> {info['path']}",
-                  flush=True)  # fmt: skip
+            gb, sec = info["bytes"] / 1e9, info["seconds"]
+            print(f"wrote {k} checkpoint: {gb:.2f} GB in {sec:.1f} s -> {info['path']}", flush=True)
         if own:
             del model
             if device == "cuda":

@@ -10,7 +10,6 @@ static cache (which sum in another order than the dynamic cache) cannot flip a g
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,6 +22,9 @@ from nvfp4_fix.writer import save_quantized
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARCHS = ("llama", "mistral", "qwen3", "gemma")
+# Always synthetic: sliding windows (12 tokens) shorter than prompt + generation, so that the window
+# really slides (the shipped fixtures' windows are longer than the tests' sequences).
+WINDOWED = ("mistral-sw", "gemma-sw")
 ERAS = ("current", "legacy", "modelopt")
 SCHEMES = ("nvfp4a16", "w4a16_nvfp4", "nvfp4")
 CUDA = torch.cuda.is_available()
@@ -46,18 +48,24 @@ def _tiny_model(arch: str):
     if arch == "llama":
         cfg, cls = tf.LlamaConfig(**common, tie_word_embeddings=False), tf.LlamaForCausalLM
     elif arch == "mistral":  # a window shorter than prompt + generation: exercises the sliding mask
-        cfg, cls = tf.MistralConfig(**common, sliding_window=12, tie_word_embeddings=False), tf.MistralForCausalLM
+        cfg, cls = (
+            tf.MistralConfig(**common, sliding_window=12, tie_word_embeddings=False),
+            tf.MistralForCausalLM,
+        )
     elif arch == "qwen3":
         cfg, cls = tf.Qwen3Config(**common, tie_word_embeddings=False), tf.Qwen3ForCausalLM
     elif arch == "gemma":  # Gemma 2: tied embeddings, soft-capping, alternating sliding layers
-        cfg, cls = tf.Gemma2Config(**common, query_pre_attn_scalar=32, sliding_window=12), tf.Gemma2ForCausalLM
+        cfg, cls = (
+            tf.Gemma2Config(**common, query_pre_attn_scalar=32, sliding_window=12),
+            tf.Gemma2ForCausalLM,
+        )
     else:
         raise ValueError(arch)
     cfg.architectures = [cls.__name__]
     torch.manual_seed(4321)
     model = cls(cfg).eval()
     with torch.no_grad():  # larger weights than the default init: less flat logits, varied greedy text
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     return model.to(torch.bfloat16)
@@ -66,13 +74,13 @@ def _tiny_model(arch: str):
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     out = {}
-    for arch in ARCHS:
-        real = _fixture_dir(arch)
+    for arch in ARCHS + WINDOWED:
+        real = _fixture_dir(arch) if arch in ARCHS else None
         if real is not None:
             out[arch] = real
             continue
         path = tmp_path_factory.mktemp("gen") / f"{arch}-synthetic"
-        save_quantized(_tiny_model(arch), path)
+        save_quantized(_tiny_model(arch.removesuffix("-sw")), path)
         out[arch] = path
     return out
 
@@ -96,8 +104,11 @@ def prompt(model, length: int = 13, batch: int = 1, seed: int = 0) -> torch.Tens
 def hf_greedy(model, ids: torch.Tensor, n: int, eos=None, pad: int = 0) -> torch.Tensor:
     from transformers import GenerationConfig
 
-    gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad,
-                          bos_token_id=None)  # fmt: skip
+    # eos None would let generate() fall back to the model's generation_config EOS ids: [] means none.
+    eos = [] if eos is None else eos
+    gc = GenerationConfig(
+        do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, bos_token_id=None
+    )
     with torch.no_grad():
         return model.generate(input_ids=ids.to(model.device), generation_config=gc).cpu()
 
@@ -120,7 +131,7 @@ class Collect:
 # --------------------------------------------------------------------------------------------------
 # CPU: the static-cache loop and the fallback
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + WINDOWED)
 def test_greedy_static_loop_matches_generate(checkpoints, arch):
     model = load(checkpoints[arch])
     ids = prompt(model)
@@ -156,6 +167,23 @@ def test_cpu_falls_back_to_model_generate_with_a_message(checkpoints, caplog):
     assert any("falling back to model.generate" in r.getMessage() for r in caplog.records)
 
 
+def test_empty_stop_list_disables_the_models_eos(checkpoints):
+    # generate(stop_token_ids=()) must run to max_new_tokens even where model.generate would stop at the
+    # generation_config's EOS; stop_token_ids=None means that EOS, as model.generate.
+    model = load(checkpoints["mistral-sw"])
+    eos = model.generation_config.eos_token_id
+    ids = prompt(model, seed=9)
+    free = hf_greedy(model, ids, 40)
+    new = free[0, ids.shape[1] :].tolist()
+    if eos is None or eos not in new[:-1]:
+        pytest.skip("greedy text does not contain the EOS id")
+    for use_graph in (False, True):  # True on the CPU: the model.generate fallback
+        got = generate(model, ids, 40, stop_token_ids=(), use_cuda_graph=use_graph)
+        assert got.tolist() == free.tolist()
+        got = generate(model, ids, 40, use_cuda_graph=use_graph)
+        assert got.tolist() == free[:, : ids.shape[1] + new.index(eos) + 1].tolist()
+
+
 def test_one_dimensional_prompt_and_runner_reuse(checkpoints):
     model = load(checkpoints["qwen3"])
     clear_cache(model)
@@ -188,12 +216,14 @@ def test_stop_token_truncates_like_generate(checkpoints, sync_every):
 
 
 def test_streamer_gets_prompt_then_tokens(checkpoints):
-    model = load(checkpoints["mistral"])
+    model = load(checkpoints["mistral-sw"])
     ids = prompt(model, seed=4)
     free = hf_greedy(model, ids, 20)[0, ids.shape[1] :].tolist()
     for stop, sync_every in (((), 3), ((free[11],), 4), ((free[0],), 8)):
         s = Collect()
-        out = generate(model, ids, 20, use_cuda_graph=False, stop_token_ids=stop, streamer=s, sync_every=sync_every)
+        out = generate(
+            model, ids, 20, use_cuda_graph=False, stop_token_ids=stop, streamer=s, sync_every=sync_every
+        )
         assert s.ended
         assert s.puts[0].tolist() == ids[0].tolist()
         streamed = torch.cat(s.puts[1:]).tolist()
@@ -204,7 +234,7 @@ def test_streamer_gets_prompt_then_tokens(checkpoints):
 
 
 def test_batch_greedy_with_rows_stopping_at_different_steps(checkpoints):
-    model = load(checkpoints["gemma"])
+    model = load(checkpoints["gemma-sw"])
     ids = prompt(model, batch=2, seed=7)
     free = hf_greedy(model, ids, 16)
     new = free[:, ids.shape[1] :]
@@ -266,7 +296,10 @@ def test_sampling_end_to_end(checkpoints):
     ids = prompt(model, seed=8)
     greedy = generate(model, ids, 12, use_cuda_graph=False, stop_token_ids=())
     # top_k=1 leaves one candidate: the greedy token
-    assert generate(model, ids, 12, use_cuda_graph=False, stop_token_ids=(), temperature=0.8, top_k=1).tolist() == greedy.tolist()
+    assert (
+        generate(model, ids, 12, use_cuda_graph=False, stop_token_ids=(), temperature=0.8, top_k=1).tolist()
+        == greedy.tolist()
+    )
     torch.manual_seed(11)
     a = generate(model, ids, 12, use_cuda_graph=False, stop_token_ids=(), temperature=1.0, top_p=0.9)
     torch.manual_seed(11)
@@ -282,7 +315,7 @@ def test_sampling_end_to_end(checkpoints):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + WINDOWED)
 def test_cuda_graph_greedy_matches(checkpoints, arch):
     # float32: the graph must give model.generate's tokens exactly
     model = load(checkpoints[arch], torch.float32, "cuda")
@@ -308,6 +341,7 @@ def test_cuda_graph_greedy_matches(checkpoints, arch):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_graph_reuse_stop_stream_and_sampling(checkpoints):
     model = load(checkpoints["llama"], torch.float32, "cuda")
+    clear_cache(model)  # the previous test left a runner of the same shape on this model
     a, b = prompt(model, seed=10), prompt(model, seed=12)
     stats: dict = {}
     generate(model, a, 30, stop_token_ids=(), stats=stats)
@@ -326,6 +360,8 @@ def test_cuda_graph_reuse_stop_stream_and_sampling(checkpoints):
     runs = []
     for seed in (1, 1, 2):
         torch.manual_seed(seed)
-        runs.append(generate(model, a, 30, stop_token_ids=(), temperature=1.0, top_k=50, top_p=0.95).cpu().tolist())
+        runs.append(
+            generate(model, a, 30, stop_token_ids=(), temperature=1.0, top_k=50, top_p=0.95).cpu().tolist()
+        )
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]

@@ -1,0 +1,359 @@
+# ruff: noqa: E501, B023  (lambdas are called at once, inside the loop that binds them)
+"""Batch-1 decode speed and time to first token: NVFP4 and bf16 through nvfp4_fix.generation.generate
+(static cache + CUDA graph) against bf16 ``model.generate``, for a random-weight Llama-3-8B-shaped
+model, in one run.
+
+    PYTHONPATH=src python benchmarks/bench_generation.py [--prompts 128,2048] [--new-tokens 256]
+        [--compile] [--out benchmarks/RESULTS-generation.md]
+
+The model is drawn on the GPU (N(0, 0.02), seeded); the NVFP4 checkpoint is made from it on the GPU
+(benchmarks/llama8b.py) and loaded back with ``nvfp4_fix.from_pretrained(device_map="cuda")``.
+
+Measured per method and prompt length P (greedy, no stop token, so every run makes exactly N tokens):
+* TTFT: wall time of a call with ``max_new_tokens=1`` (prefill + first token on the host), median of 3;
+* decode tok/s: (N - 1) / (T(N) - TTFT) with T(N) the wall time of a whole N-token call (best of 2);
+* GPU memory: ``torch.cuda.memory_allocated`` with only the model loaded, and the peak
+  (``max_memory_allocated``) during the N-token calls, static cache and graph pool included.
+The first call of the fast path (graph capture, Triton JIT) is timed separately ("setup").
+Breakdown (NVFP4 and bf16, fast path): the 224 decoder linears called once each on an M=1 input,
+captured in one CUDA graph and replayed (the GEMV share of a token), the lm_head alone likewise, and
+the rest of the decode step (attention, norms, rotary, sampling, small kernels) by difference.
+``--tiny`` runs a 2-layer model on the CPU (static loop, no graph) to smoke-test the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama8b import card_name, ensure_checkpoints, llama8b_config, random_model, versions  # noqa: E402
+
+from nvfp4_fix.generation import clear_cache, generate  # noqa: E402
+
+T_START = time.perf_counter()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def gib(n: float) -> float:
+    return n / (1 << 30)
+
+
+def prompt_ids(vocab: int, length: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(length)
+    return torch.randint(min(1000, vocab // 4), min(vocab, 100000), (1, length), generator=g).to(device)
+
+
+def hf_generate(model, ids, n):
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(
+        do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0
+    )
+    with torch.no_grad():
+        return model.generate(input_ids=ids, generation_config=gc)
+
+
+def run_case(label, model, ids, n, fast: bool, device: str, **kw) -> dict:
+    """TTFT, decode tok/s and memory for one method at one prompt length."""
+    res = {"method": label, "prompt": ids.shape[1]}
+    cache_len = 128 * math.ceil((ids.shape[1] + n + 2) / 128)
+    use_graph = device == "cuda"
+    if fast:
+
+        def call(k, stats=None):
+            return generate(
+                model,
+                ids,
+                k,
+                stop_token_ids=(),
+                max_cache_len=cache_len,
+                use_cuda_graph=use_graph,
+                stats=stats,
+                **kw,
+            )
+    else:
+
+        def call(k, stats=None):
+            return hf_generate(model, ids, k)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    stats: dict = {}
+    res["setup_s"] = timed(lambda: call(n, stats)) if fast else None
+    res["path"] = stats.get("path", "model.generate")
+    if fast and stats.get("capture_error"):
+        res["capture_error"] = stats["capture_error"]
+    res["ttft_s"] = statistics.median(timed(lambda: call(1)) for _ in range(3))
+    out = {}
+    totals = []
+    for _ in range(2 if fast else 1):
+        sync()
+        t = time.perf_counter()
+        out["ids"] = call(n)
+        sync()
+        totals.append(time.perf_counter() - t)
+    total = min(totals)
+    res["total_s"] = total
+    res["decode_tok_s"] = (n - 1) / max(total - res["ttft_s"], 1e-9)
+    res["ms_per_token"] = 1000 * (total - res["ttft_s"]) / (n - 1)
+    res["peak_gib"] = gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else float("nan")
+    res["tokens"] = out["ids"][0, ids.shape[1] :].cpu()
+    print(
+        f"  {label:<34} P={ids.shape[1]:<5} TTFT {1000 * res['ttft_s']:8.1f} ms  decode {res['decode_tok_s']:7.1f} tok/s "
+        f"({res['ms_per_token']:.2f} ms/tok)  peak {res['peak_gib']:.2f} GiB  [{res['path']}]"
+        + (f" setup {res['setup_s']:.1f} s" if fast else ""),
+        flush=True,
+    )
+    return res
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """ms per call of fn, captured in a CUDA graph (warm-up first) and replayed; eager on CPU."""
+    if not torch.cuda.is_available():
+        fn()
+        t = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del g
+    return statistics.median(times)
+
+
+def breakdown(model, device: str) -> dict:
+    """GEMV share of a decode step: every decoder linear once at M=1, and the lm_head alone."""
+    dtype = torch.bfloat16
+    linears = [
+        m
+        for n, m in model.named_modules()
+        if n != "lm_head" and hasattr(m, "in_features") and n.startswith("model.layers")
+    ]
+    xs = {k: torch.randn(1, k, device=device, dtype=dtype) for k in {m.in_features for m in linears}}
+    with torch.no_grad():
+        lin_ms = graph_time(lambda: [m(xs[m.in_features]) for m in linears])
+        head = model.lm_head
+        xh = torch.randn(1, head.in_features, device=device, dtype=dtype)
+        head_ms = graph_time(lambda: head(xh))
+    nbytes = 0
+    for m in linears:
+        nbytes += sum(p.numel() * p.element_size() for p in m.parameters())
+    return {
+        "linears_ms": lin_ms,
+        "n_linears": len(linears),
+        "linear_bytes": nbytes,
+        "lm_head_ms": head_ms,
+        "lm_head_bytes": sum(p.numel() * p.element_size() for p in head.parameters()),
+    }
+
+
+def write_report(args, prompts, n, rows, brk, notes) -> None:
+    card = card_name()
+    cmd = "PYTHONPATH=src python " + " ".join(
+        shlex.quote(a) for a in ["benchmarks/bench_generation.py", *sys.argv[1:]]
+    )
+    shape = (
+        "tiny 2-layer smoke-test model"
+        if args.tiny
+        else f"random-weight Llama-3-8B shape ({args.layers} layers)"
+    )
+    lines = [f"# Generation benchmark: batch 1, {shape}", "",
+             f"Card: **{card}**; {versions()}.", "", f"Command: `{cmd}`", "",
+             f"Greedy, {n} new tokens, no stop token. TTFT = a 1-token call (prefill + first token); decode tok/s = (N-1)/(T(N) - TTFT).",
+             "Weights = GPU memory with only the model loaded; peak = max_memory_allocated during the calls (static cache, graph pool, activations).", "",
+             "| method | prompt | TTFT ms | decode tok/s | ms/token | weights GiB | peak GiB | path | setup s |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+    for r in rows:
+        setup = f"{r['setup_s']:.1f}" if r.get("setup_s") is not None else "-"
+        lines.append(f"| {r['method']} | {r['prompt']} | {1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | {r['ms_per_token']:.2f} | "
+                     f"{r.get('weights_gib', float('nan')):.2f} | {r['peak_gib']:.2f} | {r['path']} | {setup} |")  # fmt: skip
+    lines += ["", "Decode-step breakdown (fast path, P = first prompt length; linears = every decoder linear once at M=1 in one CUDA graph):", "",
+              "| weights | decode ms/token | decoder linears ms (count) | GB/s of linears | lm_head ms | rest ms (attention, norms, rotary, sampling, ...) |",
+              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for kind, label in (("nvfp4", "NVFP4, this path (graph)"), ("bf16", "bf16, this path (graph)")):
+        b = brk.get(kind)
+        step = next((r for r in rows if r["method"] == label and r["prompt"] == prompts[0]), None)
+        if not b or not step:
+            continue
+        rest = step["ms_per_token"] - b["linears_ms"] - b["lm_head_ms"]
+        lines.append(f"| {kind} | {step['ms_per_token']:.2f} | {b['linears_ms']:.2f} ({b['n_linears']}) | "
+                     f"{b['linear_bytes'] / b['linears_ms'] / 1e6:.0f} | {b['lm_head_ms']:.2f} | {rest:.2f} |")  # fmt: skip
+    if notes:
+        lines += ["", *[f"- {x}" for x in notes]]
+    for r in rows:
+        if r.get("capture_error"):
+            lines.append(f"- {r['method']} P={r['prompt']}: graph capture failed: {r['capture_error']}")
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print("\n" + text, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", default="128,2048")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--ckpt-root", default="/tmp/nvfp4fix-bench")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time compile_step=True (torch.compile'd step in the graph)",
+    )
+    ap.add_argument("--skip-hf", action="store_true", help="skip bf16 model.generate")
+    ap.add_argument("--tiny", action="store_true", help="2-layer model on the CPU: smoke test")
+    ap.add_argument("--budget-s", type=float, default=450, help="skip optional cases past this many seconds")
+    ap.add_argument("--out", default="benchmarks/RESULTS-generation.md")
+    args = ap.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device; use --tiny for a CPU smoke test")
+        return 2
+    prompts = [int(p) for p in args.prompts.split(",")]
+    n = args.new_tokens
+    cfg = llama8b_config(args.layers, tiny=args.tiny)
+    print(f"card: {card_name()}; {versions()}", flush=True)
+
+    rows: list[dict] = []
+    notes: list[str] = []
+    brk: dict[str, dict] = {}
+
+    def report() -> None:
+        write_report(args, prompts, n, rows, brk, notes)
+
+    def attempt(what: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - keep measuring the other cases
+            import traceback
+
+            traceback.print_exc()
+            notes.append(
+                f"{what} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            )
+            return None
+        finally:
+            report()
+
+    t = time.perf_counter()
+    dense = random_model(cfg, device)
+    sync()
+    print(f"random bf16 model on {device} in {time.perf_counter() - t:.1f} s", flush=True)
+    root = Path(args.ckpt_root) / ("tiny" if args.tiny else f"l{args.layers}")
+    paths = ensure_checkpoints(root, ("nvfp4",), cfg, device, model=dense)
+    bf16_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
+
+    # ---- bf16 -----------------------------------------------------------------------------------
+    for p in prompts:
+        ids = prompt_ids(cfg.vocab_size, p, device)
+        r = attempt(
+            f"bf16 graph P={p}", lambda: run_case("bf16, this path (graph)", dense, ids, n, True, device)
+        )
+        if r:
+            r["weights_gib"] = bf16_weights
+            rows.append(r)
+        if not args.skip_hf:
+            h = attempt(
+                f"bf16 model.generate P={p}",
+                lambda: run_case("bf16, model.generate", dense, ids, n, False, device),
+            )
+            if h:
+                h["weights_gib"] = bf16_weights
+                rows.append(h)
+            if r and h:
+                same = int((r["tokens"] == h["tokens"]).long().cumprod(0).sum())
+                notes.append(
+                    f"bf16 P={p}: this path and model.generate agree on the first {same} of {n} greedy tokens"
+                )
+    b = attempt("bf16 breakdown", lambda: breakdown(dense, device))
+    if b:
+        brk["bf16"] = b
+    clear_cache(dense)
+    dense = None
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---- NVFP4 ----------------------------------------------------------------------------------
+    import nvfp4_fix
+
+    t = time.perf_counter()
+    model = nvfp4_fix.from_pretrained(paths["nvfp4"], dtype=torch.bfloat16, device_map=device)
+    sync()
+    load_s = time.perf_counter() - t
+    nv_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
+    print(f"NVFP4 model loaded in {load_s:.1f} s, {nv_weights:.2f} GiB on the GPU", flush=True)
+    notes.append(f"NVFP4 checkpoint loaded with nvfp4_fix.from_pretrained in {load_s:.1f} s")
+    for p in prompts:
+        ids = prompt_ids(cfg.vocab_size, p, device)
+        r = attempt(
+            f"NVFP4 graph P={p}", lambda: run_case("NVFP4, this path (graph)", model, ids, n, True, device)
+        )
+        if r:
+            r["weights_gib"] = nv_weights
+            rows.append(r)
+    b = attempt("NVFP4 breakdown", lambda: breakdown(model, device))
+    if b:
+        brk["nvfp4"] = b
+    if args.compile:
+        clear_cache(model)
+        for p in prompts:
+            if time.perf_counter() - T_START > args.budget_s:
+                notes.append(f"NVFP4 + torch.compile at P={p} skipped (time budget)")
+                continue
+            ids = prompt_ids(cfg.vocab_size, p, device)
+            r = attempt(
+                f"NVFP4 compile_step P={p}",
+                lambda: run_case(
+                    "NVFP4, this path + torch.compile", model, ids, n, True, device, compile_step=True
+                ),
+            )
+            if not r:
+                break
+            r["weights_gib"] = nv_weights
+            rows.append(r)
+    report()
+    print(f"done ({time.perf_counter() - T_START:.0f} s total)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
