@@ -41,7 +41,7 @@ def fake_quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> 
     groups = x.reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
     # amax / 6 is rounded to the activation dtype before the global scale, as compressed-tensors does:
     # near an e4m3 rounding boundary that double rounding decides the scale of the whole group.
-    local = groups.abs().amax(dim=-1, keepdim=True) / torch.tensor(FP4_MAX, dtype=x.dtype)
+    local = groups.abs().amax(dim=-1, keepdim=True) / FP4_MAX  # in x.dtype, as compressed-tensors
     scale = (g * local.to(torch.float32)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
     scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float8_e4m3fn).eps), scale)
     step = scale / g
