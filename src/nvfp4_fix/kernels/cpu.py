@@ -106,7 +106,9 @@ def _compiled_gemv():
 
 def gemv_compiled(x2, wp, ws, mul, bias=None):
     """torch.compile'd fused GEMV from packed bytes (no dense copy of W); meant for M == 1."""
-    args = (x2, wp, ws.view(torch.float8_e4m3fn), mul.reshape(()), _table(str(x2.device)))
+    # detach(): as plain tensors, not Parameters, the weights get dynamic shapes (one compilation
+    # for all layers instead of one per weight shape).
+    args = (x2, wp.detach(), ws.detach().view(torch.float8_e4m3fn), mul.reshape(()), _table(str(x2.device)))
     y = None
     if _compile_ok():
         try:
