@@ -165,10 +165,12 @@ def test_inspect_scan_finds_bad_scales(tmp_path, capsys, ckpts):
     scan = json.loads(out)["scan"]
     assert scan["totals"]["nan"] == 1 and scan["totals"]["negative"] == 1
     assert scan["zero_layers"] == ["model.layers.1.mlp.up_proj"]
-    assert any("k_proj.weight_global_scale: value inf" in p for p in scan["problems"])
+    assert scan["bad_scalars"] == ["model.layers.1.self_attn.k_proj.weight_global_scale = inf"]
+    assert len(scan["problems"]) == 4
     assert scan["fp16_overflow"] and "down_proj.weight_global_scale" in scan["fp16_overflow"][0]
     code, text, _ = run_cli(capsys, "inspect", bad, "--scan")
-    assert code == 1 and "problem: model.layers.0.self_attn.q_proj.weight_scale: 1 of" in text
+    assert code == 1 and "problem: NaN block scales in 1 layers: model.layers.0.self_attn.q_proj" in text
+    assert "warning: 1 weight global scales exceed fp16" in text
 
 
 # ------------------------------------------------------------------------------------------------- verify
@@ -362,6 +364,11 @@ def test_generate_streams_and_reports_speed(capsys, ckpts, eager_kernels):
     assert "peak process RSS" in out
 
 
+def test_generate_needs_a_tokenizer(capsys, ckpts):
+    code, _, err = run_cli(capsys, "generate", ckpts["ct-sharded"], "w1")
+    assert code == 2 and "no tokenizer" in err and err.count("\n") == 1
+
+
 def test_generate_uses_chat_template_unless_told(ckpts):
     from nvfp4_fix.commands.generate import encode
     from nvfp4_fix.tools.runtime import tokenizer
@@ -474,7 +481,10 @@ def broken(ckpts, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     cfg = json.loads((mismatch / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (mismatch / "config.json").write_text(json.dumps(cfg))
+    plain = root / "not-nvfp4"
+    tiny_model().save_pretrained(plain)
     return {
+        "not-nvfp4": (plain, "not an NVFP4 checkpoint"),
         "empty": (empty, "config.json"),
         "file": (ckpts["ct"] / "config.json", "not a directory"),
         "no-weights": (no_weights, "no model.safetensors"),
@@ -485,7 +495,7 @@ def broken(ckpts, tmp_path_factory) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize(
-    "case", ["empty", "file", "no-weights", "truncated", "missing-scale", "shape-mismatch"]
+    "case", ["not-nvfp4", "empty", "file", "no-weights", "truncated", "missing-scale", "shape-mismatch"]
 )
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: "-".join(c).replace("OUT", "").strip("-"))
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, broken, case, cmd):
@@ -599,3 +609,39 @@ def test_console_entry_point_runs_without_a_traceback(ckpts):
         and proc.stderr.startswith("nvfp4-fix: error: ")
         and "Traceback" not in proc.stderr
     )
+
+
+# ------------------------------------------------------------------------------- real producer fixtures
+
+FIXTURES = REPO / "tests" / "fixtures"
+REAL = sorted(
+    p.parent.relative_to(FIXTURES).as_posix()
+    for era in ("legacy", "current", "modelopt")
+    for p in (FIXTURES / era).glob("*/config.json")
+    if (p.parent / "model.safetensors").exists()
+)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_inspect_real_fixture(capsys, name):
+    code, out, err = run_cli(capsys, "inspect", FIXTURES / name, "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["format"] == (MO if name.startswith("modelopt/") else CT) and not rep["problems"]
+    assert rep["producer"] and rep["quantized_count"] >= 14
+
+
+@pytest.mark.parametrize("name", ["modelopt/llama-nvfp4", "legacy/llama-nvfp4", "current/llava-nvfp4a16",
+                                  "modelopt/qwen3_moe-nvfp4"])  # fmt: skip
+def test_real_fixture_converts_and_verifies(tmp_path, capsys, name):
+    import transformers
+
+    if not (FIXTURES / name / "model.safetensors").exists():
+        pytest.skip(f"fixture {name} not made")
+    if ("moe" in name or "llava" in name) and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("made with transformers 5: its MoE / multimodal config reads differently in 4.x")
+    to = CT if name.startswith("modelopt/") else MO
+    code, _, err = run_cli(capsys, "convert", FIXTURES / name, tmp_path / "out", "--to", to)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "verify", tmp_path / "out")
+    assert code == 0 and out.rstrip().endswith("PASS"), out + err

@@ -43,7 +43,10 @@ def bench(
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=gen).to(device)
     with torch.no_grad():
-        model(input_ids=ids[:, : min(8, prompt_tokens)])  # warm-up
+        # warm-up: a short prefill and two decode steps (first calls may compile kernels)
+        out = model(input_ids=ids[:, : min(8, prompt_tokens)], use_cache=True)
+        for _ in range(2):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{cache_kw: _cache(out)})
         runtime.sync(device)
         runtime.reset_peak(device)
         t0 = time.perf_counter()

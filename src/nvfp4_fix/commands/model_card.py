@@ -70,6 +70,12 @@ def card(rep: dict[str, Any], name: str) -> str:
             + human(mem["packed"])
             + ")"
             + (", and `dequantize=True` drops the W4A4 activation quantization" if w4a4 else "")
+            + (
+                ". Its mixture-of-experts layers come out wrong there: transformers dequantizes NVFP4 "
+                "experts without their `weight_global_scale` (transformers#48371)"
+                if rep.get("moe")
+                else ""
+            )
             + ". With compressed-tensors 0.13.x the first forward raises `KeyError: 'weight_scale'` "
             "unless nvfp4-fix's `apply_patch()` runs first.",
         ]

@@ -35,10 +35,21 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return tc if isinstance(tc, dict) and "hidden_size" in tc else config
 
 
+def modelopt_section(info: CheckpointInfo) -> dict[str, Any]:
+    """hf_quant_config.json's "quantization" object (or a config.json modelopt quantization_config)."""
+    q = info.quant_config.get("quantization")
+    return q if isinstance(q, dict) else info.quant_config
+
+
 def quant_algo(info: CheckpointInfo) -> str | None:
-    q = info.quant_config.get("quantization") or info.quant_config
-    algo = q.get("quant_algo") if isinstance(q, dict) else None
+    algo = modelopt_section(info).get("quant_algo")
     return str(algo) if algo is not None else None
+
+
+def architecture(config: dict[str, Any]) -> str | None:
+    """config.json's first architecture, or None (whatever JSON the file holds)."""
+    archs = config.get("architectures")
+    return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
@@ -52,7 +63,7 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
         )
         kv = int(c.get("num_key_value_heads") or heads)
         head_dim = int(c.get("head_dim") or hidden // heads)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
         return {}
     h = f"hidden_size={hidden}"
     a = f"num_attention_heads={heads} x head_dim={head_dim}"
@@ -158,6 +169,14 @@ def memory(info: CheckpointInfo) -> dict[str, int]:
     return {"disk": disk, "packed": packed, "bf16": bf16}
 
 
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def has_experts(info: CheckpointInfo) -> bool:
+    """Mixture-of-experts checkpoints: one NVFP4 linear per expert, or stacked [E, N, K/2] experts."""
+    return any(q.experts is not None or _EXPERT.search(p) for p, q in info.quantized.items())
+
+
 def runtimes(info: CheckpointInfo, mem: dict[str, int]) -> list[dict[str, Any]]:
     """Which runtimes load this checkpoint ("yes", "no", or "patch": only with nvfp4-fix's patch) and why."""
     w4a4 = info.scheme is not None and info.scheme.startswith("W4A4")
@@ -180,11 +199,19 @@ def runtimes(info: CheckpointInfo, mem: dict[str, int]) -> list[dict[str, Any]]:
                 "KeyError: 'weight_scale', and run_compressed=False fails with a Float8 promotion error",
             }
         )
+        moe = has_experts(info)
         out.append(
             {
                 "runtime": "compressed-tensors >= 0.14 + transformers",
-                "loads": "yes",
-                "note": f"loads, but decompresses the whole model to bf16 on the first forward "
+                "loads": "no" if moe else "yes",
+                "note": (
+                    "loads and runs, but transformers dequantizes NVFP4 MoE experts without their "
+                    "weight_global_scale (transformers#48371; measured with 5.24 + compressed-tensors 0.20): "
+                    "wrong outputs, silently; "
+                    if moe
+                    else ""
+                )
+                + f"decompresses the whole model to bf16 on the first forward "
                 f"(~{human(mem['bf16'])} instead of {human(mem['packed'])})"
                 + ("; dequantize=True drops the W4A4 activation quantization" if w4a4 else ""),
             }
@@ -270,12 +297,15 @@ def report(info: CheckpointInfo) -> dict[str, Any]:
         "format_name": FORMAT_NAMES[info.format],
         "quant_algo": quant_algo(info) if info.format == MODELOPT else None,
         "scheme": info.scheme,
-        "architecture": (info.config.get("architectures") or [None])[0],
-        "model_type": info.config.get("model_type"),
+        "architecture": architecture(info.config),
+        "model_type": info.config.get("model_type")
+        if isinstance(info.config.get("model_type"), str)
+        else None,
         "layers": c.get("num_hidden_layers"),
         "hidden_size": c.get("hidden_size"),
         "quantized": list(quantized.values()),
         "quantized_count": len(info.quantized),
+        "moe": has_experts(info),
         "excluded": info.excluded,
         "unquantized": collapse(unquantized),
         "tensors": {

@@ -72,7 +72,10 @@ class ShardWriter:
         from safetensors.torch import save_file
 
         part = self.folder / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, str(part), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, str(part), metadata={"format": "pt"})
+        except Exception as e:  # safetensors reports a full disk or EFBIG as SafetensorError, not OSError
+            raise NVFP4Error(f"{part}: cannot write ({e})") from None
         self.parts.append((part, list(self.pending)))
         self.pending, self.size = {}, 0
 

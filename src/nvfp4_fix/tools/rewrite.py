@@ -17,7 +17,7 @@ from ..checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, require_n
 from ..errors import CheckpointError, NVFP4Error
 from ..fsutil import atomic_directory
 from . import progress
-from .analysis import FLOAT_DTYPES, module_of, quant_algo, require_consistent
+from .analysis import FLOAT_DTYPES, modelopt_section, module_of, quant_algo, require_consistent
 from .files import ShardWriter, check_output, copy_side_files, write_json
 
 DTYPES = {
@@ -32,7 +32,8 @@ ROWS_PER_CHUNK = 4096
 
 
 class _Reader:
-    """One tensor at a time from any shard (safe_open handles stay open; data is memory-mapped)."""
+    """One tensor at a time from any shard. The data is memory-mapped and pages read stay in the RSS
+    until the file is closed: ``release()`` closes every handle (called after each input shard)."""
 
     def __init__(self, info: CheckpointInfo) -> None:
         self.info = info
@@ -43,17 +44,22 @@ class _Reader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def release(self) -> None:
         self.stack.close()
+        self.stack = contextlib.ExitStack()
+        self.handles = {}
 
     def get(self, name: str) -> Any:
         from safetensors import safe_open
 
         t = self.info.tensors[name]
-        if t.file not in self.handles:
-            self.handles[t.file] = self.stack.enter_context(
-                safe_open(str(t.file), framework="pt", device="cpu")
-            )
         try:
+            if t.file not in self.handles:
+                self.handles[t.file] = self.stack.enter_context(
+                    safe_open(str(t.file), framework="pt", device="cpu")
+                )
             return self.handles[t.file].get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{t.file}: cannot read tensor {name!r} ({e})") from None
@@ -123,8 +129,12 @@ def dequantize_checkpoint(
     written = 0
     with atomic_directory(out, force) as tmp, _Reader(info) as reader:
         shards = ShardWriter(tmp, max_shard_bytes)
-        items = [name for _, names in _by_file(info) for name in names]
-        for name in progress.track(items, desc="dequantizing", unit="tensor"):
+        items = [(file, name) for file, names in _by_file(info) for name in names]
+        current = None
+        for file, name in progress.track(items, desc="dequantizing", unit="tensor"):
+            if file != current:
+                reader.release()
+                current = file
             prefix, leaf = module_of(name), name.rpartition(".")[2]
             if prefix in info.quantized:
                 if name == info.packed_name(prefix):
@@ -211,13 +221,13 @@ def _refuse_unconvertible(info: CheckpointInfo, to: str) -> None:
                 f"(e.g. {awq[0]}.pre_quant_scale); compressed-tensors has no equivalent "
                 "(load it with nvfp4-fix or vLLM, or `nvfp4-fix dequantize`)"
             )
-        q = info.quant_config.get("quantization") or info.quant_config
+        q = modelopt_section(info)
         if q.get("kv_cache_quant_algo"):
             raise NVFP4Error(
                 f"{info.path}: FP8 KV-cache scales (kv_cache_quant_algo "
                 f"{q['kv_cache_quant_algo']!r}) are not converted to compressed-tensors"
             )
-        layers = q.get("quantized_layers") or {}
+        layers = q.get("quantized_layers") if isinstance(q.get("quantized_layers"), dict) else {}
         other = sorted({str(v.get("quant_algo")) for v in layers.values() if isinstance(v, dict)} - {"NVFP4"})
         if other:
             raise NVFP4Error(
@@ -304,6 +314,7 @@ def convert_checkpoint(path: str | Path, out: str | Path, to: str, force: bool =
             for name in names:
                 shards.add(*_convert_tensor(info, name, reader.get(name)))
             shards.flush()
+            reader.release()
         written = shards.finish()
         config = copy.deepcopy(info.config)
         if to == COMPRESSED_TENSORS:

@@ -34,11 +34,12 @@ def load(path: str, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Chec
     files = {t.file for t in info.tensors.values()}
     start = time.perf_counter()
     try:
+        model_class = _model_class(info)
         with progress.loading_shards(len(files)):
-            model = from_pretrained(info.path, dtype=DTYPE_NAMES[dtype], device_map=device)
+            model = from_pretrained(info.path, model_class, dtype=DTYPE_NAMES[dtype], device_map=device)
     except NVFP4Error:
         raise
-    except (ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+    except Exception as e:  # transformers refusing this config/architecture: one line, not a traceback
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{info.path}: cannot load ({type(e).__name__}: {first})") from None
     return model, info, time.perf_counter() - start
@@ -51,6 +52,17 @@ TOKENIZER_FILES = (
     "vocab.json",
     "tiktoken.model",
 )
+
+
+def _model_class(info: CheckpointInfo) -> Any:
+    """The class config.json names (e.g. LlavaForConditionalGeneration), else AutoModelForCausalLM."""
+    import transformers
+
+    from .analysis import architecture
+
+    arch = architecture(info.config)
+    cls = getattr(transformers, arch, None) if arch else None
+    return cls if isinstance(cls, type) else None
 
 
 def tokenizer(path: Any) -> Any | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,33 +16,44 @@ FP16_MAX = 65504.0
 
 
 class _Files:
-    """safe_open handles kept open for the scan (one per shard), read one tensor at a time."""
+    """safe_open handles, at most two open at a time: the data is memory-mapped and the pages read stay
+    in the process's RSS until the file is closed, so the scan walks shard by shard and closes behind."""
 
     def __init__(self) -> None:
-        self.stack = contextlib.ExitStack()
-        self.open: dict[Path, Any] = {}
+        self.open: dict[Path, tuple[Any, Any]] = {}
 
     def get(self, file: Path, name: str) -> Any:
         from safetensors import safe_open
 
-        if file not in self.open:
-            self.open[file] = self.stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
         try:
-            return self.open[file].get_tensor(name)
+            if file not in self.open:
+                if len(self.open) >= 2:
+                    self._close(next(iter(self.open)))
+                ctx = safe_open(str(file), framework="pt", device="cpu")
+                self.open[file] = (ctx, ctx.__enter__())
+            return self.open[file][1].get_tensor(name)
         except Exception as e:  # a header that lies about the data (caught earlier in most cases)
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
+    def _close(self, file: Path) -> None:
+        ctx, _ = self.open.pop(file)
+        ctx.__exit__(None, None, None)
+
+    def close(self) -> None:
+        for file in list(self.open):
+            self._close(file)
+
 
 def _block_scale_stats(scale: Any) -> dict[str, int]:
+    """Counts from a histogram of the e4m3 bytes (one pass): NaN is S.1111.111 (e4m3fn has no inf)."""
     import torch
 
-    b = scale.view(torch.uint8).reshape(-1)
-    mag = b & 0x7F
+    hist = torch.bincount(scale.view(torch.uint8).reshape(-1), minlength=256).tolist()
     return {
-        "blocks": int(b.numel()),
-        "nan": int((mag == 0x7F).sum()),  # e4m3fn has no inf: S.1111.111 is NaN
-        "zero": int((mag == 0).sum()),
-        "negative": int(((b & 0x80) != 0).logical_and(mag != 0).sum()),
+        "blocks": sum(hist),
+        "nan": hist[0x7F] + hist[0xFF],
+        "zero": hist[0x00] + hist[0x80],
+        "negative": sum(hist[0x81:0xFF]),
     }
 
 
@@ -53,30 +63,39 @@ def _as_divisor(value: float, fmt: str) -> float:
     return 1.0 / value if value != 0 else math.inf
 
 
+def _examples(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
 def scan(info: CheckpointInfo) -> dict[str, Any]:
-    """Per-module findings plus totals; every finding names the tensor."""
+    """Read every block scale and per-tensor scale once; return totals, per-kind lists, and one-line
+    problems (NaN / negative / non-positive / all-zero) and warnings (fp16 overflow, fused partners)."""
     assert info.format is not None
     glob_suffix, act_suffix = SCALE_SUFFIXES[info.format]
     files = _Files()
-    findings: list[str] = []
-    warnings: list[str] = []
     totals = {"modules": 0, "blocks": 0, "nan": 0, "zero": 0, "negative": 0}
+    nan: list[str] = []
+    negative: list[str] = []
+    bad_scalars: list[str] = []
     zero_layers: list[str] = []
     fp16_overflow: list[str] = []
     globals_by_layer: dict[tuple[str, str], dict[str, float]] = {}
-    with files.stack:
-        for prefix in progress.track(sorted(info.quantized), desc="scanning scales", unit="layer"):
+
+    def where(prefix: str) -> tuple[Path, int]:
+        t = info.tensors[prefix + ".weight_scale"]
+        return t.file, t.offsets[0]
+
+    try:
+        for prefix in progress.track(sorted(info.quantized, key=where), desc="scanning scales", unit="layer"):
             t = info.tensors[prefix + ".weight_scale"]
             stats = _block_scale_stats(files.get(t.file, t.name))
             totals["modules"] += 1
             for k in ("blocks", "nan", "zero", "negative"):
                 totals[k] += stats[k]
             if stats["nan"]:
-                findings.append(f"{t.name}: {stats['nan']} of {stats['blocks']} block scales are NaN")
+                nan.append(f"{t.name} ({stats['nan']} of {stats['blocks']})")
             if stats["negative"]:
-                findings.append(
-                    f"{t.name}: {stats['negative']} of {stats['blocks']} block scales are negative"
-                )
+                negative.append(f"{t.name} ({stats['negative']} of {stats['blocks']})")
             if stats["zero"] == stats["blocks"]:
                 zero_layers.append(prefix)
             for suffix in (glob_suffix, act_suffix):
@@ -84,41 +103,59 @@ def scan(info: CheckpointInfo) -> dict[str, Any]:
                 if g is None:
                     continue
                 values = files.get(g.file, g.name).float().reshape(-1).tolist()
-                for v in values:
-                    if not math.isfinite(v) or v <= 0:
-                        findings.append(f"{g.name}: value {v} (must be finite and > 0)")
-                        break
-                else:
+                bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+                if bad:
+                    bad_scalars.append(f"{g.name} = {bad[0]}")
+                    continue
+                if suffix == glob_suffix:
+                    key = _fused_key(prefix)
+                    if key:
+                        globals_by_layer.setdefault(key, {})[prefix] = values[0]
                     divisor = max(_as_divisor(v, info.format) for v in values)
-                    if suffix == glob_suffix:
-                        m = _fused_key(prefix)
-                        if m:
-                            globals_by_layer.setdefault(m, {})[prefix] = values[0]
-                        if divisor > FP16_MAX:
-                            fp16_overflow.append(f"{g.name} (amax {448 * 6 / divisor:.3g})")
-    for (_, group), members in globals_by_layer.items():
-        if len(set(members.values())) > 1:
-            names = ", ".join(p.rpartition(".")[2] for p in sorted(members))
-            warnings.append(
-                f"{min(members)}: fused {group} partners ({names}) have different per-tensor scales; "
-                "vLLM fuses them and uses one scale (outputs differ there)"
-            )
-    if zero_layers:
-        findings.append(
-            f"{len(zero_layers)} all-zero layers (every block scale is 0), e.g. " + ", ".join(zero_layers[:3])
+                    if divisor > FP16_MAX:
+                        fp16_overflow.append(f"{g.name} (amax {448 * 6 / divisor:.3g})")
+    finally:
+        files.close()
+    fused = [
+        f"{parent} ({', '.join(p.rpartition('.')[2] for p in sorted(members))})"
+        for (parent, _), members in sorted(globals_by_layer.items())
+        if len(set(members.values())) > 1
+    ]
+    problems = []
+    if nan:
+        problems.append(f"NaN block scales in {len(nan)} layers: {_examples(nan)}")
+    if negative:
+        problems.append(f"negative block scales in {len(negative)} layers: {_examples(negative)}")
+    if bad_scalars:
+        problems.append(
+            f"{len(bad_scalars)} per-tensor scales are not finite and > 0: {_examples(bad_scalars)}"
         )
+    if zero_layers:
+        problems.append(
+            f"{len(zero_layers)} all-zero layers (every block scale is 0): {_examples(zero_layers)}"
+        )
+    warnings = []
     if fp16_overflow:
         warnings.append(
             f"{len(fp16_overflow)} weight global scales exceed fp16's 65504 (amax < 0.041); loaders that "
-            "cast them to float16 (transformers 4.57 + compressed-tensors) get inf, e.g. "
-            + ", ".join(fp16_overflow[:3])
+            "cast them to float16 (transformers 4.57 + compressed-tensors) get inf: "
+            + _examples(fp16_overflow)
+        )
+    if fused:
+        warnings.append(
+            f"{len(fused)} fused groups (q/k/v or gate/up) have partners with different per-tensor scales; "
+            "vLLM fuses them and uses one scale, so its outputs differ there: " + _examples(fused)
         )
     return {
         "totals": totals,
-        "problems": findings,
+        "problems": problems,
         "warnings": warnings,
+        "nan": nan,
+        "negative": negative,
+        "bad_scalars": bad_scalars,
         "zero_layers": zero_layers,
         "fp16_overflow": fp16_overflow,
+        "fused_mismatch": fused,
     }
 
 
