@@ -51,8 +51,13 @@ def looks_like_nvfp4(path: Any) -> bool:
     # read_json: bounded reads of regular files only (a FIFO or /dev/zero named config.json would hang)
     if (p / "hf_quant_config.json").is_file():
         with contextlib.suppress(Exception):
-            algo = read_json(p / "hf_quant_config.json")["quantization"]["quant_algo"]
-            return "NVFP4" in str(algo).upper() or algo == "MIXED_PRECISION"
+            q = read_json(p / "hf_quant_config.json")["quantization"]
+            layers = q.get("quantized_layers") or {} if q.get("quant_algo") == "MIXED_PRECISION" else {}
+            return "NVFP4" in str(q.get("quant_algo")).upper() or any(
+                "NVFP4" in str(v.get("quant_algo", "")).upper()
+                for v in layers.values()
+                if isinstance(v, dict)
+            )
     with contextlib.suppress(Exception):
         qc = read_json(p / "config.json").get("quantization_config") or {}
         if qc.get("quant_method") == COMPRESSED_TENSORS:
@@ -314,6 +319,8 @@ def _cast(
             return tensor.to(old.dtype)
         return tensor
     if not tensor.is_floating_point():
+        if old.is_floating_point():  # e.g. a uint8 tensor where lm_head.weight belongs: no forward could run
+            raise CheckpointError(f"tensor {name!r} must be floating point, got {tensor.dtype}")
         return tensor
     if any(k in name for k in keep_fp32):
         return tensor.to(torch.float32)

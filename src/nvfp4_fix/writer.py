@@ -71,12 +71,42 @@ def modelopt_quant_config(exclude: list[str], w4a4: bool) -> dict[str, Any]:
     }
 
 
+#: Projections that runtimes fuse into one GEMM (vLLM's QKV and gate/up) must share one per-tensor
+#: scale, as llmcompressor and ModelOpt write them.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def global_scale_for(amax: float, layout: str) -> torch.Tensor:
+    """The per-tensor scale of a layer whose largest |weight| is ``amax``, in the layout's convention."""
+    amax = max(float(amax), 1e-12)
+    return torch.tensor(448.0 * 6.0 / amax if layout == COMPRESSED_TENSORS else amax / (448.0 * 6.0))
+
+
+def fused_amax(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """amax per layer prefix, shared by the members of each fused group under one parent module."""
+    amax = {p: float(w.abs().max()) for p, w in weights.items()}
+    shared = dict(amax)
+    for p in amax:
+        parent, _, leaf = p.rpartition(".")
+        for group in FUSED_GROUPS:
+            if leaf in group:
+                members = [f"{parent}.{g}" if parent else g for g in group]
+                shared[p] = max(amax.get(m, 0.0) for m in members)
+    return shared
+
+
 def quantized_tensors(
-    prefix: str, weight: torch.Tensor, layout: str, input_amax: float | None = None
+    prefix: str,
+    weight: torch.Tensor,
+    layout: str,
+    input_amax: float | None = None,
+    weight_amax: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one NVFP4 linear, from its dense weight."""
+    """The checkpoint tensors of one NVFP4 linear, from its dense weight (``weight_amax``: the amax
+    its per-tensor scale is computed from, e.g. shared with its fused partners)."""
     convention = "divisor" if layout == COMPRESSED_TENSORS else "multiplier"
-    packed, scale, glob = quantize(weight, convention)
+    glob = None if weight_amax is None else global_scale_for(weight_amax, layout)
+    packed, scale, glob = quantize(weight, convention, glob)
     if layout == COMPRESSED_TENSORS:
         out = {
             f"{prefix}.weight_packed": packed,
@@ -119,10 +149,12 @@ def save_quantized(
     }
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[Any, int, tuple[int, ...]]] = set()
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    amax = fused_amax({p: state[f"{p}.weight"] for p in linears})
+    for name, t in state.items():
         prefix, _, leaf = name.rpartition(".")
         if prefix in linears and leaf == "weight":
-            tensors.update(quantized_tensors(prefix, t, layout, input_amax))
+            tensors.update(quantized_tensors(prefix, t, layout, input_amax, amax[prefix]))
             continue
         # Tied weights (e.g. lm_head = embed_tokens) are written once, as save_pretrained does:
         # safetensors refuses tensors that share memory, and loaders re-tie them.
