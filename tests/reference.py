@@ -116,6 +116,8 @@ def reference_model(path: str | Path, model_class=None):
     config = json.loads((path / "config.json").read_text())
     config.pop("quantization_config", None)
     config["torch_dtype"] = config["dtype"] = "float32"
+    if "num_local_experts" in config:  # transformers 4.57 reads the expert count of Qwen3-MoE from here
+        config.setdefault("num_experts", config["num_local_experts"])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         save_file(

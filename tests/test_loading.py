@@ -34,16 +34,6 @@ ALL = [
 ]
 
 
-def _loadable_here(path: Path) -> bool:
-    """transformers 4.57 cannot read a transformers-5 MoE config (num_experts became num_local_experts)."""
-    import transformers
-
-    cfg = json.loads((path / "config.json").read_text())
-    v5_moe = cfg.get("transformers_version", "").startswith("5.") and "num_local_experts" in cfg
-    return not (transformers.__version__.startswith("4.") and v5_moe and cfg.get("model_type") == "qwen3_moe")
-
-
-ALL = [p for p in ALL if _loadable_here(p)]
 
 
 def _ids(paths: list[Path]) -> list[str]:

@@ -407,6 +407,7 @@ def load_model(
             setattr(config, k, v)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    _backport_renamed_config_keys(config, info)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     try:
@@ -478,6 +479,16 @@ def load_model(
         model.generation_config = GenerationConfig.from_pretrained(info.path)
     _wrap_save(model, info)
     return model
+
+
+def _backport_renamed_config_keys(config: Any, info: CheckpointInfo) -> None:
+    """transformers 5 writes MoE expert counts as ``num_local_experts``; 4.57's Qwen3-MoE reads
+    ``num_experts`` and would silently build 128 experts. Copy the value across when only one is known."""
+    saved = info.config.get("num_local_experts")
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and isinstance(saved, int) and "num_experts" not in info.config:
+            if hasattr(cfg, "num_experts") and cfg.num_experts != saved:
+                cfg.num_experts = saved
 
 
 def _modelopt_quant_config(info: CheckpointInfo) -> dict[str, Any]:
