@@ -50,7 +50,9 @@ def test_cuda_matches_cpu(path: Path, dtype: torch.dtype) -> None:
 def test_split_between_gpu_and_cpu_offload(path: Path) -> None:
     whole = _logits(from_pretrained(path, device_map="cuda"), _ids())
     total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    split = from_pretrained(path, device_map="sequential", max_memory={0: int(total * 0.6), "cpu": 10 * 2**30})
+    split = from_pretrained(
+        path, device_map="sequential", max_memory={0: int(total * 0.6), "cpu": 10 * 2**30}
+    )
     devices = set(map(str, split.hf_device_map.values()))
     assert "cpu" in devices and any(d not in ("cpu", "disk") for d in devices), split.hf_device_map
     assert rel_err(_logits(split, _ids()), whole) < 1e-3
