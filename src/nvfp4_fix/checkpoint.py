@@ -369,6 +369,12 @@ def find_quantized(fmt: str, tensors: dict[str, TensorInfo]) -> dict[str, Quanti
             raise CheckpointError(f"{info.file}: {prefix!r} has no per-tensor scale {prefix}{global_suffix}")
         if glob.dtype not in ("F32", "F16", "BF16"):
             raise CheckpointError(f"{glob.file}: tensor {glob.name!r} must be float32, got {glob.dtype}")
+        per_tensor = {1, shape[0] if len(shape) == 3 else 1}  # one scale (per expert for stacked experts)
+        for t in (glob, tensors.get(prefix + act_suffix)):
+            if t is not None and t.numel not in per_tensor:
+                raise CheckpointError(
+                    f"{t.file}: tensor {t.name!r} has shape {list(t.shape)}; expected one per-tensor value"
+                )
         out[prefix] = QuantizedModule(
             prefix=prefix,
             out_features=shape[-2],
