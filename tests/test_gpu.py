@@ -71,3 +71,16 @@ def test_peak_memory_is_near_packed_size() -> None:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     assert resident <= params * 1.2 + 2**20
     assert peak <= resident * 1.15 + 2**20, (peak, resident)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("path", CASES[:2], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_split_across_two_gpus(path: Path) -> None:
+    whole = _logits(from_pretrained(path, device_map="cuda:0"), _ids())
+    total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    split = from_pretrained(path, device_map="sequential", max_memory={0: int(total * 0.6), 1: 10 * 2**30})
+    devices = set(map(str, split.hf_device_map.values()))
+    assert {"0", "1"} <= devices or {"cuda:0", "cuda:1"} <= devices, split.hf_device_map
+    assert rel_err(_logits(split, _ids()), whole) < 1e-3
+    out = split.generate(_ids()[:1].to("cuda:0"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == _ids().shape[1] + 4
