@@ -126,6 +126,12 @@ def _apply_patch() -> None:
     apply_patch(packed_layers=bool(ARMED and ARMED.get("packed_layers", True)))
 
 
+def lazy_fire(name: str, packed_layers: bool, path: object = None, target: object = None) -> object:
+    """Called by the .pth line's finder on the first import of a trigger: arm, then take that import."""
+    arm(packed_layers)
+    return _FINDER.find_spec(name, path, target)
+
+
 def arm(packed_layers: bool = True) -> None:
     """Entry point of the .pth line."""
     global ARMED

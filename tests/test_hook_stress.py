@@ -140,14 +140,13 @@ def test_hook_costs_no_measurable_start_up_time(tmp_path: Path, wheel: Path) -> 
             with_hook.append(_start_time(py, code))
         a, b = statistics.median(without) * 1e3, statistics.median(with_hook) * 1e3
         print(f"\npython -c {code!r}, median of {runs}: without hook {a:.2f} ms, with hook {b:.2f} ms")
-        assert b - a < max(3.0, 0.15 * a), (a, b)  # measured +0.6 ms; importing nvfp4_fix costs ~7 ms
+        assert b - a < max(3.0, 0.15 * a), (a, b)  # measured +0.18 ms, noise ~0.2 ms
     prefixes = ("torch", "transformers", "compressed", "nvfp4", "_nvfp4")
     code = f"import sys; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
     r = _run(py, "-c", code, check=True)
-    assert r.stdout.strip() == "['_nvfp4_fix_startup']" and r.stderr == ""
+    assert r.stdout.strip() == "[]" and r.stderr == ""  # the .pth line imports nothing of ours
     r = _run(py, "-X", "importtime", "-c", "pass", check=True)
-    hook = [line for line in r.stderr.splitlines() if line.rstrip().endswith("_nvfp4_fix_startup")]
-    assert len(hook) == 1 and int(hook[0].split("|")[1]) < 3000, hook  # cumulative microseconds
+    assert not [line for line in r.stderr.splitlines() if "nvfp4" in line], r.stderr
 
 
 def test_pip_uninstall_with_the_hook_left_behind_is_silent(tmp_path: Path, wheel: Path) -> None:
@@ -157,7 +156,7 @@ def test_pip_uninstall_with_the_hook_left_behind_is_silent(tmp_path: Path, wheel
     (site / "compressed_tensors.py").write_text("")  # a stand-in that triggers the hook on import
     applied = _run(py.parent / "nvfp4-fix", "apply-patch", "--no-packed-layers")
     assert applied.returncode == 0 and (site / startup.PTH_NAME).exists(), applied.stderr
-    armed = _run(py, "-c", "import _nvfp4_fix_startup as h; print(h.ARMED)")
+    armed = _run(py, "-c", "import compressed_tensors, _nvfp4_fix_startup as h; print(h.ARMED)")
     assert armed.stdout.strip() == "{'packed_layers': False}", armed.stderr
     subprocess.run([*pip, "uninstall", "-y", "nvfp4-fix"], check=True)
     assert (site / startup.PTH_NAME).exists() and not (site / "_nvfp4_fix_startup.py").exists()

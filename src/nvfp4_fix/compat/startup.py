@@ -12,6 +12,7 @@ import os
 import sys
 import sysconfig
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,36 @@ class StartupHookError(NVFP4Error, RuntimeError):
     """The start-up hook could not be written or removed."""
 
 
+LAZY_HOOK = "_NVFP4FixLazyHook"
+
+# The .pth line defines this finder and nothing else: interpreter start-up imports no module of ours,
+# and the code is kept short because compiling it is what the line costs. The first import of a
+# trigger removes the finder and hands that import to the hook module (its ``lazy_fire``).
+_LAZY_CODE = """\
+import os
+if os.environ.get("NVFP4_FIX_DISABLE","") in ("","0"):
+ class {cls}:
+  def find_spec(s,n,*a):
+   if n in {triggers!r}:
+    sys.meta_path.remove(s)
+    try:
+     import {module} as h;return h.lazy_fire(n,{packed!r},*a)
+    except Exception:pass
+ sys.meta_path.insert(0,{cls}())
+"""
+
+
 def pth_line(packed_layers: bool = True) -> str:
-    body = f"import {HOOK_MODULE}\n    {HOOK_MODULE}.arm(packed_layers={packed_layers!r})"
-    code = f"try:\n    {body}\nexcept Exception:\n    pass\n"
+    triggers = ("compressed_tensors",) + (("transformers.modeling_utils",) if packed_layers else ())
+    code = _LAZY_CODE.format(cls=LAZY_HOOK, packed=packed_layers, triggers=triggers, module=HOOK_MODULE)
+    code = f"try:\n{textwrap.indent(code, ' ')}except Exception:pass\n"
     # site.py exec()s lines that start with "import"; the try/except lives in the exec'd string.
     return f"import sys; exec({code!r})\n"
+
+
+def lazy_hook_waiting() -> bool:
+    """The .pth line's finder is on sys.meta_path: armed, waiting for its first trigger."""
+    return any(type(f).__name__ == LAZY_HOOK for f in sys.meta_path)
 
 
 def site_packages(target: str | os.PathLike[str] | None = None) -> Path:
@@ -117,7 +143,7 @@ def status(target: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         "valid": problem is None,
         "options": options,
         "module_importable": importable,
-        "armed_in_this_process": armed is not None,
+        "armed_in_this_process": armed is not None or lazy_hook_waiting(),
         "disabled_by_env": disabled,
         "problem": problem,
     }
