@@ -21,6 +21,7 @@ _EXPORTS = {
     "patch_status": "patch",
     "enable_low_memory_mode": "patch",
     "from_pretrained": "loading",
+    "generate": "generation",
     "NVFP4Linear": "layer",
     "inspect_checkpoint": "checkpoint",
     "NVFP4Error": "errors",
