@@ -34,8 +34,6 @@ ALL = [
 ]
 
 
-
-
 def _ids(paths: list[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" for p in paths]
 

@@ -307,6 +307,12 @@ def _quant_config(folder: Path, config: dict[str, Any]) -> tuple[str | None, dic
     return None, qc if isinstance(qc, dict) else {}
 
 
+def detect_format(folder: str | os.PathLike[str]) -> str | None:
+    """COMPRESSED_TENSORS, MODELOPT or None, from config.json and hf_quant_config.json alone."""
+    path = Path(folder)
+    return _quant_config(path, read_json(path / "config.json"))[0]
+
+
 def _ct_is_nvfp4(qc: dict[str, Any]) -> bool:
     groups = _obj(qc.get("config_groups"))
     return any(isinstance(g, dict) and g.get("format") == "nvfp4-pack-quantized" for g in groups.values())

@@ -20,27 +20,9 @@ BLOCK = 16
 FP4_MAX = 6.0
 FP8_MAX = 448.0
 
-#: E2M1 value of each 4-bit code; bit 3 is the sign.
-E2M1_VALUES: tuple[float, ...] = (
-    0.0,
-    0.5,
-    1.0,
-    1.5,
-    2.0,
-    3.0,
-    4.0,
-    6.0,
-    -0.0,
-    -0.5,
-    -1.0,
-    -1.5,
-    -2.0,
-    -3.0,
-    -4.0,
-    -6.0,
-)
-
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+#: E2M1 value of each 4-bit code; bit 3 is the sign.
+E2M1_VALUES: tuple[float, ...] = _E2M1_MAGNITUDES + tuple(-v for v in _E2M1_MAGNITUDES)
 
 
 class NVFP4FormatError(CheckpointError):

@@ -97,10 +97,6 @@ class NVFP4Linear(nn.Module):
         return self._parameters[self._packed_name]
 
     @property
-    def packed(self) -> torch.Tensor:
-        return self._parameters[self._packed_name]
-
-    @property
     def weight_mul(self) -> torch.Tensor:
         """The per-tensor factor in the multiplier convention: a float32 scalar on the weights' device,
         computed once per value of the global scale (one launch less per forward)."""
@@ -126,7 +122,7 @@ class NVFP4Linear(nn.Module):
         return s if self.layout == COMPRESSED_TENSORS else 1.0 / s
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.packed, self.weight_scale, self.weight_mul, "multiplier", dtype)
+        return dequantize(self.weight_packed, self.weight_scale, self.weight_mul, "multiplier", dtype)
 
     def keep_dense_copy(self, dtype: torch.dtype | None) -> None:
         """Dequantize once and compute with the dense copy (fast on CPU, at dense memory), or drop it
@@ -143,7 +139,7 @@ class NVFP4Linear(nn.Module):
             x = fake_quantize_activations(x, divisor)
         if self.dense_weight is not None:
             return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
-        return nvfp4_linear(x, self.packed, self.weight_scale, self.weight_mul, self.bias)
+        return nvfp4_linear(x, self.weight_packed, self.weight_scale, self.weight_mul, self.bias)
 
     def extra_repr(self) -> str:
         mode = f", activations={self.activation_mode}" if self._input_name else ""

@@ -27,7 +27,7 @@ from .checkpoint import (
     MODELOPT,
     CheckpointInfo,
     QuantizedModule,
-    read_json,
+    detect_format,
     require_nvfp4,
 )
 from .errors import CheckpointError, NVFP4Error
@@ -48,25 +48,9 @@ def looks_like_nvfp4(path: Any) -> bool:
         return False
     if not p.is_dir():
         return False
-    # read_json: bounded reads of regular files only (a FIFO or /dev/zero named config.json would hang)
-    if (p / "hf_quant_config.json").is_file():
-        with contextlib.suppress(Exception):
-            q = read_json(p / "hf_quant_config.json")["quantization"]
-            layers = q.get("quantized_layers") or {} if q.get("quant_algo") == "MIXED_PRECISION" else {}
-            return "NVFP4" in str(q.get("quant_algo")).upper() or any(
-                "NVFP4" in str(v.get("quant_algo", "")).upper()
-                for v in layers.values()
-                if isinstance(v, dict)
-            )
+    # read_json (inside detect_format) reads regular files only: a FIFO config.json cannot hang this
     with contextlib.suppress(Exception):
-        qc = read_json(p / "config.json").get("quantization_config") or {}
-        if qc.get("quant_method") == COMPRESSED_TENSORS:
-            groups = qc.get("config_groups") or {}
-            return qc.get("format") == "nvfp4-pack-quantized" or any(
-                g.get("format") == "nvfp4-pack-quantized" for g in groups.values() if isinstance(g, dict)
-            )
-        if qc.get("quant_method") == MODELOPT:
-            return "NVFP4" in str(qc.get("quant_algo", "")).upper()
+        return detect_format(p) is not None
     return False
 
 
@@ -333,10 +317,6 @@ def _brief(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
-def _ct_config_for_save(info: CheckpointInfo) -> dict[str, Any]:
-    return copy.deepcopy(info.quant_config)
-
-
 #: What a save replaces in an existing folder: weight files, their index, the ModelOpt config.
 _REPLACED_ON_SAVE = re.compile(
     r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)"
@@ -456,7 +436,7 @@ def load_model(
     for m in model.modules():
         if isinstance(m, (NVFP4Linear, NVFP4Experts)):
             m.activation_mode = activations
-        if dense_on_cpu and isinstance(m, NVFP4Linear) and m.packed.device.type == "cpu":
+        if dense_on_cpu and isinstance(m, NVFP4Linear) and m.weight_packed.device.type == "cpu":
             m.keep_dense_copy(torch_dtype)
 
     if len(set(map(str, placement.values()))) > 1:
@@ -466,7 +446,7 @@ def load_model(
     else:
         model.to(_device_of(placement, ""))
     model.config.quantization_config = (
-        _ct_config_for_save(info)
+        copy.deepcopy(info.quant_config)
         if info.format == COMPRESSED_TENSORS
         else (copy.deepcopy(info.config.get("quantization_config") or _modelopt_quant_config(info)))
     )

@@ -40,7 +40,6 @@ class NVFP4Experts(nn.Module):
         self.num_experts = num_experts
         self.act_fn = act_fn
         self.names = names  # role -> checkpoint projection name, e.g. {"gate": "w1", ...}
-        self.experts_list: list[nn.Module] = []
         self.activation_mode = "quantize"
 
     @classmethod

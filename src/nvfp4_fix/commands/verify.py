@@ -153,7 +153,7 @@ def verify(
     not_packed = [
         n
         for n in names.values()
-        if modules[n].packed.dtype != torch.uint8
+        if modules[n].weight_packed.dtype != torch.uint8
         or modules[n].weight_scale.dtype != torch.float8_e4m3fn
         or modules[n].dense_weight is not None
     ]
@@ -174,7 +174,7 @@ def verify(
                     raise CheckpointError(
                         f"{info.tensors[key].file}: cannot read tensor {key!r} ({e})"
                     ) from None
-            if not torch.equal(mod.packed.detach().cpu(), tensors[info.packed_name(prefix)]):
+            if not torch.equal(mod.weight_packed.detach().cpu(), tensors[info.packed_name(prefix)]):
                 failures.append(f"{prefix}: packed bytes differ from the checkpoint's")
             w = reference_weight(tensors, prefix, info)
             pqs = tensors.get(prefix + ".pre_quant_scale")
@@ -201,7 +201,7 @@ def verify(
             try:
                 for what, mode, xin, ref_in, limit in checks:
                     mod.activation_mode = mode
-                    y = mod(xin.to(mod.packed.device)).detach().cpu().to(torch.float64)
+                    y = mod(xin.to(mod.weight_packed.device)).detach().cpu().to(torch.float64)
                     ref = ref_in @ w.t() + bias
                     err = float((y - ref).norm() / ref.norm().clamp(min=1e-30))
                     kind = prefix.rpartition(".")[2] + (
