@@ -31,6 +31,7 @@ import triton.testing
 
 import nvfp4_fix.kernels as K
 from nvfp4_fix.codec import dequantize
+from nvfp4_fix.kernels import cuda_mma
 from nvfp4_fix.kernels import triton_ops as T
 
 SHAPES = {
@@ -221,6 +222,9 @@ def main():
     ap.add_argument("--no-torch-dequant", action="store_true", help="skip the slow plain-torch baseline")
     ap.add_argument("--out", default=None, help="also write the log here")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--mma-warps", default="", help="also time cuda_mma with these warps per block, e.g. 4,8,16"
+    )
     args = ap.parse_args()
     logf = open(args.out, "w") if args.out else None
 
@@ -275,10 +279,10 @@ def main():
 
     rows = []
     log(
-        "| layer | N x K | M | cuBLAS bf16 us | NVFP4 auto us (kernel) | speedup | NVFP4 GB/s | triton_gemv | "
-        "triton_mm | dequant_mm | torch dequant+mm | rel err |"
+        "| layer | N x K | M | cuBLAS bf16 us | NVFP4 auto us (kernel) | speedup | NVFP4 GB/s | cuda_mma | "
+        "triton_gemv | triton_mm | dequant_mm | torch dequant+mm | rel err |"
     )
-    log("|" + "---|" * 12)
+    log("|" + "---|" * 13)
     for name, n, k in shapes:
         for m in ms:
             lay = Layer(n, k, m)
@@ -293,6 +297,20 @@ def main():
             r["auto"] = bench_graph(lambda i: K.nvfp4_linear(*lay.qargs(i)))
             ref = torch.nn.functional.linear(x0.float(), lay.w16[0].float())
             r["err"] = rel_err(K.nvfp4_linear(x0, wp, ws, mul), ref)
+            r["cuda_mma"] = None
+            if m <= 16 and cuda_mma.supports(x0, n, k):
+                r["cuda_mma"] = _try(
+                    log, "cuda_mma", lambda: bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i)))
+                )
+                for w in [int(v) for v in args.mma_warps.split(",") if v]:
+                    t = _try(
+                        log,
+                        "cuda_mma",
+                        lambda w=w: bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i), warps=w)),
+                    )
+                    log(
+                        f"  cuda_mma {name} M={m} warps={w}: {t} us (default {cuda_mma.warps_for(n, k, x0.device)})"
+                    )
             r["gemv"] = (
                 _try(log, "gemv", lambda: bench_graph(lambda i: T.gemv(*lay.qargs(i)))) if m <= 4 else None
             )
@@ -325,7 +343,7 @@ def main():
 
             log(
                 f"| {name} | {n}x{k} | {m} | {f(r['cublas'])} | {f(r['auto'])} ({kern}) | {r['speedup']:.2f}x | "
-                f"{r['gbs']:.0f} | {f(r['gemv'])} | {f(r['mm'])} | {f(r['dequant_mm'])} | {f(r['torch_deq'])} | "
+                f"{r['gbs']:.0f} | {f(r['cuda_mma'])} | {f(r['gemv'])} | {f(r['mm'])} | {f(r['dequant_mm'])} | {f(r['torch_deq'])} | "
                 f"{r['err']:.1e} |"
             )
             rows.append(r)

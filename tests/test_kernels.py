@@ -331,6 +331,56 @@ def test_triton_gpu(m, n, k, dtype):
     _run_all_triton(m, n, k, dtype, "cuda", with_bias=(m % 2 == 1), extra_cfgs=(m <= 2 and k <= 4112))
 
 
+# ----------------------------------------------------------------------------- CUDA mma (NVRTC)
+MMA_NK = [(16, 128), (97, 384), (4097, 4096), (6144, 4096), (4096, 14336), (1000, 1152)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", MMA_NK)
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_mma_gpu(m, n, k, dtype):
+    from nvfp4_fix.kernels import cuda_mma
+
+    wp, ws, mul = make_weight(n, k, "cuda")
+    x = make_x(m, k, dtype, "cuda")
+    bias = torch.randn(n).to(dtype).cuda() if m % 2 else None
+    assert cuda_mma.supports(x, n, k)
+    ref = ref_linear_f64(x, wp, ws, mul, bias)
+    for warps in (1, 4, 16, None):
+        out = _poisoned(m, n, dtype, "cuda")
+        y = cuda_mma.linear(x, wp, ws, mul, bias, warps=warps, out=out)
+        assert y is out
+        check(y, ref, dtype, f"cuda_mma warps={warps} m={m} n={n} k={k} {dtype}")
+    # per-row multipliers (fused q/k/v, gate/up)
+    row_mul = torch.rand(n, device="cuda") + 0.5
+    y = cuda_mma.linear(x, wp, ws, row_mul, bias)
+    check(y, ref_linear_f64(x, wp, ws, row_mul[:, None], bias), dtype, "cuda_mma per-row mul")
+    if k % 128 == 0 and m <= 16:
+        assert K.select_kernel(x, n, k) == "cuda_mma"
+
+
+@gpu
+@needs_cuda
+def test_cuda_mma_subnormal_scales_and_extremes():
+    """e4m3 subnormal block scales, the largest scale and every code, exactly."""
+    from nvfp4_fix.kernels import cuda_mma
+
+    n, k = 64, 256
+    g = torch.Generator().manual_seed(5)
+    wp = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    sb = torch.randint(1, 8, (n, k // 16), dtype=torch.uint8, generator=g)  # subnormal e4m3
+    sb[::2] = torch.randint(0x70, 0x7F, (n // 2, k // 16), dtype=torch.uint8, generator=g)  # up to 448
+    ws = sb.view(torch.float8_e4m3fn)
+    mul = torch.tensor(3.0e-3)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = make_x(3, k, dtype)
+        ref = ref_linear_f64(x, wp, ws, mul)
+        y = cuda_mma.linear(x.cuda(), wp.cuda(), ws.cuda(), mul.cuda())
+        check(y.cpu(), ref, dtype, f"cuda_mma extremes {dtype}")
+
+
 @gpu
 @needs_cuda
 @needs_triton

@@ -7,7 +7,8 @@ nothing syncs the host and the call can be captured in a CUDA graph.
 Choice of kernel (``kernel=`` argument, else env ``NVFP4_FIX_KERNEL``, else ``"auto"``):
 
 * ``reference``    dequantize to float32 and matmul (any device, slow, exact).
-* CUDA, auto:      M == 1 -> ``triton_gemv``; 2 <= M <= 16 -> ``triton_mm`` with BM=16 (split-K);
+* CUDA, auto:      M <= 16 -> ``cuda_mma`` (NVRTC-compiled tensor-core decode GEMM, sm_80+, K % 128
+                   == 0); otherwise M == 1 -> ``triton_gemv``; 2 <= M <= 16 -> ``triton_mm`` (BM=16);
                    larger M -> ``triton_mm`` or ``dequant_mm`` (dequantize into a bf16 scratch in
                    row chunks + cuBLAS), by the thresholds measured in benchmarks/RESULTS.md.
                    fp32 activations -> ``dequant_mm``. Without Triton -> ``chunked``.
@@ -27,6 +28,7 @@ import os
 import torch
 
 from . import cpu as _cpu
+from . import cuda_mma as _cuda_mma
 from .reference import linear_reference
 
 try:  # Triton is optional: without it CUDA falls back to the chunked torch path.
@@ -44,6 +46,7 @@ __all__ = ["nvfp4_linear", "dequantize_weight", "KERNELS", "HAS_TRITON", "select
 KERNELS = (
     "auto",
     "reference",
+    "cuda_mma",
     "triton_gemv",
     "triton_mm",
     "dequant_mm",
@@ -65,6 +68,8 @@ def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
             return "chunked"
         if x2.dtype not in (torch.float16, torch.bfloat16):
             return "dequant_mm"
+        if m <= 16 and _cuda_mma.supports(x2, n, k):
+            return "cuda_mma"
         if m == 1:
             return "triton_gemv" if _tops.m1_kernel(n, k) == "gemv" else "triton_mm"
         if m <= 16 or m < DEQUANT_MM_MIN_M:
@@ -83,6 +88,13 @@ def _run(kernel: str, x2, wp, ws, mul, bias):
         kernel = select_kernel(x2, n, k)
     if kernel == "reference":
         return linear_reference(x2, wp, ws, mul, bias)
+    if kernel == "cuda_mma":
+        if not _cuda_mma.supports(x2, n, k):
+            raise RuntimeError(
+                "kernel 'cuda_mma' needs CUDA sm_80+, fp16/bf16, M <= 16 and K % 128 == 0"
+                f" (M={x2.shape[0]}, K={k})"
+            )
+        return _cuda_mma.linear(x2, wp, ws, mul, bias)
     if kernel in ("triton_gemv", "triton_mm", "dequant_mm"):
         if not HAS_TRITON:
             raise RuntimeError(f"kernel {kernel!r} needs triton, which is not importable")

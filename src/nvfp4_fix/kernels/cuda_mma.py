@@ -1,0 +1,304 @@
+"""Decode GEMM for M <= 16 on tensor cores: packed NVFP4 codes are decoded straight into mma.sync
+operand registers (sm_80+), compiled at first use with NVRTC.
+
+Why tensor cores for a GEMV: the weight tile is the 16x16 A operand of ``mma.m16n8k16`` and the
+activations the 16x8 B operand, so one mma consumes 256 weights and the SIMT work left is the decode
+(~2 instructions a weight against ~5.5 in the Triton GEMV, which is issue-bound on Hopper).
+
+Layout: no re-layout. A warp owns 16 weight rows; per 128-wide K chunk, lane (g, t) (g = lane/4,
+t = lane%4) loads 16 bytes (32 codes) of rows g and g+8 at column 32t, one coalesced 16-byte load
+per row, and the two e4m3 block scales of those codes. The mma's k order inside a chunk is a
+permutation of the real one; the B fragment is built from x in the same permutation, so the dot
+product is unchanged. Per 32-bit word (8 codes, nibble i = code i), ``dec(w << 4j)`` makes a 16-bit
+pair of codes (3-j, 7-j): sign to bit 15, magnitude bits to the exponent/mantissa boundary, which
+is the code's value * 2^-126 as bf16 (2^-14 as fp16, subnormal 0.5 included). One packed fma by the
+block scale, pre-multiplied by 2^119 (bf16) or 2^7 (fp16), gives value * scale * 2^-7 exactly (at
+most 6 significant bits, always a normal or exact subnormal number); the epilogue multiplies the
+fp32 sums by 2^7 and the per-tensor (or per-row) multiplier.
+
+Requires K % 128 == 0 and 16-byte aligned rows; ``supports`` says when, the dispatch falls back to
+Triton otherwise. Warps of a block split K; a block reduces in shared memory, so there is one
+launch and no workspace.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import nvrtc
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+struct U4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ U4 ld_stream(const u8* p) {
+  U4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ U4 ld_x(const u16* p) {
+  U4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ u32 ld_u16(const u8* p) {
+  u16 r;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+// Top nibble of each 16-bit half -> 16-bit float bits of the E2M1 value * 2^-126 (bf16) / 2^-14 (fp16).
+__device__ __forceinline__ u32 dec(u32 u) {
+  return (u & 0x80008000u) | ((u & 0x70007000u) >> SHIFT);
+}
+__device__ __forceinline__ u32 scl(u32 a, u32 s) {
+  u32 d;
+  asm("fma.rn." HTYPE " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u));
+  return d;
+}
+// e4m3 byte (scales are >= 0) -> the pair (s, s) of its value * 2^119 (bf16) / 2^7 (fp16).
+__device__ __forceinline__ u32 scale_pair(u32 b) {
+  float f;
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"((b & 0x7Fu) << 20));  // value * 2^-120, subnormals too
+  f = f * 0x1p120f * SCALE_POW;
+  u16 h;
+  asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(h) : "f"(f));
+  return (u32)h | ((u32)h << 16);
+}
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MTYPE "." MTYPE ".f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ float to_f32(u16 h) {
+  float f;
+#if IS_BF16
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"((u32)h << 16));
+#else
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+#endif
+  return f;
+}
+
+extern "C" __global__ void __launch_bounds__(512)
+nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
+          const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
+          u16* __restrict__ y, int ldy, int M, int N, int K)
+{
+  __shared__ float red[16][NT * 8][16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);
+  const int chunks = K >> 7;
+  const int c_lo = chunks * warp / warps, c_hi = chunks * (warp + 1) / warps;
+  const u8* wa = w + (u64)ra * (K >> 1) + t * 16;
+  const u8* wb = w + (u64)rb * (K >> 1) + t * 16;
+  const u8* sa_p = s + (u64)ra * (K >> 4) + t * 2;
+  const u8* sb_p = s + (u64)rb * (K >> 4) + t * 2;
+  const u16* xr[NT];
+  bool xm[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    xm[j] = 8 * j + g < M;
+    xr[j] = x + (u64)(xm[j] ? 8 * j + g : 0) * ldx + t * 32;
+  }
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  U4 qa, qb;
+  u32 sa = 0, sb = 0;
+  if (c_lo < c_hi) {
+    qa = ld_stream(wa + c_lo * 64); qb = ld_stream(wb + c_lo * 64);
+    sa = ld_u16(sa_p + c_lo * 8); sb = ld_u16(sb_p + c_lo * 8);
+  }
+  for (int c = c_lo; c < c_hi; ++c) {
+    U4 qa_n = qa, qb_n = qb;
+    u32 sa_n = sa, sb_n = sb;
+    if (c + 1 < c_hi) {
+      qa_n = ld_stream(wa + (c + 1) * 64); qb_n = ld_stream(wb + (c + 1) * 64);
+      sa_n = ld_u16(sa_p + (c + 1) * 8); sb_n = ld_u16(sb_p + (c + 1) * 8);
+    }
+    u32 X[NT][16];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        U4 v = {0u, 0u, 0u, 0u};
+        if (xm[j]) v = ld_x(xr[j] + c * 128 + i * 8);
+        X[j][4 * i] = v.x; X[j][4 * i + 1] = v.y; X[j][4 * i + 2] = v.z; X[j][4 * i + 3] = v.w;
+      }
+    }
+    const u32 sa0 = scale_pair(sa), sa1 = scale_pair(sa >> 8);
+    const u32 sb0 = scale_pair(sb), sb1 = scale_pair(sb >> 8);
+    const u32 WA[4] = {qa.x, qa.y, qa.z, qa.w};
+    const u32 WB[4] = {qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const u32 ssa = q < 2 ? sa0 : sa1, ssb = q < 2 ? sb0 : sb1;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const u32 a0 = scl(dec(WA[q] << (8 * h)), ssa);
+        const u32 a2 = scl(dec(WA[q] << (8 * h + 4)), ssa);
+        const u32 a1 = scl(dec(WB[q] << (8 * h)), ssb);
+        const u32 a3 = scl(dec(WB[q] << (8 * h + 4)), ssb);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const u32 lo = X[j][4 * q + 1 - h], hi = X[j][4 * q + 3 - h];
+          mma(acc[j], a0, a1, a2, a3, prmt(lo, hi, 0x7632u), prmt(lo, hi, 0x5410u));
+        }
+      }
+    }
+    qa = qa_n; qb = qb_n; sa = sa_n; sb = sb_n;
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    red[warp][8 * j + 2 * t][g] = acc[j][0];
+    red[warp][8 * j + 2 * t + 1][g] = acc[j][1];
+    red[warp][8 * j + 2 * t][g + 8] = acc[j][2];
+    red[warp][8 * j + 2 * t + 1][g + 8] = acc[j][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < M * 16; i += blockDim.x) {
+    const int m = i >> 4, r = i & 15, n = row0 + r;
+    if (n >= N) continue;
+    float v = 0.f;
+    for (int k = 0; k < warps; ++k) v += red[k][m][r];
+    v *= mul[(u64)n * mul_stride] * 128.0f;
+    if (bias) v += to_f32(bias[n]);
+    u16 o;
+    asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(v));
+    y[(u64)m * ldy + n] = o;
+  }
+}
+"""
+
+_DEFINES = {
+    torch.bfloat16: {
+        "IS_BF16": "1",
+        "SHIFT": "6",
+        "HTYPE": '"bf16x2"',
+        "STYPE": '"bf16"',
+        "MTYPE": '"bf16"',
+        "SCALE_POW": "0x1p119f",
+    },
+    torch.float16: {
+        "IS_BF16": "0",
+        "SHIFT": "3",
+        "HTYPE": '"f16x2"',
+        "STYPE": '"f16"',
+        "MTYPE": '"f16"',
+        "SCALE_POW": "0x1p7f",
+    },
+}
+
+
+def source(dtype: torch.dtype, nt: int) -> str:
+    defs = {**_DEFINES[dtype], "NT": str(nt)}
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _SOURCE
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype, nt: int, device_index: int) -> nvrtc.Kernel:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    cubin = nvrtc.compile_cubin(source(dtype, nt), f"sm_{major}{minor}")
+    return nvrtc.Kernel(cubin, "nvfp4_mma", torch.device("cuda", device_index))
+
+
+@functools.cache
+def _usable(device_index: int) -> bool:
+    if os.environ.get("NVFP4_FIX_CUDA_MMA", "1") == "0":
+        return False
+    if torch.cuda.get_device_capability(device_index) < (8, 0):
+        return False
+    try:
+        _kernel(torch.bfloat16, 1, device_index)
+        _kernel(torch.float16, 1, device_index)
+        return True
+    except (nvrtc.CudaError, OSError) as err:  # no NVRTC / driver too old: Triton kernels instead
+        import warnings
+
+        warnings.warn(f"nvfp4_fix: CUDA mma kernel unavailable ({err}); using Triton", stacklevel=2)
+        return False
+
+
+def supports(x2: torch.Tensor, n: int, k: int) -> bool:
+    return (
+        x2.is_cuda
+        and x2.dtype in _DEFINES
+        and x2.shape[0] <= 16
+        and k % 128 == 0
+        and _usable(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+    )
+
+
+def warps_for(n: int, k: int, device: torch.device) -> int:
+    """Warps per 16-row block: enough resident warps to keep ~16 KB of loads in flight per SM."""
+    chunks = k // 128
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = -(-n // 16)
+    w = 16
+    while w > 1 and (chunks < 2 * w or blocks * w > 48 * sms):
+        w //= 2
+    return w
+
+
+def linear(
+    x2: torch.Tensor,
+    wp: torch.Tensor,
+    ws: torch.Tensor,
+    mul: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    warps: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[M, N] = x2[M, K] @ W.T * mul (+ bias) for M <= 16. ``mul`` has 1 or N float32 elements."""
+    m, k = x2.shape
+    n = wp.shape[0]
+    if not (m <= 16 and k % 128 == 0 and wp.shape[1] * 2 == k):
+        raise ValueError(
+            f"cuda_mma needs M <= 16 and K % 128 == 0, got M={m}, K={k}, weight {tuple(wp.shape)}"
+        )
+    x2 = x2.contiguous()
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
+    wp, ws = wp.contiguous(), ws.contiguous().view(torch.uint8)
+    mul = mul.reshape(-1).to(torch.float32)
+    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if bias is not None:
+        bias = bias.to(x2.dtype).contiguous()
+    nt = 1 if m <= 8 else 2
+    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    w = warps or warps_for(n, k, x2.device)
+    _kernel(x2.dtype, nt, dev).launch(
+        (-(-n // 16), 1, 1),
+        (32 * w, 1, 1),
+        x2,
+        k,
+        wp,
+        ws,
+        mul,
+        1 if mul.numel() > 1 else 0,
+        bias,
+        y,
+        y.stride(0),
+        m,
+        n,
+        k,
+    )
+    return y

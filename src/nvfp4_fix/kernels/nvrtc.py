@@ -1,0 +1,122 @@
+"""Compile CUDA C with NVRTC at run time and launch it on torch's current stream.
+
+NVRTC ships with every CUDA build of torch (the ``nvidia-cuda-nvrtc`` wheel), so no CUDA toolkit
+is needed. The sources compiled here include no headers. Set ``NVFP4_FIX_NVRTC`` to a libnvrtc
+path to pick one explicitly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import sys
+
+import torch
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def _candidates() -> list[str]:
+    names = []
+    if os.environ.get("NVFP4_FIX_NVRTC"):
+        names.append(os.environ["NVFP4_FIX_NVRTC"])
+    for base in sys.path:
+        names += sorted(
+            glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so.*[0-9]")), reverse=True
+        )
+        names += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libnvrtc.so*")), reverse=True)
+    return names + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+
+
+@functools.cache
+def nvrtc() -> ctypes.CDLL:
+    for name in _candidates():
+        if "builtins" in name or ".alt." in name:
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise CudaError("libnvrtc not found (install torch with CUDA, or set NVFP4_FIX_NVRTC)")
+
+
+@functools.cache
+def libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _check_nvrtc(lib: ctypes.CDLL, res: int, what: str) -> None:
+    if res:
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        raise CudaError(f"NVRTC {what}: {lib.nvrtcGetErrorString(res).decode()}")
+
+
+def compile_cubin(source: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
+    """CUDA C source -> cubin for ``arch`` (e.g. "sm_90"). Needs no GPU."""
+    lib = nvrtc()
+    prog = ctypes.c_void_p()
+    _check_nvrtc(
+        lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"nvfp4.cu", 0, None, None), "create"
+    )
+    opts = [f"--gpu-architecture={arch}", "--std=c++17", *options]
+    arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+    try:
+        res = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        if res:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise CudaError(f"NVRTC compile failed for {arch}:\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        _check_nvrtc(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        buf = ctypes.create_string_buffer(size.value)
+        _check_nvrtc(lib, lib.nvrtcGetCUBIN(prog, buf), "cubin")
+        return buf.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _check_cu(res: int, what: str) -> None:
+    if res:
+        msg = ctypes.c_char_p()
+        libcuda().cuGetErrorString(res, ctypes.byref(msg))
+        raise CudaError(f"CUDA {what}: {msg.value.decode() if msg.value else res}")
+
+
+class Kernel:
+    """A function of a loaded cubin; ``launch`` takes ints (as C int), tensors and None (as pointers)."""
+
+    def __init__(self, cubin: bytes, name: str, device: torch.device) -> None:
+        with torch.cuda.device(device):
+            torch.cuda.current_stream(device)  # makes torch's primary context current on this thread
+            self._module = ctypes.c_void_p()
+            self._image = ctypes.create_string_buffer(cubin)
+            _check_cu(libcuda().cuModuleLoadData(ctypes.byref(self._module), self._image), "module load")
+            self._fn = ctypes.c_void_p()
+            _check_cu(
+                libcuda().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()), name
+            )
+        self.device = device
+
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], *args: object) -> None:
+        held = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                held.append(ctypes.c_uint64(a.data_ptr()))
+            elif a is None:
+                held.append(ctypes.c_uint64(0))
+            elif isinstance(a, int):
+                held.append(ctypes.c_int32(a))
+            else:
+                raise TypeError(f"unsupported kernel argument {type(a).__name__}")
+        params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        _check_cu(
+            libcuda().cuLaunchKernel(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None),
+            "launch",
+        )
