@@ -73,12 +73,12 @@ __device__ __forceinline__ u32 scale_pair(u32 b) {
   float f;
   asm("mov.b32 %0, %1;" : "=f"(f) : "r"((b & 0x7Fu) << 20));  // value * 2^-120, subnormals too
   f = f * 0x1p120f * SCALE_POW;
-  u16 h;
-  asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(h) : "f"(f));
-  return (u32)h | ((u32)h << 16);
+  u32 d;
+  asm("cvt.rn." HTYPE ".f32 %0, %1, %1;" : "=r"(d) : "f"(f));
+  return d;
 }
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MTYPE "." MTYPE ".f32 "
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." MTYPE "." MTYPE ".f32 "
                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -91,6 +91,48 @@ __device__ __forceinline__ float to_f32(u16 h) {
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
 #endif
   return f;
+}
+
+// One 128-wide K chunk of a lane: 16 bytes of codes of rows g and g+8, their two block scales each,
+// and 32 activations of each token row 8j+g it feeds (zeros past M).
+struct Slot { U4 qa, qb; u32 sa, sb; u32 X[NT][16]; };
+
+__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* wa, const u8* wb, const u8* sa_p,
+                                          const u8* sb_p, const u16* const* xr, const bool* xm) {
+  S.qa = ld_stream(wa + c * 64); S.qb = ld_stream(wb + c * 64);
+  S.sa = ld_u16(sa_p + c * 8); S.sb = ld_u16(sb_p + c * 8);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      U4 v = {0u, 0u, 0u, 0u};
+      if (xm[j]) v = ld_x(xr[j] + c * 128 + i * 8);
+      S.X[j][4 * i] = v.x; S.X[j][4 * i + 1] = v.y; S.X[j][4 * i + 2] = v.z; S.X[j][4 * i + 3] = v.w;
+    }
+  }
+}
+
+__device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4]) {
+  const u32 sa0 = scale_pair(S.sa), sa1 = scale_pair(S.sa >> 8);
+  const u32 sb0 = scale_pair(S.sb), sb1 = scale_pair(S.sb >> 8);
+  const u32 WA[4] = {S.qa.x, S.qa.y, S.qa.z, S.qa.w};
+  const u32 WB[4] = {S.qb.x, S.qb.y, S.qb.z, S.qb.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const u32 ssa = q < 2 ? sa0 : sa1, ssb = q < 2 ? sb0 : sb1;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const u32 a0 = scl(dec(WA[q] << (8 * h)), ssa);
+      const u32 a2 = scl(dec(WA[q] << (8 * h + 4)), ssa);
+      const u32 a1 = scl(dec(WB[q] << (8 * h)), ssb);
+      const u32 a3 = scl(dec(WB[q] << (8 * h + 4)), ssb);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const u32 lo = S.X[j][4 * q + 1 - h], hi = S.X[j][4 * q + 3 - h];
+        mma(acc[q][j], a0, a1, a2, a3, prmt(lo, hi, 0x7632u), prmt(lo, hi, 0x5410u));
+      }
+    }
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(512)
@@ -116,61 +158,43 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
     xm[j] = 8 * j + g < M;
     xr[j] = x + (u64)(xm[j] ? 8 * j + g : 0) * ldx + t * 32;
   }
-  float acc[NT][4];
+  float acc[4][NT][4];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[q][j][0] = acc[q][j][1] = acc[q][j][2] = acc[q][j][3] = 0.f;
 
-  U4 qa, qb;
-  u32 sa = 0, sb = 0;
+  // Two chunks in flight ahead of the one being computed; past the end, the last chunk is reloaded
+  // (cached, never used) so the loads need no branches.
+  const int last = c_hi - 1;
+  Slot s0, s1;
   if (c_lo < c_hi) {
-    qa = ld_stream(wa + c_lo * 64); qb = ld_stream(wb + c_lo * 64);
-    sa = ld_u16(sa_p + c_lo * 8); sb = ld_u16(sb_p + c_lo * 8);
+    load_slot(s0, c_lo, wa, wb, sa_p, sb_p, xr, xm);
+    load_slot(s1, min(c_lo + 1, last), wa, wb, sa_p, sb_p, xr, xm);
   }
-  for (int c = c_lo; c < c_hi; ++c) {
-    U4 qa_n = qa, qb_n = qb;
-    u32 sa_n = sa, sb_n = sb;
+  for (int c = c_lo; c < c_hi; c += 2) {
+    Slot n0, n1;
+    load_slot(n0, min(c + 2, last), wa, wb, sa_p, sb_p, xr, xm);
+    compute(s0, acc);
     if (c + 1 < c_hi) {
-      qa_n = ld_stream(wa + (c + 1) * 64); qb_n = ld_stream(wb + (c + 1) * 64);
-      sa_n = ld_u16(sa_p + (c + 1) * 8); sb_n = ld_u16(sb_p + (c + 1) * 8);
+      load_slot(n1, min(c + 3, last), wa, wb, sa_p, sb_p, xr, xm);
+      compute(s1, acc);
     }
-    u32 X[NT][16];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        U4 v = {0u, 0u, 0u, 0u};
-        if (xm[j]) v = ld_x(xr[j] + c * 128 + i * 8);
-        X[j][4 * i] = v.x; X[j][4 * i + 1] = v.y; X[j][4 * i + 2] = v.z; X[j][4 * i + 3] = v.w;
-      }
-    }
-    const u32 sa0 = scale_pair(sa), sa1 = scale_pair(sa >> 8);
-    const u32 sb0 = scale_pair(sb), sb1 = scale_pair(sb >> 8);
-    const u32 WA[4] = {qa.x, qa.y, qa.z, qa.w};
-    const u32 WB[4] = {qb.x, qb.y, qb.z, qb.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const u32 ssa = q < 2 ? sa0 : sa1, ssb = q < 2 ? sb0 : sb1;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const u32 a0 = scl(dec(WA[q] << (8 * h)), ssa);
-        const u32 a2 = scl(dec(WA[q] << (8 * h + 4)), ssa);
-        const u32 a1 = scl(dec(WB[q] << (8 * h)), ssb);
-        const u32 a3 = scl(dec(WB[q] << (8 * h + 4)), ssb);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const u32 lo = X[j][4 * q + 1 - h], hi = X[j][4 * q + 3 - h];
-          mma(acc[j], a0, a1, a2, a3, prmt(lo, hi, 0x7632u), prmt(lo, hi, 0x5410u));
-        }
-      }
-    }
-    qa = qa_n; qb = qb_n; sa = sa_n; sb = sb_n;
+    s0 = n0;
+    s1 = n1;
   }
+#pragma unroll
+  for (int q = 1; q < 4; ++q)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[0][j][e] += acc[q][j][e];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    red[warp][8 * j + 2 * t][g] = acc[j][0];
-    red[warp][8 * j + 2 * t + 1][g] = acc[j][1];
-    red[warp][8 * j + 2 * t][g + 8] = acc[j][2];
-    red[warp][8 * j + 2 * t + 1][g + 8] = acc[j][3];
+    red[warp][8 * j + 2 * t][g] = acc[0][j][0];
+    red[warp][8 * j + 2 * t + 1][g] = acc[0][j][1];
+    red[warp][8 * j + 2 * t][g + 8] = acc[0][j][2];
+    red[warp][8 * j + 2 * t + 1][g + 8] = acc[0][j][3];
   }
   __syncthreads();
   for (int i = threadIdx.x; i < M * 16; i += blockDim.x) {
