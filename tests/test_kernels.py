@@ -348,7 +348,7 @@ def test_cuda_mma_gpu(m, n, k, dtype):
     bias = torch.randn(n).to(dtype).cuda() if m % 2 else None
     assert cuda_mma.supports(x, n, k)
     ref = ref_linear_f64(x, wp, ws, mul, bias)
-    for warps in (1, 4, 16, None):
+    for warps in (1, 3, 8, None):
         out = _poisoned(m, n, dtype, "cuda")
         y = cuda_mma.linear(x, wp, ws, mul, bias, warps=warps, out=out)
         assert y is out

@@ -68,10 +68,10 @@ __device__ __forceinline__ u32 scl(u32 a, u32 s) {
   asm("fma.rn." HTYPE " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u));
   return d;
 }
-// e4m3 byte (scales are >= 0) -> the pair (s, s) of its value * 2^119 (bf16) / 2^7 (fp16).
+// e4m3 byte -> the pair (s, s) of its value * 2^119 (bf16) / 2^7 (fp16).
 __device__ __forceinline__ u32 scale_pair(u32 b) {
-  float f;
-  asm("mov.b32 %0, %1;" : "=f"(f) : "r"((b & 0x7Fu) << 20));  // value * 2^-120, subnormals too
+  float f;  // value * 2^-120, subnormals too
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((b & 0x7Fu) << 20) | ((b & 0x80u) << 24)));
   f = f * 0x1p120f * SCALE_POW;
   u32 d;
   asm("cvt.rn." HTYPE ".f32 %0, %1, %1;" : "=r"(d) : "f"(f));
@@ -135,12 +135,12 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4]) {
   }
 }
 
-extern "C" __global__ void __launch_bounds__(512)
+extern "C" __global__ void __launch_bounds__(256)
 nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
           const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
           u16* __restrict__ y, int ldy, int M, int N, int K)
 {
-  __shared__ float red[16][NT * 8][16];
+  __shared__ float red[8][NT * 8][16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * 16;
@@ -172,16 +172,17 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
     load_slot(s0, c_lo, wa, wb, sa_p, sb_p, xr, xm);
     load_slot(s1, min(c_lo + 1, last), wa, wb, sa_p, sb_p, xr, xm);
   }
-  for (int c = c_lo; c < c_hi; c += 2) {
-    Slot n0, n1;
-    load_slot(n0, min(c + 2, last), wa, wb, sa_p, sb_p, xr, xm);
+  // Three slots in rotation, unrolled by three, so no registers are copied between slots.
+  Slot s2;
+  for (int c = c_lo; c < c_hi; c += 3) {
+    load_slot(s2, min(c + 2, last), wa, wb, sa_p, sb_p, xr, xm);
     compute(s0, acc);
-    if (c + 1 < c_hi) {
-      load_slot(n1, min(c + 3, last), wa, wb, sa_p, sb_p, xr, xm);
-      compute(s1, acc);
-    }
-    s0 = n0;
-    s1 = n1;
+    if (c + 1 >= c_hi) break;
+    load_slot(s0, min(c + 3, last), wa, wb, sa_p, sb_p, xr, xm);
+    compute(s1, acc);
+    if (c + 2 >= c_hi) break;
+    load_slot(s1, min(c + 4, last), wa, wb, sa_p, sb_p, xr, xm);
+    compute(s2, acc);
   }
 #pragma unroll
   for (int q = 1; q < 4; ++q)
@@ -275,8 +276,8 @@ def warps_for(n: int, k: int, device: torch.device) -> int:
     chunks = k // 128
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     blocks = -(-n // 16)
-    w = 16
-    while w > 1 and (chunks < 2 * w or blocks * w > 48 * sms):
+    w = 8
+    while w > 1 and (chunks < 4 * w or blocks * w > 24 * sms):
         w //= 2
     return w
 
@@ -309,6 +310,8 @@ def linear(
     nt = 1 if m <= 8 else 2
     dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     w = warps or warps_for(n, k, x2.device)
+    if not 1 <= w <= 8:
+        raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
     _kernel(x2.dtype, nt, dev).launch(
         (-(-n // 16), 1, 1),
         (32 * w, 1, 1),
