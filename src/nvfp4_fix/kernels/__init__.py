@@ -7,7 +7,7 @@ nothing syncs the host and the call can be captured in a CUDA graph.
 Choice of kernel (``kernel=`` argument, else env ``NVFP4_FIX_KERNEL``, else ``"auto"``):
 
 * ``reference``    dequantize to float32 and matmul (any device, slow, exact).
-* CUDA, auto:      M <= 16 -> ``cuda_mma`` (NVRTC-compiled tensor-core decode GEMM, sm_80+, K % 128
+* CUDA, auto:      M <= 8 -> ``cuda_mma`` (NVRTC-compiled tensor-core decode GEMM, sm_80+, K % 128
                    == 0); otherwise M == 1 -> ``triton_gemv``; 2 <= M <= 16 -> ``triton_mm`` (BM=16);
                    larger M -> ``triton_mm`` or ``dequant_mm`` (dequantize into a bf16 scratch in
                    row chunks + cuBLAS), by the thresholds measured in benchmarks/RESULTS.md.
@@ -68,7 +68,7 @@ def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
             return "chunked"
         if x2.dtype not in (torch.float16, torch.bfloat16):
             return "dequant_mm"
-        if m <= 16 and _cuda_mma.supports(x2, n, k):
+        if m <= _cuda_mma.MAX_M and _cuda_mma.supports(x2, n, k):
             return "cuda_mma"
         if m == 1:
             return "triton_gemv" if _tops.m1_kernel(n, k) == "gemv" else "triton_mm"

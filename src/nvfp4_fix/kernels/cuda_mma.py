@@ -261,6 +261,11 @@ def _usable(device_index: int) -> bool:
         return False
 
 
+#: Largest M the dispatch sends here: at 9..16 (two mma column tiles) the Triton tl.dot kernel
+#: measured as fast or faster on the H100.
+MAX_M = 8
+
+
 def supports(x2: torch.Tensor, n: int, k: int) -> bool:
     return (
         x2.is_cuda
@@ -272,12 +277,11 @@ def supports(x2: torch.Tensor, n: int, k: int) -> bool:
 
 
 def warps_for(n: int, k: int, device: torch.device) -> int:
-    """Warps per 16-row block: enough resident warps to keep ~16 KB of loads in flight per SM."""
-    chunks = k // 128
+    """Warps per 16-row block (they split K): 8 while the grid is under two blocks per SM, else 4;
+    never fewer than 4 chunks of 128 per warp. Measured on the H100 (benchmarks/RESULTS.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    blocks = -(-n // 16)
-    w = 8
-    while w > 1 and (chunks < 4 * w or blocks * w > 24 * sms):
+    w = 8 if -(-n // 16) <= 2 * sms else 4
+    while w > 1 and k // 128 < 4 * w:
         w //= 2
     return w
 
