@@ -74,6 +74,7 @@ class NVFP4Linear(nn.Module):
         self.dense_weight: torch.Tensor | None = None  # only when dequantized once on purpose
         self._mul: torch.Tensor | None = None
         self._mul_key: tuple[object, ...] | None = None
+        self._fused = None  # a fusion.FusedGroup once fused with its siblings (q/k/v, gate/up)
 
         def param(shape: tuple[int, ...], dt: torch.dtype) -> nn.Parameter:
             return nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
@@ -131,12 +132,21 @@ class NVFP4Linear(nn.Module):
             raise RuntimeError("low-memory mode is on: layers keep no dequantized copy")
         self.dense_weight = None if dtype is None else self.dequantized_weight(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """AWQ pre-scale and, for W4A4 in "quantize" mode, the activation fake-quantization."""
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale.to(x.dtype)
         divisor = self.input_divisor
         if divisor is not None and self.activation_mode == "quantize":
             x = fake_quantize_activations(x, divisor)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None and not torch.compiler.is_compiling():
+            y = self._fused.output(self, x)
+            if y is not None:
+                return y
+        x = self.prepare_input(x)
         if self.dense_weight is not None:
             return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
         return nvfp4_linear(x, self.weight_packed, self.weight_scale, self.weight_mul, self.bias)
