@@ -139,10 +139,29 @@ def test_greedy_static_loop_matches_generate(checkpoints, arch):
     stats: dict = {}
     got = generate(model, ids, 24, use_cuda_graph=False, stop_token_ids=(), stats=stats)
     assert stats["path"] == "static-loop"
+    assert stats["prefill_mode"] == "dynamic"  # the model's own path, K/V copied into the static cache
     assert got.tolist() == ref.tolist()
     # chunked prefill (3 chunks of 5, 5, 3 tokens) computes the same function
     got = generate(model, ids, 24, use_cuda_graph=False, stop_token_ids=(), prefill_chunk=5)
     assert got.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("arch", ("llama", "gemma-sw"))
+def test_prefill_through_the_static_cache_when_the_dynamic_one_does_not_fit(checkpoints, arch, monkeypatch):
+    import nvfp4_fix.generation as gen
+
+    model = load(checkpoints[arch])
+    clear_cache(model)
+    ids = prompt(model, length=17, seed=13)
+    ref = hf_greedy(model, ids, 20)
+    monkeypatch.setattr(gen, "_holds_prompt", lambda *a: False)
+    for chunk in (4096, 6):
+        stats: dict = {}
+        got = generate(
+            model, ids, 20, use_cuda_graph=False, stop_token_ids=(), prefill_chunk=chunk, stats=stats
+        )
+        assert stats["prefill_mode"] == "static"
+        assert got.tolist() == ref.tolist()
 
 
 def test_greedy_static_loop_w4a4_activation_quantization():

@@ -13,8 +13,13 @@ GPU mostly waits for the CPU. Here:
   (sliding-window layers, e.g. Gemma 2 / Mistral, are replaced by full ones: the sliding window is then
   applied by the attention mask alone, which is exact and keeps every update free of host-side
   branching, so one graph serves the whole generation);
-* the prompt is prefilled eagerly in chunks of ``prefill_chunk`` tokens (no [prompt, vocab] logits,
-  bounded activation scratch);
+* the prompt is prefilled eagerly through the model's normal path -- a ``DynamicCache`` and the
+  model's SDPA/flash causal attention over the filled part only, as ``model.generate`` does -- then its
+  K/V are copied into the static cache (the prompt's K/V are held twice for that moment). Prompts
+  longer than ``prefill_chunk`` (default 4096) run in chunks, which bounds the activations (e.g.
+  [chunk, intermediate] in the MLP); no [prompt, vocab] logits are made. NVFP4 weights are dequantized
+  once per chunk into a scratch that does not grow with the prompt: ``dequant_mm`` caps it at 256 MiB
+  (``NVFP4_FIX_SCRATCH_MB``) by working in row chunks of the weight;
 * one decode step -- forward on a static ``input_ids``/position tensor, sampling, stop-token
   bookkeeping, writing the token into a device-side sequence buffer, advancing the position -- is
   warmed up on a side stream, captured into a ``torch.cuda.CUDAGraph`` and replayed once per token;
@@ -29,9 +34,10 @@ GPU mostly waits for the CPU. Here:
 
 Greedy output equals ``model.generate(do_sample=False)`` token for token: tested on the CPU (the eager
 static-cache loop) for Llama, Mistral, Qwen3 and Gemma 2, sliding windows included, and with the
-captured graph on an H100 (tests/test_generation.py, ``-m gpu``). Chunked prefill and the static
-cache compute the same function up to float rounding order, so on models with near-tied logits (e.g.
-random weights) bf16 runs can part ways after a few tokens. Sampling draws from the same distribution
+captured graph on an H100 (tests/test_generation.py, ``-m gpu``). The first token is computed exactly
+as ``model.generate`` computes it (same prefill path); later steps attend over the static cache with a
+mask, which sums in another order, so on models with near-tied logits (e.g. random weights) bf16 runs
+can part ways after a few tokens. Sampling draws from the same distribution
 as ``model.generate`` but with another random stream.
 
 Measured (H100, random Llama-3-8B shape, batch 1, benchmarks/RESULTS-generation.md): NVFP4 156 tok/s
@@ -129,6 +135,13 @@ def _cache_lengths(cache: Any) -> list[torch.Tensor]:
     ]
 
 
+def _holds_prompt(layers: list[Any], n_static: int, length: int) -> bool:
+    """Whether a prefilled DynamicCache's layers hold the whole prompt, one per static-cache layer."""
+    return len(layers) == n_static and all(
+        isinstance(getattr(d, "keys", None), torch.Tensor) and d.keys.shape[-2] == length for d in layers
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # sampling, on the device, without torch.multinomial
 # ------------------------------------------------------------------------------------------------
@@ -207,8 +220,14 @@ class _Runner:
             self._forward = torch.compile(self._decode_forward, dynamic=False, fullgraph=False)
 
     # -- model calls -----------------------------------------------------------------------------
-    def _kwargs(self, position_ids: torch.Tensor, cache_position: torch.Tensor) -> dict[str, Any]:
-        kw: dict[str, Any] = {self.api.cache_kw: self.cache, "use_cache": True, "position_ids": position_ids}
+    def _kwargs(
+        self, position_ids: torch.Tensor, cache_position: torch.Tensor, cache: Any = None
+    ) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            self.api.cache_kw: self.cache if cache is None else cache,
+            "use_cache": True,
+            "position_ids": position_ids,
+        }
         if self.api.cache_position:
             kw["cache_position"] = cache_position
         if self.api.logits_kw:
@@ -233,26 +252,53 @@ class _Runner:
         self.seq.index_copy_(1, self.pos, nxt.unsqueeze(1))
         self.ids.copy_(nxt.unsqueeze(1))
 
-    def prefill(self, input_ids: torch.Tensor, chunk: int) -> None:
-        """Fill the cache with the prompt in chunks; sample the first new token (eager)."""
+    def prefill(self, input_ids: torch.Tensor, chunk: int) -> str:
+        """Fill the cache with the prompt and sample the first new token (eager). Returns the mode used.
+
+        The prompt runs through the model's normal path with a ``DynamicCache`` (one forward per
+        ``chunk`` tokens: SDPA/flash causal attention over the filled part only, each NVFP4 weight
+        dequantized once per chunk), then its K/V are copied into the static cache. Where the dynamic
+        cache does not hold the whole prompt per layer (an architecture whose dynamic cache trims or
+        shares layers), it falls back to prefilling through the static cache itself."""
+        from transformers import DynamicCache
+
         b, p = input_ids.shape
         _reset_cache(self.cache)
         self.unfinished.fill_(True)
-        logits = None
-        for s in range(0, p, chunk):
-            e = min(p, s + chunk)
-            positions = torch.arange(s, e, device=self.device)
-            out = self.model(
-                input_ids=input_ids[:, s:e], **self._kwargs(positions.unsqueeze(0).expand(b, -1), positions)
-            )
-            logits = out.logits[:, -1, :]
-            del out
-        assert logits is not None
+        dyn = DynamicCache()
+        logits = self._prefill_chunks(input_ids, chunk, dyn)
+        layers = list(getattr(dyn, "layers", None) or [])
+        mode = "dynamic"
+        if _holds_prompt(layers, len(self.cache.layers), p):
+            positions = torch.arange(p, device=self.device)
+            for d, s in zip(layers, self.cache.layers, strict=True):
+                # 4.57 writes at cache_kwargs["cache_position"]; 5.x at its own length (reset to 0 above)
+                s.update(d.keys, d.values, {"cache_position": positions})
+                d.keys = d.values = None  # free the prompt's dynamic K/V layer by layer
+        else:
+            del dyn
+            mode = "static"
+            logits = self._prefill_chunks(input_ids, chunk, None)
         nxt = self._finish(self.sampler(logits))
         self.seq[:, :p].copy_(input_ids)
         self.seq[:, p].copy_(nxt)
         self.ids.copy_(nxt.unsqueeze(1))
         self.pos.fill_(p)
+        return mode
+
+    def _prefill_chunks(self, input_ids: torch.Tensor, chunk: int, cache: Any) -> torch.Tensor:
+        """Run the prompt in chunks through ``cache`` (None: the static cache); last position's logits."""
+        b, p = input_ids.shape
+        logits = None
+        for s in range(0, p, chunk):
+            e = min(p, s + chunk)
+            positions = torch.arange(s, e, device=self.device)
+            kw = self._kwargs(positions.unsqueeze(0).expand(b, -1), positions, cache)
+            out = self.model(input_ids=input_ids[:, s:e], **kw)
+            logits = out.logits[:, -1, :]
+            del out
+        assert logits is not None
+        return logits
 
     # -- CUDA graph --------------------------------------------------------------------------------
     def _save(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -399,7 +445,7 @@ def generate(
     top_p: float | None = None,
     stop_token_ids: int | Iterable[int] | None = None,
     streamer: Any = None,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = 4096,
     use_cuda_graph: bool = True,
     sync_every: int = 8,
     max_cache_len: int | None = None,
@@ -413,10 +459,12 @@ def generate(
 
     ``temperature`` 0 is greedy. ``stop_token_ids`` None means the model's ``generation_config``
     EOS ids; pass ``()`` for none. Prompts must not be padded (no attention mask is taken).
-    ``use_cuda_graph=False`` runs the static-cache loop eagerly. ``sync_every``: tokens between two
-    host reads of the stop flags / streamer flushes. ``max_cache_len``: the static cache size
-    (default: prompt + new tokens, rounded up to 128). ``compile_step`` additionally wraps the decode
-    forward in ``torch.compile`` (fuses norms, rotary and other small kernels) before capture.
+    ``use_cuda_graph=False`` runs the static-cache loop eagerly. ``prefill_chunk``: the most prompt
+    tokens per prefill forward (bounds activation memory; each chunk re-reads every weight).
+    ``sync_every``: tokens between two host reads of the stop flags / streamer flushes.
+    ``max_cache_len``: the static cache size (default: prompt + new tokens, rounded up to 128).
+    ``compile_step`` additionally wraps the decode forward in ``torch.compile`` (fuses norms, rotary
+    and other small kernels) before capture.
     ``stats``, if given a dict, receives timings and the path taken.
     """
     if input_ids.dim() == 1:
@@ -482,7 +530,7 @@ def generate(
         if streamer is not None:
             streamer.put(input_ids.cpu())
         t0 = time.perf_counter()
-        runner.prefill(input_ids, prefill_chunk)
+        stats["prefill_mode"] = runner.prefill(input_ids, prefill_chunk)
         stats["prefill_s"] = time.perf_counter() - t0
         if use_cuda_graph and runner.graph is None and not runner.capture_failed and max_new_tokens > 1:
             saved = runner._save()
