@@ -93,26 +93,44 @@ __device__ __forceinline__ float to_f32(u16 h) {
   return f;
 }
 
-// One 128-wide K chunk of a lane: 16 bytes of codes of rows g and g+8, their two block scales each,
-// and 32 activations of each token row 8j+g it feeds (zeros past M).
-struct Slot { U4 qa, qb; u32 sa, sb; u32 X[NT][16]; };
+// One 128-wide K chunk of a lane: 16 bytes of codes of rows g and g+8 and their two block scales
+// each; with XPRE also the 32 activations of each token row 8j+g it feeds (zeros past M).
+struct Slot {
+  U4 qa, qb; u32 sa, sb;
+#if XPRE
+  u32 X[NT][16];
+#endif
+};
 
-__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* wa, const u8* wb, const u8* sa_p,
-                                          const u8* sb_p, const u16* const* xr, const bool* xm) {
-  S.qa = ld_stream(wa + c * 64); S.qb = ld_stream(wb + c * 64);
-  S.sa = ld_u16(sa_p + c * 8); S.sb = ld_u16(sb_p + c * 8);
+__device__ __forceinline__ void load_x(u32 (*X)[16], int c, const u16* const* xr, const bool* xm) {
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       U4 v = {0u, 0u, 0u, 0u};
       if (xm[j]) v = ld_x(xr[j] + c * 128 + i * 8);
-      S.X[j][4 * i] = v.x; S.X[j][4 * i + 1] = v.y; S.X[j][4 * i + 2] = v.z; S.X[j][4 * i + 3] = v.w;
+      X[j][4 * i] = v.x; X[j][4 * i + 1] = v.y; X[j][4 * i + 2] = v.z; X[j][4 * i + 3] = v.w;
     }
   }
 }
 
-__device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4]) {
+__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* wa, const u8* wb, const u8* sa_p,
+                                          const u8* sb_p, const u16* const* xr, const bool* xm) {
+  S.qa = ld_stream(wa + c * 64); S.qb = ld_stream(wb + c * 64);
+  S.sa = ld_u16(sa_p + c * 8); S.sb = ld_u16(sb_p + c * 8);
+#if XPRE
+  load_x(S.X, c, xr, xm);
+#endif
+}
+
+__device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4], int c, const u16* const* xr,
+                                        const bool* xm) {
+#if XPRE
+  const u32 (*X)[16] = S.X;
+#else
+  u32 X[NT][16];
+  load_x(X, c, xr, xm);
+#endif
   const u32 sa0 = scale_pair(S.sa), sa1 = scale_pair(S.sa >> 8);
   const u32 sb0 = scale_pair(S.sb), sb1 = scale_pair(S.sb >> 8);
   const u32 WA[4] = {S.qa.x, S.qa.y, S.qa.z, S.qa.w};
@@ -128,7 +146,7 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4]) {
       const u32 a3 = scl(dec(WB[q] << (8 * h + 4)), ssb);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const u32 lo = S.X[j][4 * q + 1 - h], hi = S.X[j][4 * q + 3 - h];
+        const u32 lo = X[j][4 * q + 1 - h], hi = X[j][4 * q + 3 - h];
         mma(acc[q][j], a0, a1, a2, a3, prmt(lo, hi, 0x7632u), prmt(lo, hi, 0x5410u));
       }
     }
@@ -164,25 +182,22 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[q][j][0] = acc[q][j][1] = acc[q][j][2] = acc[q][j][3] = 0.f;
 
-  // Two chunks in flight ahead of the one being computed; past the end, the last chunk is reloaded
-  // (cached, never used) so the loads need no branches.
+  // DEPTH chunks in flight ahead of the one being computed, DEPTH + 1 slots in rotation, unrolled
+  // so that no registers move between slots; past the end the last chunk is reloaded (cached,
+  // never used) so the loads need no branches.
   const int last = c_hi - 1;
-  Slot s0, s1;
+  Slot S[DEPTH + 1];
   if (c_lo < c_hi) {
-    load_slot(s0, c_lo, wa, wb, sa_p, sb_p, xr, xm);
-    load_slot(s1, min(c_lo + 1, last), wa, wb, sa_p, sb_p, xr, xm);
+#pragma unroll
+    for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wa, wb, sa_p, sb_p, xr, xm);
   }
-  // Three slots in rotation, unrolled by three, so no registers are copied between slots.
-  Slot s2;
-  for (int c = c_lo; c < c_hi; c += 3) {
-    load_slot(s2, min(c + 2, last), wa, wb, sa_p, sb_p, xr, xm);
-    compute(s0, acc);
-    if (c + 1 >= c_hi) break;
-    load_slot(s0, min(c + 3, last), wa, wb, sa_p, sb_p, xr, xm);
-    compute(s1, acc);
-    if (c + 2 >= c_hi) break;
-    load_slot(s1, min(c + 4, last), wa, wb, sa_p, sb_p, xr, xm);
-    compute(s2, acc);
+  for (int c = c_lo; c < c_hi; c += DEPTH + 1) {
+#pragma unroll
+    for (int i = 0; i <= DEPTH; ++i) {
+      load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(c + i + DEPTH, last), wa, wb, sa_p, sb_p, xr, xm);
+      compute(S[i], acc, c + i, xr, xm);
+      if (c + i + 1 >= c_hi) break;
+    }
   }
 #pragma unroll
   for (int q = 1; q < 4; ++q)
@@ -232,15 +247,20 @@ _DEFINES = {
 }
 
 
-def source(dtype: torch.dtype, nt: int) -> str:
-    defs = {**_DEFINES[dtype], "NT": str(nt)}
+#: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
+#: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
+VARIANT = {"DEPTH": 2, "XPRE": 1}
+
+
+def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
+    defs = {**_DEFINES[dtype], "NT": str(nt), **{k: str(v) for k, v in (variant or VARIANT).items()}}
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _SOURCE
 
 
 @functools.cache
-def _kernel(dtype: torch.dtype, nt: int, device_index: int) -> nvrtc.Kernel:
+def _kernel(dtype: torch.dtype, nt: int, device_index: int, variant: tuple = ()) -> nvrtc.Kernel:
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin = nvrtc.compile_cubin(source(dtype, nt), f"sm_{major}{minor}")
+    cubin = nvrtc.compile_cubin(source(dtype, nt, dict(variant) or None), f"sm_{major}{minor}")
     return nvrtc.Kernel(cubin, "nvfp4_mma", torch.device("cuda", device_index))
 
 
@@ -295,6 +315,7 @@ def linear(
     *,
     warps: int | None = None,
     out: torch.Tensor | None = None,
+    variant: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """y[M, N] = x2[M, K] @ W.T * mul (+ bias) for M <= 16. ``mul`` has 1 or N float32 elements."""
     m, k = x2.shape
@@ -316,7 +337,7 @@ def linear(
     w = warps or warps_for(n, k, x2.device)
     if not 1 <= w <= 8:
         raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
-    _kernel(x2.dtype, nt, dev).launch(
+    _kernel(x2.dtype, nt, dev, tuple(sorted(variant.items())) if variant else ()).launch(
         (-(-n // 16), 1, 1),
         (32 * w, 1, 1),
         x2,
