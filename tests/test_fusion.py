@@ -23,7 +23,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "current" / "qwen3-nvfp4a16"
 
 
 def _packed_linear(n: int, k: int, device: str, bias: bool) -> NVFP4Linear:
-    lin = NVFP4Linear(k, n, bias=bias, device=device)
+    lin = NVFP4Linear(k, n, bias=bias, device=device, dtype=torch.bfloat16)
     wp, ws, mul = make_weight(n, k, device)
     ws = (ws.view(torch.uint8) & 0x7F).view(torch.float8_e4m3fn)
     with torch.no_grad():
@@ -31,7 +31,7 @@ def _packed_linear(n: int, k: int, device: str, bias: bool) -> NVFP4Linear:
         lin.weight_scale.copy_(ws)
         lin.weight_global_scale.copy_(1.0 / mul.reshape(1))
         if bias:
-            lin.bias.copy_(torch.randn(n))
+            lin.bias.copy_(torch.randn(n).to(lin.bias))
     return lin
 
 
@@ -80,9 +80,7 @@ def test_fixture_views_state_dict_and_save(tmp_path):
 def test_fused_matches_members_gpu(m, bias):
     torch.manual_seed(m)
     k = 384
-    attn = Attn(k, "cuda", bias).to(torch.bfloat16)
-    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
-        lin.weight_global_scale.data = lin.weight_global_scale.data.float()
+    attn = Attn(k, "cuda", bias)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     alone = [lin(x) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)]
     refs = [
