@@ -23,6 +23,7 @@ _EXPORTS = {
     "from_pretrained": "loading",
     "generate": "generation",
     "NVFP4Linear": "layer",
+    "NVFP4Embedding": "embedding",
     "inspect_checkpoint": "checkpoint",
     "NVFP4Error": "errors",
     "CheckpointError": "errors",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import layer
 from .checkpoint import (
     COMPRESSED_TENSORS,
     MODELOPT,
@@ -30,6 +31,8 @@ from .checkpoint import (
     detect_format,
     require_nvfp4,
 )
+from .codec import BLOCK
+from .embedding import NVFP4Embedding
 from .errors import CheckpointError, NVFP4Error
 from .fsutil import atomic_directory, carry_over
 from .layer import ACTIVATION_MODES, NVFP4Linear
@@ -182,6 +185,41 @@ def _swap_quantized_modules(model: nn.Module, info: CheckpointInfo, dtype: torch
     return prefix_map
 
 
+def _embedding_to_quantize(model: nn.Module, requested: bool | None) -> str | None:
+    """The name of the input embedding table to quantize to NVFP4, or None (saying why it is not).
+
+    ``requested=None`` follows low-memory mode. A table shared with the lm_head stays dense: the output
+    layer needs it whole."""
+    if not (layer.LOW_MEMORY if requested is None else requested):
+        return None
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    name = next((n for n, m in model.named_modules() if m is emb), "") + ".weight"
+    if not isinstance(emb, nn.Embedding):
+        why = f"{type(model).__name__} has no nn.Embedding input embedding"
+    elif _tied_to_output(model, name):
+        why = f"{name} is tied to the output layer (tie_word_embeddings), which needs it dense"
+    elif type(emb) is not nn.Embedding or emb.max_norm is not None:
+        why = f"{type(emb).__name__} is not a plain nn.Embedding"
+    elif emb.embedding_dim % BLOCK:
+        why = f"its width {emb.embedding_dim} is not a multiple of {BLOCK}"
+    else:
+        return name
+    (logger.warning if requested else logger.info)("nvfp4-fix: input embedding not quantized: %s", why)
+    return None
+
+
+def _tied_to_output(model: nn.Module, name: str) -> bool:
+    if model.get_output_embeddings() is None:
+        return False
+    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 5
+        tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+        return name in tied or name in tied.values()
+    return bool(getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", True))
+
+
 def _placement(model: nn.Module, device_map: Any, max_memory: Any, dtype: torch.dtype) -> dict[str, Any]:
     if device_map is None:
         return {"": torch.device("cpu")}
@@ -221,6 +259,7 @@ def _load_tensors(
     prefix_map: dict[str, str],
     placement: dict[str, Any],
     dtype: torch.dtype,
+    quantize_embedding: str | None = None,
 ) -> list[str]:
     from safetensors import safe_open
 
@@ -255,12 +294,20 @@ def _load_tensors(
                     raise ValueError(
                         "disk offload is not supported for NVFP4 models; offload to 'cpu' instead"
                     )
+                dev = torch.device("cuda", dev) if isinstance(dev, int) else dev
+                if target == quantize_embedding:  # quantized from the checkpoint tensor, chunk by chunk
+                    try:
+                        new = NVFP4Embedding.from_dense(tensor, module.padding_idx, dtype, dev)
+                    except ValueError as e:
+                        raise CheckpointError(f"{file}: tensor {key!r} ({tensor.dtype}): {e}") from None
+                    _set_module(model, target.rpartition(".")[0], new)
+                    continue
                 try:
                     tensor = _cast(tensor, old, module, target, dtype, keep_fp32)
                 except (RuntimeError, TypeError) as e:  # e.g. a float4 or complex tensor where weights belong
                     what = f"{file}: tensor {key!r} ({tensor.dtype})"
                     raise CheckpointError(f"{what} cannot fill {target}: {e}") from None
-                tensor = tensor.to(dev if not isinstance(dev, int) else torch.device("cuda", dev))
+                tensor = tensor.to(dev)
                 leaf = target.rpartition(".")[2]
                 if target in params:
                     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
@@ -362,6 +409,7 @@ def load_model(
     max_memory: dict[Any, Any] | None = None,
     activations: str = "quantize",
     dense_on_cpu: bool = False,
+    quantize_embeddings: bool | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     **config_kwargs: Any,
@@ -417,7 +465,8 @@ def load_model(
 
     prefix_map = _swap_quantized_modules(model, info, torch_dtype)
     placement = _placement(model, device_map, max_memory, torch_dtype)
-    unexpected = _load_tensors(model, info, prefix_map, placement, torch_dtype)
+    embedding = _embedding_to_quantize(model, quantize_embeddings)
+    unexpected = _load_tensors(model, info, prefix_map, placement, torch_dtype, embedding)
     if unexpected:
         logger.warning(
             "nvfp4-fix: %d checkpoint tensors not used by %s, e.g. %s",
@@ -491,8 +540,15 @@ def from_pretrained(path: str | os.PathLike[str], model_class: Any = None, **kwa
     Keyword arguments: ``dtype``/``torch_dtype``, ``device_map``, ``max_memory``, ``activations``
     ("quantize" reproduces W4A4 activation quantization, "bf16" skips it), ``dense_on_cpu`` (CPU only:
     dequantize each layer once at load and compute densely: fast, at dense memory; refused in
-    low-memory mode), ``trust_remote_code``,
-    ``attn_implementation``, and config overrides.
+    low-memory mode), ``quantize_embeddings``, ``trust_remote_code``, ``attn_implementation``, and
+    config overrides.
+
+    ``quantize_embeddings`` (default None: on in low-memory mode, see ``enable_low_memory_mode``)
+    quantizes the input embedding table, which producers leave in 16 bits, to NVFP4 as it is loaded
+    (:class:`~nvfp4_fix.embedding.NVFP4Embedding`). This is lossy: the table then differs from the
+    checkpoint's by NVFP4 rounding, and ``save_pretrained`` writes the dequantized table, not the
+    original. A table tied to the lm_head (``tie_word_embeddings``), one whose width is not a multiple
+    of 16, or one that is not a plain ``nn.Embedding`` stays dense, with a log message saying so.
     """
     if model_class is None:
         from transformers import AutoModelForCausalLM

@@ -61,7 +61,11 @@ def enable_low_memory_mode(enabled: bool = True, model: Any = None) -> int:
     nvfp4-fix's packed layers then always compute from the packed bytes (``dense_on_cpu`` is
     refused), and compressed-tensors 0.10-0.14 ``CompressedLinear`` decompresses on every forward
     instead of caching (memory stays packed; every forward pays a dequantization per layer). Pass
-    ``model`` to drop the copies it already holds; returns how many were dropped."""
+    ``model`` to drop the copies it already holds; returns how many were dropped.
+
+    Loads made while it is on also quantize an untied input embedding table to NVFP4 (lossy: the
+    rows differ from the checkpoint's by NVFP4 rounding; ``from_pretrained(...,
+    quantize_embeddings=False)`` keeps it dense). A model already loaded keeps its table."""
     from . import layer
 
     layer.LOW_MEMORY = enabled
