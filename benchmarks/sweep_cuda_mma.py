@@ -18,15 +18,17 @@ from nvfp4_fix.codec import dequantize
 from nvfp4_fix.kernels import cuda_mma
 
 VARIANTS = [
-    {"DEPTH": 1, "XPRE": 1},
-    {"DEPTH": 2, "XPRE": 1},
-    {"DEPTH": 2, "XPRE": 0},
-    {"DEPTH": 3, "XPRE": 0},
-    {"DEPTH": 4, "XPRE": 0},
+    {"DEPTH": 1, "XPRE": 1, "LOADONLY": 0},
+    {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0},
+    {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0},
+    {"DEPTH": 3, "XPRE": 0, "LOADONLY": 0},
+    {"DEPTH": 4, "XPRE": 0, "LOADONLY": 0},
 ]
+# Diagnostic: the same loads with no decode or mma (wrong results): the access pattern's bandwidth.
+LOAD_ONLY = [{"DEPTH": d, "XPRE": 0, "LOADONLY": 1} for d in (1, 2, 4)]
 
 
-def sweep(name: str, n: int, k: int, m: int, warps: list[int]) -> None:
+def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) -> None:
     lay = Layer(n, k, m)
     x0, wp, ws, mul = lay.qargs(0)
     ref = x0.double() @ dequantize(wp, ws, mul, "multiplier", torch.float64).t()
@@ -40,6 +42,12 @@ def sweep(name: str, n: int, k: int, m: int, warps: list[int]) -> None:
         t = bench_graph(lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v))
         results.append((t, v, w))
     t, v, w = min(results, key=lambda r: r[0])
+    if load_only:
+        lo = [
+            (bench_graph(lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v)), v, w)
+            for v, w in itertools.product(LOAD_ONLY, warps)
+        ]
+        print("  load only: " + " ".join(f"{r[0]:.1f}@D{r[1]['DEPTH']}w{r[2]}" for r in lo))
     vs = ",".join(f"{a}={b}" for a, b in v.items())
     print(f"| {name} | {n}x{k} | {m} | {cub:.1f} | {t:.1f} | {cub / t:.2f}x | {vs} | {w} | {default:.1f} |")
     print("  " + " ".join(f"{r[0]:.1f}@D{r[1]['DEPTH']}X{r[1]['XPRE']}w{r[2]}" for r in results), flush=True)
@@ -50,13 +58,14 @@ def main() -> None:
     ap.add_argument("--m", default="1,4,8")
     ap.add_argument("--models", default="8b,70b")
     ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--load-only", action="store_true", help="also time the loads alone (diagnostic)")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}")
     print("| layer | N x K | M | cuBLAS us | best us | x cuBLAS | variant | warps | default us |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, n, k in [s for key in args.models.split(",") for s in SHAPES[key]]:
         for m in [int(v) for v in args.m.split(",")]:
-            sweep(name, n, k, m, [int(a) for a in args.warps.split(",")])
+            sweep(name, n, k, m, [int(a) for a in args.warps.split(",")], args.load_only)
             torch.cuda.empty_cache()
 
 

@@ -77,6 +77,30 @@ __device__ __forceinline__ u32 scale_pair(u32 b) {
   asm("cvt.rn." HTYPE ".f32 %0, %1, %1;" : "=r"(d) : "f"(f));
   return d;
 }
+// Two e4m3 bytes (low, high) -> the pairs (s0, s0) and (s1, s1), scaled as scale_pair does.
+__device__ __forceinline__ void scale_pairs(u32 b2, u32& p0, u32& p1) {
+#if __CUDA_ARCH__ >= 890
+  u32 h;  // exact: every e4m3 value is a normal or subnormal fp16
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((u16)b2));
+#if IS_BF16
+  float f0, f1;
+  asm("{.reg .f16 lo, hi; mov.b32 {lo, hi}, %2; cvt.f32.f16 %0, lo; cvt.f32.f16 %1, hi;}"
+      : "=f"(f0), "=f"(f1) : "r"(h));
+  f0 *= 0x1p119f;
+  f1 *= 0x1p119f;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(p0) : "f"(f0));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(p1) : "f"(f1));
+#else
+  asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h) : "r"(0x58005800u));  // * 2^7, exact (<= 57344)
+  p0 = prmt(h, h, 0x1010u);
+  p1 = prmt(h, h, 0x3232u);
+#endif
+#else
+  p0 = scale_pair(b2 & 0xFFu);
+  p1 = scale_pair((b2 >> 8) & 0xFFu);
+#endif
+}
+
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32." MTYPE "." MTYPE ".f32 "
                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -102,37 +126,43 @@ struct Slot {
 #endif
 };
 
-__device__ __forceinline__ void load_x(u32 (*X)[16], int c, const u16* const* xr, const bool* xm) {
+__device__ __forceinline__ void load_x(u32 (*X)[16], int c, const u16* const* xr) {
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      U4 v = {0u, 0u, 0u, 0u};
-      if (xm[j]) v = ld_x(xr[j] + c * 128 + i * 8);
+      const U4 v = ld_x(xr[j] + c * 128 + i * 8);
       X[j][4 * i] = v.x; X[j][4 * i + 1] = v.y; X[j][4 * i + 2] = v.z; X[j][4 * i + 3] = v.w;
     }
   }
 }
 
 __device__ __forceinline__ void load_slot(Slot& S, int c, const u8* wa, const u8* wb, const u8* sa_p,
-                                          const u8* sb_p, const u16* const* xr, const bool* xm) {
+                                          const u8* sb_p, const u16* const* xr) {
   S.qa = ld_stream(wa + c * 64); S.qb = ld_stream(wb + c * 64);
   S.sa = ld_u16(sa_p + c * 8); S.sb = ld_u16(sb_p + c * 8);
 #if XPRE
-  load_x(S.X, c, xr, xm);
+  load_x(S.X, c, xr);
 #endif
 }
 
-__device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4], int c, const u16* const* xr,
-                                        const bool* xm) {
+__device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4], int c, const u16* const* xr) {
+#if LOADONLY
+  float f;
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"((S.qa.x ^ S.qa.y ^ S.qa.z ^ S.qa.w ^ S.qb.x ^ S.qb.y ^ S.qb.z ^ S.qb.w
+                                       ^ S.sa ^ S.sb) & 0x3FFFFFFFu));
+  acc[0][0][0] += f;
+  return;
+#endif
 #if XPRE
   const u32 (*X)[16] = S.X;
 #else
   u32 X[NT][16];
-  load_x(X, c, xr, xm);
+  load_x(X, c, xr);
 #endif
-  const u32 sa0 = scale_pair(S.sa), sa1 = scale_pair(S.sa >> 8);
-  const u32 sb0 = scale_pair(S.sb), sb1 = scale_pair(S.sb >> 8);
+  u32 sa0, sa1, sb0, sb1;
+  scale_pairs(S.sa, sa0, sa1);
+  scale_pairs(S.sb, sb0, sb1);
   const u32 WA[4] = {S.qa.x, S.qa.y, S.qa.z, S.qa.w};
   const u32 WB[4] = {S.qb.x, S.qb.y, S.qb.z, S.qb.w};
 #pragma unroll
@@ -170,12 +200,9 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   const u8* sa_p = s + (u64)ra * (K >> 4) + t * 2;
   const u8* sb_p = s + (u64)rb * (K >> 4) + t * 2;
   const u16* xr[NT];
-  bool xm[NT];
+  // Token rows past M repeat row M-1: their output columns are computed and never stored.
 #pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    xm[j] = 8 * j + g < M;
-    xr[j] = x + (u64)(xm[j] ? 8 * j + g : 0) * ldx + t * 32;
-  }
+  for (int j = 0; j < NT; ++j) xr[j] = x + (u64)min(8 * j + g, M - 1) * ldx + t * 32;
   float acc[4][NT][4];
 #pragma unroll
   for (int q = 0; q < 4; ++q)
@@ -189,13 +216,13 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   Slot S[DEPTH + 1];
   if (c_lo < c_hi) {
 #pragma unroll
-    for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wa, wb, sa_p, sb_p, xr, xm);
+    for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wa, wb, sa_p, sb_p, xr);
   }
   for (int c = c_lo; c < c_hi; c += DEPTH + 1) {
 #pragma unroll
     for (int i = 0; i <= DEPTH; ++i) {
-      load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(c + i + DEPTH, last), wa, wb, sa_p, sb_p, xr, xm);
-      compute(S[i], acc, c + i, xr, xm);
+      load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(c + i + DEPTH, last), wa, wb, sa_p, sb_p, xr);
+      compute(S[i], acc, c + i, xr);
       if (c + i + 1 >= c_hi) break;
     }
   }
@@ -249,7 +276,7 @@ _DEFINES = {
 
 #: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
 #: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
-VARIANT = {"DEPTH": 2, "XPRE": 1}
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0}
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
