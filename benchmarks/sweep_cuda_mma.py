@@ -18,14 +18,15 @@ from nvfp4_fix.codec import dequantize
 from nvfp4_fix.kernels import cuda_mma
 
 VARIANTS = [
-    {"DEPTH": 1, "XPRE": 1, "LOADONLY": 0},
-    {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0},
-    {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0},
-    {"DEPTH": 3, "XPRE": 0, "LOADONLY": 0},
-    {"DEPTH": 4, "XPRE": 0, "LOADONLY": 0},
+    {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1},
+    {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1},
+    {"DEPTH": 1, "XPRE": 1, "LOADONLY": 0, "RT": 2},
+    {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 2},
+    {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2},
+    {"DEPTH": 3, "XPRE": 0, "LOADONLY": 0, "RT": 2},
 ]
 # Diagnostic: the same loads with no decode or mma (wrong results): the access pattern's bandwidth.
-LOAD_ONLY = [{"DEPTH": d, "XPRE": 0, "LOADONLY": 1} for d in (1, 2, 4)]
+LOAD_ONLY = [{"DEPTH": 2, "XPRE": 0, "LOADONLY": 1, "RT": r} for r in (1, 2)]
 
 
 def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) -> None:
@@ -47,10 +48,11 @@ def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) 
             (bench_graph(lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v)), v, w)
             for v, w in itertools.product(LOAD_ONLY, warps)
         ]
-        print("  load only: " + " ".join(f"{r[0]:.1f}@D{r[1]['DEPTH']}w{r[2]}" for r in lo))
+        print("  load only: " + " ".join(f"{r[0]:.1f}@R{r[1]['RT']}w{r[2]}" for r in lo))
     vs = ",".join(f"{a}={b}" for a, b in v.items())
     print(f"| {name} | {n}x{k} | {m} | {cub:.1f} | {t:.1f} | {cub / t:.2f}x | {vs} | {w} | {default:.1f} |")
-    print("  " + " ".join(f"{r[0]:.1f}@D{r[1]['DEPTH']}X{r[1]['XPRE']}w{r[2]}" for r in results), flush=True)
+    tags = [f"{r[0]:.1f}@D{r[1]['DEPTH']}X{r[1]['XPRE']}R{r[1]['RT']}w{r[2]}" for r in results]
+    print("  " + " ".join(tags), flush=True)
 
 
 def main() -> None:

@@ -117,10 +117,10 @@ __device__ __forceinline__ float to_f32(u16 h) {
   return f;
 }
 
-// One 128-wide K chunk of a lane: 16 bytes of codes of rows g and g+8 and their two block scales
-// each; with XPRE also the 32 activations of each token row 8j+g it feeds (zeros past M).
+// One 128-wide K chunk of a lane: for each of its RT row tiles, 16 bytes of codes of rows g and
+// g+8 and their two block scales each; with XPRE also the 32 activations of each token row 8j+g.
 struct Slot {
-  U4 qa, qb; u32 sa, sb;
+  u32 q[RT][2][4]; u32 s[RT][2];
 #if XPRE
   u32 X[NT][16];
 #endif
@@ -137,21 +137,32 @@ __device__ __forceinline__ void load_x(u32 (*X)[16], int c, const u16* const* xr
   }
 }
 
-__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* wa, const u8* wb, const u8* sa_p,
-                                          const u8* sb_p, const u16* const* xr) {
-  S.qa = ld_stream(wa + c * 64); S.qb = ld_stream(wb + c * 64);
-  S.sa = ld_u16(sa_p + c * 8); S.sb = ld_u16(sb_p + c * 8);
+__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* const* wp, const u8* const* sp,
+                                          const u16* const* xr) {
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const U4 v = ld_stream(wp[2 * r + e] + c * 64);
+      S.q[r][e][0] = v.x; S.q[r][e][1] = v.y; S.q[r][e][2] = v.z; S.q[r][e][3] = v.w;
+      S.s[r][e] = ld_u16(sp[2 * r + e] + c * 8);
+    }
+  }
 #if XPRE
   load_x(S.X, c, xr);
 #endif
 }
 
-__device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4], int c, const u16* const* xr) {
+__device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], int c, const u16* const* xr) {
 #if LOADONLY
+  u32 v = 0;
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v ^= S.q[r][e >> 2][e & 3] ^ S.s[r][e >> 2];
   float f;
-  asm("mov.b32 %0, %1;" : "=f"(f) : "r"((S.qa.x ^ S.qa.y ^ S.qa.z ^ S.qa.w ^ S.qb.x ^ S.qb.y ^ S.qb.z ^ S.qb.w
-                                       ^ S.sa ^ S.sb) & 0x3FFFFFFFu));
-  acc[0][0][0] += f;
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v & 0x3FFFFFFFu));
+  acc[0][0][0][0] += f;
   return;
 #endif
 #if XPRE
@@ -160,24 +171,33 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[NT][4], int 
   u32 X[NT][16];
   load_x(X, c, xr);
 #endif
-  u32 sa0, sa1, sb0, sb1;
-  scale_pairs(S.sa, sa0, sa1);
-  scale_pairs(S.sb, sb0, sb1);
-  const u32 WA[4] = {S.qa.x, S.qa.y, S.qa.z, S.qa.w};
-  const u32 WB[4] = {S.qb.x, S.qb.y, S.qb.z, S.qb.w};
+  u32 sc[RT][2][2];  // [tile][row g / g+8][first / second block]
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    scale_pairs(S.s[r][0], sc[r][0][0], sc[r][0][1]);
+    scale_pairs(S.s[r][1], sc[r][1][0], sc[r][1][1]);
+  }
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const u32 ssa = q < 2 ? sa0 : sa1, ssb = q < 2 ? sb0 : sb1;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const u32 a0 = scl(dec(WA[q] << (8 * h)), ssa);
-      const u32 a2 = scl(dec(WA[q] << (8 * h + 4)), ssa);
-      const u32 a1 = scl(dec(WB[q] << (8 * h)), ssb);
-      const u32 a3 = scl(dec(WB[q] << (8 * h + 4)), ssb);
+      u32 b0[NT], b1[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const u32 lo = X[j][4 * q + 1 - h], hi = X[j][4 * q + 3 - h];
-        mma(acc[q][j], a0, a1, a2, a3, prmt(lo, hi, 0x7632u), prmt(lo, hi, 0x5410u));
+        b0[j] = prmt(lo, hi, 0x7632u);
+        b1[j] = prmt(lo, hi, 0x5410u);
+      }
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const u32 sa = sc[r][0][q >> 1], sb = sc[r][1][q >> 1];
+        const u32 wa = S.q[r][0][q], wb = S.q[r][1][q];
+        const u32 a0 = scl(dec(wa << (8 * h)), sa);
+        const u32 a2 = scl(dec(wa << (8 * h + 4)), sa);
+        const u32 a1 = scl(dec(wb << (8 * h)), sb);
+        const u32 a3 = scl(dec(wb << (8 * h + 4)), sb);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma(acc[q][r][j], a0, a1, a2, a3, b0[j], b1[j]);
       }
     }
   }
@@ -188,26 +208,25 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
           const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
           u16* __restrict__ y, int ldy, int M, int N, int K)
 {
-  __shared__ float red[8][NT * 8][16];
+  __shared__ float red[8][NT * 8][16 * RT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * 16;
-  const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);
+  const int row0 = blockIdx.x * 16 * RT;
   const int chunks = K >> 7;
   const int c_lo = chunks * warp / warps, c_hi = chunks * (warp + 1) / warps;
-  const u8* wa = w + (u64)ra * (K >> 1) + t * 16;
-  const u8* wb = w + (u64)rb * (K >> 1) + t * 16;
-  const u8* sa_p = s + (u64)ra * (K >> 4) + t * 2;
-  const u8* sb_p = s + (u64)rb * (K >> 4) + t * 2;
+  const u8* wp[2 * RT];
+  const u8* sp[2 * RT];
+#pragma unroll
+  for (int i = 0; i < 2 * RT; ++i) {  // rows g, g+8, g+16, g+24 of the block (clamped to N-1)
+    const int row = min(row0 + g + 8 * i, N - 1);
+    wp[i] = w + (u64)row * (K >> 1) + t * 16;
+    sp[i] = s + (u64)row * (K >> 4) + t * 2;
+  }
   const u16* xr[NT];
   // Token rows past M repeat row M-1: their output columns are computed and never stored.
 #pragma unroll
   for (int j = 0; j < NT; ++j) xr[j] = x + (u64)min(8 * j + g, M - 1) * ldx + t * 32;
-  float acc[4][NT][4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-#pragma unroll
-    for (int j = 0; j < NT; ++j) acc[q][j][0] = acc[q][j][1] = acc[q][j][2] = acc[q][j][3] = 0.f;
+  float acc[4][RT][NT][4] = {};
 
   // DEPTH chunks in flight ahead of the one being computed, DEPTH + 1 slots in rotation, unrolled
   // so that no registers move between slots; past the end the last chunk is reloaded (cached,
@@ -216,35 +235,36 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   Slot S[DEPTH + 1];
   if (c_lo < c_hi) {
 #pragma unroll
-    for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wa, wb, sa_p, sb_p, xr);
+    for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wp, sp, xr);
   }
   for (int c = c_lo; c < c_hi; c += DEPTH + 1) {
 #pragma unroll
     for (int i = 0; i <= DEPTH; ++i) {
-      load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(c + i + DEPTH, last), wa, wb, sa_p, sb_p, xr);
+      load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(c + i + DEPTH, last), wp, sp, xr);
       compute(S[i], acc, c + i, xr);
       if (c + i + 1 >= c_hi) break;
     }
   }
 #pragma unroll
-  for (int q = 1; q < 4; ++q)
+  for (int r = 0; r < RT; ++r) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int j = 0; j < NT; ++j) {
+      float v[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[0][j][e] += acc[q][j][e];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    red[warp][8 * j + 2 * t][g] = acc[0][j][0];
-    red[warp][8 * j + 2 * t + 1][g] = acc[0][j][1];
-    red[warp][8 * j + 2 * t][g + 8] = acc[0][j][2];
-    red[warp][8 * j + 2 * t + 1][g + 8] = acc[0][j][3];
+      for (int e = 0; e < 4; ++e)
+        v[e] = acc[0][r][j][e] + acc[1][r][j][e] + acc[2][r][j][e] + acc[3][r][j][e];
+      red[warp][8 * j + 2 * t][16 * r + g] = v[0];
+      red[warp][8 * j + 2 * t + 1][16 * r + g] = v[1];
+      red[warp][8 * j + 2 * t][16 * r + g + 8] = v[2];
+      red[warp][8 * j + 2 * t + 1][16 * r + g + 8] = v[3];
+    }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < M * 16; i += blockDim.x) {
-    const int m = i >> 4, r = i & 15, n = row0 + r;
+  for (int i = threadIdx.x; i < M * 16 * RT; i += blockDim.x) {
+    const int m = i / (16 * RT), rr = i % (16 * RT), n = row0 + rr;
     if (n >= N) continue;
     float v = 0.f;
-    for (int k = 0; k < warps; ++k) v += red[k][m][r];
+    for (int k = 0; k < warps; ++k) v += red[k][m][rr];
     v *= mul[(u64)n * mul_stride] * 128.0f;
     if (bias) v += to_f32(bias[n]);
     u16 o;
@@ -276,7 +296,7 @@ _DEFINES = {
 
 #: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
 #: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
-VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0}
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1}
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
@@ -323,11 +343,11 @@ def supports(x2: torch.Tensor, n: int, k: int) -> bool:
     )
 
 
-def warps_for(n: int, k: int, device: torch.device) -> int:
-    """Warps per 16-row block (they split K): 8 while the grid is under two blocks per SM, else 4;
-    never fewer than 4 chunks of 128 per warp. Measured on the H100 (benchmarks/RESULTS.md)."""
+def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
+    """Warps per block of ``rows`` rows (they split K): 8 while the grid is under two blocks per SM,
+    else 4; never fewer than 4 chunks of 128 per warp. Measured on the H100 (benchmarks/RESULTS.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    w = 8 if -(-n // 16) <= 2 * sms else 4
+    w = 8 if -(-n // rows) <= 2 * sms else 4
     while w > 1 and k // 128 < 4 * w:
         w //= 2
     return w
@@ -361,11 +381,13 @@ def linear(
         bias = bias.to(x2.dtype).contiguous()
     nt = 1 if m <= 8 else 2
     dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    w = warps or warps_for(n, k, x2.device)
+    var = {**VARIANT, **(variant or {})}
+    rows = 16 * var["RT"]
+    w = warps or warps_for(n, k, x2.device, rows)
     if not 1 <= w <= 8:
         raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
-    _kernel(x2.dtype, nt, dev, tuple(sorted(variant.items())) if variant else ()).launch(
-        (-(-n // 16), 1, 1),
+    _kernel(x2.dtype, nt, dev, tuple(sorted(var.items()))).launch(
+        (-(-n // rows), 1, 1),
         (32 * w, 1, 1),
         x2,
         k,
