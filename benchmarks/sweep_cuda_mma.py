@@ -18,15 +18,11 @@ from nvfp4_fix.codec import dequantize
 from nvfp4_fix.kernels import cuda_mma
 
 VARIANTS = [
-    {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1},
-    {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1},
-    {"DEPTH": 1, "XPRE": 1, "LOADONLY": 0, "RT": 2},
-    {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 2},
-    {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2},
-    {"DEPTH": 3, "XPRE": 0, "LOADONLY": 0, "RT": 2},
+    {"DEPTH": d, "XPRE": x, "LOADONLY": 0, "RT": 1, "MINB": b}
+    for d, x, b in [(2, 1, 1), (2, 0, 1), (2, 1, 2), (2, 0, 2), (2, 0, 3), (1, 1, 3), (3, 0, 2)]
 ]
 # Diagnostic: the same loads with no decode or mma (wrong results): the access pattern's bandwidth.
-LOAD_ONLY = [{"DEPTH": 2, "XPRE": 0, "LOADONLY": 1, "RT": r} for r in (1, 2)]
+LOAD_ONLY = [{"DEPTH": 2, "XPRE": 0, "LOADONLY": 1, "RT": 1, "MINB": b} for b in (1, 3)]
 
 
 def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) -> None:
@@ -48,10 +44,10 @@ def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) 
             (bench_graph(lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v)), v, w)
             for v, w in itertools.product(LOAD_ONLY, warps)
         ]
-        print("  load only: " + " ".join(f"{r[0]:.1f}@R{r[1]['RT']}w{r[2]}" for r in lo))
+        print("  load only: " + " ".join(f"{r[0]:.1f}@B{r[1]['MINB']}w{r[2]}" for r in lo))
     vs = ",".join(f"{a}={b}" for a, b in v.items())
     print(f"| {name} | {n}x{k} | {m} | {cub:.1f} | {t:.1f} | {cub / t:.2f}x | {vs} | {w} | {default:.1f} |")
-    tags = [f"{r[0]:.1f}@D{r[1]['DEPTH']}X{r[1]['XPRE']}R{r[1]['RT']}w{r[2]}" for r in results]
+    tags = [f"{r[0]:.1f}@D{r[1]['DEPTH']}X{r[1]['XPRE']}B{r[1]['MINB']}w{r[2]}" for r in results]
     print("  " + " ".join(tags), flush=True)
 
 

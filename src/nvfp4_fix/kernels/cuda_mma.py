@@ -203,7 +203,7 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
   }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, MINB)
 nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
           const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
           u16* __restrict__ y, int ldy, int M, int N, int K)
@@ -296,7 +296,7 @@ _DEFINES = {
 
 #: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
 #: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
-VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1}
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 1}
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
