@@ -296,7 +296,7 @@ _DEFINES = {
 
 #: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
 #: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
-VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 1}
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2}
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
