@@ -494,6 +494,9 @@ def load_model(
         model = dispatch_model(model, device_map=placement)
     else:
         model.to(_device_of(placement, ""))
+    from .fusion import fuse_siblings  # q/k/v and gate/up share one decode launch on CUDA
+
+    fuse_siblings(model)
     model.config.quantization_config = (
         copy.deepcopy(info.quant_config)
         if info.format == COMPRESSED_TENSORS
