@@ -50,7 +50,8 @@ class NVFP4Embedding(nn.Module):
             ("weight_scale", (v, d // BLOCK), torch.float8_e4m3fn),
             ("weight_scale_2", (), torch.float32),
         ):  # not persistent: state_dict() holds the dense ``weight`` instead
-            self.register_buffer(name, torch.ones(shape, dtype=dt, device=device), persistent=False)
+            init = torch.ones if dt == torch.float32 else torch.empty
+            self.register_buffer(name, init(shape, dtype=dt, device=device), persistent=False)
 
     @classmethod
     def from_dense(
@@ -112,6 +113,18 @@ class NVFP4Embedding(nn.Module):
         mul = self.weight_scale_2
         rows = dequantize(self.weight_packed[flat], scales, mul, "multiplier", self.output_dtype)
         return rows.reshape(*input_ids.shape, self.embedding_dim)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> NVFP4Embedding:
+        # model.half() / .to(dtype) would cast the e4m3 scales and the float32 multiplier (float8 counts
+        # as floating point): keep the format, move devices only, and output the new dtype instead.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self.output_dtype = new.dtype
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.dequantized_weight(device="cpu")
