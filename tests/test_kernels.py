@@ -396,7 +396,7 @@ def test_dispatch_gpu(m, n, k):
 @gpu
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("m", [1, 4, 200])
+@pytest.mark.parametrize("m", [1, 4, 200, 600])
 def test_gpu_no_sync_graph_and_compile(m):
     n, k = 4097, 4096
     wp, ws, mul = make_weight(n, k, "cuda")

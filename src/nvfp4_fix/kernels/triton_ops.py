@@ -298,7 +298,10 @@ SCRATCH_BYTES = int(os.environ.get("NVFP4_FIX_SCRATCH_MB", "256")) * (1 << 20)
 
 
 def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
-    """Prefill path: dequantize W (in row chunks) into a bf16/fp16 scratch buffer, then cuBLAS."""
+    """Prefill path: dequantize W (in row chunks) into a bf16/fp16 scratch buffer, then cuBLAS.
+
+    On CUDA with a large M, the weight goes in at least ``OVERLAP_CHUNKS`` chunks and a side stream
+    dequantizes chunk i+1 while cuBLAS multiplies chunk i (two scratch buffers)."""
     m, k = x2.shape
     n = wp.shape[0]
     if k % 16 or wp.shape != (n, k // 2) or ws.shape != (n, k // 16):
@@ -310,12 +313,63 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
     esize = torch.finfo(dtype).bits // 8
     rows = n if n * k * esize <= budget else max(128, (budget // (k * esize)) // 128 * 128)
     y = _alloc_out(out, m, n, dtype, x2.device)
+    overlap = x2.is_cuda and m >= OVERLAP_MIN_M and n >= 2 * 128
+    if overlap:
+        per_chunk = -(-n // OVERLAP_CHUNKS)
+        rows = min(rows, -(-per_chunk // 128) * 128)
+        return _dequant_mm_overlapped(x2, wp, ws, mul, bias, y, rows)
     scratch = torch.empty((min(rows, n), k), dtype=dtype, device=x2.device)
     for r0 in range(0, n, rows):
         r = min(rows, n - r0)
-        wd = dequantize_rows(wp, ws, mul, dtype, r0, r, out=scratch[:r])
-        if bias is not None:
-            torch.addmm(bias[r0 : r0 + r].to(dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
-        else:
-            torch.mm(x2, wd.t(), out=y[:, r0 : r0 + r])
+        _chunk_mm(x2, dequantize_rows(wp, ws, mul, dtype, r0, r, out=scratch[:r]), bias, y, r0, r)
+    return y
+
+
+# dequant_mm overlaps dequantization and cuBLAS from this M on, in at least this many chunks.
+OVERLAP_MIN_M = int(os.environ.get("NVFP4_FIX_OVERLAP_MIN_M", "512"))
+OVERLAP_CHUNKS = 4
+
+
+def _chunk_mm(x2, wd, bias, y, r0, r):
+    if bias is not None:
+        torch.addmm(bias[r0 : r0 + r].to(x2.dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
+    else:
+        torch.mm(x2, wd.t(), out=y[:, r0 : r0 + r])
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _dequant_mm_overlapped(x2, wp, ws, mul, bias, y, rows):
+    n, k = wp.shape[0], x2.shape[1]
+    main = torch.cuda.current_stream(x2.device)
+    side = _side_stream(x2.device)
+    bufs = [torch.empty((rows, k), dtype=x2.dtype, device=x2.device) for _ in range(2)]
+    for b in bufs:
+        b.record_stream(side)
+    starts = list(range(0, n, rows))
+    ready: list[torch.cuda.Event] = []
+    freed: list[torch.cuda.Event | None] = [None, None]
+    side.wait_stream(main)
+
+    def produce(i: int) -> None:
+        r0 = starts[i]
+        r = min(rows, n - r0)
+        with torch.cuda.stream(side):
+            if freed[i % 2] is not None:
+                side.wait_event(freed[i % 2])
+            dequantize_rows(wp, ws, mul, x2.dtype, r0, r, out=bufs[i % 2][:r])
+            ready.append(side.record_event())
+
+    produce(0)
+    for i, r0 in enumerate(starts):
+        if i + 1 < len(starts):
+            produce(i + 1)
+        main.wait_event(ready[i])
+        r = min(rows, n - r0)
+        _chunk_mm(x2, bufs[i % 2][:r], bias, y, r0, r)
+        freed[i % 2] = main.record_event()
+    main.wait_stream(side)
     return y
