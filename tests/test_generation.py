@@ -384,3 +384,72 @@ def test_cuda_graph_reuse_stop_stream_and_sampling(checkpoints):
         )
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+# --------------------------------------------------------------------------------------------------
+# decode attention: query heads folded instead of repeat_kv
+# --------------------------------------------------------------------------------------------------
+def test_packed_gqa_attention_equals_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from nvfp4_fix.generation import _packed_gqa_sdpa
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups = 4
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 1, 16, generator=g)
+    k, v = torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3
+    mask[..., 0] = True
+    calls = []
+
+    def orig(*a, **kw):
+        calls.append(1)
+        return sdpa_attention_forward(*a, **kw)
+
+    packed = _packed_gqa_sdpa(orig)
+    for m in (mask, None, torch.where(mask, 0.0, float("-inf"))):
+        want, _ = sdpa_attention_forward(Attn(), q, k, v, m, scaling=0.3)
+        got, _ = packed(Attn(), q, k, v, m, scaling=0.3)
+        assert got.shape == want.shape == (2, 1, 8, 16)
+        torch.testing.assert_close(got, want)
+    assert not calls
+    # several query tokens, per-head masks or a position bias go to the original function
+    packed(Attn(), torch.randn(2, 8, 3, 16), k, v, None)
+    packed(Attn(), q, k, v, mask.expand(2, 8, 1, 40))
+    packed(Attn(), q, k, v, mask, position_bias=torch.zeros(2, 8, 1, 40))
+    assert len(calls) == 3
+
+
+def test_decode_uses_packed_attention_and_restores_sdpa(checkpoints, monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import nvfp4_fix.generation as gen
+
+    model = load(checkpoints["llama"])
+    if model.config._attn_implementation != "sdpa":
+        pytest.skip("model does not use sdpa")
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    used = []
+    real = gen._packed_gqa_sdpa
+
+    def spy(orig):
+        fn = real(orig)
+
+        def wrapped(module, query, *a, **kw):
+            used.append(query.shape[2])
+            return fn(module, query, *a, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(gen, "_packed_gqa_sdpa", spy)
+    ids = prompt(model, seed=14)
+    ref = hf_greedy(model, ids, 12)
+    for pack in (True, False):
+        used.clear()
+        got = generate(model, ids, 12, use_cuda_graph=False, stop_token_ids=(), pack_gqa=pack)
+        assert got.tolist() == ref.tolist()
+        assert (1 in used) is pack
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before

@@ -61,7 +61,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +140,68 @@ def _holds_prompt(layers: list[Any], n_static: int, length: int) -> bool:
     return len(layers) == n_static and all(
         isinstance(getattr(d, "keys", None), torch.Tensor) and d.keys.shape[-2] == length for d in layers
     )
+
+
+# kwargs under which the packed path would not compute what transformers' sdpa function computes
+_SDPA_SPECIAL = ("softcap", "position_bias", "sinks", "s_aux", "head_mask", "output_attentions")
+
+
+def _packed_gqa_sdpa(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' ``sdpa`` attention, but for one query token with grouped K/V heads the query heads
+    are folded into the query-length axis ([B, H, 1, D] -> [B, H_kv, H / H_kv, D]) instead of repeating
+    K and V H / H_kv times over the whole static cache (``repeat_kv``: 2 copies of [B, H, cache, D] per
+    layer and token). Same numbers; transformers >= 5.24 does the same (``pack_gqa``). Every other case
+    goes to ``orig``."""
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+        b, h, q, d = query.shape
+        groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+        mask = attention_mask
+        if (
+            q != 1
+            or groups <= 1
+            or dropout
+            or key.shape[1] * groups != h
+            or key.shape[-1] != value.shape[-1]
+            or any(kwargs.get(k) is not None and kwargs.get(k) is not False for k in _SDPA_SPECIAL)
+            or (mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1))
+        ):
+            return orig(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        is_causal=is_causal, **kwargs)  # fmt: skip
+        if mask is not None:
+            mask = mask[:, :, :, : key.shape[-2]]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(b, h // groups, groups, d), key, value, attn_mask=mask, scale=scaling
+        )
+        return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@contextlib.contextmanager
+def _decode_attention(enabled: bool) -> Iterator[None]:
+    """Within the block, the ``sdpa`` attention of every transformers model is :func:`_packed_gqa_sdpa`
+    (a local override of ``ALL_ATTENTION_FUNCTIONS``, restored on exit). Captured graphs keep the kernels
+    they recorded, so only eager steps, warm-up and capture need the block."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as funcs
+    except ImportError:  # pragma: no cover - very old transformers
+        enabled = False
+    local = getattr(funcs, "_local_mapping", None) if enabled else None
+    if not isinstance(local, dict) or "sdpa" not in funcs:
+        yield
+        return
+    had, prev = "sdpa" in local, local.get("sdpa")
+    funcs["sdpa"] = _packed_gqa_sdpa(funcs["sdpa"])
+    try:
+        yield
+    finally:
+        if had:
+            funcs["sdpa"] = prev
+        else:
+            del funcs["sdpa"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,6 +513,7 @@ def generate(
     max_cache_len: int | None = None,
     pad_token_id: int | None = None,
     compile_step: bool = False,
+    pack_gqa: bool = True,
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, P] (or [P]); return [B, P + n] ids
@@ -464,7 +527,9 @@ def generate(
     ``sync_every``: tokens between two host reads of the stop flags / streamer flushes.
     ``max_cache_len``: the static cache size (default: prompt + new tokens, rounded up to 128).
     ``compile_step`` additionally wraps the decode forward in ``torch.compile`` (fuses norms, rotary
-    and other small kernels) before capture.
+    and other small kernels) before capture. ``pack_gqa`` (default on): decode attention of models with
+    grouped K/V heads folds the query heads instead of repeating K/V over the cache (see
+    :func:`_packed_gqa_sdpa`; sdpa models only).
     ``stats``, if given a dict, receives timings and the path taken.
     """
     if input_ids.dim() == 1:
@@ -510,14 +575,13 @@ def generate(
 
     key = (batch, cache_len, str(device), float(temperature) if sampling else 0.0,
            top_k if sampling else None, top_p if sampling else None, stop, pad_id,
-           bool(use_cuda_graph), bool(compile_step))  # fmt: skip
+           bool(use_cuda_graph), bool(compile_step), bool(pack_gqa))  # fmt: skip
     runners: OrderedDict = getattr(model, _RUNNERS_ATTR, None) or OrderedDict()
     if not hasattr(model, _RUNNERS_ATTR):
         object.__setattr__(model, _RUNNERS_ATTR, runners)
     runner = runners.pop(key, None)
     fresh = runner is None
-    ctx = torch.no_grad()
-    with ctx:
+    with torch.no_grad(), _decode_attention(pack_gqa):
         if fresh:
             while len(runners) >= _MAX_RUNNERS:
                 runners.popitem(last=False)
