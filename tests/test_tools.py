@@ -418,6 +418,13 @@ def test_generate_fast_hook(capsys, ckpts, monkeypatch, eager_kernels):
     )
     assert code == 0 and "--- 2 tokens" in out
     assert calls[0]["temperature"] == 0.7 and calls[0]["top_p"] == 0.9 and calls[0]["streamer"] is not None
+    assert calls[0]["compile_step"] is False
+    code, _, _ = run_cli(
+        capsys, "generate", ckpts["ct"], "w1", "--fast", "--compile", "--max-new-tokens", "1"
+    )
+    assert code == 0 and calls[1]["compile_step"] is True
+    code, _, err = run_cli(capsys, "generate", ckpts["ct"], "w1", "--compile")
+    assert code == 2 and "--compile needs --fast" in err
 
 
 def test_bench_prints_a_table(capsys, ckpts, eager_kernels):
