@@ -313,7 +313,7 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
     esize = torch.finfo(dtype).bits // 8
     rows = n if n * k * esize <= budget else max(128, (budget // (k * esize)) // 128 * 128)
     y = _alloc_out(out, m, n, dtype, x2.device)
-    overlap = x2.is_cuda and m >= OVERLAP_MIN_M and n >= 2 * 128
+    overlap = x2.is_cuda and m >= OVERLAP_MIN_M and n * k >= OVERLAP_MIN_WEIGHTS
     if overlap:
         per_chunk = -(-n // OVERLAP_CHUNKS)
         rows = min(rows, -(-per_chunk // 128) * 128)
@@ -328,6 +328,9 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
 # dequant_mm overlaps dequantization and cuBLAS from this M on, in at least this many chunks.
 OVERLAP_MIN_M = int(os.environ.get("NVFP4_FIX_OVERLAP_MIN_M", "512"))
 OVERLAP_CHUNKS = 4
+# ... for layers of at least this many weights (smaller ones measured slower in chunks: H100,
+# benchmarks/RESULTS.md).
+OVERLAP_MIN_WEIGHTS = 32 * 2**20
 
 
 def _chunk_mm(x2, wd, bias, y, r0, r):
