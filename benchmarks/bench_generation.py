@@ -1,24 +1,32 @@
 # ruff: noqa: E501, B023  (lambdas are called at once, inside the loop that binds them)
-"""Batch-1 decode speed and time to first token: NVFP4 and bf16 through nvfp4_fix.generation.generate
-(static cache + CUDA graph) against bf16 ``model.generate``, for a random-weight Llama-3-8B-shaped
-model, in one run.
+"""Batch-1 decode speed, time to first token and prefill speed for a random-weight Llama-3-8B-shaped
+model, in one run: NVFP4 and bf16 through nvfp4_fix.generation.generate (static cache + CUDA graph)
+and through plain ``model.generate`` (eager transformers: what users get after ``apply_patch()`` +
+``from_pretrained``).
 
     PYTHONPATH=src python benchmarks/bench_generation.py [--prompts 128,2048] [--new-tokens 256]
-        [--compile] [--out benchmarks/RESULTS-generation.md]
+        [--hf-new-tokens 32] [--compile] [--quick] [--budget-s 225] [--out benchmarks/RESULTS-generation.md]
 
 The model is drawn on the GPU (N(0, 0.02), seeded); the NVFP4 checkpoint is made from it on the GPU
 (benchmarks/llama8b.py) and loaded back with ``nvfp4_fix.from_pretrained(device_map="cuda")``.
 
 Measured per method and prompt length P (greedy, no stop token, so every run makes exactly N tokens):
 * TTFT: wall time of a call with ``max_new_tokens=1`` (prefill + first token on the host), median of 3;
-* decode tok/s: (N - 1) / (T(N) - TTFT) with T(N) the wall time of a whole N-token call (best of 2);
+* decode tok/s: (N - 1) / (T(N) - TTFT) with T(N) the wall time of a whole N-token call (best of 2,
+  1 with ``--quick``). N = ``--new-tokens`` for the fast path, ``--hf-new-tokens`` (default 32) for
+  ``model.generate``, whose eager decode runs at ~10 tok/s;
+* prefill tok/s: P / the time of one forward over the prompt (a fresh DynamicCache, logits of the
+  last position only: the prefill of ``model.generate``), median of 3 after a warm-up;
 * GPU memory: ``torch.cuda.memory_allocated`` with only the model loaded, and the peak
   (``max_memory_allocated``) during the N-token calls, static cache and graph pool included.
 The first call of the fast path (graph capture, Triton JIT) is timed separately ("setup").
 Breakdown (NVFP4 and bf16, fast path): the 224 decoder linears called once each on an M=1 input,
 captured in one CUDA graph and replayed (the GEMV share of a token), the lm_head alone likewise, and
 the rest of the decode step (attention, norms, rotary, sampling, small kernels) by difference.
-``--tiny`` runs a 2-layer model on the CPU (static loop, no graph) to smoke-test the script.
+Optional cases, run while the time budget (``--budget-s``, whole script) allows: NVFP4 fast path
+with ``pack_gqa=False`` (repeat_kv decode attention, as before), and with ``--compile`` NVFP4 with
+``compile_step=True`` (~75 s of compilation). ``--tiny`` runs a 2-layer model on the CPU (static loop,
+no graph) to smoke-test the script.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama8b import card_name, ensure_checkpoints, llama8b_config, random_model, versions  # noqa: E402
 
-from nvfp4_fix.generation import clear_cache, generate  # noqa: E402
+from nvfp4_fix.generation import _forward_api, clear_cache, generate  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -74,9 +82,9 @@ def hf_generate(model, ids, n):
         return model.generate(input_ids=ids, generation_config=gc)
 
 
-def run_case(label, model, ids, n, fast: bool, device: str, **kw) -> dict:
+def run_case(label, model, ids, n, fast: bool, device: str, reps: int = 2, **kw) -> dict:
     """TTFT, decode tok/s and memory for one method at one prompt length."""
-    res = {"method": label, "prompt": ids.shape[1]}
+    res = {"method": label, "prompt": ids.shape[1], "new_tokens": n}
     cache_len = 128 * math.ceil((ids.shape[1] + n + 2) / 128)
     use_graph = device == "cuda"
     if fast:
@@ -107,7 +115,7 @@ def run_case(label, model, ids, n, fast: bool, device: str, **kw) -> dict:
     res["ttft_s"] = statistics.median(timed(lambda: call(1)) for _ in range(3))
     out = {}
     totals = []
-    for _ in range(2 if fast else 1):
+    for _ in range(reps if fast else 1):
         sync()
         t = time.perf_counter()
         out["ids"] = call(n)
@@ -120,12 +128,32 @@ def run_case(label, model, ids, n, fast: bool, device: str, **kw) -> dict:
     res["peak_gib"] = gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else float("nan")
     res["tokens"] = out["ids"][0, ids.shape[1] :].cpu()
     print(
-        f"  {label:<34} P={ids.shape[1]:<5} TTFT {1000 * res['ttft_s']:8.1f} ms  decode {res['decode_tok_s']:7.1f} tok/s "
+        f"  {label:<40} P={ids.shape[1]:<5} N={n:<4} TTFT {1000 * res['ttft_s']:8.1f} ms  decode {res['decode_tok_s']:7.1f} tok/s "
         f"({res['ms_per_token']:.2f} ms/tok)  peak {res['peak_gib']:.2f} GiB  [{res['path']}]"
         + (f" setup {res['setup_s']:.1f} s" if fast else ""),
         flush=True,
     )
     return res
+
+
+def prefill_case(label, model, ids) -> dict:
+    """Prefill tok/s: P / time of one forward over the prompt (fresh DynamicCache, last logits only)."""
+    from transformers import DynamicCache
+
+    api = _forward_api(model)
+
+    def forward():
+        kw = {api.cache_kw: DynamicCache(), "use_cache": True}
+        if api.logits_kw:
+            kw[api.logits_kw] = 1
+        with torch.no_grad():
+            model(input_ids=ids, **kw)
+
+    timed(forward)  # warm-up (kernel JIT, cuBLAS handles)
+    sec = statistics.median(timed(forward) for _ in range(3))
+    p = ids.shape[1]
+    print(f"  {label:<40} P={p:<5} prefill forward {1000 * sec:8.1f} ms  {p / sec:9.0f} tok/s", flush=True)
+    return {"weights": label, "prompt": p, "forward_s": sec, "tok_s": p / sec}
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -184,7 +212,7 @@ def breakdown(model, device: str) -> dict:
     }
 
 
-def write_report(args, prompts, n, rows, brk, notes) -> None:
+def write_report(args, prompts, n, rows, brk, notes, prefill=()) -> None:
     card = card_name()
     cmd = "PYTHONPATH=src python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/bench_generation.py", *sys.argv[1:]]
@@ -194,16 +222,25 @@ def write_report(args, prompts, n, rows, brk, notes) -> None:
         if args.tiny
         else f"random-weight Llama-3-8B shape ({args.layers} layers)"
     )
-    lines = [f"# Generation benchmark: batch 1, {shape}", "",
+    lines = [f"# Generation benchmark on {card}: batch 1, {shape}", "",
              f"Card: **{card}**; {versions()}.", "", f"Command: `{cmd}`", "",
-             f"Greedy, {n} new tokens, no stop token. TTFT = a 1-token call (prefill + first token); decode tok/s = (N-1)/(T(N) - TTFT).",
+             f"Greedy, no stop token; N new tokens per call ({n} for the fast path, {args.hf_new_tokens} for eager `model.generate`). "
+             "TTFT = a 1-token call (prefill + first token); decode tok/s = (N-1)/(T(N) - TTFT).",
              "Weights = GPU memory with only the model loaded; peak = max_memory_allocated during the calls (static cache, graph pool, activations).", "",
-             "| method | prompt | TTFT ms | decode tok/s | ms/token | weights GiB | peak GiB | path | setup s |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+             f"| method ({card}) | prompt | N | TTFT ms | decode tok/s | ms/token | weights GiB | peak GiB | path | setup s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
     for r in rows:
         setup = f"{r['setup_s']:.1f}" if r.get("setup_s") is not None else "-"
-        lines.append(f"| {r['method']} | {r['prompt']} | {1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | {r['ms_per_token']:.2f} | "
+        lines.append(f"| {r['method']} | {r['prompt']} | {r['new_tokens']} | {1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | {r['ms_per_token']:.2f} | "
                      f"{r.get('weights_gib', float('nan')):.2f} | {r['peak_gib']:.2f} | {r['path']} | {setup} |")  # fmt: skip
+    if prefill:
+        lines += ["", "Prefill: P / time of one forward over the prompt (the prefill of `model.generate`: DynamicCache, SDPA causal; "
+                  "the fast path's prefill runs the same forward, then copies the K/V into its static cache):", "",
+                  f"| weights ({card}) | prompt | forward ms | prefill tok/s |", "|---|---:|---:|---:|"]  # fmt: skip
+        for r in prefill:
+            lines.append(
+                f"| {r['weights']} | {r['prompt']} | {1000 * r['forward_s']:.1f} | {r['tok_s']:.0f} |"
+            )
     lines += ["", "Decode-step breakdown (fast path, P = first prompt length; linears = every decoder linear once at M=1 in one CUDA graph):", "",
               "| weights | decode ms/token | decoder linears ms (count) | GB/s of linears | lm_head ms | rest ms (attention, norms, rotary, sampling, ...) |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -230,17 +267,26 @@ def write_report(args, prompts, n, rows, brk, notes) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default="128,2048")
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=256, help="new tokens per fast-path call")
+    ap.add_argument("--hf-new-tokens", type=int, default=32, help="new tokens per eager model.generate call")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--ckpt-root", default="/tmp/nvfp4fix-bench")
     ap.add_argument(
         "--compile",
         action="store_true",
-        help="also time compile_step=True (torch.compile'd step in the graph)",
+        help="also time compile_step=True (torch.compile'd step in the graph), if the budget allows",
     )
-    ap.add_argument("--skip-hf", action="store_true", help="skip bf16 model.generate")
+    ap.add_argument("--skip-hf", action="store_true", help="skip eager model.generate")
+    ap.add_argument(
+        "--quick", action="store_true", help="time each fast-path N-token call once, not best of 2"
+    )
     ap.add_argument("--tiny", action="store_true", help="2-layer model on the CPU: smoke test")
-    ap.add_argument("--budget-s", type=float, default=450, help="skip optional cases past this many seconds")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=225,
+        help="whole-script time budget: optional cases start only if their estimate fits, others are skipped past it",
+    )
     ap.add_argument("--out", default="benchmarks/RESULTS-generation.md")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -248,18 +294,28 @@ def main() -> int:
         print("no CUDA device; use --tiny for a CPU smoke test")
         return 2
     prompts = [int(p) for p in args.prompts.split(",")]
-    n = args.new_tokens
+    n, n_hf = args.new_tokens, args.hf_new_tokens
+    reps = 1 if args.quick else 2
     cfg = llama8b_config(args.layers, tiny=args.tiny)
     print(f"card: {card_name()}; {versions()}", flush=True)
 
     rows: list[dict] = []
+    prefill: list[dict] = []
     notes: list[str] = []
     brk: dict[str, dict] = {}
 
     def report() -> None:
-        write_report(args, prompts, n, rows, brk, notes)
+        write_report(args, prompts, n, rows, brk, notes, prefill)
 
-    def attempt(what: str, fn):
+    def elapsed() -> float:
+        return time.perf_counter() - T_START
+
+    def attempt(what: str, fn, estimate_s: float = 0.0):
+        """Run one case unless the budget is spent (or, for an estimated optional case, would be)."""
+        if elapsed() + estimate_s > args.budget_s:
+            notes.append(f"{what} skipped (time budget: {elapsed():.0f} s spent of {args.budget_s:.0f} s)")
+            print(f"  skipped {what} (time budget)", flush=True)
+            return None
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - keep measuring the other cases
@@ -273,6 +329,35 @@ def main() -> int:
         finally:
             report()
 
+    def agree(what: str, a: dict | None, b: dict | None) -> None:
+        if a and b:
+            k = min(len(a["tokens"]), len(b["tokens"]))
+            same = int((a["tokens"][:k] == b["tokens"][:k]).long().cumprod(0).sum())
+            notes.append(f"{what}: agree on the first {same} of {k} greedy tokens")
+
+    def measure(kind: str, model, weights_gib: float) -> None:
+        """Fast path, eager model.generate and one prefill forward, at every prompt length."""
+        for p in prompts:
+            ids = prompt_ids(cfg.vocab_size, p, device)
+            r = attempt(
+                f"{kind} graph P={p}",
+                lambda: run_case(f"{kind}, this path (graph)", model, ids, n, True, device, reps),
+            )
+            h = None
+            if not args.skip_hf:
+                h = attempt(
+                    f"{kind} model.generate P={p}",
+                    lambda: run_case(f"{kind}, model.generate (eager)", model, ids, n_hf, False, device),
+                )
+            for x in (r, h):
+                if x:
+                    x["weights_gib"] = weights_gib
+                    rows.append(x)
+            agree(f"{kind} P={p}: this path and model.generate", r, h)
+            f = attempt(f"{kind} prefill P={p}", lambda: prefill_case(kind, model, ids))
+            if f:
+                prefill.append(f)
+
     t = time.perf_counter()
     dense = random_model(cfg, device)
     sync()
@@ -282,27 +367,7 @@ def main() -> int:
     bf16_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
 
     # ---- bf16 -----------------------------------------------------------------------------------
-    for p in prompts:
-        ids = prompt_ids(cfg.vocab_size, p, device)
-        r = attempt(
-            f"bf16 graph P={p}", lambda: run_case("bf16, this path (graph)", dense, ids, n, True, device)
-        )
-        if r:
-            r["weights_gib"] = bf16_weights
-            rows.append(r)
-        if not args.skip_hf:
-            h = attempt(
-                f"bf16 model.generate P={p}",
-                lambda: run_case("bf16, model.generate", dense, ids, n, False, device),
-            )
-            if h:
-                h["weights_gib"] = bf16_weights
-                rows.append(h)
-            if r and h:
-                same = int((r["tokens"] == h["tokens"]).long().cumprod(0).sum())
-                notes.append(
-                    f"bf16 P={p}: this path and model.generate agree on the first {same} of {n} greedy tokens"
-                )
+    measure("bf16", dense, bf16_weights)
     b = attempt("bf16 breakdown", lambda: breakdown(dense, device))
     if b:
         brk["bf16"] = b
@@ -321,36 +386,42 @@ def main() -> int:
     nv_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
     print(f"NVFP4 model loaded in {load_s:.1f} s, {nv_weights:.2f} GiB on the GPU", flush=True)
     notes.append(f"NVFP4 checkpoint loaded with nvfp4_fix.from_pretrained in {load_s:.1f} s")
-    for p in prompts:
+    measure("NVFP4", model, nv_weights)
+    b = attempt("NVFP4 breakdown", lambda: breakdown(model, device))
+    if b:
+        brk["nvfp4"] = b
+
+    # ---- optional cases, while the budget allows -------------------------------------------------
+    clear_cache(model)
+    for p in prompts:  # decode attention with repeat_kv (before pack_gqa)
         ids = prompt_ids(cfg.vocab_size, p, device)
         r = attempt(
-            f"NVFP4 graph P={p}", lambda: run_case("NVFP4, this path (graph)", model, ids, n, True, device)
+            f"NVFP4 pack_gqa=False P={p}",
+            lambda: run_case(
+                "NVFP4, this path (graph), pack_gqa=False", model, ids, n, True, device, reps, pack_gqa=False
+            ),
+            estimate_s=15,
         )
         if r:
             r["weights_gib"] = nv_weights
             rows.append(r)
-    b = attempt("NVFP4 breakdown", lambda: breakdown(model, device))
-    if b:
-        brk["nvfp4"] = b
     if args.compile:
         clear_cache(model)
         for p in prompts:
-            if time.perf_counter() - T_START > args.budget_s:
-                notes.append(f"NVFP4 + torch.compile at P={p} skipped (time budget)")
-                continue
             ids = prompt_ids(cfg.vocab_size, p, device)
             r = attempt(
-                f"NVFP4 compile_step P={p}",
+                f"NVFP4 + torch.compile P={p}",
                 lambda: run_case(
-                    "NVFP4, this path + torch.compile", model, ids, n, True, device, compile_step=True
+                    "NVFP4, this path + torch.compile", model, ids, n, True, device, reps, compile_step=True
                 ),
+                estimate_s=95,
             )
             if not r:
                 break
             r["weights_gib"] = nv_weights
             rows.append(r)
     report()
-    print(f"done ({time.perf_counter() - T_START:.0f} s total)")
+    print(f"done ({elapsed():.0f} s total)")
     return 0
 
 
