@@ -283,3 +283,18 @@ def test_dense_on_cpu_and_low_memory_mode() -> None:
             from_pretrained(path, dense_on_cpu=True)
     finally:
         nvfp4_fix.enable_low_memory_mode(False)
+
+
+def test_dtype_cast_keeps_the_format():
+    """model.half() / .to(dtype) cast activations and biases only: e4m3 scales and float32 global
+    scales keep their format (float8 counts as floating point for nn.Module casts)."""
+    path = FIXTURES / "current" / "llama-nvfp4a16"
+    model = from_pretrained(path, dtype=torch.float32)
+    ids = token_ids(path)
+    ref = logits(model, ids)
+    model.to(torch.bfloat16)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight_scale.dtype == torch.float8_e4m3fn
+    assert layer.weight_global_scale.dtype == torch.float32
+    assert layer.weight_packed.dtype == torch.uint8
+    assert rel_err(logits(model, ids), ref) < 3e-2  # bf16 rounding (rotary buffers are cast too)

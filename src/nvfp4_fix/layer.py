@@ -92,6 +92,22 @@ class NVFP4Linear(nn.Module):
         self.pre_quant_scale = param((in_features,), dtype) if pre_quant_scale else None
         self.bias = param((out_features,), dtype) if bias else None
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
+        # model.half() / .to(dtype) would cast the e4m3 block scales and the float32 global scales
+        # (float8 counts as floating point): keep their format, move devices only.
+        fixed = {
+            n: p.data
+            for n, p in self._parameters.items()
+            if p is not None and n not in ("bias", "pre_quant_scale")
+        }
+        super()._apply(fn, recurse)
+        for name, old in fixed.items():
+            p = self._parameters[name]
+            if p.dtype != old.dtype:
+                self._parameters[name] = nn.Parameter(old.to(p.device), requires_grad=False)
+        self._mul_key = None
+        return self
+
     @property
     def weight_packed(self) -> torch.Tensor:
         """The uint8 codes [N, K/2], whatever the checkpoint called them."""
