@@ -212,7 +212,7 @@ def breakdown(model, device: str) -> dict:
     }
 
 
-def write_report(args, prompts, n, rows, brk, notes, prefill=()) -> None:
+def write_report(args, prompts, n, rows, brk, notes, prefill=(), echo: bool = False) -> None:
     card = card_name()
     cmd = "PYTHONPATH=src python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/bench_generation.py", *sys.argv[1:]]
@@ -261,7 +261,8 @@ def write_report(args, prompts, n, rows, brk, notes, prefill=()) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print("\n" + text, flush=True)
+    if echo:
+        print("\n" + text, flush=True)
 
 
 def main() -> int:
@@ -304,8 +305,8 @@ def main() -> int:
     notes: list[str] = []
     brk: dict[str, dict] = {}
 
-    def report() -> None:
-        write_report(args, prompts, n, rows, brk, notes, prefill)
+    def report(echo: bool = False) -> None:  # the file after every case, the screen at the end
+        write_report(args, prompts, n, rows, brk, notes, prefill, echo)
 
     def elapsed() -> float:
         return time.perf_counter() - T_START
@@ -420,7 +421,7 @@ def main() -> int:
                 break
             r["weights_gib"] = nv_weights
             rows.append(r)
-    report()
+    report(echo=True)
     print(f"done ({elapsed():.0f} s total)")
     return 0
 

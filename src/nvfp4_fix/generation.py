@@ -150,8 +150,8 @@ def _packed_gqa_sdpa(orig: Callable[..., Any]) -> Callable[..., Any]:
     """transformers' ``sdpa`` attention, but for one query token with grouped K/V heads the query heads
     are folded into the query-length axis ([B, H, 1, D] -> [B, H_kv, H / H_kv, D]) instead of repeating
     K and V H / H_kv times over the whole static cache (``repeat_kv``: 2 copies of [B, H, cache, D] per
-    layer and token). Same numbers; transformers >= 5.24 does the same (``pack_gqa``). Every other case
-    goes to ``orig``."""
+    layer and token). Same numbers; transformers >= 5.24 does the same (``pack_gqa``). Every other case,
+    and tracing under torch.compile, goes to ``orig``."""
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -162,6 +162,7 @@ def _packed_gqa_sdpa(orig: Callable[..., Any]) -> Callable[..., Any]:
         if (
             q != 1
             or groups <= 1
+            or torch.compiler.is_compiling()  # compile_step keeps the path it was measured with
             or dropout
             or key.shape[1] * groups != h
             or key.shape[-1] != value.shape[-1]
