@@ -18,8 +18,9 @@ GPU mostly waits for the CPU. Here:
   K/V are copied into the static cache (the prompt's K/V are held twice for that moment). Prompts
   longer than ``prefill_chunk`` (default 4096) run in chunks, which bounds the activations (e.g.
   [chunk, intermediate] in the MLP); no [prompt, vocab] logits are made. NVFP4 weights are dequantized
-  once per chunk into a scratch that does not grow with the prompt: ``dequant_mm`` caps it at 256 MiB
-  (``NVFP4_FIX_SCRATCH_MB``) by working in row chunks of the weight;
+  once per chunk into a scratch that does not grow with the prompt: ``dequant_mm`` works in row chunks
+  of the weight of at most 256 MiB each (``NVFP4_FIX_SCRATCH_MB``; two such buffers where it overlaps
+  dequantization with cuBLAS);
 * one decode step -- forward on a static ``input_ids``/position tensor, sampling, stop-token
   bookkeeping, writing the token into a device-side sequence buffer, advancing the position -- is
   warmed up on a side stream, captured into a ``torch.cuda.CUDAGraph`` and replayed once per token;
