@@ -578,8 +578,9 @@ def generate(
     key = (batch, cache_len, str(device), float(temperature) if sampling else 0.0,
            top_k if sampling else None, top_p if sampling else None, stop, pad_id,
            bool(use_cuda_graph), bool(compile_step), bool(pack_gqa))  # fmt: skip
-    runners: OrderedDict = getattr(model, _RUNNERS_ATTR, None) or OrderedDict()
-    if not hasattr(model, _RUNNERS_ATTR):
+    runners: OrderedDict | None = getattr(model, _RUNNERS_ATTR, None)
+    if runners is None:  # (an emptied cache is falsy: test for None, not truth)
+        runners = OrderedDict()
         object.__setattr__(model, _RUNNERS_ATTR, runners)
     runner = runners.pop(key, None)
     fresh = runner is None
