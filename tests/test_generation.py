@@ -212,6 +212,15 @@ def test_one_dimensional_prompt_and_runner_reuse(checkpoints):
     # same shapes: the cached runner (and its static cache) is reused and must be reset properly
     assert generate(model, b, 9, use_cuda_graph=False, stop_token_ids=()).tolist() == ref_b.tolist()
     assert generate(model, a, 9, use_cuda_graph=False, stop_token_ids=()).tolist() == ref_a.tolist()
+    from nvfp4_fix.generation import _RUNNERS_ATTR
+
+    runners = getattr(model, _RUNNERS_ATTR)
+    assert len(runners) == 1
+    first = next(iter(runners.values()))
+    clear_cache(model)  # an emptied cache must stay attached and be refilled
+    generate(model, b, 9, use_cuda_graph=False, stop_token_ids=())
+    generate(model, b, 9, use_cuda_graph=False, stop_token_ids=())
+    assert len(runners) == 1 and next(iter(runners.values())) is not first
 
 
 @pytest.mark.parametrize("sync_every", [1, 4, 64])
