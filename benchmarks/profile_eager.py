@@ -53,6 +53,22 @@ def main() -> None:
         ids = torch.randint(0, 128000, (1, p), device="cuda")
         row = " ".join(f"{k} {timed(m, ids):.1f} ms" for k, m in models.items())
         print(f"P={p}: {row}", flush=True)
+    from nvfp4_fix.kernels import nvfp4_linear, select_kernel
+
+    layer = models["nvfp4"].model.layers[0].self_attn.o_proj
+    for p in (1, 128, 2048):
+        x = torch.randn(p, 4096, device="cuda", dtype=torch.bfloat16)
+        args = (layer.weight_packed, layer.weight_scale, layer.weight_mul)
+        nvfp4_linear(x, *args)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            nvfp4_linear(x, *args)
+        host = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+        total = (time.perf_counter() - t0) / 200 * 1e6
+        kern = select_kernel(x, 4096, 4096)
+        print(f"o_proj M={p} ({kern}): host {host:.0f} us/call, with GPU {total:.0f} us/call")
     ids = torch.randint(0, 128000, (1, 128), device="cuda")
     m = models["nvfp4"]
     timed(m, ids)

@@ -173,7 +173,10 @@ def nvfp4_linear(
     if x2.shape[0] == 0:
         return x.new_empty((*lead, n))
     scale_bytes = weight_scale.view(torch.uint8) if weight_scale.dtype != torch.uint8 else weight_scale
-    y = torch.ops.nvfp4_fix.linear(x2, weight_packed, scale_bytes, weight_mul, bias, kernel)
+    if torch.compiler.is_compiling():  # traced: the custom op keeps the kernels opaque to dynamo
+        y = torch.ops.nvfp4_fix.linear(x2, weight_packed, scale_bytes, weight_mul, bias, kernel)
+    else:  # eager: skip the custom-op dispatch (measured ~0.2 ms of host time per call on an H100 host)
+        y = _run(kernel, x2, weight_packed, scale_bytes, weight_mul, bias)
     return y.reshape(*lead, n)
 
 

@@ -343,14 +343,31 @@ def supports(x2: torch.Tensor, n: int, k: int) -> bool:
     )
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
     """Warps per block of ``rows`` rows (they split K): 8 while the grid is under two blocks per SM,
     else 4; never fewer than 4 chunks of 128 per warp. Measured on the H100 (benchmarks/RESULTS.md)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     w = 8 if -(-n // rows) <= 2 * sms else 4
     while w > 1 and k // 128 < 4 * w:
         w //= 2
     return w
+
+
+@functools.cache
+def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, warps: int | None, variant: tuple) -> tuple:
+    """(kernel, grid, block) for one call shape: everything but the pointers, computed once."""
+    var = {**VARIANT, **dict(variant)}
+    rows = 16 * var["RT"]
+    w = warps or warps_for(n, k, torch.device("cuda", dev), rows)
+    if not 1 <= w <= 8:
+        raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
+    kern = _kernel(dtype, 1 if m <= 8 else 2, dev, tuple(sorted(var.items())))
+    return kern, (-(-n // rows), 1, 1), (32 * w, 1, 1)
 
 
 def linear(
@@ -371,35 +388,20 @@ def linear(
         raise ValueError(
             f"cuda_mma needs M <= 16 and K % 128 == 0, got M={m}, K={k}, weight {tuple(wp.shape)}"
         )
-    x2 = x2.contiguous()
-    if x2.data_ptr() % 16:
-        x2 = x2.clone()
-    wp, ws = wp.contiguous(), ws.contiguous().view(torch.uint8)
-    mul = mul.reshape(-1).to(torch.float32)
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    if not wp.is_contiguous():
+        wp = wp.contiguous()
+    if not ws.is_contiguous():
+        ws = ws.contiguous()
+    if mul.dtype != torch.float32:
+        mul = mul.to(torch.float32)
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if bias is not None:
+    if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
         bias = bias.to(x2.dtype).contiguous()
-    nt = 1 if m <= 8 else 2
     dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    var = {**VARIANT, **(variant or {})}
-    rows = 16 * var["RT"]
-    w = warps or warps_for(n, k, x2.device, rows)
-    if not 1 <= w <= 8:
-        raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
-    _kernel(x2.dtype, nt, dev, tuple(sorted(var.items()))).launch(
-        (-(-n // rows), 1, 1),
-        (32 * w, 1, 1),
-        x2,
-        k,
-        wp,
-        ws,
-        mul,
-        1 if mul.numel() > 1 else 0,
-        bias,
-        y,
-        y.stride(0),
-        m,
-        n,
-        k,
+    kern, grid, block = _plan(
+        x2.dtype, m, n, k, dev, warps, tuple(sorted(variant.items())) if variant else ()
     )
+    kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k)
     return y

@@ -102,6 +102,7 @@ class Kernel:
                 libcuda().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()), name
             )
         self.device = device
+        self._launch = libcuda().cuLaunchKernel
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], *args: object) -> None:
         held = []
@@ -114,9 +115,8 @@ class Kernel:
                 held.append(ctypes.c_int32(a))
             else:
                 raise TypeError(f"unsupported kernel argument {type(a).__name__}")
-        params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
+        params = (ctypes.c_void_p * len(held))(*map(ctypes.addressof, held))
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        _check_cu(
-            libcuda().cuLaunchKernel(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None),
-            "launch",
-        )
+        res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
+        if res:
+            _check_cu(res, "launch")
