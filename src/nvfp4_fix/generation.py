@@ -379,6 +379,7 @@ class _Runner:
         decode step. Called right after a prefill; leaves the runner's state as it found it."""
         t0 = time.perf_counter()
         saved = self._save()
+        rng = torch.cuda.get_rng_state(self.device)  # the warm-up samples must not shift the stream
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -391,6 +392,7 @@ class _Runner:
             self.decode_step()
         self._restore(saved)  # capture runs nothing, but be certain
         torch.cuda.synchronize(self.device)
+        torch.cuda.set_rng_state(rng, self.device)
         self.graph = graph
         self.capture_s = time.perf_counter() - t0
 
