@@ -394,6 +394,21 @@ def main() -> int:
 
     # ---- optional cases, while the budget allows -------------------------------------------------
     clear_cache(model)
+
+    def low_memory_rows() -> None:  # NVFP4 input embedding as well (enable_low_memory_mode's load)
+        lm = nvfp4_fix.from_pretrained(
+            paths["nvfp4"], dtype=torch.bfloat16, device_map=device, quantize_embeddings=True
+        )
+        sync()
+        lm_weights = gib(sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]))
+        ids = prompt_ids(cfg.vocab_size, prompts[0], device)
+        for label, fast, nn_ in (("this path (graph)", True, n), ("model.generate (eager)", False, n_hf)):
+            r = run_case(f"NVFP4 + NVFP4 embedding, {label}", lm, ids, nn_, fast, device, reps)
+            r["weights_gib"] = lm_weights
+            rows.append(r)
+        clear_cache(lm)
+
+    attempt("NVFP4 low-memory load", low_memory_rows, estimate_s=25)
     for p in prompts:  # decode attention with repeat_kv (before pack_gqa)
         ids = prompt_ids(cfg.vocab_size, p, device)
         r = attempt(
