@@ -69,6 +69,11 @@ def main() -> None:
         total = (time.perf_counter() - t0) / 200 * 1e6
         kern = select_kernel(x, 4096, 4096)
         print(f"o_proj M={p} ({kern}): host {host:.0f} us/call, with GPU {total:.0f} us/call")
+    ids = torch.randint(0, 128000, (1, 2048), device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kp, torch.no_grad():
+        models["nvfp4"](input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+    print(kp.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     ids = torch.randint(0, 128000, (1, 128), device="cuda")
     m = models["nvfp4"]
     timed(m, ids)
