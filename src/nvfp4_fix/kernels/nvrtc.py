@@ -117,6 +117,10 @@ class Kernel:
                 raise TypeError(f"unsupported kernel argument {type(a).__name__}")
         params = (ctypes.c_void_p * len(held))(*map(ctypes.addressof, held))
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
+        if torch.cuda.current_device() != self.device.index:  # the driver launches in the current context
+            with torch.cuda.device(self.device):
+                res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
+        else:
+            res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
         if res:
             _check_cu(res, "launch")
