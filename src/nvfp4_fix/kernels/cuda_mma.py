@@ -304,10 +304,19 @@ def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _SOURCE
 
 
+def _variant_key(variant: dict[str, int] | None = None) -> tuple:
+    """The full variant (defaults filled in) as a hashable key: one compile per distinct kernel."""
+    return tuple(sorted({**VARIANT, **(variant or {})}.items()))
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
-def _kernel(dtype: torch.dtype, nt: int, device_index: int, variant: tuple = ()) -> nvrtc.Kernel:
+def _kernel(dtype: torch.dtype, nt: int, device_index: int, variant: tuple) -> nvrtc.Kernel:
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin = nvrtc.compile_cubin(source(dtype, nt, dict(variant) or None), f"sm_{major}{minor}")
+    cubin = nvrtc.compile_cubin(source(dtype, nt, dict(variant)), f"sm_{major}{minor}")
     return nvrtc.Kernel(cubin, "nvfp4_mma", torch.device("cuda", device_index))
 
 
@@ -318,8 +327,8 @@ def _usable(device_index: int) -> bool:
     if torch.cuda.get_device_capability(device_index) < (8, 0):
         return False
     try:
-        _kernel(torch.bfloat16, 1, device_index)
-        _kernel(torch.float16, 1, device_index)
+        _kernel(torch.bfloat16, 1, device_index, _variant_key())
+        _kernel(torch.float16, 1, device_index, _variant_key())
         return True
     except (nvrtc.CudaError, OSError) as err:  # no NVRTC / driver too old: Triton kernels instead
         import warnings
@@ -339,7 +348,7 @@ def supports(x2: torch.Tensor, n: int, k: int) -> bool:
         and x2.dtype in _DEFINES
         and x2.shape[0] <= 16
         and k % 128 == 0
-        and _usable(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+        and _usable(_device_index(x2.device))
     )
 
 
@@ -351,7 +360,7 @@ def _sm_count(device_index: int) -> int:
 def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
     """Warps per block of ``rows`` rows (they split K): 8 while the grid is under two blocks per SM,
     else 4; never fewer than 4 chunks of 128 per warp. Measured on the H100 (benchmarks/RESULTS.md)."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(_device_index(device))
     w = 8 if -(-n // rows) <= 2 * sms else 4
     while w > 1 and k // 128 < 4 * w:
         w //= 2
@@ -361,12 +370,12 @@ def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
 @functools.cache
 def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, warps: int | None, variant: tuple) -> tuple:
     """(kernel, grid, block) for one call shape: everything but the pointers, computed once."""
-    var = {**VARIANT, **dict(variant)}
+    var = dict(variant)
     rows = 16 * var["RT"]
     w = warps or warps_for(n, k, torch.device("cuda", dev), rows)
     if not 1 <= w <= 8:
         raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
-    kern = _kernel(dtype, 1 if m <= 8 else 2, dev, tuple(sorted(var.items())))
+    kern = _kernel(dtype, 1 if m <= 8 else 2, dev, variant)
     return kern, (-(-n // rows), 1, 1), (32 * w, 1, 1)
 
 
@@ -399,9 +408,7 @@ def linear(
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
         bias = bias.to(x2.dtype).contiguous()
-    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    kern, grid, block = _plan(
-        x2.dtype, m, n, k, dev, warps, tuple(sorted(variant.items())) if variant else ()
-    )
+    dev = _device_index(x2.device)
+    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, _variant_key(variant))
     kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k)
     return y

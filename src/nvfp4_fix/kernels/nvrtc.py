@@ -7,6 +7,7 @@ path to pick one explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -24,11 +25,8 @@ def _candidates() -> list[str]:
     names = []
     if os.environ.get("NVFP4_FIX_NVRTC"):
         names.append(os.environ["NVFP4_FIX_NVRTC"])
-    for base in sys.path:
-        names += sorted(
-            glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so.*[0-9]")), reverse=True
-        )
-        names += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libnvrtc.so*")), reverse=True)
+    for base in sys.path:  # the nvidia-cuda-nvrtc wheel (cu12: nvidia/cuda_nvrtc/lib, cu13: nvidia/cu13/lib)
+        names += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so*")), reverse=True)
     return names + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
 
 
@@ -117,10 +115,9 @@ class Kernel:
                 raise TypeError(f"unsupported kernel argument {type(a).__name__}")
         params = (ctypes.c_void_p * len(held))(*map(ctypes.addressof, held))
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        if torch.cuda.current_device() != self.device.index:  # the driver launches in the current context
-            with torch.cuda.device(self.device):
-                res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
-        else:
+        # the driver launches in the current context: switch only when another device is current
+        other = torch.cuda.current_device() != self.device.index
+        with torch.cuda.device(self.device) if other else contextlib.nullcontext():
             res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
         if res:
             _check_cu(res, "launch")
