@@ -108,3 +108,31 @@ def test_fused_matches_members_gpu(m, bias):
         x2, attn.k_proj.weight_packed, attn.k_proj.weight_scale, attn.k_proj.weight_mul, attn.k_proj.bias
     )
     assert rel_err(y.double().cpu(), r.cpu()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_group_makes_one_launch_gpu(monkeypatch):
+    from nvfp4_fix.kernels import cuda_mma
+
+    torch.manual_seed(0)
+    k = 384
+    attn = Attn(k, "cuda", False)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    members = (attn.q_proj, attn.k_proj, attn.v_proj)
+    assert fusion.fuse_siblings(attn) == 1
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(torch.sin(x)) for m in members], dim=-1)
+
+    compiled = torch.compile(step, dynamic=False, fullgraph=True)
+    compiled(x)
+    calls = []
+    real = cuda_mma.linear
+    monkeypatch.setattr(cuda_mma, "linear", lambda *a, **kw: calls.append(a[1].shape[0]) or real(*a, **kw))
+    y = compiled(x)
+    assert calls == [512 + 128 + 128]
+    refs = [
+        ref_linear_f64(torch.sin(x), m.weight_packed, m.weight_scale, m.weight_mul, m.bias) for m in members
+    ]
+    assert rel_err(y.double().cpu(), torch.cat(refs, dim=-1).cpu()) < 1e-2

@@ -4,7 +4,9 @@ After ``fuse_siblings(model)`` the members' ``weight_packed`` / ``weight_scale``
 [sum N, K/2] buffer (no extra memory), so a decode step makes one kernel launch instead of three
 (two): the first member called computes every member's output with per-row multipliers, the others
 take their slice while their input is the same tensor. Anything else (another input, M above the
-fused kernel's limit, a forced kernel, torch.compile tracing) runs the member alone, unchanged.
+fused kernel's limit, a forced kernel) runs the member alone, unchanged. Under torch.compile every
+member is traced too: the first one records the fused call on the group, the others slice it, so a
+compiled step also makes one launch per group.
 ``state_dict()`` returns copies, so checkpoints are written exactly as before.
 """
 
@@ -38,17 +40,23 @@ class FusedGroup:
                     for m in members
                 ]
             ).to(members[0].bias.dtype if members[0].bias is not None else torch.bfloat16)
-        for m, lo, hi in zip(members, self.offsets, self.offsets[1:], strict=False):
+        for i, (m, lo, hi) in enumerate(zip(members, self.offsets, self.offsets[1:], strict=False)):
             m._parameters[m._packed_name] = nn.Parameter(self.packed[lo:hi], requires_grad=False)
             m.weight_scale = nn.Parameter(self.scale[lo:hi], requires_grad=False)
             m._fused = self
+            m._fused_index = i
             m._register_state_dict_hook(_copy_views)
         self._row_mul: torch.Tensor | None = None
         self._mul_key: tuple[object, ...] | None = None
+        self.row_mul()
+        self.kernel_ok = self.packed.is_cuda and cuda_mma.usable(self.packed.device)
         self._x: torch.Tensor | None = None
         self._x_version = -1
         self._y: torch.Tensor | None = None
         self._served: set[int] = set()
+        self._traced_x: torch.Tensor | None = None
+        self._traced_y: torch.Tensor | None = None
+        self._traced_n = 0
 
     def row_mul(self) -> torch.Tensor:
         muls = [m.weight_mul for m in self.members]
@@ -59,6 +67,39 @@ class FusedGroup:
             ).contiguous()
             self._mul_key = key
         return self._row_mul
+
+    def traced_output(self, member: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """Under torch.compile (static checks only): the first member traced records the fused call,
+        the others slice it while their input is the same traced tensor; None to run it alone. The
+        record is dropped once every member took its slice, so no tensor outlives the trace."""
+        k = x.shape[-1]
+        if not (
+            self.kernel_ok
+            and self._mul_key is not None
+            and x.is_cuda
+            and x.device == self.packed.device
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() // k <= cuda_mma.MAX_M
+            and k % 128 == 0
+            and os.environ.get("NVFP4_FIX_KERNEL", "auto") in ("", "auto")
+            and self.members[0].weight_packed.device == self.packed.device
+            and all(
+                m.dense_weight is None and m.activation_mode == member.activation_mode for m in self.members
+            )
+        ):
+            return None
+        if self._traced_x is not x:
+            xin = self.members[0].prepare_input(x)  # identical for every member (fuse_siblings checks)
+            self._traced_y = nvfp4_linear(
+                xin, self.packed, self.scale, self._row_mul, self.bias, kernel="cuda_mma"
+            )
+            self._traced_x, self._traced_n = x, 0
+        i = member._fused_index
+        y = self._traced_y[..., self.offsets[i] : self.offsets[i + 1]]
+        self._traced_n += 1
+        if self._traced_n == len(self.members):
+            self._traced_x = self._traced_y = None
+        return y
 
     def intact(self) -> bool:
         first = self.members[0].weight_packed

@@ -75,6 +75,7 @@ class NVFP4Linear(nn.Module):
         self._mul: torch.Tensor | None = None
         self._mul_key: tuple[object, ...] | None = None
         self._fused = None  # a fusion.FusedGroup once fused with its siblings (q/k/v, gate/up)
+        self._fused_index = 0  # this layer's place in the group
 
         def param(shape: tuple[int, ...], dt: torch.dtype) -> nn.Parameter:
             return nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
@@ -105,8 +106,14 @@ class NVFP4Linear(nn.Module):
             p = self._parameters[name]
             if p.dtype != old.dtype:
                 self._parameters[name] = nn.Parameter(old.to(p.device), requires_grad=False)
-        self._mul_key = None
+        self._mul, self._mul_key = None, None
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self._mul, self._mul_key = None, None
+        if self._fused is not None:
+            self._fused._mul_key = None  # its per-row multipliers are recomputed on the next eager call
 
     @property
     def weight_packed(self) -> torch.Tensor:
@@ -119,8 +126,11 @@ class NVFP4Linear(nn.Module):
         computed once per value of the global scale (one launch less per forward)."""
         g = self._parameters[self._global_name]
         if torch.compiler.is_compiling():
-            # torch.compile: data_ptr()/cache checks graph-break (and recompile per layer); compute
-            # inline instead, it fuses into the compiled graph.
+            # torch.compile: data_ptr()/version checks graph-break; take the value an eager call
+            # cached (a compiled step is always preceded by an eager prefill), else compute inline
+            # (one small kernel more per layer).
+            if self._mul is not None and self._mul_key is not None:
+                return self._mul
             g32 = g.to(torch.float32)
             return (1.0 / g32 if self.layout == COMPRESSED_TENSORS else g32).reshape(())
         key = (g.device, g.data_ptr(), g._version)
@@ -158,8 +168,11 @@ class NVFP4Linear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused is not None and not torch.compiler.is_compiling():
-            y = self._fused.output(self, x)
+        if self._fused is not None:
+            if torch.compiler.is_compiling():
+                y = self._fused.traced_output(self, x)
+            else:
+                y = self._fused.output(self, x)
             if y is not None:
                 return y
         x = self.prepare_input(x)
