@@ -109,7 +109,16 @@ def prefill_profile(model) -> None:
         forward()
         torch.cuda.synchronize()
     kernel_table(prof, 1, 15)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+    from nvfp4_fix.layer import NVFP4Linear
+
+    layers = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+    for m in layers:
+        m.keep_dense_copy(torch.bfloat16)
+    print(f"\n== eager prefill P=2048, dense bf16 copies (the bf16 baseline): {wall():.1f} ms", flush=True)
+    for m in layers:
+        m.keep_dense_copy(None)
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
