@@ -24,6 +24,11 @@ GPU mostly waits for the CPU. Here:
 * one decode step -- forward on a static ``input_ids``/position tensor, sampling, stop-token
   bookkeeping, writing the token into a device-side sequence buffer, advancing the position -- is
   warmed up on a side stream, captured into a ``torch.cuda.CUDAGraph`` and replayed once per token;
+* decode attention (one query token over the static cache) is a Triton split-KV kernel
+  (``kernels/decode_attention.py``) that reads only the cache blocks the mask allows -- not the whole
+  cache, and without ``repeat_kv`` copies of it -- also under ``compile_step`` (an opaque custom op);
+  where it does not apply, SDPA with the query heads folded (see :func:`_packed_gqa_sdpa`;
+  ``NVFP4_FIX_DECODE_ATTENTION=0`` turns the kernel off, ``pack_gqa=False`` both);
 * sampling is multinomial-free: temperature, top-k (``torch.topk`` threshold) and top-p (the same
   rule as transformers' ``TopPLogitsWarper``), then ``argmax(p / E)`` with ``E ~ Exp(1)`` (the
   exponential race, an exact sample from ``p``) drawn from the default CUDA generator, which graph
@@ -41,9 +46,10 @@ mask, which sums in another order, so on models with near-tied logits (e.g. rand
 can part ways after a few tokens. Sampling draws from the same distribution
 as ``model.generate`` but with another random stream.
 
-Measured (H100, random Llama-3-8B shape, batch 1, benchmarks/RESULTS-generation.md): NVFP4 156 tok/s
-with the graph, 194 tok/s with ``compile_step=True`` (73 s of compilation on the first call); bf16 108
-tok/s with the graph against 8.8 tok/s for ``model.generate``.
+Measured before the split-KV attention kernel (H100, random Llama-3-8B shape, batch 1,
+benchmarks/RESULTS-generation.md): NVFP4 156 tok/s with the graph, 194 tok/s with
+``compile_step=True`` (73 s of compilation on the first call); bf16 108 tok/s with the graph against
+8.8 tok/s for ``model.generate``.
 
 Falls back to ``model.generate`` (logged once, with the reason) where graph capture is impossible: on
 the CPU, models spread over several devices, architectures without static-cache support, or when the
@@ -60,16 +66,28 @@ import functools
 import inspect
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
+try:  # Triton is optional: without it decode attention stays on SDPA
+    from .kernels import decode_attention as _triton_decode
+except Exception:  # pragma: no cover - depends on the environment
+    _triton_decode = None
+
 logger = logging.getLogger("nvfp4_fix")
+
+# NVFP4_FIX_DECODE_ATTENTION=0: decode attention through SDPA instead of the Triton split-KV kernel
+_TRITON_DECODE = os.environ.get("NVFP4_FIX_DECODE_ATTENTION", "1") != "0"
+# devices whose tensors go to that kernel; not the CPU even under TRITON_INTERPRET=1 (~40 ms a call)
+_TRITON_DECODE_DEVICES = ("cuda",)
 
 _RUNNERS_ATTR = "_nvfp4_fix_generation_runners"
 _MAX_RUNNERS = 2
@@ -147,12 +165,31 @@ def _holds_prompt(layers: list[Any], n_static: int, length: int) -> bool:
 _SDPA_SPECIAL = ("softcap", "position_bias", "sinks", "s_aux", "head_mask", "output_attentions")
 
 
+def _attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      mask: torch.Tensor | None) -> ModuleType | None:  # fmt: skip
+    """The Triton split-KV decode kernel module where it takes these inputs, else None."""
+    if (
+        _triton_decode is None
+        or not _TRITON_DECODE
+        or query.device.type not in _TRITON_DECODE_DEVICES
+        or not _triton_decode.supports(query, key, value, mask)
+    ):
+        return None
+    return _triton_decode
+
+
 def _packed_gqa_sdpa(orig: Callable[..., Any]) -> Callable[..., Any]:
-    """transformers' ``sdpa`` attention, but for one query token with grouped K/V heads the query heads
-    are folded into the query-length axis ([B, H, 1, D] -> [B, H_kv, H / H_kv, D]) instead of repeating
-    K and V H / H_kv times over the whole static cache (``repeat_kv``: 2 copies of [B, H, cache, D] per
-    layer and token). Same numbers; transformers >= 5.24 does the same (``pack_gqa``). Every other case,
-    and tracing under torch.compile, goes to ``orig``."""
+    """transformers' ``sdpa`` attention, for one query token (the decode step) without the copies of
+    K/V that ``repeat_kv`` makes over the whole static cache (2 x [B, H, cache, D] per layer and token):
+
+    * where it applies (CUDA tensors, see ``kernels.decode_attention.supports``), the Triton split-KV
+      kernel, which also skips the cache blocks the mask excludes (the unfilled tail); under
+      torch.compile through the opaque custom op ``torch.ops.nvfp4_fix.decode_attention``;
+    * else, eagerly and with grouped K/V heads, SDPA with the query heads folded into the query-length
+      axis ([B, H, 1, D] -> [B, H_kv, H / H_kv, D]; transformers >= 5.24 does the same, ``pack_gqa``).
+
+    Same numbers up to summation order. Every other case (several query tokens, per-head masks,
+    dropout, soft-capping, sinks ...), and the SDPA path while tracing, goes to ``orig``."""
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -160,16 +197,21 @@ def _packed_gqa_sdpa(orig: Callable[..., Any]) -> Callable[..., Any]:
         b, h, q, d = query.shape
         groups = int(getattr(module, "num_key_value_groups", 1) or 1)
         mask = attention_mask
-        if (
+        plain = not (
             q != 1
-            or groups <= 1
-            or torch.compiler.is_compiling()  # compile_step keeps the path it was measured with
             or dropout
             or key.shape[1] * groups != h
             or key.shape[-1] != value.shape[-1]
             or any(kwargs.get(k) is not None and kwargs.get(k) is not False for k in _SDPA_SPECIAL)
             or (mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1))
-        ):
+        )
+        kernel = _attention_kernel(query, key, value, mask) if plain else None
+        if kernel is not None:
+            scale = float(scaling) if scaling is not None else d**-0.5
+            if torch.compiler.is_compiling():
+                return torch.ops.nvfp4_fix.decode_attention(query, key, value, mask, scale), None
+            return kernel.decode_attention(query, key, value, mask, scale), None
+        if not plain or groups <= 1 or torch.compiler.is_compiling():
             return orig(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         is_causal=is_causal, **kwargs)  # fmt: skip
         if mask is not None:
@@ -531,9 +573,9 @@ def generate(
     ``sync_every``: tokens between two host reads of the stop flags / streamer flushes.
     ``max_cache_len``: the static cache size (default: prompt + new tokens, rounded up to 128).
     ``compile_step`` additionally wraps the decode forward in ``torch.compile`` (fuses norms, rotary
-    and other small kernels) before capture. ``pack_gqa`` (default on): decode attention of models with
-    grouped K/V heads folds the query heads instead of repeating K/V over the cache (see
-    :func:`_packed_gqa_sdpa`; sdpa models only).
+    and other small kernels) before capture. ``pack_gqa`` (default on): decode attention runs the Triton
+    split-KV kernel, or folds grouped query heads into SDPA, instead of repeating K/V over the whole
+    cache (see :func:`_packed_gqa_sdpa`; sdpa models only).
     ``stats``, if given a dict, receives timings and the path taken.
     """
     if input_ids.dim() == 1:
