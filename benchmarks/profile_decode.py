@@ -6,8 +6,8 @@
 Random Llama-3-8B-shaped NVFP4 model (benchmarks/llama8b.py). For the fast generation path
 (static cache + CUDA graph, optionally ``compile_step``) it replays the captured decode step under
 torch.profiler and prints the kernels of one step by GPU time, with counts. With ``--prefill`` it
-times an eager P=2048 forward (DynamicCache, as model.generate's prefill) with and without
-dequant_mm's side-stream overlap and prints the host functions and kernels that take the time.
+times an eager P=2048 forward (DynamicCache, as model.generate's prefill), prints the host functions
+and kernels that take the time, and times the same forward with dense bf16 copies of the weights.
 """
 
 from __future__ import annotations
@@ -75,8 +75,6 @@ def decode_profile(model, p: int, compile_step: bool) -> None:
 def prefill_profile(model) -> None:
     from transformers import DynamicCache
 
-    from nvfp4_fix.kernels import triton_ops
-
     api = _forward_api(model)
     ids = torch.randint(1000, 100000, (1, 2048), device="cuda")
 
@@ -98,11 +96,7 @@ def prefill_profile(model) -> None:
             ts.append(time.perf_counter() - t)
         return sorted(ts)[reps // 2] * 1e3
 
-    default = triton_ops.OVERLAP_MIN_M
-    for overlap in (True, False):
-        triton_ops.OVERLAP_MIN_M = default if overlap else 1 << 30
-        print(f"\n== eager prefill P=2048, overlap={overlap}: {wall():.1f} ms", flush=True)
-    triton_ops.OVERLAP_MIN_M = default
+    print(f"\n== eager prefill P=2048, NVFP4: {wall():.1f} ms", flush=True)
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:

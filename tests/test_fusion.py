@@ -123,7 +123,8 @@ def test_compiled_group_makes_one_launch_gpu(monkeypatch):
     assert fusion.fuse_siblings(attn) == 1
 
     def step(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m(torch.sin(x)) for m in members], dim=-1)
+        h = torch.sin(x)  # one traced input for every member, as in an attention block
+        return torch.cat([m(h) for m in members], dim=-1)
 
     compiled = torch.compile(step, dynamic=False, fullgraph=True)
     compiled(x)

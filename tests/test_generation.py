@@ -462,3 +462,12 @@ def test_decode_uses_packed_attention_and_restores_sdpa(checkpoints, monkeypatch
         assert got.tolist() == ref.tolist()
         assert (1 in used) is pack
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+
+
+def test_compiled_greedy_step_matches_generate(checkpoints):
+    """compile_step with greedy sampling compiles the forward and the argmax together (eager loop)."""
+    model = load(checkpoints["llama"])
+    ids = prompt(model)
+    ref = hf_greedy(model, ids, 8)
+    got = generate(model, ids, 8, use_cuda_graph=False, compile_step=True, stop_token_ids=())
+    assert got.tolist() == ref.tolist()

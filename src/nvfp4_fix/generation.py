@@ -19,8 +19,7 @@ GPU mostly waits for the CPU. Here:
   longer than ``prefill_chunk`` (default 4096) run in chunks, which bounds the activations (e.g.
   [chunk, intermediate] in the MLP); no [prompt, vocab] logits are made. NVFP4 weights are dequantized
   once per chunk into a scratch that does not grow with the prompt: ``dequant_mm`` works in row chunks
-  of the weight of at most 256 MiB each (``NVFP4_FIX_SCRATCH_MB``; two such buffers where it overlaps
-  dequantization with cuBLAS);
+  of the weight of at most 256 MiB each (``NVFP4_FIX_SCRATCH_MB``);
 * one decode step -- forward on a static ``input_ids``/position tensor, sampling, stop-token
   bookkeeping, writing the token into a device-side sequence buffer, advancing the position -- is
   warmed up on a side stream, captured into a ``torch.cuda.CUDAGraph`` and replayed once per token;
@@ -277,7 +276,12 @@ def make_sampler(
     ties, as transformers). Otherwise :func:`warp_logits`, then an exact sample by the exponential
     race argmax(p / E), E ~ Exp(1) i.i.d.: no torch.multinomial, no host sync, graph-safe."""
     if not temperature or temperature <= 0:
-        return lambda logits: torch.argmax(logits, dim=-1)
+
+        def greedy(logits: torch.Tensor) -> torch.Tensor:
+            return torch.argmax(logits, dim=-1)
+
+        greedy.greedy = True  # type: ignore[attr-defined]
+        return greedy
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 0:
@@ -322,7 +326,11 @@ class _Runner:
         self.capture_failed = False
         self.capture_s = 0.0
         self._forward = self._decode_forward
-        if compile_step:
+        self._tokens = self._sample
+        if compile_step and getattr(sampler, "greedy", False):
+            # argmax compiled with the forward: a split reduction instead of eager argmax's one block
+            self._tokens = torch.compile(self._greedy_tokens, dynamic=False, fullgraph=False)
+        elif compile_step:
             self._forward = torch.compile(self._decode_forward, dynamic=False, fullgraph=False)
 
     # -- model calls -----------------------------------------------------------------------------
@@ -344,6 +352,12 @@ class _Runner:
         out = self.model(input_ids=ids, **self._kwargs(pos.view(1, 1).expand(self.batch, 1), pos))
         return out.logits[:, -1, :]
 
+    def _sample(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.sampler(self._forward(ids, pos))
+
+    def _greedy_tokens(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(self._decode_forward(ids, pos), dim=-1)
+
     def _finish(self, nxt: torch.Tensor) -> torch.Tensor:
         if self.stop is not None:
             nxt = torch.where(self.unfinished, nxt, self.pad)
@@ -352,8 +366,7 @@ class _Runner:
 
     def decode_step(self) -> None:
         """One token: everything on the device, no host sync (this is what gets captured)."""
-        logits = self._forward(self.ids, self.pos)
-        nxt = self._finish(self.sampler(logits))
+        nxt = self._finish(self._tokens(self.ids, self.pos))
         self.pos.add_(1)
         self.seq.index_copy_(1, self.pos, nxt.unsqueeze(1))
         self.ids.copy_(nxt.unsqueeze(1))
@@ -650,7 +663,8 @@ def generate(
                 stats["capture_s"] = runner.capture_s
             except Exception as e:  # noqa: BLE001 - any capture failure: keep going without a graph
                 runner.capture_failed = True
-                runner._forward = runner._decode_forward  # a torch.compile failure must not recur
+                # eager from now on: a torch.compile failure must not recur
+                runner._forward, runner._tokens = runner._decode_forward, runner._sample
                 with contextlib.suppress(Exception):
                     torch.cuda.synchronize(device)
                 runner._restore(saved)

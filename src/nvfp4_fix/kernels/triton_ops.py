@@ -300,8 +300,9 @@ SCRATCH_BYTES = int(os.environ.get("NVFP4_FIX_SCRATCH_MB", "256")) * (1 << 20)
 def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
     """Prefill path: dequantize W (in row chunks) into a bf16/fp16 scratch buffer, then cuBLAS.
 
-    On CUDA with a large M, the weight goes in at least ``OVERLAP_CHUNKS`` chunks and a side stream
-    dequantizes chunk i+1 while cuBLAS multiplies chunk i (two scratch buffers)."""
+    (A side stream dequantizing chunk i+1 while cuBLAS multiplied chunk i was tried and removed: its
+    events and stream waits made a whole eager 8B forward at 2048 tokens 1.44x slower on the H100,
+    99 ms against 68.8 ms; benchmarks/RESULTS-generation.md.)"""
     m, k = x2.shape
     n = wp.shape[0]
     if k % 16 or wp.shape != (n, k // 2) or ws.shape != (n, k // 16):
@@ -313,11 +314,6 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
     esize = torch.finfo(dtype).bits // 8
     rows = n if n * k * esize <= budget else max(128, (budget // (k * esize)) // 128 * 128)
     y = _alloc_out(out, m, n, dtype, x2.device)
-    overlap = x2.is_cuda and m >= OVERLAP_MIN_M and n * k >= OVERLAP_MIN_WEIGHTS
-    if overlap:
-        per_chunk = -(-n // OVERLAP_CHUNKS)
-        rows = min(rows, -(-per_chunk // 128) * 128)
-        return _dequant_mm_overlapped(x2, wp, ws, mul, bias, y, rows)
     scratch = torch.empty((min(rows, n), k), dtype=dtype, device=x2.device)
     for r0 in range(0, n, rows):
         r = min(rows, n - r0)
@@ -325,69 +321,8 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
     return y
 
 
-# dequant_mm overlaps dequantization and cuBLAS from this M on, in at least this many chunks.
-OVERLAP_MIN_M = int(os.environ.get("NVFP4_FIX_OVERLAP_MIN_M", "512"))
-OVERLAP_CHUNKS = 4
-# ... for layers of at least this many weights (smaller ones measured slower in chunks: H100,
-# benchmarks/RESULTS.md).
-OVERLAP_MIN_WEIGHTS = 32 * 2**20
-
-
 def _chunk_mm(x2, wd, bias, y, r0, r):
     if bias is not None:
         torch.addmm(bias[r0 : r0 + r].to(x2.dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
     else:
         torch.mm(x2, wd.t(), out=y[:, r0 : r0 + r])
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
-
-
-# Two scratch buffers per (device, dtype), kept between calls: buffers allocated per call and
-# handed to the side stream (record_stream) made the caching allocator wait for the GPU on later
-# allocations, serializing host and device (measured: a 2048-token forward 2x slower).
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _scratch_pair(device: torch.device, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < 2 * numel:
-        if buf is not None:
-            buf.record_stream(_side_stream(device))  # may still be in use on either stream
-        buf = torch.empty(2 * numel, dtype=dtype, device=device)
-        _SCRATCH[key] = buf
-    return buf[:numel], buf[numel : 2 * numel]
-
-
-def _dequant_mm_overlapped(x2, wp, ws, mul, bias, y, rows):
-    n, k = wp.shape[0], x2.shape[1]
-    main = torch.cuda.current_stream(x2.device)
-    side = _side_stream(x2.device)
-    bufs = [b.view(rows, k) for b in _scratch_pair(x2.device, x2.dtype, rows * k)]
-    starts = list(range(0, n, rows))
-    ready: list[torch.cuda.Event] = []
-    freed: list[torch.cuda.Event | None] = [None, None]
-    side.wait_stream(main)  # also orders this call's writes after the last call's reads
-
-    def produce(i: int) -> None:
-        r0 = starts[i]
-        r = min(rows, n - r0)
-        with torch.cuda.stream(side):
-            if freed[i % 2] is not None:
-                side.wait_event(freed[i % 2])
-            dequantize_rows(wp, ws, mul, x2.dtype, r0, r, out=bufs[i % 2][:r])
-            ready.append(side.record_event())
-
-    produce(0)
-    for i, r0 in enumerate(starts):
-        if i + 1 < len(starts):
-            produce(i + 1)
-        main.wait_event(ready[i])
-        r = min(rows, n - r0)
-        _chunk_mm(x2, bufs[i % 2][:r], bias, y, r0, r)
-        freed[i % 2] = main.record_event()
-    main.wait_stream(side)
-    return y
