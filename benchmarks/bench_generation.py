@@ -33,6 +33,7 @@ no graph) to smoke-test the script.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import shlex
@@ -375,6 +376,7 @@ def main() -> int:
         brk["bf16"] = b
     clear_cache(dense)
     dense = None
+    gc.collect()  # reference cycles (transformers' generate) would keep the bf16 weights allocated
     if device == "cuda":
         torch.cuda.empty_cache()
 

@@ -28,6 +28,8 @@ __all__ = ["decode_attention", "supports", "BLOCK_N"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK_N = 64
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
 MAX_ACC = 8192  # float32 accumulator elements per program (query heads padded x head dim)
 _INTERPRET_PROGRAMS = 4  # the interpreter's "SM count": a few splits, so that tests combine several
@@ -133,9 +135,9 @@ def _group_pad(groups: int) -> int:
     return max(16, triton.next_power_of_2(groups))
 
 
-def _num_splits(blocks: int, rows: int, device: torch.device) -> int:
-    """About two programs per SM over the B * H_kv rows, at most one split per block."""
-    programs = 2 * _sm_count(device.index or 0) if device.type == "cuda" else _INTERPRET_PROGRAMS
+def _num_splits(blocks: int, rows: int, device: torch.device, per_sm: int) -> int:
+    """About ``per_sm`` programs per SM over the B * H_kv rows, at most one split per block."""
+    programs = per_sm * _sm_count(device.index or 0) if device.type == "cuda" else _INTERPRET_PROGRAMS
     return max(1, min(blocks, MAX_SPLITS, triton.cdiv(programs, rows)))
 
 
@@ -174,15 +176,20 @@ def decode_attention(
     scale: float,
     *,
     num_splits: int | None = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
+    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for one query token: [B, 1, H, D] in q's dtype. Inputs must pass
-    :func:`supports`. ``num_splits`` overrides the split count (default: about two programs per SM)."""
+    :func:`supports`. ``num_splits`` overrides the split count (default: about ``programs_per_sm``
+    programs per SM); ``block_n`` (cache positions per step) and ``num_warps`` are for tuning
+    (benchmarks/bench_decode_attention.py)."""
     b, h, _, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     g = h // hkv
     gp = _group_pad(g)
-    blocks = triton.cdiv(length, BLOCK_N)
-    splits = num_splits or _num_splits(blocks, b * hkv, q.device)
+    blocks = triton.cdiv(length, block_n)
+    splits = num_splits or _num_splits(blocks, b * hkv, q.device, programs_per_sm)
     per_split = triton.cdiv(blocks, max(1, min(splits, blocks)))
     splits = triton.cdiv(blocks, per_split)
     ws = functools.partial(torch.empty, dtype=torch.float32, device=q.device)
@@ -200,8 +207,8 @@ def decode_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), smask_b, smask_n,
         length, scale * _LOG2E, per_split,
-        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=BLOCK_N, MASK=kind,
-        DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=4, num_stages=2,
+        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, MASK=kind,
+        DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=num_warps, num_stages=2,
     )  # fmt: skip
     _combine_kernel[(b * h,)](
         o_part, m_part, l_part, out, splits,
