@@ -94,7 +94,7 @@ def main() -> None:
         row("sdpa, heads folded (pack_gqa)", sdpa_folded, sdpa_folded)
         default = lambda: DA.decode_attention(q, k, v, mask, scale)  # noqa: E731
         row(
-            f"triton split-KV (default: {DA.BLOCK_N}, {DA.NUM_WARPS} warps, {DA.PROGRAMS_PER_SM}/SM)",
+            f"triton split-KV (default: block {DA.block_size(length, q.device)}, {DA.NUM_WARPS} warps, {DA.PROGRAMS_PER_SM}/SM)",
             default,
             default,
         )

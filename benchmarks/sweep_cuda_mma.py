@@ -19,7 +19,19 @@ from nvfp4_fix.kernels import cuda_mma
 
 VARIANTS = [
     {"DEPTH": d, "XPRE": x, "LOADONLY": 0, "RT": 1, "MINB": b}
-    for d, x, b in [(2, 1, 1), (2, 0, 1), (2, 1, 2), (2, 0, 2), (2, 0, 3), (1, 1, 3), (3, 0, 2)]
+    for d, x, b in [
+        (2, 1, 1),
+        (2, 0, 1),
+        (2, 1, 2),
+        (2, 0, 2),
+        (2, 0, 3),
+        (1, 1, 3),
+        (3, 0, 2),
+        (3, 0, 1),
+        (3, 1, 1),
+        (4, 0, 1),
+        (4, 0, 2),
+    ]
 ]
 # Diagnostic: the same loads with no decode or mma (wrong results): the access pattern's bandwidth.
 LOAD_ONLY = [{"DEPTH": 2, "XPRE": 0, "LOADONLY": 1, "RT": 1, "MINB": b} for b in (1, 3)]

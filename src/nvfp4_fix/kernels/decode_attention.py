@@ -27,7 +27,7 @@ import triton.language as tl
 __all__ = ["decode_attention", "supports", "BLOCK_N"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK_N = 64
+BLOCK_N = 64  # the interpreter's; on CUDA, block_size() (benchmarks/RESULTS-attention.md)
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
@@ -141,6 +141,13 @@ def _num_splits(blocks: int, rows: int, device: torch.device, per_sm: int) -> in
     return max(1, min(blocks, MAX_SPLITS, triton.cdiv(programs, rows)))
 
 
+def block_size(length: int, device: torch.device) -> int:
+    """Cache positions per step: 32 for short caches, 128 from 1024 on (H100, bench_decode_attention)."""
+    if device.type != "cuda":
+        return BLOCK_N
+    return 32 if length <= 1024 else 128
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether :func:`decode_attention` takes these inputs (else use SDPA)."""
     if not (q.is_cuda or (_INTERPRET and q.device.type == "cpu")):
@@ -176,18 +183,19 @@ def decode_attention(
     scale: float,
     *,
     num_splits: int | None = None,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     num_warps: int = NUM_WARPS,
     programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for one query token: [B, 1, H, D] in q's dtype. Inputs must pass
     :func:`supports`. ``num_splits`` overrides the split count (default: about ``programs_per_sm``
-    programs per SM); ``block_n`` (cache positions per step) and ``num_warps`` are for tuning
-    (benchmarks/bench_decode_attention.py)."""
+    programs per SM); ``block_n`` (cache positions per step, default :func:`block_size`) and
+    ``num_warps`` are for tuning (benchmarks/bench_decode_attention.py)."""
     b, h, _, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     g = h // hkv
     gp = _group_pad(g)
+    block_n = block_n or block_size(length, q.device)
     blocks = triton.cdiv(length, block_n)
     splits = num_splits or _num_splits(blocks, b * hkv, q.device, programs_per_sm)
     per_split = triton.cdiv(blocks, max(1, min(splits, blocks)))
