@@ -7,10 +7,9 @@ returns [B, 1, H, D] (transformers' attention-output layout) in q's dtype.
 Two kernels. ``_split_kernel`` (grid B * H_kv x S) takes all H / H_kv query heads of one KV head (so
 each K/V block is read once for the whole group, and ``tl.dot`` applies) over one contiguous range of
 BLOCK_N-position blocks, with an online softmax in float32; it skips the K/V loads of blocks where the
-mask allows no position, so a decode step reads only the filled part of the cache. The S partial
-results are merged by their log-sum-exp, by the split program that finishes last for its row (an
-arrival counter per row: one launch per layer), or with ``fused=False`` by ``_combine_kernel`` (grid
-B * H). A row that no position is allowed for gets zeros, not NaN.
+mask allows no position, so a decode step reads only the filled part of the cache. ``_combine_kernel``
+(grid B * H) merges the S partial results by their log-sum-exp. A row that no position is allowed for
+gets zeros, not NaN.
 
 Graph-safe: workspaces come from ``torch.empty``, the split count from shapes and the SM count only
 (no host sync). ``torch.ops.nvfp4_fix.decode_attention`` wraps it for torch.compile (opaque custom op).
@@ -40,14 +39,12 @@ _NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, smask_b, smask_n,
     L, qk_scale, blocks_per_split,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr,  # 0: none, 1: bool (as uint8), 2: additive float
     DOT_F32: tl.constexpr,  # float32 dots: fp32 inputs, and the interpreter (its bf16 dot is broken)
-    FUSED: tl.constexpr,  # the last split of each row combines (count_ptr: one int32 per row, zeroed)
-    SP: tl.constexpr,  # splits, padded to a power of two
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -104,31 +101,6 @@ def _split_kernel(
     tl.store(o_ptr + row[:, None] * D + d[None, :], acc)
     tl.store(m_ptr + row, m_i)
     tl.store(l_ptr + row, l_i)
-    if FUSED:
-        # The split that finishes last for this row merges all of them (one launch less per layer).
-        # Its partial stores are released by the atomic; the last one acquires and reads them from L2.
-        n_splits = tl.num_programs(1)
-        tl.debug_barrier()
-        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-        if done == n_splits - 1:
-            tl.atomic_xchg(count_ptr + pid, 0)  # ready for the next call (and graph replay)
-            s = tl.arange(0, SP)
-            rows = (pid * n_splits + s)[:, None] * GP + g[None, :]
-            m_all = tl.load(
-                m_ptr + rows, mask=(s < n_splits)[:, None], other=float("-inf"), cache_modifier=".cg"
-            )
-            m_max = tl.max(m_all, 0)
-            m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # rows no split saw: weights 0
-            num = tl.zeros([GP, D], tl.float32)
-            den = tl.zeros([GP], tl.float32)
-            for i in range(0, n_splits):
-                r = (pid * n_splits + i) * GP + g
-                w = tl.exp2(tl.load(m_ptr + r, cache_modifier=".cg") - m_max)
-                den += w * tl.load(l_ptr + r, cache_modifier=".cg")
-                num += w[:, None] * tl.load(o_ptr + r[:, None] * D + d[None, :], cache_modifier=".cg")
-            res = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
-            dst = out_ptr + (pid * G + g)[:, None] * D + d[None, :]  # out [B, 1, H, D], contiguous
-            tl.store(dst, res.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
 
 
 @triton.jit
@@ -167,21 +139,6 @@ def _num_splits(blocks: int, rows: int, device: torch.device, per_sm: int) -> in
     """About ``per_sm`` programs per SM over the B * H_kv rows, at most one split per block."""
     programs = per_sm * _sm_count(device.index or 0) if device.type == "cuda" else _INTERPRET_PROGRAMS
     return max(1, min(blocks, MAX_SPLITS, triton.cdiv(programs, rows)))
-
-
-# Per (device, stream): one int32 arrival counter per B * H_kv row, zero between calls (each call's last
-# split resets its row), so calls on one stream never share them while running. Kept for the process:
-# one made during a CUDA-graph capture comes from the graph's pool and stays valid because it is held.
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, rows: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < rows:
-        buf = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
-        _COUNTERS[(device, stream)] = buf
-    return buf
 
 
 def block_size(length: int, device: torch.device) -> int:
@@ -229,13 +186,11 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = NUM_WARPS,
     programs_per_sm: int = PROGRAMS_PER_SM,
-    fused: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for one query token: [B, 1, H, D] in q's dtype. Inputs must pass
     :func:`supports`. ``num_splits`` overrides the split count (default: about ``programs_per_sm``
     programs per SM); ``block_n`` (cache positions per step, default :func:`block_size`) and
-    ``num_warps`` are for tuning (benchmarks/bench_decode_attention.py). ``fused``: the last split of
-    each row combines the partial results (else a second kernel does)."""
+    ``num_warps`` are for tuning (benchmarks/bench_decode_attention.py)."""
     b, h, _, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     g = h // hkv
@@ -255,18 +210,14 @@ def decode_attention(
         mask_arg = mask.view(torch.uint8) if kind == _BOOL_MASK else mask
         smask_b = mask.stride(0) if mask.shape[0] > 1 else 0
         smask_n = mask.stride(3)
-    counts = _counters(q.device, b * hkv) if fused else None
     _split_kernel[(b * hkv, splits)](
-        q, k, v, mask_arg, o_part, m_part, l_part, counts if counts is not None else m_part, out,
+        q, k, v, mask_arg, o_part, m_part, l_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), smask_b, smask_n,
         length, scale * _LOG2E, per_split,
         HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, MASK=kind,
-        DOT_F32=_INTERPRET or q.dtype == torch.float32, FUSED=counts is not None,
-        SP=max(2, triton.next_power_of_2(splits)), num_warps=num_warps, num_stages=2,
+        DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=num_warps, num_stages=2,
     )  # fmt: skip
-    if counts is not None:
-        return out
     _combine_kernel[(b * h,)](
         o_part, m_part, l_part, out, splits,
         G=g, GP=gp, D=d, SP=max(2, triton.next_power_of_2(splits)), num_warps=4,
