@@ -45,10 +45,10 @@ mask, which sums in another order, so on models with near-tied logits (e.g. rand
 can part ways after a few tokens. Sampling draws from the same distribution
 as ``model.generate`` but with another random stream.
 
-Measured before the split-KV attention kernel (H100, random Llama-3-8B shape, batch 1,
-benchmarks/RESULTS-generation.md): NVFP4 156 tok/s with the graph, 194 tok/s with
-``compile_step=True`` (73 s of compilation on the first call); bf16 108 tok/s with the graph against
-8.8 tok/s for ``model.generate``.
+Measured (H100, random Llama-3-8B shape, batch 1, prompt 128 / 2048, benchmarks/RESULTS-generation.md):
+NVFP4 206 / 200 tok/s with the graph, 316 / 300 tok/s with ``compile_step=True`` (10-40 s of
+compilation on the first call); bf16 117 / 115 tok/s with the graph against 10-11 tok/s for
+``model.generate``.
 
 Falls back to ``model.generate`` (logged once, with the reason) where graph capture is impossible: on
 the CPU, models spread over several devices, architectures without static-cache support, or when the
