@@ -17,25 +17,24 @@ from bench_kernels import SHAPES, Layer, bench_graph, rel_err
 from nvfp4_fix.codec import dequantize
 from nvfp4_fix.kernels import cuda_mma
 
-BASES = [
-    (2, 1, 1),
-    (2, 0, 1),
-    (2, 1, 2),
-    (2, 0, 2),
-    (2, 0, 3),
-    (1, 1, 3),
-    (3, 0, 2),
-    (3, 0, 1),
-    (3, 1, 1),
-    (4, 0, 2),
-]
 VARIANTS = [
-    {"DEPTH": d, "XPRE": x, "LOADONLY": 0, "RT": 1, "MINB": b, "DEC": dec}
-    for d, x, b in BASES
-    for dec in (0, 1)
+    {"DEPTH": d, "XPRE": x, "LOADONLY": 0, "RT": 1, "MINB": b}
+    for d, x, b in [
+        (2, 1, 1),
+        (2, 0, 1),
+        (2, 1, 2),
+        (2, 0, 2),
+        (2, 0, 3),
+        (1, 1, 3),
+        (3, 0, 2),
+        (3, 0, 1),
+        (3, 1, 1),
+        (4, 0, 1),
+        (4, 0, 2),
+    ]
 ]
 # Diagnostic: the same loads with no decode or mma (wrong results): the access pattern's bandwidth.
-LOAD_ONLY = [{"DEPTH": 2, "XPRE": 0, "LOADONLY": 1, "RT": 1, "MINB": b, "DEC": 0} for b in (1, 3)]
+LOAD_ONLY = [{"DEPTH": 2, "XPRE": 0, "LOADONLY": 1, "RT": 1, "MINB": b} for b in (1, 3)]
 
 
 def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) -> None:
@@ -60,9 +59,7 @@ def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) 
         print("  load only: " + " ".join(f"{r[0]:.1f}@B{r[1]['MINB']}w{r[2]}" for r in lo))
     vs = ",".join(f"{a}={b}" for a, b in v.items())
     print(f"| {name} | {n}x{k} | {m} | {cub:.1f} | {t:.1f} | {cub / t:.2f}x | {vs} | {w} | {default:.1f} |")
-    tags = [
-        f"{r[0]:.1f}@D{r[1]['DEPTH']}X{r[1]['XPRE']}B{r[1]['MINB']}E{r[1]['DEC']}w{r[2]}" for r in results
-    ]
+    tags = [f"{r[0]:.1f}@D{r[1]['DEPTH']}X{r[1]['XPRE']}B{r[1]['MINB']}w{r[2]}" for r in results]
     print("  " + " ".join(tags), flush=True)
 
 
@@ -72,11 +69,7 @@ def main() -> None:
     ap.add_argument("--models", default="8b,70b")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--load-only", action="store_true", help="also time the loads alone (diagnostic)")
-    ap.add_argument("--bases", default=None, help="only these DEPTH,XPRE,MINB triples, e.g. 2,1,2;2,0,3")
     args = ap.parse_args()
-    if args.bases:
-        keep = {tuple(int(v) for v in t.split(",")) for t in args.bases.split(";")}
-        VARIANTS[:] = [v for v in VARIANTS if (v["DEPTH"], v["XPRE"], v["MINB"]) in keep]
     print(f"# {torch.cuda.get_device_name()}")
     print("| layer | N x K | M | cuBLAS us | best us | x cuBLAS | variant | warps | default us |")
     print("|---|---|---|---|---|---|---|---|---|")

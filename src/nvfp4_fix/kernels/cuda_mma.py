@@ -63,22 +63,6 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
 __device__ __forceinline__ u32 dec(u32 u) {
   return (u & 0x80008000u) | ((u & 0x70007000u) >> SHIFT);
 }
-// The same pair from the word w itself, for the code pair that w << s would put on top: the sign
-// comes from w << s and the magnitude from w shifted by s - SHIFT, both on the FMA pipe (IMAD), so
-// only the two masks and the merge use the integer pipe, which is what limits the decode.
-__device__ __forceinline__ u32 hi_shift(u32 w, int n) {  // w >> n as the high word of w * 2^(32-n)
-  u32 d;
-  asm("mul.hi.u32 %0, %1, %2;" : "=r"(d) : "r"(w), "r"(1u << (32 - n)));
-  return d;
-}
-__device__ __forceinline__ u32 dec_at(u32 w, int s) {
-#if DEC
-  const u32 mag = s >= SHIFT ? w << (s - SHIFT) : hi_shift(w, SHIFT - s);
-  return ((w << s) & 0x80008000u) | (mag & (0x70007000u >> SHIFT));
-#else
-  return dec(w << s);
-#endif
-}
 __device__ __forceinline__ u32 scl(u32 a, u32 s) {
   u32 d;
   asm("fma.rn." HTYPE " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u));
@@ -208,10 +192,10 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
       for (int r = 0; r < RT; ++r) {
         const u32 sa = sc[r][0][q >> 1], sb = sc[r][1][q >> 1];
         const u32 wa = S.q[r][0][q], wb = S.q[r][1][q];
-        const u32 a0 = scl(dec_at(wa, 8 * h), sa);
-        const u32 a2 = scl(dec_at(wa, 8 * h + 4), sa);
-        const u32 a1 = scl(dec_at(wb, 8 * h), sb);
-        const u32 a3 = scl(dec_at(wb, 8 * h + 4), sb);
+        const u32 a0 = scl(dec(wa << (8 * h)), sa);
+        const u32 a2 = scl(dec(wa << (8 * h + 4)), sa);
+        const u32 a1 = scl(dec(wb << (8 * h)), sb);
+        const u32 a3 = scl(dec(wb << (8 * h + 4)), sb);
 #pragma unroll
         for (int j = 0; j < NT; ++j) mma(acc[q][r][j], a0, a1, a2, a3, b0[j], b1[j]);
       }
@@ -312,7 +296,7 @@ _DEFINES = {
 
 #: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
 #: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
-VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "DEC": 0}
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2}
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
