@@ -76,7 +76,7 @@ def test_fixture_views_state_dict_and_save(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 8, 9])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 64, 300])
 def test_fused_matches_members_gpu(m, bias):
     torch.manual_seed(m)
     k = 384
@@ -96,7 +96,7 @@ def test_fused_matches_members_gpu(m, bias):
         fused = [lin(x) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)]
     finally:
         monkey.undo()
-    assert len(calls) == (1 if m <= 8 else 0)
+    assert len(calls) == 1  # any M: cuda_mma, Triton or dequantize + cuBLAS, per-row multipliers
     for a, f, r in zip(alone, fused, refs, strict=True):
         assert f.shape == a.shape
         assert rel_err(f.float().cpu(), a.float().cpu()) < 1e-2

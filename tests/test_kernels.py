@@ -316,9 +316,50 @@ def test_triton_interpreter_dequant_chunks():
     assert torch.allclose(w.double(), ref_weight_f64(wp, ws, mul)[5:45], rtol=1e-7, atol=0)
 
 
+def _per_row_case(m, n, k, device, dtype=torch.bfloat16):
+    """A weight with one multiplier per output row (a fused q/k/v or gate/up group) and its float64
+    reference: each row's own product times its multiplier."""
+    wp, ws, _ = make_weight(n, k, device, seed=n + k + m)
+    g = torch.Generator().manual_seed(m)
+    rows = (torch.rand(n, generator=g) + 0.5).div(2688.0).to(torch.float32).to(device)
+    x = make_x(m, k, dtype, device)
+    bias = torch.randn(n, generator=g).to(dtype).to(device)
+    ref = ref_linear_f64(x.cpu(), wp.cpu(), ws.cpu(), torch.tensor(1.0))
+    ref = ref * rows.double().cpu()[None, :] + bias.double().cpu()
+    return x, wp, ws, rows, bias, ref
+
+
+def _check_per_row(m, n, k, device):
+    x, wp, ws, rows, bias, ref = _per_row_case(m, n, k, device)
+    for name, fn in (("gemv", T.gemv), ("mm", T.mm), ("dequant_mm", T.dequant_mm)):
+        if name == "gemv" and m > 4:
+            continue
+        check(fn(x, wp, ws, rows, bias), ref, torch.bfloat16, f"{name} per-row multipliers m={m}")
+    # row chunks of the dequantize pass index the multipliers by absolute row
+    y = T.dequant_mm(x, wp, ws, rows, bias, scratch_bytes=k * 2 * 128)
+    check(y, ref, torch.bfloat16, "dequant_mm in row chunks, per-row multipliers")
+    with pytest.raises(ValueError, match="expected 1 or N"):
+        T.mm(x, wp, ws, rows[:-1])
+
+
+@needs_triton
+@interp_only
+@pytest.mark.parametrize("m", [1, 5])
+def test_triton_interpreter_per_row_multipliers(m):
+    _check_per_row(m, 300, 64, "cpu")
+
+
 # ----------------------------------------------------------------------------- Triton, CUDA
 GPU_NK = [(97, 16), (4097, 48), (97, 272), (4096, 4096 + 16), (4097, 14336), (1024, 4096)]
 GPU_M = [1, 2, 7, 16, 17, 128, 1000]
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("m", [1, 3, 17, 300])
+def test_triton_gpu_per_row_multipliers(m):
+    _check_per_row(m, 4097, 4096 + 16, "cuda")
 
 
 @gpu

@@ -1,10 +1,11 @@
 """Fused q/k/v and gate/up: sibling NVFP4 layers that read the same input share one packed weight.
 
 After ``fuse_siblings(model)`` the members' ``weight_packed`` / ``weight_scale`` are row views of one
-[sum N, K/2] buffer (no extra memory), so a decode step makes one kernel launch instead of three
-(two): the first member called computes every member's output with per-row multipliers, the others
-take their slice while their input is the same tensor. Anything else (another input, M above the
-fused kernel's limit, a forced kernel) runs the member alone, unchanged. Under torch.compile every
+[sum N, K/2] buffer (no extra memory), so a forward makes one kernel launch (and pays one launch's
+host time) instead of three (two): the first member called computes every member's output with
+per-row multipliers through the usual dispatch (any M), the others take their slice while their
+input is the same tensor. Anything else (another input, a forced kernel, float32 activations) runs
+the member alone, unchanged. Under torch.compile every
 member is traced too: the first one records the fused call on the group, the others slice it, so a
 compiled step also makes one launch per group.
 ``state_dict()`` returns copies, so checkpoints are written exactly as before.
@@ -17,7 +18,7 @@ import os
 import torch
 from torch import nn
 
-from .kernels import cuda_mma, nvfp4_linear
+from .kernels import HAS_TRITON, nvfp4_linear
 from .layer import NVFP4Linear
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
@@ -49,7 +50,6 @@ class FusedGroup:
         self._row_mul: torch.Tensor | None = None
         self._mul_key: tuple[object, ...] | None = None
         self.row_mul()
-        self.kernel_ok = self.packed.is_cuda and cuda_mma.usable(self.packed.device)
         self._x: torch.Tensor | None = None
         self._x_version = -1
         self._y: torch.Tensor | None = None
@@ -72,15 +72,12 @@ class FusedGroup:
         """Under torch.compile (static checks only): the first member traced records the fused call,
         the others slice it while their input is the same traced tensor; None to run it alone. The
         record is dropped once every member took its slice, so no tensor outlives the trace."""
-        k = x.shape[-1]
         if not (
-            self.kernel_ok
+            HAS_TRITON  # the CUDA kernels that take per-row multipliers
             and self._mul_key is not None
             and x.is_cuda
             and x.device == self.packed.device
             and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() // k <= cuda_mma.MAX_M
-            and k % 128 == 0
             and os.environ.get("NVFP4_FIX_KERNEL", "auto") in ("", "auto")
             and self.members[0].weight_packed.device == self.packed.device
             and all(
@@ -90,9 +87,7 @@ class FusedGroup:
             return None
         if self._traced_x is not x:
             xin = self.members[0].prepare_input(x)  # identical for every member (fuse_siblings checks)
-            self._traced_y = nvfp4_linear(
-                xin, self.packed, self.scale, self._row_mul, self.bias, kernel="cuda_mma"
-            )
+            self._traced_y = nvfp4_linear(xin, self.packed, self.scale, self._row_mul, self.bias)
             self._traced_x, self._traced_n = x, 0
         i = member._fused_index
         y = self._traced_y[..., self.offsets[i] : self.offsets[i + 1]]
@@ -107,12 +102,10 @@ class FusedGroup:
 
     def output(self, member: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output computed through the fused weight, or None to run it alone."""
-        k = x.shape[-1]
         if (
-            not x.is_cuda
-            or x.numel() // k > cuda_mma.MAX_M
+            not (HAS_TRITON and x.is_cuda)
+            or x.dtype not in (torch.bfloat16, torch.float16)
             or os.environ.get("NVFP4_FIX_KERNEL", "auto") not in ("", "auto")
-            or not cuda_mma.supports(x.reshape(-1, k), self.packed.shape[0], k)
             or any(
                 m.dense_weight is not None or m.activation_mode != member.activation_mode
                 for m in self.members
@@ -123,7 +116,7 @@ class FusedGroup:
         i = self.members.index(member)
         if self._x is not x or self._x_version != x._version or i in self._served:
             xin = member.prepare_input(x)
-            self._y = nvfp4_linear(xin, self.packed, self.scale, self.row_mul(), self.bias, kernel="cuda_mma")
+            self._y = nvfp4_linear(xin, self.packed, self.scale, self.row_mul(), self.bias)
             self._x, self._x_version, self._served = x, x._version, set()
         y = self._y[..., self.offsets[i] : self.offsets[i + 1]]
         self._served.add(i)

@@ -194,7 +194,7 @@ def _gemv_kernel(
     w_ptr,  # [N, K/8] int32 view of the packed bytes
     s_ptr,  # [N, K/16] uint8 view of the e4m3 block scales
     y_ptr,  # [M, N] output (x.dtype) or [SPLIT, M, N] fp32 workspace
-    mul_ptr,  # float32 scalar: per-tensor multiplier
+    mul_ptr,  # float32: the per-tensor multiplier, or [N] per-row ones (MUL_ROWS)
     b_ptr,  # [N] bias or dummy
     M,
     N,
@@ -209,6 +209,7 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     DEQ: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    MUL_ROWS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -291,7 +292,7 @@ def _gemv_kernel(
         y = y * EPI_F32
     else:
         y = y * EPI_F16
-    y = y * tl.load(mul_ptr)
+    y = y * tl.load(mul_ptr + rn_c) if MUL_ROWS else y * tl.load(mul_ptr)
     nmask = rn < N
     if not USE_WS:
         if HAS_BIAS:
@@ -344,6 +345,7 @@ def _mm_kernel(
     SWAP: tl.constexpr = False,  # compute (W x^T)^T: the weight tile is the MMA's A operand
     ASM: tl.constexpr = True,  # packed PTX dequantization (False: plain Triton, for the interpreter)
     DOT_F32: tl.constexpr = False,  # interpreter only: its bf16 tl.dot is broken
+    MUL_ROWS: tl.constexpr = False,  # mul_ptr holds one multiplier per output feature
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -399,7 +401,10 @@ def _mm_kernel(
                 acc = tl.dot(xt, tl.trans(w), acc)
     if SWAP:
         acc = tl.trans(acc_t)
-    acc = acc * (tl.load(mul_ptr) * 128.0)  # tiles carry value * scale * 2^-7
+    if MUL_ROWS:
+        acc = acc * (tl.load(mul_ptr + rn_c) * 128.0)[None, :]  # tiles carry value * scale * 2^-7
+    else:
+        acc = acc * (tl.load(mul_ptr) * 128.0)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if not USE_WS:
         if HAS_BIAS:
@@ -424,6 +429,7 @@ def _dequant_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     ASM: tl.constexpr = False,
+    MUL_ROWS: tl.constexpr = False,  # mul_ptr holds one multiplier per row of W
 ):
     """out[r, :] = dequant(W[row0 + r, :]) * multiplier, rounded once to out's dtype."""
     pid_n = tl.program_id(0)
@@ -441,19 +447,23 @@ def _dequant_kernel(
         mask=nmask[:, None] & (rkb < K // 16)[None, :],
         other=0,
     )
+    if MUL_ROWS:
+        mul = tl.load(mul_ptr + src, mask=nmask, other=0.0)[:, None]
+    else:
+        mul = tl.load(mul_ptr)
     if ASM:  # exact value * scale * 2^-7 in a 16-bit type, then one fp32 multiply and one rounding
         if out_ptr.dtype.element_ty == tl.float16:
             w16 = _dequant_tile(wb, sb, tl.float16, BN, BK, True)
         else:
             w16 = _dequant_tile(wb, sb, tl.bfloat16, BN, BK, True)
-        w = w16.to(tl.float32) * (tl.load(mul_ptr) * 128.0)
+        w = w16.to(tl.float32) * (mul * 128.0)
     else:
         wb = wb.to(tl.int32)
         lo = _e2m1_nibble_f16(wb & 15)
         hi = _e2m1_nibble_f16(wb >> 4)
         v = tl.reshape(tl.join(lo, hi), (BN, BK // 16, 16)).to(tl.float32)
-        sf = _e4m3_to_f32(sb.to(tl.int32)) * (16384.0 * tl.load(mul_ptr))
-        w = tl.reshape(v * sf[:, :, None], (BN, BK))
+        sf = _e4m3_to_f32(sb.to(tl.int32)) * 16384.0
+        w = tl.reshape(v * sf[:, :, None], (BN, BK)) * mul
     rk = pid_k * BK + tl.arange(0, BK)
     optrs = out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     tl.store(optrs, w.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & (rk < K)[None, :])

@@ -157,6 +157,15 @@ def _prep(x2, wp, ws):
     return x2, wp, s8
 
 
+def _mul_arg(mul: torch.Tensor, n: int) -> tuple[torch.Tensor, bool]:
+    """The multiplier as the kernels take it: a float32 scalar, or [N] per-row values (fused groups)."""
+    if mul.numel() == 1:
+        return mul.reshape(()), False
+    if mul.numel() != n:
+        raise ValueError(f"weight_mul has {mul.numel()} elements; expected 1 or N = {n}")
+    return mul.reshape(n).to(torch.float32).contiguous(), True
+
+
 def _alloc_out(out, m, n, dtype, device):
     if out is None:
         return torch.empty((m, n), dtype=dtype, device=device)
@@ -194,7 +203,7 @@ def gemv(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
     split = triton.cdiv(kw, wps)
     even = kw % bkw == 0
     y = _alloc_out(out, m, n, x2.dtype, x2.device)
-    mul = mul.reshape(())
+    mul, mul_rows = _mul_arg(mul, n)
     dst = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(n, cfg["BN"]), split, m)
     _gemv_kernel[grid](
@@ -217,6 +226,7 @@ def gemv(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
         EVEN_K=even,
         DEQ=cfg.get("DEQ", 0),
         HAS_BIAS=bias is not None,
+        MUL_ROWS=mul_rows,
         num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3),
     )
@@ -235,7 +245,7 @@ def mm(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
     split = triton.cdiv(k, kps)
     even = k % bk == 0
     y = _alloc_out(out, m, n, x2.dtype, x2.device)
-    mul = mul.reshape(())
+    mul, mul_rows = _mul_arg(mul, n)
     dst = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
     _mm_kernel[grid](
@@ -261,6 +271,7 @@ def mm(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
         SWAP=cfg.get("SWAP", False),
         ASM=cfg.get("ASM", not _INTERPRET),
         DOT_F32=_INTERPRET,
+        MUL_ROWS=mul_rows,
         num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3),
     )
@@ -286,8 +297,21 @@ def dequantize_rows(wp, ws, mul, dtype, row0=0, rows=None, *, out=None, cfg=None
     while bk > 32 and bk // 2 >= k:
         bk //= 2
     grid = (triton.cdiv(rows, bn), triton.cdiv(k, bk))
+    mul, mul_rows = _mul_arg(mul, n)
     _dequant_kernel[grid](
-        wp, s8, mul.reshape(()), out, row0, rows, n, k, BN=bn, BK=bk, ASM=not _INTERPRET, num_warps=warps
+        wp,
+        s8,
+        mul,
+        out,
+        row0,
+        rows,
+        n,
+        k,
+        BN=bn,
+        BK=bk,
+        ASM=not _INTERPRET,
+        MUL_ROWS=mul_rows,
+        num_warps=warps,
     )
     return out
 
