@@ -1,8 +1,7 @@
 """The persistent start-up hook under stress: 16 processes applying and removing it at once, processes
-killed mid-apply, its start-up cost, `pip uninstall` with the hook left behind, read-only site-packages.
-
-NVFP4_HOOK_TIMING_RUNS (default 10) sets how many interpreter starts each timing side gets; the report
-in tests/HOSTILE_INPUT.md used 50.
+killed mid-apply, what it loads at start-up, `pip uninstall` with the hook left behind, read-only
+site-packages. Its start-up time is measured by benchmarks/bench_startup.py, not asserted here (a
+timed assertion fails on a loaded machine).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -120,27 +118,13 @@ def _venv_with(wheel: Path, root: Path) -> tuple[Path, Path, list[str]]:
     return py, _purelib(py), pip
 
 
-def _start_time(py: Path, code: str) -> float:
-    t = time.perf_counter()
-    subprocess.run([py, "-c", code], check=True)
-    return time.perf_counter() - t
-
-
-def test_hook_costs_no_measurable_start_up_time(tmp_path: Path, wheel: Path) -> None:
-    """`python -c pass` with and without the hook, interleaved, in a venv where nvfp4-fix is installed
-    as users install it; and the hook imports nothing but itself."""
+def test_hook_loads_nothing_at_start_up(tmp_path: Path, wheel: Path) -> None:
+    """In a venv where nvfp4-fix is installed as users install it, with the hook applied, a plain
+    interpreter start imports nothing of ours (or torch / transformers): the hook's cost is one .pth
+    line and a tiny finder (timed in benchmarks/bench_startup.py)."""
     py, site, _ = _venv_with(wheel, tmp_path / "venv")
-    runs = int(os.environ.get("NVFP4_HOOK_TIMING_RUNS", "10"))
-    for code in ("pass", "import json"):
-        without, with_hook = [], []
-        for _ in range(runs):
-            startup.remove(site)
-            without.append(_start_time(py, code))
-            startup.install(site)
-            with_hook.append(_start_time(py, code))
-        a, b = statistics.median(without) * 1e3, statistics.median(with_hook) * 1e3
-        print(f"\npython -c {code!r}, median of {runs}: without hook {a:.2f} ms, with hook {b:.2f} ms")
-        assert b - a < max(3.0, 0.15 * a), (a, b)  # measured +0.18 ms, noise ~0.2 ms
+    startup.install(site)
+    assert (site / startup.PTH_NAME).read_text() in VALID  # the hook is there, armed
     prefixes = ("torch", "transformers", "compressed", "nvfp4", "_nvfp4")
     code = f"import sys; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
     r = _run(py, "-c", code, check=True)
