@@ -471,3 +471,18 @@ def test_compiled_greedy_step_matches_generate(checkpoints):
     ref = hf_greedy(model, ids, 8)
     got = generate(model, ids, 8, use_cuda_graph=False, compile_step=True, stop_token_ids=())
     assert got.tolist() == ref.tolist()
+
+
+def test_two_stage_argmax_is_the_first_maximum():
+    from nvfp4_fix.generation import argmax_first
+
+    compiled = torch.compile(argmax_first, dynamic=False)
+    for trial, v in enumerate((128256, 5000, 4097, 1000)):
+        g = torch.Generator().manual_seed(trial)
+        x = torch.randint(-3, 4, (3, v), generator=g).to(torch.bfloat16)  # many ties
+        x[1, -1] = 10  # the maximum in the padded last chunk
+        x[2, :] = 1.0  # all equal: index 0
+        ref = torch.argmax(x, dim=-1)
+        assert torch.equal(argmax_first(x), ref)
+        if v == 5000:
+            assert torch.equal(compiled(x), ref)

@@ -92,6 +92,9 @@ _RUNNERS_ATTR = "_nvfp4_fix_generation_runners"
 _MAX_RUNNERS = 2
 _WARMUP_STEPS = 2
 _CACHE_ALIGN = 128
+# Inductor options for compile_step: tune the block sizes of the small reductions and pointwise
+# kernels of a decode step (norms, rotary, sampling) at compile time, as gpt-fast does.
+_COMPILE_OPTIONS = {"coordinate_descent_tuning": os.environ.get("NVFP4_FIX_COMPILE_TUNING", "1") != "0"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +272,19 @@ def warp_logits(
     return scores
 
 
+def argmax_first(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``torch.argmax(logits, -1)`` for [B, V] (the first maximum on ties), in two stages (the maximum
+    of each ``chunk`` values, then of those) so that a compiled step reduces a 128k vocabulary in
+    parallel rather than in one program."""
+    b, v = logits.shape
+    if v <= 4 * chunk:
+        return torch.argmax(logits, dim=-1)
+    x = torch.nn.functional.pad(logits.float(), (0, -v % chunk), value=float("-inf"))
+    best, idx = x.view(b, -1, chunk).max(dim=-1)
+    which = torch.argmax(best, dim=-1, keepdim=True)
+    return (which * chunk + idx.gather(-1, which)).squeeze(-1)
+
+
 def make_sampler(
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -329,9 +345,9 @@ class _Runner:
         self._tokens = self._sample
         if compile_step and getattr(sampler, "greedy", False):
             # argmax compiled with the forward: a split reduction instead of eager argmax's one block
-            self._tokens = torch.compile(self._greedy_tokens, dynamic=False, fullgraph=False)
+            self._tokens = torch.compile(self._greedy_tokens, dynamic=False, options=_COMPILE_OPTIONS)
         elif compile_step:
-            self._forward = torch.compile(self._decode_forward, dynamic=False, fullgraph=False)
+            self._forward = torch.compile(self._decode_forward, dynamic=False, options=_COMPILE_OPTIONS)
 
     # -- model calls -----------------------------------------------------------------------------
     def _kwargs(
@@ -356,7 +372,7 @@ class _Runner:
         return self.sampler(self._forward(ids, pos))
 
     def _greedy_tokens(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(self._decode_forward(ids, pos), dim=-1)
+        return argmax_first(self._decode_forward(ids, pos))
 
     def _finish(self, nxt: torch.Tensor) -> torch.Tensor:
         if self.stop is not None:
