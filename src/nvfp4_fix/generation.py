@@ -92,9 +92,6 @@ _RUNNERS_ATTR = "_nvfp4_fix_generation_runners"
 _MAX_RUNNERS = 2
 _WARMUP_STEPS = 2
 _CACHE_ALIGN = 128
-# Inductor options for compile_step: tune the block sizes of the small reductions and pointwise
-# kernels of a decode step (norms, rotary, sampling) at compile time, as gpt-fast does.
-_COMPILE_OPTIONS = {"coordinate_descent_tuning": os.environ.get("NVFP4_FIX_COMPILE_TUNING", "1") != "0"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,9 +342,9 @@ class _Runner:
         self._tokens = self._sample
         if compile_step and getattr(sampler, "greedy", False):
             # argmax compiled with the forward: a split reduction instead of eager argmax's one block
-            self._tokens = torch.compile(self._greedy_tokens, dynamic=False, options=_COMPILE_OPTIONS)
+            self._tokens = torch.compile(self._greedy_tokens, dynamic=False, fullgraph=False)
         elif compile_step:
-            self._forward = torch.compile(self._decode_forward, dynamic=False, options=_COMPILE_OPTIONS)
+            self._forward = torch.compile(self._decode_forward, dynamic=False, fullgraph=False)
 
     # -- model calls -----------------------------------------------------------------------------
     def _kwargs(
