@@ -46,8 +46,8 @@ can part ways after a few tokens. Sampling draws from the same distribution
 as ``model.generate`` but with another random stream.
 
 Measured (H100, random Llama-3-8B shape, batch 1, prompt 128 / 2048, benchmarks/RESULTS-generation.md):
-NVFP4 206 / 200 tok/s with the graph, 316 / 300 tok/s with ``compile_step=True`` (10-40 s of
-compilation on the first call); bf16 117 / 115 tok/s with the graph against 10-11 tok/s for
+NVFP4 207 / 200 tok/s with the graph, 315-323 / 299-301 tok/s with ``compile_step=True`` (10-40 s
+of compilation on the first call); bf16 118 / 115 tok/s with the graph against 10-13 tok/s for
 ``model.generate``.
 
 Falls back to ``model.generate`` (logged once, with the reason) where graph capture is impossible: on
@@ -341,7 +341,7 @@ class _Runner:
         self._forward = self._decode_forward
         self._tokens = self._sample
         if compile_step and getattr(sampler, "greedy", False):
-            # argmax compiled with the forward: a split reduction instead of eager argmax's one block
+            # the argmax (two parallel stages) compiled with the forward
             self._tokens = torch.compile(self._greedy_tokens, dynamic=False, fullgraph=False)
         elif compile_step:
             self._forward = torch.compile(self._decode_forward, dynamic=False, fullgraph=False)
