@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,32 +21,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import bench_graph  # noqa: E402
 from llama8b import card_name, versions  # noqa: E402
 
 from nvfp4_fix.kernels import decode_attention as DA  # noqa: E402
-
-
-def graph_us(fn, reps: int = 30, inner: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / inner)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -76,7 +53,7 @@ def main() -> None:
         ideal = 2 * hkv * filled * d * 2 / 3.0e12 * 1e6
 
         def row(name: str, fn, out) -> None:
-            us = graph_us(fn)
+            us = bench_graph(lambda i: fn(), n_inner=20, reps=30)
             err = (out().double() - ref).abs().max().item()
             print(f"| {length} | {filled} | {name} | {us:.1f} | {ideal / us:.2f} | {err:.1e} |", flush=True)
 

@@ -138,8 +138,9 @@ def run_case(label, model, ids, n, fast: bool, device: str, reps: int = 2, **kw)
     return res
 
 
-def prefill_case(label, model, ids) -> dict:
-    """Prefill tok/s: P / time of one forward over the prompt (fresh DynamicCache, last logits only)."""
+def prefill_forward(model, ids):
+    """One forward over the prompt as model.generate's prefill runs it: a fresh DynamicCache, the
+    logits of the last position only."""
     from transformers import DynamicCache
 
     api = _forward_api(model)
@@ -151,6 +152,12 @@ def prefill_case(label, model, ids) -> dict:
         with torch.no_grad():
             model(input_ids=ids, **kw)
 
+    return forward
+
+
+def prefill_case(label, model, ids) -> dict:
+    """Prefill tok/s: P / time of one forward over the prompt (fresh DynamicCache, last logits only)."""
+    forward = prefill_forward(model, ids)
     timed(forward)  # warm-up (kernel JIT, cuBLAS handles)
     sec = statistics.median(timed(forward) for _ in range(3))
     p = ids.shape[1]
@@ -433,7 +440,14 @@ def main() -> int:
         r = attempt(
             f"NVFP4 pack_gqa=False P={p}",
             lambda: run_case(
-                "NVFP4, this path (graph), transformers sdpa attention (pack_gqa=False)", model, ids, n, True, device, reps, pack_gqa=False
+                "NVFP4, this path (graph), transformers sdpa attention (pack_gqa=False)",
+                model,
+                ids,
+                n,
+                True,
+                device,
+                reps,
+                pack_gqa=False,
             ),
             estimate_s=15,
         )

@@ -22,9 +22,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_generation import prefill_forward  # noqa: E402
 from llama8b import card_name, ensure_checkpoints, llama8b_config, versions  # noqa: E402
 
-from nvfp4_fix.generation import _RUNNERS_ATTR, _forward_api, clear_cache, generate  # noqa: E402
+from nvfp4_fix.generation import _RUNNERS_ATTR, clear_cache, generate  # noqa: E402
 from nvfp4_fix.loading import from_pretrained  # noqa: E402
 
 
@@ -73,17 +74,7 @@ def decode_profile(model, p: int, compile_step: bool) -> None:
 
 
 def prefill_profile(model) -> None:
-    from transformers import DynamicCache
-
-    api = _forward_api(model)
-    ids = torch.randint(1000, 100000, (1, 2048), device="cuda")
-
-    def forward():
-        kw = {api.cache_kw: DynamicCache(), "use_cache": True}
-        if api.logits_kw:
-            kw[api.logits_kw] = 1
-        with torch.no_grad():
-            model(input_ids=ids, **kw)
+    forward = prefill_forward(model, torch.randint(1000, 100000, (1, 2048), device="cuda"))
 
     def wall(reps: int = 3) -> float:
         forward()
