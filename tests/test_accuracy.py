@@ -48,13 +48,17 @@ def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(torch.exp(torch.tensor(losses / n)))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_nvfp4_agrees_with_bf16_on_heldout_text(name: str, heldout) -> None:
-    ids, ref = heldout
-    model = from_pretrained(DEMO / name, dtype=torch.float32)
+def agreement(model, ids: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement with the bf16 reference logits, perplexity ratio) of ``model`` on ``ids``."""
     with torch.no_grad():
         got = torch.cat([model(input_ids=c).logits[0] for c in ids.split(256, dim=1)])
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    ratio = _perplexity(got, ids) / _perplexity(ref, ids)
+    return agree, _perplexity(got, ids) / _perplexity(ref, ids)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_nvfp4_agrees_with_bf16_on_heldout_text(name: str, heldout) -> None:
+    ids, ref = heldout
+    agree, ratio = agreement(from_pretrained(DEMO / name, dtype=torch.float32), ids, ref)
     min_agree, max_ratio = CASES[name]
     assert agree >= min_agree and ratio <= max_ratio, (agree, ratio)

@@ -68,13 +68,10 @@ class FusedGroup:
             self._mul_key = key
         return self._row_mul
 
-    def traced_output(self, member: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
-        """Under torch.compile (static checks only): the first member traced records the fused call,
-        the others slice it while their input is the same traced tensor; None to run it alone. The
-        record is dropped once every member took its slice, so no tensor outlives the trace."""
-        if not (
+    def _applies(self, member: NVFP4Linear, x: torch.Tensor) -> bool:
+        """The checks both paths share (all static, so torch.compile can trace them)."""
+        return (
             HAS_TRITON  # the CUDA kernels that take per-row multipliers
-            and self._mul_key is not None
             and x.is_cuda
             and x.device == self.packed.device
             and x.dtype in (torch.bfloat16, torch.float16)
@@ -83,14 +80,22 @@ class FusedGroup:
             and all(
                 m.dense_weight is None and m.activation_mode == member.activation_mode for m in self.members
             )
-        ):
+        )
+
+    def _slice(self, y: torch.Tensor, member: NVFP4Linear) -> torch.Tensor:
+        return y[..., self.offsets[member._fused_index] : self.offsets[member._fused_index + 1]]
+
+    def traced_output(self, member: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """Under torch.compile: the first member traced records the fused call, the others slice it
+        while their input is the same traced tensor; None to run it alone. The record is dropped once
+        every member took its slice, so no tensor outlives the trace."""
+        if not (self._applies(member, x) and self._mul_key is not None):
             return None
         if self._traced_x is not x:
             xin = self.members[0].prepare_input(x)  # identical for every member (fuse_siblings checks)
             self._traced_y = nvfp4_linear(xin, self.packed, self.scale, self._row_mul, self.bias)
             self._traced_x, self._traced_n = x, 0
-        i = member._fused_index
-        y = self._traced_y[..., self.offsets[i] : self.offsets[i + 1]]
+        y = self._slice(self._traced_y, member)
         self._traced_n += 1
         if self._traced_n == len(self.members):
             self._traced_x = self._traced_y = None
@@ -102,23 +107,14 @@ class FusedGroup:
 
     def output(self, member: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output computed through the fused weight, or None to run it alone."""
-        if (
-            not (HAS_TRITON and x.is_cuda)
-            or x.dtype not in (torch.bfloat16, torch.float16)
-            or os.environ.get("NVFP4_FIX_KERNEL", "auto") not in ("", "auto")
-            or any(
-                m.dense_weight is not None or m.activation_mode != member.activation_mode
-                for m in self.members
-            )
-            or not self.intact()
-        ):
+        if not (self._applies(member, x) and self.intact()):
             return None
-        i = self.members.index(member)
+        i = member._fused_index
         if self._x is not x or self._x_version != x._version or i in self._served:
-            xin = member.prepare_input(x)
+            xin = self.members[0].prepare_input(x)
             self._y = nvfp4_linear(xin, self.packed, self.scale, self.row_mul(), self.bias)
             self._x, self._x_version, self._served = x, x._version, set()
-        y = self._y[..., self.offsets[i] : self.offsets[i + 1]]
+        y = self._slice(self._y, member)
         self._served.add(i)
         if len(self._served) == len(self.members):
             self._x = self._y = None

@@ -337,11 +337,6 @@ def _usable(device_index: int) -> bool:
         return False
 
 
-def usable(device: torch.device) -> bool:
-    """Whether the kernel compiles and loads on this CUDA device (compiles it once if not yet done)."""
-    return device.type == "cuda" and _usable(_device_index(device))
-
-
 #: Largest M the dispatch sends here: at 9..16 (two mma column tiles) the Triton tl.dot kernel
 #: measured as fast or faster on the H100.
 MAX_M = 8

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_ops import _sms
+
 __all__ = ["decode_attention", "supports", "BLOCK_N"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -125,11 +127,6 @@ def _combine_kernel(
     tl.store(out_ptr + pid * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _group_pad(groups: int) -> int:
     """Query heads per KV head, padded for tl.dot (at least 16 rows)."""
     return max(16, triton.next_power_of_2(groups))
@@ -137,7 +134,7 @@ def _group_pad(groups: int) -> int:
 
 def _num_splits(blocks: int, rows: int, device: torch.device, per_sm: int) -> int:
     """About ``per_sm`` programs per SM over the B * H_kv rows, at most one split per block."""
-    programs = per_sm * _sm_count(device.index or 0) if device.type == "cuda" else _INTERPRET_PROGRAMS
+    programs = per_sm * _sms(device) if device.type == "cuda" else _INTERPRET_PROGRAMS
     return max(1, min(blocks, MAX_SPLITS, triton.cdiv(programs, rows)))
 
 
