@@ -80,6 +80,7 @@ try:  # Triton is optional: without it decode attention stays on SDPA
     from .kernels import decode_attention as _triton_decode
 except Exception:  # pragma: no cover - depends on the environment
     _triton_decode = None
+from .kernels import kv_cache as _kv_cache
 
 logger = logging.getLogger("nvfp4_fix")
 
@@ -118,19 +119,58 @@ def _forward_api(model: nn.Module) -> _ForwardApi:
     return _ForwardApi(cache_kw, "cache_position" in params, logits_kw)
 
 
+@functools.cache
+def _realize_attention_inputs() -> None:
+    """Have inductor compute the decode attention's inputs once: a cheap pointwise input read by many
+    opaque ops (the [B, 1, 1, L] mask, the same for every layer) is otherwise recomputed into a new
+    buffer for each of them, one more kernel per layer and token."""
+    if _triton_decode is None:
+        return
+    with contextlib.suppress(Exception):  # a private inductor API: without it, only slower
+        from torch._inductor.lowering import add_needs_realized_inputs
+
+        add_needs_realized_inputs(torch.ops.nvfp4_fix.decode_attention.default)
+
+
+@functools.cache
+def _append_layer_class() -> type:
+    from transformers.cache_utils import StaticLayer
+
+    class AppendLayer(StaticLayer):
+        """A ``StaticLayer`` whose one-token update (the decode step) is one kernel instead of three:
+        ``kernels.kv_cache.append_kv`` writes K and V at ``cumulative_length`` and advances it, as
+        ``StaticLayer.update`` does. Other updates, and versions without ``cumulative_length``, are
+        ``StaticLayer``'s own."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+            length = getattr(self, "cumulative_length", None)
+            if (
+                not getattr(self, "is_initialized", False)
+                or key_states.shape[-2] != 1
+                or not isinstance(length, torch.Tensor)
+                or not _kv_cache.supports(self.keys, self.values, key_states, value_states, length)
+            ):
+                return super().update(key_states, value_states, *args, **kwargs)
+            if torch.compiler.is_compiling():
+                torch.ops.nvfp4_fix.append_kv(self.keys, self.values, key_states, value_states, length)
+            else:
+                _kv_cache.append_kv(self.keys, self.values, key_states, value_states, length)
+            return self.keys, self.values
+
+    return AppendLayer
+
+
 def _make_static_cache(model: nn.Module, max_cache_len: int) -> Any:
     from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
 
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise RuntimeError("this transformers version's StaticCache has no per-layer API")
-    for i, layer in enumerate(layers):
-        if getattr(layer, "is_sliding", False) or type(layer) is not StaticLayer:
-            # Full-length layer: the sliding window is applied by the mask (exact), and updates have
-            # no host-side state, so a captured graph stays valid for the whole generation.
-            layers[i] = StaticLayer(max_cache_len=max_cache_len)
+    # Full-length layers: the sliding window is applied by the mask (exact), and updates have no
+    # host-side state, so a captured graph stays valid for the whole generation.
+    layers[:] = [_append_layer_class()(max_cache_len=max_cache_len) for _ in layers]
     return cache
 
 
@@ -340,6 +380,8 @@ class _Runner:
         self.capture_s = 0.0
         self._forward = self._decode_forward
         self._tokens = self._sample
+        if compile_step:
+            _realize_attention_inputs()
         if compile_step and getattr(sampler, "greedy", False):
             # the argmax (two parallel stages) compiled with the forward
             self._tokens = torch.compile(self._greedy_tokens, dynamic=False, fullgraph=False)
