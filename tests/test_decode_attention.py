@@ -322,3 +322,30 @@ def test_gpu_cuda_graph_capture_and_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert (out.double() - reference(q, k, v, mask, 0.1)).abs().max().item() <= TOL[torch.bfloat16]
+
+
+def test_mask_function_goes_through_one_opaque_op_under_compile():
+    """Under torch.compile the sdpa mask is returned through nvfp4_fix::materialize (one buffer that
+    every layer's attention reads); eagerly it is the mask itself. The override is local to the block."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
+
+    import nvfp4_fix.generation as gen
+
+    def orig(n):
+        return torch.arange(n) < 3
+
+    wrapped = gen._mask_once(orig)
+    assert torch.equal(wrapped(5), orig(5))
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    fn = torch.compile(lambda x: x * wrapped(5), backend=backend, fullgraph=True)
+    torch.testing.assert_close(fn(torch.ones(5)), orig(5).float())
+    assert torch.ops.nvfp4_fix.materialize in seen
+    before = masks["sdpa"]
+    with gen._decode_attention(True):
+        assert masks["sdpa"] is not before
+    assert masks["sdpa"] is before

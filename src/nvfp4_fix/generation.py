@@ -120,19 +120,6 @@ def _forward_api(model: nn.Module) -> _ForwardApi:
 
 
 @functools.cache
-def _realize_attention_inputs() -> None:
-    """Have inductor compute the decode attention's inputs once: a cheap pointwise input read by many
-    opaque ops (the [B, 1, 1, L] mask, the same for every layer) is otherwise recomputed into a new
-    buffer for each of them, one more kernel per layer and token."""
-    if _triton_decode is None:
-        return
-    with contextlib.suppress(Exception):  # a private inductor API: without it, only slower
-        from torch._inductor.lowering import add_needs_realized_inputs
-
-        add_needs_realized_inputs(torch.ops.nvfp4_fix.decode_attention.default)
-
-
-@functools.cache
 def _append_layer_class() -> type:
     from transformers.cache_utils import StaticLayer
 
@@ -263,28 +250,60 @@ def _packed_gqa_sdpa(orig: Callable[..., Any]) -> Callable[..., Any]:
     return attention
 
 
+def _mask_once(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' ``sdpa`` mask function, whose mask inductor computes once per step: a cheap
+    pointwise input of an opaque op is otherwise recomputed into a new buffer for every op that reads
+    it (the same [B, 1, 1, L] mask for each layer's decode attention: one kernel per layer and token).
+    Returned through an opaque op, the mask is a buffer that every layer shares."""
+
+    def mask(*args: Any, **kwargs: Any) -> Any:
+        m = orig(*args, **kwargs)
+        if isinstance(m, torch.Tensor) and _triton_decode is not None and torch.compiler.is_compiling():
+            return torch.ops.nvfp4_fix.materialize(m)
+        return m
+
+    return mask
+
+
 @contextlib.contextmanager
-def _decode_attention(enabled: bool) -> Iterator[None]:
-    """Within the block, the ``sdpa`` attention of every transformers model is :func:`_packed_gqa_sdpa`
-    (a local override of ``ALL_ATTENTION_FUNCTIONS``, restored on exit). Captured graphs keep the kernels
-    they recorded, so only eager steps, warm-up and capture need the block."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as funcs
-    except ImportError:  # pragma: no cover - very old transformers
-        enabled = False
-    local = getattr(funcs, "_local_mapping", None) if enabled else None
-    if not isinstance(local, dict) or "sdpa" not in funcs:
+def _override(registry: Any, name: str, wrap: Callable[[Any], Any]) -> Iterator[None]:
+    """``registry[name] = wrap(registry[name])`` in a transformers interface's local mapping, restored
+    on exit; nothing where the registry or the name does not exist."""
+    local = getattr(registry, "_local_mapping", None)
+    if not isinstance(local, dict) or name not in registry:
         yield
         return
-    had, prev = "sdpa" in local, local.get("sdpa")
-    funcs["sdpa"] = _packed_gqa_sdpa(funcs["sdpa"])
+    had, prev = name in local, local.get(name)
+    registry[name] = wrap(registry[name])
     try:
         yield
     finally:
         if had:
-            funcs["sdpa"] = prev
+            registry[name] = prev
         else:
-            del funcs["sdpa"]
+            del registry[name]
+
+
+@contextlib.contextmanager
+def _decode_attention(enabled: bool) -> Iterator[None]:
+    """Within the block, the ``sdpa`` attention of every transformers model is :func:`_packed_gqa_sdpa`
+    and its mask function :func:`_mask_once` (local overrides of ``ALL_ATTENTION_FUNCTIONS`` and
+    ``ALL_MASK_ATTENTION_FUNCTIONS``, restored on exit). Captured graphs keep the kernels they recorded,
+    so only eager steps, warm-up and capture need the block."""
+    if not enabled:
+        yield
+        return
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as funcs
+    except ImportError:  # pragma: no cover - very old transformers
+        yield
+        return
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
+    except ImportError:  # pragma: no cover - transformers without masking_utils
+        masks = None
+    with _override(funcs, "sdpa", _packed_gqa_sdpa), _override(masks, "sdpa", _mask_once):
+        yield
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,8 +399,6 @@ class _Runner:
         self.capture_s = 0.0
         self._forward = self._decode_forward
         self._tokens = self._sample
-        if compile_step:
-            _realize_attention_inputs()
         if compile_step and getattr(sampler, "greedy", False):
             # the argmax (two parallel stages) compiled with the forward
             self._tokens = torch.compile(self._greedy_tokens, dynamic=False, fullgraph=False)

@@ -233,3 +233,15 @@ def _decode_attention_op(
 def _decode_attention_fake(q, k, v, mask, scale):
     b, h, _, d = q.shape
     return q.new_empty((b, 1, h, d))
+
+
+@torch.library.custom_op("nvfp4_fix::materialize", mutates_args=())
+def _materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x through an opaque op: under torch.compile, a buffer computed once however many ops
+    read it (see ``generation._mask_once``)."""
+    return x.clone()
+
+
+@_materialize.register_fake
+def _materialize_fake(x):
+    return torch.empty_like(x)
