@@ -17,31 +17,24 @@ from bench_kernels import SHAPES, Layer, bench_graph, rel_err
 from nvfp4_fix.codec import dequantize
 from nvfp4_fix.kernels import cuda_mma
 
-BASE = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1, "MINB": 2, "ASYNC": 0, "STAGES": 4, "MAXW": 8}
-# Register-slot prefetch (DEPTH chunks ahead, activations ahead with XPRE=1 or at use)...
 VARIANTS = [
-    {**BASE, "DEPTH": d, "XPRE": x, "MINB": b}
-    for d, x, b in [(2, 1, 2), (2, 0, 1), (2, 0, 2), (2, 0, 3), (1, 1, 3), (3, 0, 2), (4, 0, 1)]
-]
-# ...and cp.async staging through shared memory (STAGES - 1 chunks ahead; MAXW warps' worth of stages).
-VARIANTS += [
-    {**BASE, "ASYNC": 1, "STAGES": st, "MAXW": mw, "MINB": b}
-    for st, mw, b in [(3, 8, 2), (4, 8, 1), (4, 8, 2), (4, 8, 3), (6, 4, 3), (8, 4, 2), (6, 4, 4)]
+    {"DEPTH": d, "XPRE": x, "LOADONLY": 0, "RT": 1, "MINB": b}
+    for d, x, b in [
+        (2, 1, 1),
+        (2, 0, 1),
+        (2, 1, 2),
+        (2, 0, 2),
+        (2, 0, 3),
+        (1, 1, 3),
+        (3, 0, 2),
+        (3, 0, 1),
+        (3, 1, 1),
+        (4, 0, 1),
+        (4, 0, 2),
+    ]
 ]
 # Diagnostic: the same loads with no decode or mma (wrong results): the access pattern's bandwidth.
-LOAD_ONLY = [{**BASE, "LOADONLY": 1, "MINB": b} for b in (1, 3)] + [
-    {**BASE, "LOADONLY": 1, "ASYNC": 1, "STAGES": 4, "MINB": 2}
-]
-
-
-def tag(v: dict, w: int) -> str:
-    if v["ASYNC"]:
-        return f"A{v['STAGES']}B{v['MINB']}w{w}"
-    return f"D{v['DEPTH']}X{v['XPRE']}B{v['MINB']}w{w}"
-
-
-def valid(v: dict, w: int) -> bool:
-    return not v["ASYNC"] or w <= v["MAXW"]
+LOAD_ONLY = [{"DEPTH": 2, "XPRE": 0, "LOADONLY": 1, "RT": 1, "MINB": b} for b in (1, 3)]
 
 
 def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) -> None:
@@ -53,8 +46,6 @@ def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) 
     default = bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i)))
     results = []
     for v, w in itertools.product(VARIANTS, warps):
-        if not valid(v, w):
-            continue
         err = rel_err(cuda_mma.linear(x0, wp, ws, mul, warps=w, variant=v), ref)
         assert err < 1e-2, (name, m, v, w, err)
         t = bench_graph(lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v))
@@ -64,12 +55,11 @@ def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) 
         lo = [
             (bench_graph(lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v)), v, w)
             for v, w in itertools.product(LOAD_ONLY, warps)
-            if valid(v, w)
         ]
-        print("  load only: " + " ".join(f"{r[0]:.1f}@{tag(r[1], r[2])}" for r in lo))
+        print("  load only: " + " ".join(f"{r[0]:.1f}@B{r[1]['MINB']}w{r[2]}" for r in lo))
     vs = ",".join(f"{a}={b}" for a, b in v.items())
     print(f"| {name} | {n}x{k} | {m} | {cub:.1f} | {t:.1f} | {cub / t:.2f}x | {vs} | {w} | {default:.1f} |")
-    tags = [f"{r[0]:.1f}@{tag(r[1], r[2])}" for r in results]
+    tags = [f"{r[0]:.1f}@D{r[1]['DEPTH']}X{r[1]['XPRE']}B{r[1]['MINB']}w{r[2]}" for r in results]
     print("  " + " ".join(tags), flush=True)
 
 

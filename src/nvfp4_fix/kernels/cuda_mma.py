@@ -203,41 +203,6 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
   }
 }
 
-#if ASYNC && (XPRE || RT != 1)
-#error "ASYNC stages codes and scales only: XPRE=0, RT=1"
-#endif
-#if ASYNC
-// Multi-stage staging through shared memory (cp.async, no registers held by loads in flight).
-// Per warp and stage: the codes of rows g and g+8 of every lane (2 x 512 bytes, each lane reads back
-// what it copied) and the 16 rows x 8 e4m3 scales of the chunk (lane L copies 4 bytes of row L/2).
-#define STAGE_BYTES 1152
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-__device__ __forceinline__ void stage_chunk(u32 dst, int c, int lane, const u8* const* wp, const u8* sc) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + lane * 16), "l"(wp[0] + c * 64));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + 512 + lane * 16),
-               "l"(wp[1] + c * 64));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(dst + 1024 + lane * 4), "l"(sc + c * 8));
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-__device__ __forceinline__ void read_stage(Slot& S, u32 src, int lane, int g, int t) {
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(S.q[0][0][0]), "=r"(S.q[0][0][1]), "=r"(S.q[0][0][2]), "=r"(S.q[0][0][3])
-               : "r"(src + lane * 16) : "memory");
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(S.q[0][1][0]), "=r"(S.q[0][1][1]), "=r"(S.q[0][1][2]), "=r"(S.q[0][1][3])
-               : "r"(src + 512 + lane * 16) : "memory");
-  u16 a, b;
-  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(a) : "r"(src + 1024 + g * 8 + t * 2) : "memory");
-  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(b) : "r"(src + 1024 + (g + 8) * 8 + t * 2) : "memory");
-  S.s[0][0] = a;
-  S.s[0][1] = b;
-}
-#endif
-
 extern "C" __global__ void __launch_bounds__(256, MINB)
 nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
           const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
@@ -263,32 +228,6 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   for (int j = 0; j < NT; ++j) xr[j] = x + (u64)min(8 * j + g, M - 1) * ldx + t * 32;
   float acc[4][RT][NT][4] = {};
 
-#if ASYNC
-  // STAGES - 1 chunks in flight ahead of the one being computed; past the end the last chunk is
-  // staged again (cached, never used) so every iteration commits one group.
-  __shared__ __align__(16) u8 stage[MAXW][STAGES][STAGE_BYTES];
-  const u32 sbase = smem_addr(stage[warp][0]);
-  const u8* ssrc = s + (u64)min(row0 + (lane >> 1), N - 1) * (K >> 4) + (lane & 1) * 4;
-  const int last = c_hi - 1;
-  if (c_lo < c_hi) {
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i)
-      stage_chunk(sbase + i * STAGE_BYTES, min(c_lo + i, last), lane, wp, ssrc);
-  }
-  int slot = 0;
-  for (int c = c_lo; c < c_hi; ++c) {
-    asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
-    __syncwarp();
-    Slot S;
-    read_stage(S, sbase + slot * STAGE_BYTES, lane, g, t);
-    __syncwarp();
-    const int refill = slot == 0 ? STAGES - 1 : slot - 1;
-    stage_chunk(sbase + refill * STAGE_BYTES, min(c + STAGES - 1, last), lane, wp, ssrc);
-    compute(S, acc, c, xr);
-    slot = slot == STAGES - 1 ? 0 : slot + 1;
-  }
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
-#else
   // DEPTH chunks in flight ahead of the one being computed, DEPTH + 1 slots in rotation, unrolled
   // so that no registers move between slots; past the end the last chunk is reloaded (cached,
   // never used) so the loads need no branches.
@@ -306,7 +245,6 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
       if (c + i + 1 >= c_hi) break;
     }
   }
-#endif
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
 #pragma unroll
@@ -358,7 +296,7 @@ _DEFINES = {
 
 #: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
 #: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
-VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "ASYNC": 0, "STAGES": 4, "MAXW": 8}
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2}
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
@@ -435,8 +373,8 @@ def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, warps: int | Non
     var = dict(variant)
     rows = 16 * var["RT"]
     w = warps or warps_for(n, k, torch.device("cuda", dev), rows)
-    if not 1 <= w <= (var["MAXW"] if var["ASYNC"] else 8):
-        raise ValueError(f"cuda_mma runs 1 to 8 (MAXW with ASYNC) warps per block, got {w}")
+    if not 1 <= w <= 8:
+        raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
     kern = _kernel(dtype, 1 if m <= 8 else 2, dev, variant)
     return kern, (-(-n // rows), 1, 1), (32 * w, 1, 1)
 
