@@ -23,6 +23,9 @@ GPU mostly waits for the CPU. Here:
 * one decode step -- forward on a static ``input_ids``/position tensor, sampling, stop-token
   bookkeeping, writing the token into a device-side sequence buffer, advancing the position -- is
   warmed up on a side stream, captured into a ``torch.cuda.CUDAGraph`` and replayed once per token;
+* each decode token's K and V are written into the static cache, and the layer's length advanced, by
+  one launch (``kernels/kv_cache.py``) instead of ``StaticLayer.update``'s three ops
+  (``NVFP4_FIX_KV_APPEND=0`` keeps transformers' own);
 * decode attention (one query token over the static cache) is a Triton split-KV kernel
   (``kernels/decode_attention.py``) that reads only the cache blocks the mask allows -- not the whole
   cache, and without ``repeat_kv`` copies of it -- also under ``compile_step`` (an opaque custom op);
@@ -46,7 +49,7 @@ can part ways after a few tokens. Sampling draws from the same distribution
 as ``model.generate`` but with another random stream.
 
 Measured (H100, random Llama-3-8B shape, batch 1, prompt 128 / 2048, benchmarks/RESULTS-generation.md):
-NVFP4 207 / 200 tok/s with the graph, 315-323 / 299-301 tok/s with ``compile_step=True`` (10-40 s
+NVFP4 217 / 210 tok/s with the graph, 327-329 / 310-311 tok/s with ``compile_step=True`` (10-40 s
 of compilation on the first call); bf16 118 / 115 tok/s with the graph against 10-13 tok/s for
 ``model.generate``.
 
@@ -86,6 +89,8 @@ logger = logging.getLogger("nvfp4_fix")
 
 # NVFP4_FIX_DECODE_ATTENTION=0: decode attention through SDPA instead of the Triton split-KV kernel
 _TRITON_DECODE = os.environ.get("NVFP4_FIX_DECODE_ATTENTION", "1") != "0"
+# NVFP4_FIX_KV_APPEND=0: the decode step's cache update through StaticLayer's own ops
+_KV_APPEND = os.environ.get("NVFP4_FIX_KV_APPEND", "1") != "0"
 # devices whose tensors go to that kernel; not the CPU even under TRITON_INTERPRET=1 (~40 ms a call)
 _TRITON_DECODE_DEVICES = ("cuda",)
 
@@ -133,7 +138,8 @@ def _append_layer_class() -> type:
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
             length = getattr(self, "cumulative_length", None)
             if (
-                not getattr(self, "is_initialized", False)
+                not _KV_APPEND
+                or not getattr(self, "is_initialized", False)
                 or key_states.shape[-2] != 1
                 or not isinstance(length, torch.Tensor)
                 or not _kv_cache.supports(self.keys, self.values, key_states, value_states, length)
