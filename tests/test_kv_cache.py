@@ -97,9 +97,13 @@ def test_custom_op_under_torch_compile():
     assert torch.equal(keys, want[0]) and torch.equal(values, want[1]) and int(n) == 6
 
 
-def test_generation_appends_through_the_kernel(monkeypatch):
-    """The fast path's static cache writes each decode token with one append per layer and matches
-    model.generate (greedy, float32)."""
+@pytest.mark.parametrize("enabled", [True, False], ids=["append", "NVFP4_FIX_KV_APPEND=0"])
+def test_generation_appends_through_the_kernel(monkeypatch, enabled):
+    """The fast path's static cache writes each decode token with one append per layer (none with the
+    switch off) and matches model.generate (greedy, float32) either way."""
+    import nvfp4_fix.generation as gen
+
+    monkeypatch.setattr(gen, "_KV_APPEND", enabled)
     import transformers as tf
     from transformers import GenerationConfig
 
@@ -129,9 +133,9 @@ def test_generation_appends_through_the_kernel(monkeypatch):
     assert got.tolist() == want.tolist()
     from transformers.cache_utils import StaticLayer
 
-    if hasattr(StaticLayer(max_cache_len=4), "cumulative_length"):  # transformers >= 5
+    if enabled and hasattr(StaticLayer(max_cache_len=4), "cumulative_length"):  # transformers >= 5
         assert len(calls) == 3 * 5  # 3 layers x 5 decode steps
-    else:  # 4.x: StaticLayer.update writes at cache_kwargs["cache_position"], left as it is
+    else:  # switched off, or 4.x (StaticLayer.update writes at cache_kwargs["cache_position"])
         assert not calls
 
 
