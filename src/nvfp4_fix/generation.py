@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import logging
 import math
@@ -521,8 +522,18 @@ class _Runner:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._restore(saved)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.decode_step()
+        # A CUDAGraph that the garbage collector frees during the capture (e.g. a dropped runner's, kept
+        # alive by a reference cycle) resets itself, which invalidates the capture: collect first, and
+        # not during it.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph):
+                self.decode_step()
+        finally:
+            if collecting:
+                gc.enable()
         self._restore(saved)  # capture runs nothing, but be certain
         torch.cuda.synchronize(self.device)
         torch.cuda.set_rng_state(rng, self.device)
@@ -542,8 +553,14 @@ class _Runner:
 def clear_cache(model: nn.Module) -> None:
     """Drop the captured graphs and static caches kept on ``model`` by :func:`generate`."""
     runners = getattr(model, _RUNNERS_ATTR, None)
-    if runners:
-        runners.clear()
+    while runners:
+        _drop(runners.popitem()[1])
+
+
+def _drop(runner: _Runner) -> None:
+    """Free a runner's graph now (runners sit in reference cycles, so the GC would free it later, at a
+    time of its choosing -- possibly during another capture)."""
+    runner.graph = None
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -722,7 +739,7 @@ def generate(
     with torch.no_grad(), _decode_attention(pack_gqa):
         if fresh:
             while len(runners) >= _MAX_RUNNERS:
-                runners.popitem(last=False)
+                _drop(runners.popitem(last=False)[1])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             runner = _Runner(model, batch, cache_len, device, make_sampler(temperature, top_k, top_p),
