@@ -217,10 +217,18 @@ def test_one_dimensional_prompt_and_runner_reuse(checkpoints):
     runners = getattr(model, _RUNNERS_ATTR)
     assert len(runners) == 1
     first = next(iter(runners.values()))
+    first.graph = sentinel = object()  # stands for a captured graph
     clear_cache(model)  # an emptied cache must stay attached and be refilled
+    assert first.graph is None  # dropped at once, not whenever the GC gets to the runner's cycle
     generate(model, b, 9, use_cuda_graph=False, stop_token_ids=())
     generate(model, b, 9, use_cuda_graph=False, stop_token_ids=())
     assert len(runners) == 1 and next(iter(runners.values())) is not first
+    # runners beyond the limit are evicted, least recently used first, their graphs freed at once
+    kept = next(iter(runners.values()))
+    kept.graph = sentinel
+    for n in (5, 6):  # other cache lengths: other runners
+        generate(model, b, n, use_cuda_graph=False, stop_token_ids=(), max_cache_len=64 * n)
+    assert kept not in runners.values() and kept.graph is None
 
 
 @pytest.mark.parametrize("sync_every", [1, 4, 64])
