@@ -46,9 +46,11 @@ if triton is not None:
             r = r0 + tl.arange(0, BLOCK_R)
             b = (r // H).to(tl.int64)[:, None]
             h = (r % H).to(tl.int64)[:, None]
-            ok = (r < rows)[:, None] & (d < D)[None, :]
-            kx = tl.load(k_ptr + b * sk_b + h * sk_h + d[None, :], mask=ok)
-            vx = tl.load(v_ptr + b * sv_b + h * sv_h + d[None, :], mask=ok)
+            inside = (d < D)[None, :]
+            ok = (r < rows)[:, None] & inside
+            # the loads do not wait for the length; only the stores depend on it
+            kx = tl.load(k_ptr + b * sk_b + h * sk_h + d[None, :], mask=(r < R)[:, None] & inside)
+            vx = tl.load(v_ptr + b * sv_b + h * sv_h + d[None, :], mask=(r < R)[:, None] & inside)
             tl.store(kc_ptr + b * skc_b + h * skc_h + pos * skc_n + d[None, :], kx, mask=ok)
             tl.store(vc_ptr + b * svc_b + h * svc_h + pos * svc_n + d[None, :], vx, mask=ok)
         tl.store(len_ptr, pos + 1)
