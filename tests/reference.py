@@ -146,3 +146,16 @@ def fixture_dirs(root: Path) -> list[Path]:
 def manifest(root: Path) -> dict:
     f = root / "MANIFEST.json"
     return json.loads(f.read_text()) if f.exists() else {}
+
+
+def hf_greedy(model, ids: torch.Tensor, n: int, eos=None, pad: int = 0) -> torch.Tensor:
+    """transformers' own greedy decoding: what the fast generation path must reproduce."""
+    from transformers import GenerationConfig
+
+    # eos None would let generate() fall back to the model's generation_config EOS ids: [] means none.
+    eos = [] if eos is None else eos
+    gc = GenerationConfig(
+        do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, bos_token_id=None
+    )
+    with torch.no_grad():
+        return model.generate(input_ids=ids.to(model.device), generation_config=gc).cpu()

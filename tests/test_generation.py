@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import hf_greedy
 
 from nvfp4_fix.generation import clear_cache, generate, make_sampler, warp_logits
 from nvfp4_fix.loading import from_pretrained
@@ -99,18 +100,6 @@ def prompt(model, length: int = 13, batch: int = 1, seed: int = 0) -> torch.Tens
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(seed)
     return torch.randint(5, min(vocab, 500), (batch, length), generator=g)
-
-
-def hf_greedy(model, ids: torch.Tensor, n: int, eos=None, pad: int = 0) -> torch.Tensor:
-    from transformers import GenerationConfig
-
-    # eos None would let generate() fall back to the model's generation_config EOS ids: [] means none.
-    eos = [] if eos is None else eos
-    gc = GenerationConfig(
-        do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, bos_token_id=None
-    )
-    with torch.no_grad():
-        return model.generate(input_ids=ids.to(model.device), generation_config=gc).cpu()
 
 
 class Collect:

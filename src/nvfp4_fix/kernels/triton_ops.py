@@ -341,12 +341,9 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
     scratch = torch.empty((min(rows, n), k), dtype=dtype, device=x2.device)
     for r0 in range(0, n, rows):
         r = min(rows, n - r0)
-        _chunk_mm(x2, dequantize_rows(wp, ws, mul, dtype, r0, r, out=scratch[:r]), bias, y, r0, r)
+        wd = dequantize_rows(wp, ws, mul, dtype, r0, r, out=scratch[:r])
+        if bias is not None:
+            torch.addmm(bias[r0 : r0 + r].to(dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
+        else:
+            torch.mm(x2, wd.t(), out=y[:, r0 : r0 + r])
     return y
-
-
-def _chunk_mm(x2, wd, bias, y, r0, r):
-    if bias is not None:
-        torch.addmm(bias[r0 : r0 + r].to(x2.dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
-    else:
-        torch.mm(x2, wd.t(), out=y[:, r0 : r0 + r])
