@@ -342,7 +342,6 @@ def _mm_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr = False,  # compute (W x^T)^T: the weight tile is the MMA's A operand
     ASM: tl.constexpr = True,  # packed PTX dequantization (False: plain Triton, for the interpreter)
     DOT_F32: tl.constexpr = False,  # interpreter only: its bf16 tl.dot is broken
     MUL_ROWS: tl.constexpr = False,  # mul_ptr holds one multiplier per output feature
@@ -372,10 +371,7 @@ def _mm_kernel(
     x_base = x_ptr + rm_c[:, None] * stride_xm + rk[None, :]
     w_base = w_ptr + rn_c[:, None] * K2 + rk2[None, :]
     s_base = s_ptr + rn_c[:, None] * KB + rkb[None, :]
-    if SWAP:
-        acc_t = tl.zeros([BN, BM], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k in range(k0, k_end, BK):
         if EVEN_K:
             xt = tl.load(x_base + k)
@@ -389,18 +385,10 @@ def _mm_kernel(
         if DOT_F32:
             xt = xt.to(tl.float32)
             w = w.to(tl.float32)
-        if SWAP:  # W^T as the A operand (registers), x^T as B: lets Hopper use wgmma
-            if DOT_F32:
-                acc_t = tl.dot(w, tl.trans(xt), acc_t, input_precision="ieee")
-            else:
-                acc_t = tl.dot(w, tl.trans(xt), acc_t)
+        if DOT_F32:
+            acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
         else:
-            if DOT_F32:
-                acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, tl.trans(w), acc)
-    if SWAP:
-        acc = tl.trans(acc_t)
+            acc = tl.dot(xt, tl.trans(w), acc)
     if MUL_ROWS:
         acc = acc * (tl.load(mul_ptr + rn_c) * 128.0)[None, :]  # tiles carry value * scale * 2^-7
     else:

@@ -268,7 +268,6 @@ def mm(x2, wp, ws, mul, bias=None, *, out=None, cfg=None):
         EVEN_K=even,
         HAS_BIAS=bias is not None,
         GROUP_M=cfg.get("GROUP_M", 8),
-        SWAP=cfg.get("SWAP", False),
         ASM=cfg.get("ASM", not _INTERPRET),
         DOT_F32=_INTERPRET,
         MUL_ROWS=mul_rows,
