@@ -36,7 +36,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=6)
     args = ap.parse_args()
     shapes = {name: (n, k) for key in SHAPES for name, n, k in SHAPES[key]}
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
+        flush=True,
+    )
     broken: set[str] = set()
     for name in args.layers.split(","):
         n, k = shapes[name]
@@ -62,7 +65,10 @@ def main() -> None:
                     print(f"  failed {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                     broken.add(key)
             res.sort(key=lambda r: r[0])
-            print(f"## {name} {n}x{k} M={m}: cuBLAS {cublas:.1f} us, dequant_mm {dmm:.1f} us ({cublas / dmm:.2f}x)", flush=True)
+            print(
+                f"## {name} {n}x{k} M={m}: cuBLAS {cublas:.1f} us, dequant_mm {dmm:.1f} us ({cublas / dmm:.2f}x)",
+                flush=True,
+            )
             for t, cfg in res[: args.top]:
                 print(f"  {t:8.1f} us {cublas / t:.2f}x {cfg}", flush=True)
             lay = None

@@ -28,14 +28,22 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(v) for v in args.mb.split(",")]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("| layer | N x K | M | cuBLAS us (before/after) | " + " | ".join(f"{s} MB" for s in sizes) + " | best x cuBLAS |")
+    print(
+        "| layer | N x K | M | cuBLAS us (before/after) | "
+        + " | ".join(f"{s} MB" for s in sizes)
+        + " | best x cuBLAS |"
+    )
     print("|" + "---|" * (5 + len(sizes)))
     for name, n, k in [s for key in args.models.split(",") for s in SHAPES[key]]:
         for m in [int(v) for v in args.m.split(",")]:
             lay = Layer(n, k, m)
             nw = len(lay.w16)
+
             def cublas():
-                return bench_graph(lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw]))
+                return bench_graph(
+                    lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw])
+                )
+
             before = cublas()
             ref = torch.nn.functional.linear(lay.x[0].float(), lay.w16[0].float())
             times = []
@@ -48,7 +56,10 @@ def main() -> None:
             after = cublas()
             base = min(before, after)
             cells = " | ".join(f"{t:.1f}" for t in times)
-            print(f"| {name} | {n}x{k} | {m} | {before:.1f} / {after:.1f} | {cells} | {base / min(times):.2f}x |", flush=True)
+            print(
+                f"| {name} | {n}x{k} | {m} | {before:.1f} / {after:.1f} | {cells} | {base / min(times):.2f}x |",
+                flush=True,
+            )
             lay = None
             torch.cuda.empty_cache()
 

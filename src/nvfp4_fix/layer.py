@@ -16,12 +16,14 @@ AWQ                   -                            ``pre_quant_scale`` [K]
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT
 from .codec import BLOCK, FP4_MAX, FP8_MAX, dequantize, e2m1_table, round_to_e2m1_codes
-from .kernels import nvfp4_linear
+from .kernels import act_quant, nvfp4_linear
 
 #: Set by ``enable_low_memory_mode()``: no layer may hold a dequantized copy of its weight.
 LOW_MEMORY = False
@@ -48,6 +50,14 @@ def fake_quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> 
     codes = round_to_e2m1_codes((groups.to(torch.float32) / step).clamp(-FP4_MAX, FP4_MAX))
     q = e2m1_table(x.device)[codes.long()]
     return (q * step).to(x.dtype).reshape(shape)
+
+
+def quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> torch.Tensor:
+    """``fake_quantize_activations`` in one fused kernel where it runs (CUDA with Triton; the same
+    bits), else the torch ops. ``NVFP4_FIX_KERNEL=reference`` forces the torch ops."""
+    if act_quant.supports(x) and x.is_cuda and os.environ.get("NVFP4_FIX_KERNEL") != "reference":
+        return act_quant.fake_quantize(x, global_divisor)
+    return fake_quantize_activations(x, global_divisor)
 
 
 class NVFP4Linear(nn.Module):
@@ -164,7 +174,7 @@ class NVFP4Linear(nn.Module):
             x = x * self.pre_quant_scale.to(x.dtype)
         divisor = self.input_divisor
         if divisor is not None and self.activation_mode == "quantize":
-            x = fake_quantize_activations(x, divisor)
+            x = quantize_activations(x, divisor)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
