@@ -63,17 +63,6 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
 __device__ __forceinline__ u32 dec(u32 u) {
   return (u & 0x80008000u) | ((u & 0x70007000u) >> SHIFT);
 }
-#ifndef FAKEDEC
-#define FAKEDEC 0
-#endif
-// Timing-only stand-ins (wrong values) with the instruction counts of a re-laid-out word's decode:
-// pairs needing 1 (mask), 2 (rotate + mask), 3 and 4 integer ops.
-__device__ __forceinline__ u32 fdec2(u32 w) {
-  return (w & 0x80008000u) | (__funnelshift_l(w, w, 10) & 0x01C001C0u);
-}
-__device__ __forceinline__ u32 fdec3(u32 w) {
-  return ((w << 5) & 0x80008000u) | (__funnelshift_l(w, w, 13) & 0x01C001C0u);
-}
 __device__ __forceinline__ u32 scl(u32 a, u32 s) {
   u32 d;
   asm("fma.rn." HTYPE " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u));
@@ -196,28 +185,17 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const u32 lo = X[j][4 * q + 1 - h], hi = X[j][4 * q + 3 - h];
-#if FAKEDEC & 2
-        b0[j] = lo; b1[j] = hi;
-#else
         b0[j] = prmt(lo, hi, 0x7632u);
         b1[j] = prmt(lo, hi, 0x5410u);
-#endif
       }
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         const u32 sa = sc[r][0][q >> 1], sb = sc[r][1][q >> 1];
         const u32 wa = S.q[r][0][q], wb = S.q[r][1][q];
-#if FAKEDEC & 1
-        const u32 a0 = scl(h ? fdec2(wa) : (wa & 0x81C081C0u), sa);
-        const u32 a2 = scl(h ? fdec3(wa) : (__funnelshift_l(wa, wa, 3) & 0x81C081C0u), sa);
-        const u32 a1 = scl(h ? fdec2(wb) : (wb & 0x81C081C0u), sb);
-        const u32 a3 = scl(h ? fdec3(wb) : (__funnelshift_l(wb, wb, 3) & 0x81C081C0u), sb);
-#else
         const u32 a0 = scl(dec(wa << (8 * h)), sa);
         const u32 a2 = scl(dec(wa << (8 * h + 4)), sa);
         const u32 a1 = scl(dec(wb << (8 * h)), sb);
         const u32 a3 = scl(dec(wb << (8 * h + 4)), sb);
-#endif
 #pragma unroll
         for (int j = 0; j < NT; ++j) mma(acc[q][r][j], a0, a1, a2, a3, b0[j], b1[j]);
       }
