@@ -6,8 +6,9 @@
 
 Timing: every method is captured in a CUDA graph as 10 back-to-back calls and the graph replayed 15
 times (CUDA events, median per call): that is how a decode step runs (graph-captured, no launch gaps),
-and it keeps Python launch overhead out of the kernel numbers. cuBLAS and the auto path (the columns
-the speedup compares) alternate their replays, so both run at the same clocks. Each call uses the next of several
+and it keeps Python launch overhead out of the kernel numbers. Each graph is first replayed for 30 ms,
+so each method is timed at its own steady clocks (``--interleave`` instead alternates the cuBLAS and
+auto replays; benchmarks/RESULTS.md, session 5, shows what the order does to the ratios). Each call uses the next of several
 copies of the weights and activations, enough copies that consecutive calls never find their
 weights in the 50 MB L2. The plain-torch dequantize-then-matmul baseline cannot be captured (it builds
 a lookup table on the host) and is timed with triton.testing.do_bench (median, L2 flushed each rep).
@@ -84,6 +85,22 @@ class Layer:
         return self.x[i % len(self.x)], wp, ws, mul
 
 
+WARM_MS = 30.0
+
+
+def _warm(g):
+    """Replay g for WARM_MS first: the card's clocks settle to this method's own steady state (right
+    after a cuBLAS GEMM at full power they are lower, which biased the next method's first replays)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    b.synchronize()
+    for _ in range(min(500, int(WARM_MS / max(a.elapsed_time(b), 1e-3)))):
+        g.replay()
+    torch.cuda.synchronize()
+
+
 def bench_graph(call, n_inner=10, reps=15):
     """call(i) -> one layer call; returns median us per call of graph-replayed back-to-back calls."""
     s = torch.cuda.Stream()
@@ -97,8 +114,7 @@ def bench_graph(call, n_inner=10, reps=15):
     with torch.cuda.graph(g):
         for i in range(n_inner):
             call(i)
-    g.replay()
-    torch.cuda.synchronize()
+    _warm(g)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -113,9 +129,8 @@ def bench_graph(call, n_inner=10, reps=15):
 
 
 def bench_graphs_interleaved(calls, n_inner=10, reps=15):
-    """Like bench_graph for several methods at once, their graph replays alternating, so each sees the
-    same clocks: a card that has just run cuBLAS at full power clocks lower for the next method, which
-    biased back-to-back measurements against whichever came second. Median us per call, per method."""
+    """Like bench_graph for several methods at once, their graph replays alternating (``--interleave``):
+    each replay then starts from the clocks the other method left. Median us per call, per method."""
     graphs = []
     for call in calls:
         s = torch.cuda.Stream()
@@ -129,9 +144,8 @@ def bench_graphs_interleaved(calls, n_inner=10, reps=15):
         with torch.cuda.graph(g):
             for i in range(n_inner):
                 call(i)
-        g.replay()
+        _warm(g)
         graphs.append(g)
-    torch.cuda.synchronize()
     times = [[] for _ in calls]
     for _ in range(reps):
         for g, ts in zip(graphs, times, strict=True):
@@ -256,6 +270,7 @@ def main():
     ap.add_argument("--no-torch-dequant", action="store_true", help="skip the slow plain-torch baseline")
     ap.add_argument("--out", default=None, help="also write the log here")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--interleave", action="store_true", help="alternate cuBLAS and auto replays")
     ap.add_argument(
         "--mma-warps", default="", help="also time cuda_mma with these warps per block, e.g. 4,8,16"
     )
@@ -323,12 +338,14 @@ def main():
             x0, wp, ws, mul = lay.qargs(0)
             r = {"layer": name, "N": n, "K": k, "M": m}
             nw = len(lay.w16)
-            r["cublas"], r["auto"] = bench_graphs_interleaved(
-                [
-                    lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw]),
-                    lambda i: K.nvfp4_linear(*lay.qargs(i)),
-                ]
-            )
+            pair = [
+                lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw]),
+                lambda i: K.nvfp4_linear(*lay.qargs(i)),
+            ]
+            if args.interleave:
+                r["cublas"], r["auto"] = bench_graphs_interleaved(pair)
+            else:
+                r["cublas"], r["auto"] = bench_graph(pair[0]), bench_graph(pair[1])
             kern = K.select_kernel(x0, n, k)
             r["kernel"] = kern
             ref = torch.nn.functional.linear(x0.float(), lay.w16[0].float())
