@@ -29,6 +29,7 @@ import torch
 
 from . import cpu as _cpu
 from . import cuda_mma as _cuda_mma
+from .device import on_device_of
 from .reference import linear_reference
 
 try:  # Triton is optional: without it CUDA falls back to the chunked torch path.
@@ -81,6 +82,11 @@ def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
 
 
 def _run(kernel: str, x2, wp, ws, mul, bias):
+    with on_device_of(x2):
+        return _run_here(kernel, x2, wp, ws, mul, bias)
+
+
+def _run_here(kernel: str, x2, wp, ws, mul, bias):
     n, k = wp.shape[0], x2.shape[1]
     if ws.dtype == torch.uint8:  # the op carries the scales as raw bytes
         ws = ws.view(torch.float8_e4m3fn)
@@ -193,5 +199,7 @@ def dequantize_weight(
         and HAS_TRITON
         and dtype in (torch.float16, torch.bfloat16, torch.float32)
     ):
-        return _tops.dequantize_rows(weight_packed, weight_scale, weight_mul.to(weight_packed.device), dtype)
+        mul = weight_mul.to(weight_packed.device)
+        with on_device_of(weight_packed):
+            return _tops.dequantize_rows(weight_packed, weight_scale, mul, dtype)
     return _cpu.dequantize_dense(weight_packed, weight_scale, weight_mul.to(weight_packed.device), dtype)

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from .device import on_device_of
+
 try:
     import triton
     import triton.language as tl
@@ -97,7 +99,8 @@ def _launch(x: torch.Tensor, global_divisor: torch.Tensor) -> torch.Tensor:
     if n_groups:
         g = global_divisor.to(device=x.device, dtype=torch.float32).reshape(1)
         grid = (triton.cdiv(n_groups, _GROUPS),)
-        _fake_quant_kernel[grid](xc, out, g, n_groups, BLOCK_G=_GROUPS, RECIP=x.is_cuda, num_warps=4)
+        with on_device_of(x):
+            _fake_quant_kernel[grid](xc, out, g, n_groups, BLOCK_G=_GROUPS, RECIP=x.is_cuda, num_warps=4)
     return out
 
 

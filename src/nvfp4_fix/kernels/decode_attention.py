@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_device_of
 from .triton_ops import _sms
 
 __all__ = ["decode_attention", "supports", "BLOCK_N"]
@@ -207,18 +208,19 @@ def decode_attention(
         mask_arg = mask.view(torch.uint8) if kind == _BOOL_MASK else mask
         smask_b = mask.stride(0) if mask.shape[0] > 1 else 0
         smask_n = mask.stride(3)
-    _split_kernel[(b * hkv, splits)](
-        q, k, v, mask_arg, o_part, m_part, l_part,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), smask_b, smask_n,
-        length, scale * _LOG2E, per_split,
-        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, MASK=kind,
-        DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=num_warps, num_stages=2,
-    )  # fmt: skip
-    _combine_kernel[(b * h,)](
-        o_part, m_part, l_part, out, splits,
-        G=g, GP=gp, D=d, SP=max(2, triton.next_power_of_2(splits)), num_warps=4,
-    )  # fmt: skip
+    with on_device_of(q):
+        _split_kernel[(b * hkv, splits)](
+            q, k, v, mask_arg, o_part, m_part, l_part,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), smask_b, smask_n,
+            length, scale * _LOG2E, per_split,
+            HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, MASK=kind,
+            DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=num_warps, num_stages=2,
+        )  # fmt: skip
+        _combine_kernel[(b * h,)](
+            o_part, m_part, l_part, out, splits,
+            G=g, GP=gp, D=d, SP=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        )  # fmt: skip
     return out
 
 

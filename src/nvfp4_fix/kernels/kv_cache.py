@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .device import on_device_of
+
 try:
     import triton
     import triton.language as tl
@@ -90,12 +92,15 @@ def append_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torc
         return
     b, h, cache_len, d = keys.shape
     rows = b * h
-    _append_kernel[(1,)](
-        keys, values, k, v, length, rows, h, cache_len, d,
-        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        BLOCK_R=min(_MAX_ROWS, triton.next_power_of_2(rows)), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
-    )  # fmt: skip
+    with on_device_of(keys):
+        _append_kernel[(1,)](
+            keys, values, k, v, length, rows, h, cache_len, d,
+            keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            BLOCK_R=min(_MAX_ROWS, triton.next_power_of_2(rows)), BLOCK_D=triton.next_power_of_2(d),
+            num_warps=4,
+        )  # fmt: skip
 
 
 @torch.library.custom_op("nvfp4_fix::append_kv", mutates_args=("keys", "values", "length"))
