@@ -88,21 +88,19 @@ class Layer:
 WARM_MS = 30.0
 
 
-def _warm(g):
-    """Replay g for WARM_MS first: the card's clocks settle to this method's own steady state (right
-    after a cuBLAS GEMM at full power they are lower, which biased the next method's first replays)."""
+def _replay_ms(g):
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     g.replay()
     b.record()
     b.synchronize()
-    for _ in range(min(500, int(WARM_MS / max(a.elapsed_time(b), 1e-3)))):
-        g.replay()
-    torch.cuda.synchronize()
+    return a.elapsed_time(b)
 
 
-def bench_graph(call, n_inner=10, reps=15):
-    """call(i) -> one layer call; returns median us per call of graph-replayed back-to-back calls."""
+def _capture(call, n_inner):
+    """call(0..n_inner-1) captured in one graph (warmed up on a side stream first), then replayed for
+    WARM_MS: the card's clocks settle to this method's own steady state (right after a cuBLAS GEMM at
+    full power they are lower, which biased the next method's first replays)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -114,49 +112,28 @@ def bench_graph(call, n_inner=10, reps=15):
     with torch.cuda.graph(g):
         for i in range(n_inner):
             call(i)
-    _warm(g)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+    for _ in range(min(500, int(WARM_MS / max(_replay_ms(g), 1e-3)))):
         g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / n_inner)
-    del g
-    times.sort()
-    return times[len(times) // 2]
+    torch.cuda.synchronize()
+    return g
 
 
 def bench_graphs_interleaved(calls, n_inner=10, reps=15):
-    """Like bench_graph for several methods at once, their graph replays alternating (``--interleave``):
-    each replay then starts from the clocks the other method left. Median us per call, per method."""
-    graphs = []
-    for call in calls:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for i in range(2):
-                call(i)
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(n_inner):
-                call(i)
-        _warm(g)
-        graphs.append(g)
+    """Median us per call of each call(i) -> one layer call, graph-replayed as n_inner back-to-back
+    calls. With several methods their replays alternate (``--interleave``): each replay then starts
+    from the clocks the other method left."""
+    graphs = [_capture(call, n_inner) for call in calls]
     times = [[] for _ in calls]
     for _ in range(reps):
         for g, ts in zip(graphs, times, strict=True):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) * 1e3 / n_inner)
+            ts.append(_replay_ms(g) * 1e3 / n_inner)
     del graphs
     return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
+def bench_graph(call, n_inner=10, reps=15):
+    """call(i) -> one layer call; returns median us per call of graph-replayed back-to-back calls."""
+    return bench_graphs_interleaved([call], n_inner, reps)[0]
 
 
 def rel_err(y, ref):

@@ -55,7 +55,7 @@ def fake_quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> 
 def quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> torch.Tensor:
     """``fake_quantize_activations`` in one fused kernel where it runs (CUDA with Triton; the same
     bits), else the torch ops. ``NVFP4_FIX_KERNEL=reference`` forces the torch ops."""
-    if act_quant.supports(x) and x.is_cuda and os.environ.get("NVFP4_FIX_KERNEL") != "reference":
+    if x.is_cuda and act_quant.supports(x) and os.environ.get("NVFP4_FIX_KERNEL") != "reference":
         return act_quant.fake_quantize(x, global_divisor)
     return fake_quantize_activations(x, global_divisor)
 
