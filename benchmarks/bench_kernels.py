@@ -283,7 +283,9 @@ def main():
         best = {}
         for name, n, k in shapes:
             lay = Layer(n, k, 1, with_bf16=False)
-            out = torch.empty((min(n, T.SCRATCH_BYTES // (2 * k)), k), dtype=torch.bfloat16, device="cuda")
+            out = torch.empty(
+                (min(n, T.scratch_bytes_default() // (2 * k)), k), dtype=torch.bfloat16, device="cuda"
+            )
             rows_ = out.shape[0]
             for cfg in ((32, 256, 4), (64, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4), (32, 512, 8)):
                 t = _try(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from nvfp4_fix import settings
 from nvfp4_fix.layer import fake_quantize_activations
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -133,16 +134,15 @@ def test_gpu_full_shapes(m, k, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_gpu_layer_path_and_graph_capture(monkeypatch):
+def test_gpu_layer_path_and_graph_capture():
     from nvfp4_fix.layer import quantize_activations
 
     x = random_groups((3, 4096), torch.bfloat16, seed=11)
     g = divisor_for(x)
     ref = fake_quantize_activations(x, g)
     assert_same(quantize_activations(x, g), ref)
-    monkeypatch.setenv("NVFP4_FIX_KERNEL", "reference")
-    assert_same(quantize_activations(x, g), ref)
-    monkeypatch.delenv("NVFP4_FIX_KERNEL")
+    with settings.override(kernel="reference"):
+        assert_same(quantize_activations(x, g), ref)
     static_x = x.clone()
     quantize_activations(static_x, g)  # warm up (compile) outside the capture
     graph = torch.cuda.CUDAGraph()

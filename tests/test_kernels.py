@@ -29,6 +29,7 @@ if not HAS_CUDA and HAS_TRITON:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import nvfp4_fix.kernels as K  # noqa: E402
+from nvfp4_fix import settings  # noqa: E402
 from nvfp4_fix.kernels import cpu as kcpu  # noqa: E402
 
 if HAS_TRITON:
@@ -108,11 +109,14 @@ def check(y, ref, dtype, what=""):
 
 
 @pytest.fixture(autouse=True)
-def _eager_cpu_by_default(request, monkeypatch):
+def _eager_cpu_by_default(request):
     """torch.compile costs ~20 s per first compile on a 2-core CI machine: the CPU paths run eagerly
     (same math) except in test_cpu_compiled_paths."""
     if not request.node.name.startswith("test_cpu_compiled"):
-        monkeypatch.setenv("NVFP4_FIX_CPU_COMPILE", "0")
+        with settings.override(cpu_compile=False):
+            yield
+    else:
+        yield
 
 
 # ----------------------------------------------------------------------------- reference sanity
@@ -220,11 +224,10 @@ def test_dispatch_reference_forced(monkeypatch):
     monkeypatch.setattr(K, "linear_reference", spy)
     wp, ws, mul = make_weight(33, 48)
     x = make_x(1, 48, torch.bfloat16)
-    monkeypatch.setenv("NVFP4_FIX_KERNEL", "reference")
-    y = K.nvfp4_linear(x, wp, ws, mul)
-    assert calls, "NVFP4_FIX_KERNEL=reference did not reach the reference path"
+    with settings.override(kernel="reference"):
+        y = K.nvfp4_linear(x, wp, ws, mul)
+    assert calls, "settings kernel='reference' did not reach the reference path"
     check(y, ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "reference")
-    monkeypatch.delenv("NVFP4_FIX_KERNEL")
     calls.clear()
     K.nvfp4_linear(x, wp, ws, mul, kernel="reference")
     assert calls

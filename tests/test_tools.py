@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tools_helpers import CT, MO, tiny_model, write_sparse_checkpoint, write_tokenizer
 
+from nvfp4_fix import settings
 from nvfp4_fix.commands import main
 from nvfp4_fix.tools import progress
 from nvfp4_fix.writer import save_quantized
@@ -360,10 +362,11 @@ def test_convert_refuses_awq_and_same_layout(tmp_path, capsys, ckpts):
 
 
 @pytest.fixture
-def eager_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def eager_kernels() -> Iterator[None]:
     """The CPU decode kernel is torch.compile'd: its first call compiles for many seconds. The tools do
     not care which kernel runs, so generate/bench tests use the reference one."""
-    monkeypatch.setenv("NVFP4_FIX_KERNEL", "reference")
+    with settings.override(kernel="reference"):
+        yield
 
 
 def test_generate_streams_and_reports_speed(capsys, ckpts, eager_kernels):

@@ -13,11 +13,10 @@ compiled step also makes one launch per group.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from . import settings
 from .kernels import HAS_TRITON, nvfp4_linear
 from .layer import NVFP4Linear
 
@@ -75,7 +74,7 @@ class FusedGroup:
             and x.is_cuda
             and x.device == self.packed.device
             and x.dtype in (torch.bfloat16, torch.float16)
-            and os.environ.get("NVFP4_FIX_KERNEL", "auto") in ("", "auto")
+            and settings.current().kernel == "auto"
             and self.members[0].weight_packed.device == self.packed.device
             and all(
                 m.dense_weight is None and m.activation_mode == member.activation_mode for m in self.members
@@ -149,7 +148,7 @@ def _same_inputs(members: list[NVFP4Linear]) -> bool:
 def fuse_siblings(model: nn.Module, device_types: tuple[str, ...] = ("cuda",)) -> int:
     """Fuse q/k/v and gate/up NVFP4 siblings whose weights are on these device types (the fused
     kernel is CUDA only; elsewhere members keep computing alone); returns the number of groups."""
-    if os.environ.get("NVFP4_FIX_FUSE", "1") == "0":
+    if not settings.current().fuse:
         return 0
     groups = 0
     for parent in model.modules():

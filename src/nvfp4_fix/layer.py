@@ -16,11 +16,10 @@ AWQ                   -                            ``pre_quant_scale`` [K]
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from . import settings
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT
 from .codec import BLOCK, FP4_MAX, FP8_MAX, dequantize, e2m1_table, round_to_e2m1_codes
 from .kernels import act_quant, nvfp4_linear
@@ -54,10 +53,23 @@ def fake_quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> 
 
 def quantize_activations(x: torch.Tensor, global_divisor: torch.Tensor) -> torch.Tensor:
     """``fake_quantize_activations`` in one fused kernel where it runs (CUDA with Triton; the same
-    bits), else the torch ops. ``NVFP4_FIX_KERNEL=reference`` forces the torch ops."""
-    if x.is_cuda and act_quant.supports(x) and os.environ.get("NVFP4_FIX_KERNEL") != "reference":
+    bits), else the torch ops. ``settings.kernel == "reference"`` forces the torch ops."""
+    if x.is_cuda and act_quant.supports(x) and settings.current().kernel != "reference":
         return act_quant.fake_quantize(x, global_divisor)
     return fake_quantize_activations(x, global_divisor)
+
+
+class StraightThrough(torch.autograd.Function):
+    """W4A4 training: the forward fake-quantizes the activations (the same bits as inference), the
+    backward passes the gradient through unchanged (straight-through estimator: d fq(x)/dx := 1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return quantize_activations(x, divisor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return grad, None
 
 
 class NVFP4Linear(nn.Module):
@@ -174,7 +186,10 @@ class NVFP4Linear(nn.Module):
             x = x * self.pre_quant_scale.to(x.dtype)
         divisor = self.input_divisor
         if divisor is not None and self.activation_mode == "quantize":
-            x = quantize_activations(x, divisor)
+            if torch.is_grad_enabled() and x.requires_grad:
+                x = StraightThrough.apply(x, divisor)
+            else:
+                x = quantize_activations(x, divisor)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 on the same device as the weights (a registered buffer): it is read by the kernels on the device, so
 nothing syncs the host and the call can be captured in a CUDA graph.
 
-Choice of kernel (``kernel=`` argument, else env ``NVFP4_FIX_KERNEL``, else ``"auto"``):
+Choice of kernel (``kernel=`` argument, else ``settings.current().kernel``, env ``NVFP4_FIX_KERNEL``):
 
 * ``reference``    dequantize to float32 and matmul (any device, slow, exact).
 * CUDA, auto:      M <= 8 -> ``cuda_mma`` (NVRTC-compiled tensor-core decode GEMM, sm_80+, K % 128
@@ -23,10 +23,9 @@ implementation), so torch.compile traces through it and CUDA graphs capture it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import settings
 from . import cpu as _cpu
 from . import cuda_mma as _cuda_mma
 from .device import on_device_of
@@ -44,21 +43,7 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = ["nvfp4_linear", "dequantize_weight", "KERNELS", "HAS_TRITON", "select_kernel"]
 
-KERNELS = (
-    "auto",
-    "reference",
-    "cuda_mma",
-    "triton_gemv",
-    "triton_mm",
-    "dequant_mm",
-    "cpu_gemv",
-    "chunked",
-    "blackwell_fp4",
-)
-
-# M above which the dequantize-into-scratch + cuBLAS path beats the in-kernel-dequant tl.dot GEMM
-# (measured on H100, benchmarks/RESULTS.md). Overridable for experiments.
-DEQUANT_MM_MIN_M = int(os.environ.get("NVFP4_FIX_DEQUANT_MM_MIN_M", "256"))
+KERNELS = settings.KERNEL_NAMES
 
 
 def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
@@ -73,7 +58,8 @@ def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
             return "cuda_mma"
         if m == 1:
             return "triton_gemv" if _tops.m1_kernel(n, k) == "gemv" else "triton_mm"
-        if m <= 16 or m < DEQUANT_MM_MIN_M:
+        # dequant_mm_min_m: where dequantize + cuBLAS overtakes the tl.dot GEMM (H100, RESULTS.md)
+        if m <= 16 or m < settings.current().dequant_mm_min_m:
             return "triton_mm"
         return "dequant_mm"
     if m == 1:
@@ -104,7 +90,7 @@ def _run_here(kernel: str, x2, wp, ws, mul, bias):
     if kernel in ("triton_gemv", "triton_mm", "dequant_mm"):
         if not HAS_TRITON:
             raise RuntimeError(f"kernel {kernel!r} needs triton, which is not importable")
-        if x2.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if x2.device.type != "cuda" and not _tops._INTERPRET:
             raise RuntimeError(f"kernel {kernel!r} needs a CUDA device (or TRITON_INTERPRET=1)")
         fn = {"triton_gemv": _tops.gemv, "triton_mm": _tops.mm, "dequant_mm": _tops.dequant_mm}[kernel]
         return fn(x2, wp, ws, mul, bias)
@@ -149,7 +135,7 @@ def nvfp4_linear(
     (activation fake-quantization, if wanted, is the layer's business).
     """
     if kernel is None:
-        kernel = os.environ.get("NVFP4_FIX_KERNEL", "") or "auto"
+        kernel = settings.current().kernel
     if kernel not in KERNELS:
         raise ValueError(f"unknown NVFP4 kernel {kernel!r}; choose one of {KERNELS}")
     n, k2 = weight_packed.shape
@@ -165,7 +151,11 @@ def nvfp4_linear(
     x2 = x.reshape(-1, k)
     if weight_mul.device != x.device:
         weight_mul = weight_mul.to(x.device)  # eager convenience; register it as a device buffer instead
-    if input_mul is not None and kernel in ("auto", "blackwell_fp4"):
+    # Training: the custom op carries the backward (backward.py); the Blackwell FP4 path has none.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad and kernel == "blackwell_fp4":
+        raise RuntimeError("kernel 'blackwell_fp4' has no backward; use 'auto' to train through the layer")
+    if input_mul is not None and kernel in ("auto", "blackwell_fp4") and not needs_grad:
         from . import blackwell
 
         if blackwell.available(x.device):
@@ -179,7 +169,7 @@ def nvfp4_linear(
     if x2.shape[0] == 0:
         return x.new_empty((*lead, n))
     scale_bytes = weight_scale.view(torch.uint8) if weight_scale.dtype != torch.uint8 else weight_scale
-    if torch.compiler.is_compiling():  # traced: the custom op keeps the kernels opaque to dynamo
+    if needs_grad or torch.compiler.is_compiling():  # the custom op: opaque to dynamo, differentiable
         y = torch.ops.nvfp4_fix.linear(x2, weight_packed, scale_bytes, weight_mul, bias, kernel)
     else:  # eager: skip the custom-op dispatch (measured ~0.2 ms of host time per call on an H100 host)
         y = _run(kernel, x2, weight_packed, scale_bytes, weight_mul, bias)
@@ -203,3 +193,6 @@ def dequantize_weight(
         with on_device_of(weight_packed):
             return _tops.dequantize_rows(weight_packed, weight_scale, mul, dtype)
     return _cpu.dequantize_dense(weight_packed, weight_scale, weight_mul.to(weight_packed.device), dtype)
+
+
+from . import backward as _backward  # noqa: E402, F401  (registers the op's autograd formula)

@@ -11,14 +11,16 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from .. import settings
 from ..codec import E2M1_VALUES
 
-# Bytes of float32 dense weight dequantized at once by the chunked path.
-CHUNK_BYTES = int(os.environ.get("NVFP4_FIX_CPU_CHUNK_MB", "16")) * (1 << 20)
+
+def _chunk_bytes() -> int:
+    """Bytes of float32 dense weight the chunked path dequantizes at once."""
+    return settings.current().cpu_chunk_mb << 20
 
 
 @functools.cache
@@ -39,7 +41,7 @@ def _dequant_rows_f32(
 
 
 def _compile_ok() -> bool:
-    return os.environ.get("NVFP4_FIX_CPU_COMPILE", "1") != "0" and not torch.compiler.is_compiling()
+    return settings.current().cpu_compile and not torch.compiler.is_compiling()
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,7 +66,7 @@ def linear_chunked(x2, wp, ws, mul, bias=None, *, out=None, chunk_bytes=None):
     """y = x @ W.T (+ bias) with W dequantized to float32 a chunk of rows at a time."""
     m, k = x2.shape
     n = wp.shape[0]
-    rows = _rows_per_chunk(n, k, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    rows = _rows_per_chunk(n, k, _chunk_bytes() if chunk_bytes is None else chunk_bytes)
     xf = x2.to(torch.float32)
     mulf = mul.to(torch.float32).reshape(())
     y = (
@@ -129,8 +131,27 @@ def dequantize_dense(wp, ws, mul, dtype=torch.bfloat16, *, chunk_bytes=None):
     k = k2 * 2
     out = torch.empty((n, k), dtype=dtype, device=wp.device)
     mulf = mul.to(torch.float32).reshape(())
-    rows = _rows_per_chunk(n, k, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    rows = _rows_per_chunk(n, k, _chunk_bytes() if chunk_bytes is None else chunk_bytes)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         out[r0:r1] = _dequant_chunk(wp[r0:r1], ws[r0:r1]).mul_(mulf)
     return out
+
+
+def grad_input_chunked(g, wp, ws, mul, *, chunk_bytes=None):
+    """grad_x = g [M, N] @ W [N, K] (the linear's backward) with row chunks of W dequantized to
+    float32 and accumulated in float32; ``mul`` a float32 scalar or per-row [N] multiplier."""
+    m, n = g.shape
+    k = wp.shape[1] * 2
+    rows = _rows_per_chunk(n, k, _chunk_bytes() if chunk_bytes is None else chunk_bytes)
+    gf = g.to(torch.float32)
+    per_row = mul.numel() > 1
+    if per_row:
+        gf = gf * mul.to(torch.float32).reshape(1, n)
+    gx = torch.zeros((m, k), dtype=torch.float32, device=g.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        gx.addmm_(gf[:, r0:r1], _dequant_chunk(wp[r0:r1], ws[r0:r1]))
+    if not per_row:
+        gx.mul_(mul.to(torch.float32).reshape(()))
+    return gx.to(g.dtype)

@@ -24,10 +24,10 @@ launch and no workspace.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from .. import settings
 from . import nvrtc
 
 _SOURCE = r"""
@@ -320,10 +320,12 @@ def _kernel(dtype: torch.dtype, nt: int, device_index: int, variant: tuple) -> n
     return nvrtc.Kernel(cubin, "nvfp4_mma", torch.device("cuda", device_index))
 
 
-@functools.cache
 def _usable(device_index: int) -> bool:
-    if os.environ.get("NVFP4_FIX_CUDA_MMA", "1") == "0":
-        return False
+    return settings.current().cuda_mma and _compiles(device_index)
+
+
+@functools.cache
+def _compiles(device_index: int) -> bool:
     if torch.cuda.get_device_capability(device_index) < (8, 0):
         return False
     try:

@@ -1,8 +1,8 @@
 """Compile CUDA C with NVRTC at run time and launch it on torch's current stream.
 
 NVRTC ships with every CUDA build of torch (the ``nvidia-cuda-nvrtc`` wheel), so no CUDA toolkit
-is needed. The sources compiled here include no headers. Set ``NVFP4_FIX_NVRTC`` to a libnvrtc
-path to pick one explicitly.
+is needed. The sources compiled here include no headers. ``settings.nvrtc_library`` (env
+``NVFP4_FIX_NVRTC``) names a libnvrtc to try first.
 """
 
 from __future__ import annotations
@@ -16,30 +16,34 @@ import sys
 
 import torch
 
+from .. import settings
+
 
 class CudaError(RuntimeError):
     pass
 
 
-def _candidates() -> list[str]:
-    names = []
-    if os.environ.get("NVFP4_FIX_NVRTC"):
-        names.append(os.environ["NVFP4_FIX_NVRTC"])
+def _candidates(first: str | None) -> list[str]:
+    names = [first] if first else []
     for base in sys.path:  # the nvidia-cuda-nvrtc wheel (cu12: nvidia/cuda_nvrtc/lib, cu13: nvidia/cu13/lib)
         names += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so*")), reverse=True)
     return names + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
 
 
-@functools.cache
 def nvrtc() -> ctypes.CDLL:
-    for name in _candidates():
+    return _load_nvrtc(settings.current().nvrtc_library)
+
+
+@functools.cache
+def _load_nvrtc(first: str | None) -> ctypes.CDLL:
+    for name in _candidates(first):
         if "builtins" in name or ".alt." in name:
             continue
         try:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    raise CudaError("libnvrtc not found (install torch with CUDA, or set NVFP4_FIX_NVRTC)")
+    raise CudaError("libnvrtc not found (install torch with CUDA, or set NVFP4_FIX_NVRTC to a libnvrtc path)")
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 
+from .. import settings
 from .triton_nvfp4 import _dequant_kernel, _gemv_kernel, _mm_kernel, _splitk_reduce_kernel
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -315,9 +316,10 @@ def dequantize_rows(wp, ws, mul, dtype, row0=0, rows=None, *, out=None, cfg=None
     return out
 
 
-# Largest bf16 scratch the dequantize-then-cuBLAS path uses at once (bytes); bigger layers go in
-# row chunks so no full dense copy of e.g. the lm_head is materialized.
-SCRATCH_BYTES = int(os.environ.get("NVFP4_FIX_SCRATCH_MB", "256")) * (1 << 20)
+def scratch_bytes_default() -> int:
+    """Largest bf16 scratch the dequantize-then-cuBLAS path uses at once (settings.scratch_mb); bigger
+    layers go in row chunks so no full dense copy of e.g. the lm_head is materialized."""
+    return settings.current().scratch_mb << 20
 
 
 def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
@@ -333,7 +335,7 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
             f"packed weight {tuple(wp.shape)} / scales {tuple(ws.shape)} do not match x [..., {k}]"
         )
     dtype = x2.dtype
-    budget = SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    budget = scratch_bytes_default() if scratch_bytes is None else scratch_bytes
     esize = torch.finfo(dtype).bits // 8
     rows = n if n * k * esize <= budget else max(128, (budget // (k * esize)) // 128 * 128)
     y = _alloc_out(out, m, n, dtype, x2.device)
