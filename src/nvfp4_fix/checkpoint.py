@@ -13,10 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .classify import QuantizedModule, codes_shape, find_quantized
 from .errors import CheckpointError
+from .schemes import COMPRESSED_TENSORS, MODELOPT, config_format_name, ct_has_nvfp4, modelopt_has_nvfp4
 
-COMPRESSED_TENSORS = "compressed-tensors"
-MODELOPT = "modelopt"
+__all__ = [
+    "COMPRESSED_TENSORS",
+    "MODELOPT",
+    "CheckpointInfo",
+    "QuantizedModule",
+    "TensorInfo",
+    "codes_shape",
+    "detect_format",
+    "find_quantized",
+    "inspect_checkpoint",
+    "require_nvfp4",
+]
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
 MAX_TENSOR_ELEMENTS = 2**40
@@ -67,18 +79,6 @@ class TensorInfo:
 
 
 @dataclass
-class QuantizedModule:
-    """One NVFP4 linear (or a stack of experts) found in the checkpoint."""
-
-    prefix: str
-    out_features: int
-    in_features: int
-    experts: int | None = None
-    has_input_scale: bool = False
-    has_pre_quant_scale: bool = False
-
-
-@dataclass
 class CheckpointInfo:
     path: Path
     format: str | None  # COMPRESSED_TENSORS, MODELOPT, or None when not NVFP4
@@ -94,6 +94,20 @@ class CheckpointInfo:
     @property
     def weight_only(self) -> bool:
         return self.scheme is not None and self.scheme.startswith("W4A16")
+
+    @property
+    def nvfp4(self) -> dict[str, QuantizedModule]:
+        return {p: q for p, q in self.quantized.items() if q.scheme == "nvfp4"}
+
+    @property
+    def fp8(self) -> dict[str, QuantizedModule]:
+        return {p: q for p, q in self.quantized.items() if q.scheme == "fp8"}
+
+    @property
+    def format_name(self) -> str | None:
+        """The format as the config names it (``nvfp4-pack-quantized``, ``mixed-precision``, ``NVFP4``,
+        ``MIXED_PRECISION``)."""
+        return config_format_name(self.format, self.quant_config)
 
     def packed_name(self, prefix: str) -> str:
         return f"{prefix}.weight_packed" if self.format == COMPRESSED_TENSORS else f"{prefix}.weight"
@@ -295,15 +309,12 @@ def _quant_config(folder: Path, config: dict[str, Any]) -> tuple[str | None, dic
     qc = config.get("quantization_config")
     hf_quant = folder / "hf_quant_config.json"
     if isinstance(qc, dict) and qc.get("quant_method") == COMPRESSED_TENSORS:
-        nvfp4 = qc.get("format") == "nvfp4-pack-quantized" or _ct_is_nvfp4(qc)
-        return (COMPRESSED_TENSORS if nvfp4 else None), qc
+        return (COMPRESSED_TENSORS if ct_has_nvfp4(qc) else None), qc
     if hf_quant.exists():
         hq = read_json(hf_quant)
-        algo = _obj(hq.get("quantization")).get("quant_algo")
-        return (MODELOPT if _modelopt_is_nvfp4(algo, _obj(hq.get("quantization"))) else None), hq
+        return (MODELOPT if modelopt_has_nvfp4(hq) else None), hq
     if isinstance(qc, dict) and qc.get("quant_method") == MODELOPT:
-        algo = qc.get("quant_algo") or _obj(qc.get("quantization")).get("quant_algo")
-        return (MODELOPT if _modelopt_is_nvfp4(algo, qc) else None), qc
+        return (MODELOPT if modelopt_has_nvfp4(qc) else None), qc
     return None, qc if isinstance(qc, dict) else {}
 
 
@@ -313,83 +324,15 @@ def detect_format(folder: str | os.PathLike[str]) -> str | None:
     return _quant_config(path, read_json(path / "config.json"))[0]
 
 
-def _ct_is_nvfp4(qc: dict[str, Any]) -> bool:
-    groups = _obj(qc.get("config_groups"))
-    return any(isinstance(g, dict) and g.get("format") == "nvfp4-pack-quantized" for g in groups.values())
-
-
-def _modelopt_is_nvfp4(algo: Any, q: dict[str, Any]) -> bool:
-    if isinstance(algo, str) and "NVFP4" in algo.upper():
-        return True
-    layers = _obj(q.get("quantized_layers"))
-    return any(
-        isinstance(v, dict) and "NVFP4" in str(v.get("quant_algo", "")).upper() for v in layers.values()
-    )
-
-
 def _scheme(fmt: str, qc: dict[str, Any], quantized: dict[str, QuantizedModule]) -> str:
-    w4a4 = any(m.has_input_scale for m in quantized.values())
-    if fmt == COMPRESSED_TENSORS:
-        groups = _obj(qc.get("config_groups"))
-        w4a4 = w4a4 or any(isinstance(g, dict) and g.get("input_activations") for g in groups.values())
+    w4a4 = any(m.has_input_scale for m in quantized.values() if m.scheme == "nvfp4")
+    if fmt == COMPRESSED_TENSORS:  # the config agrees: find_quantized checks each layer against it
         return "W4A4" if w4a4 else "W4A16"
     awq = any(m.has_pre_quant_scale for m in quantized.values())
     algo = str(_obj(qc.get("quantization") or qc).get("quant_algo", ""))
     if "AWQ" in algo.upper():
         awq = True
     return ("W4A4" if w4a4 else "W4A16") + ("-AWQ" if awq else "")
-
-
-def _shape_of(info: TensorInfo, what: str, ndim: tuple[int, ...]) -> tuple[int, ...]:
-    if len(info.shape) not in ndim:
-        raise CheckpointError(f"{info.file}: tensor {info.name!r} ({what}) has shape {list(info.shape)}")
-    return info.shape
-
-
-def find_quantized(fmt: str, tensors: dict[str, TensorInfo]) -> dict[str, QuantizedModule]:
-    """Every NVFP4 module, checked: uint8 codes [.., N, K/2], e4m3 scales [.., N, K/16], a global scale."""
-    if fmt == COMPRESSED_TENSORS:
-        packed_suffix, global_suffix = ".weight_packed", ".weight_global_scale"
-        act_suffix = ".input_global_scale"
-    else:
-        packed_suffix, global_suffix, act_suffix = ".weight", ".weight_scale_2", ".input_scale"
-    out: dict[str, QuantizedModule] = {}
-    for name, info in tensors.items():
-        if not name.endswith(packed_suffix) or info.dtype != "U8":
-            continue
-        prefix = name[: -len(packed_suffix)]
-        shape = _shape_of(info, "packed weight", (2, 3))
-        scale = tensors.get(prefix + ".weight_scale")
-        if scale is None:
-            raise CheckpointError(f"{info.file}: {prefix!r} has packed weights but no {prefix}.weight_scale")
-        if scale.dtype != "F8_E4M3":
-            raise CheckpointError(f"{scale.file}: tensor {scale.name!r} must be F8_E4M3, got {scale.dtype}")
-        expected = (*shape[:-1], shape[-1] * 2 // 16)
-        if shape[-1] * 2 % 16 or scale.shape != expected:
-            raise CheckpointError(
-                f"{scale.file}: tensor {scale.name!r} has shape {list(scale.shape)}; expected "
-                f"{list(expected)} for packed weight {list(shape)} (16-element blocks)"
-            )
-        glob = tensors.get(prefix + global_suffix)
-        if glob is None:
-            raise CheckpointError(f"{info.file}: {prefix!r} has no per-tensor scale {prefix}{global_suffix}")
-        if glob.dtype not in ("F32", "F16", "BF16"):
-            raise CheckpointError(f"{glob.file}: tensor {glob.name!r} must be float32, got {glob.dtype}")
-        per_tensor = {1, shape[0] if len(shape) == 3 else 1}  # one scale (per expert for stacked experts)
-        for t in (glob, tensors.get(prefix + act_suffix)):
-            if t is not None and t.numel not in per_tensor:
-                raise CheckpointError(
-                    f"{t.file}: tensor {t.name!r} has shape {list(t.shape)}; expected one per-tensor value"
-                )
-        out[prefix] = QuantizedModule(
-            prefix=prefix,
-            out_features=shape[-2],
-            in_features=shape[-1] * 2,
-            experts=shape[0] if len(shape) == 3 else None,
-            has_input_scale=(prefix + act_suffix) in tensors,
-            has_pre_quant_scale=(prefix + ".pre_quant_scale") in tensors,
-        )
-    return out
 
 
 def _excluded(fmt: str, qc: dict[str, Any]) -> list[str]:
@@ -464,8 +407,8 @@ def inspect_checkpoint(folder: str | os.PathLike[str]) -> CheckpointInfo:
     if fmt is None:
         return info
     check_config_sizes(path, config, tensors)
-    info.quantized = find_quantized(fmt, tensors)
-    if not info.quantized:
+    info.quantized = find_quantized(fmt, tensors, qc)
+    if not info.nvfp4:
         raise CheckpointError(f"{path}: config says {fmt} NVFP4 but no tensor holds packed NVFP4 weights")
     info.scheme = _scheme(fmt, qc, info.quantized)
     info.excluded = _excluded(fmt, qc)
