@@ -27,7 +27,6 @@ from .checkpoint import (
     COMPRESSED_TENSORS,
     MODELOPT,
     CheckpointInfo,
-    QuantizedModule,
     detect_format,
     require_nvfp4,
 )
@@ -36,7 +35,10 @@ from .embedding import NVFP4Embedding
 from .errors import CheckpointError, NVFP4Error
 from .fsutil import atomic_directory, carry_over
 from .layer import ACTIVATION_MODES, NVFP4Linear
-from .moe import NVFP4Experts, expert_groups
+from .moe import NVFP4Experts
+from .swap import name_candidates as _renamer
+from .swap import set_module as _set_module
+from .swap import swap_quantized_modules as _swap_quantized_modules
 
 logger = logging.getLogger("nvfp4_fix")
 
@@ -65,124 +67,6 @@ def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bfloat16, float16 or float32 for NVFP4 models, got {dtype}")
     return dtype
-
-
-def _renamer(model: nn.Module) -> Callable[[str], list[str]]:
-    """Candidate model names for a checkpoint key, across transformers' key-renaming schemes.
-
-    Last resort: the one model name that holds all of the key's components in order (e.g. a
-    transformers-5 ``vision_tower.embeddings.x`` for 4.57's ``vision_tower.vision_model.embeddings.x``).
-    """
-    legacy = dict(getattr(model, "_checkpoint_conversion_mapping", {}) or {})
-    renamings: list[Any] = []
-    apply_renamings = None
-    with contextlib.suppress(Exception):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    prefix = getattr(model, "base_model_prefix", "")
-    by_tail: dict[tuple[str, ...], list[list[str]]] = {}
-    for name in [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]:
-        parts = name.split(".")
-        by_tail.setdefault(tuple(parts[-2:]), []).append(parts)
-
-    def in_order(needle: list[str], hay: list[str]) -> bool:
-        it = iter(hay)
-        return all(part in it for part in needle)
-
-    def candidates(key: str) -> list[str]:
-        out = [key]
-        renamed = key
-        for pattern, repl in legacy.items():
-            renamed = re.sub(pattern, repl, renamed)
-        out.append(renamed)
-        if renamings and apply_renamings is not None:
-            out.append(apply_renamings(key, renamings))
-        for k in list(out):
-            if prefix:
-                out.append(f"{prefix}.{k}")
-                if k.startswith(prefix + "."):
-                    out.append(k[len(prefix) + 1 :])
-        parts = key.split(".")
-        loose = [h for h in by_tail.get(tuple(parts[-2:]), []) if in_order(parts, h)]
-        if len(loose) == 1:
-            out.append(".".join(loose[0]))
-        return list(dict.fromkeys(out))
-
-    return candidates
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _swap_quantized_modules(model: nn.Module, info: CheckpointInfo, dtype: torch.dtype) -> dict[str, str]:
-    """Replace the checkpoint's NVFP4 linears by packed layers; return checkpoint->model prefix map."""
-    candidates = _renamer(model)
-    modules = dict(model.named_modules())
-    prefix_map: dict[str, str] = {}
-    layout = info.format or COMPRESSED_TENSORS
-
-    pending: dict[str, QuantizedModule] = {}
-    for ckpt_prefix, q in info.quantized.items():
-        target = next(
-            (
-                c[: -len(".weight")]
-                for c in candidates(ckpt_prefix + ".weight")
-                if c[: -len(".weight")] in modules
-            ),
-            None,
-        )
-        old = modules.get(target) if target else None
-        if not isinstance(old, nn.Linear):
-            pending[ckpt_prefix] = q
-            continue
-        if (old.in_features, old.out_features) != (q.in_features, q.out_features):
-            raise CheckpointError(
-                f"{info.path}: tensor {info.packed_name(ckpt_prefix)!r} holds a {q.out_features}x"
-                f"{q.in_features} layer but the config gives {old.out_features}x{old.in_features}"
-            )
-        new = NVFP4Linear(
-            q.in_features,
-            q.out_features,
-            bias=old.bias is not None,
-            layout=layout,
-            input_scale=q.has_input_scale,
-            pre_quant_scale=q.has_pre_quant_scale,
-            dtype=dtype,
-            device="meta",
-        )
-        _set_module(model, target, new)
-        prefix_map[ckpt_prefix] = target
-
-    groups = expert_groups(pending)
-    leftover = sorted(set(pending) - {p for members in groups.values() for p in members})
-    if leftover:
-        raise CheckpointError(
-            f"{info.path}: quantized layer {leftover[0]!r} matches no nn.Linear of {type(model).__name__}"
-            + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
-        )
-    for experts_prefix, members in groups.items():
-        target = next(
-            (
-                c[: -len(".weight")]
-                for c in candidates(experts_prefix + ".weight")
-                if c[: -len(".weight")] in modules
-            ),
-            None,
-        )
-        if target is None:
-            raise CheckpointError(
-                f"{info.path}: experts {experts_prefix!r} match no module of {type(model).__name__}"
-            )
-        old = modules[target]
-        new = NVFP4Experts.replacing(old, members, info, layout, dtype, model.config)
-        _set_module(model, target, new)
-        prefix_map[experts_prefix] = target
-    return prefix_map
 
 
 def _embedding_to_quantize(model: nn.Module, requested: bool | None) -> str | None:

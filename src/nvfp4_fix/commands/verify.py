@@ -89,7 +89,7 @@ def _module_names(model: Any, prefixes: list[str]) -> dict[str, str]:
     names = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
     exact = set(names)
     try:
-        from ..loading import _renamer
+        from ..swap import name_candidates as _renamer
 
         candidates = _renamer(model)
     except Exception:  # the loader's private helper changed: fall back to matching tails
