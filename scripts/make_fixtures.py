@@ -318,17 +318,19 @@ def ct_fixtures(era: str):
     return out
 
 
-def run_llmcompressor(name, arch, scheme, ignore, outdir: Path, era: str):
+def run_llmcompressor(name, arch, scheme, ignore, outdir: Path, era: str, model=None, calibrate=None):
+    """`scheme`: a preset name, or {preset: targets} for several config groups (then `calibrate`
+    says whether any group needs calibration data); `model`: a prepared bf16 model."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    model = make_model(arch)
+    model = make_model(arch) if model is None else model
     tok = build_tokenizer(chat_template=(arch == "llava"))
     recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)
     kw = {}
-    if scheme == "NVFP4":
+    if scheme == "NVFP4" if calibrate is None else calibrate:
         ids = calib_ids()
         ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
         kw = dict(dataset=ds, num_calibration_samples=N_CALIB, max_seq_length=CALIB_LEN)
@@ -418,14 +420,15 @@ MODELOPT_FIXTURES = {
 }
 
 
-def run_modelopt(name, arch, cfg_name, outdir: Path, era: str):
+def run_modelopt(name, arch, cfg_name, outdir: Path, era: str, model=None, cfg=None):
+    """`cfg`: a quantize config built in code (`cfg_name` then only labels it)."""
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
 
     patch_modelopt_cpu()
-    model = make_model(arch)
-    cfg = getattr(mtq, cfg_name)
+    model = make_model(arch) if model is None else model
+    cfg = getattr(mtq, cfg_name) if cfg is None else cfg
     ids = calib_ids()
 
     def forward_loop(m):
@@ -563,6 +566,8 @@ def check_layout(sf, keys) -> list[str]:
         else:
             continue
         n, half_k = sf.get_slice(k).get_shape()
+        if sf.get_slice(k).get_dtype() == "F4":  # header holds the logical shape [N, K]
+            half_k //= 2
         sc = sf.get_slice(p + "weight_scale")
         if sc.get_dtype() != "F8_E4M3" or sc.get_shape() != [n, 2 * half_k // 16]:
             problems.append(f"{p}weight_scale {sc.get_dtype()} {sc.get_shape()}")
@@ -576,7 +581,7 @@ def summarize(root: Path) -> str:
     from safetensors import safe_open
 
     lines = []
-    for d in sorted(p for era in ERAS for p in (root / era).glob("*") if p.is_dir()):
+    for d in sorted(p for era in (*ERAS, "mixed") for p in (root / era).glob("*") if p.is_dir()):
         files = sorted(d.glob("*.safetensors"))
         if not files:
             continue
