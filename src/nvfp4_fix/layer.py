@@ -212,3 +212,8 @@ class NVFP4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, layout={self.layout}{mode}{awq}"
         )
+
+
+from . import lora_hook  # noqa: E402  (peft learns the packed layer once both are imported)
+
+lora_hook.arm()
