@@ -127,6 +127,7 @@ def describe(sf, prefix) -> tuple[str, object]:
 def verify(outdir: Path, dense: dict) -> dict:
     """Print the quantization config and tensor dtypes per layer; decode every quantized layer and
     compare with the dense weight. Raises if a tolerance is missed. Returns the worst error per kind."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -156,6 +157,9 @@ def verify(outdir: Path, dense: dict) -> dict:
             )
             got = describe(sf, p)
             if got is None:
+                if p in dense:  # a linear left unquantized must hold the dense weight exactly
+                    same = torch.equal(sf.get_tensor(p + "weight").double(), dense[p])
+                    worst["bf16 (unchanged)"] = max(worst.get("bf16 (unchanged)", 0.0), float(not same))
                 if "layers.0." in p:
                     print(f"  {p:<44} {dts}")
                 continue
@@ -170,7 +174,7 @@ def verify(outdir: Path, dense: dict) -> dict:
             if "layers.0." in p and (".experts." not in p or ".experts.0." in p or ".experts.1." in p):
                 print(f"  {p:<44} {kind:<30} rel.err {err:.4f}  {dts}")
     for kind, err in sorted(worst.items()):
-        tol = FP8_TOL if kind.startswith("FP8") else NVFP4_TOL
+        tol = FP8_TOL if kind.startswith("FP8") else NVFP4_TOL if kind.startswith("NVFP4") else 0.0
         print(f"  worst {kind:<30} {err:.4f} (tolerance {tol})")
         if err > tol:
             raise SystemExit(f"{outdir}: {kind} layers decode to rel. error {err:.4f} > {tol}")
