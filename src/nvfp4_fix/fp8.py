@@ -1,0 +1,164 @@
+"""The FP8 linear layer of mixed-precision checkpoints: e4m3 weights kept in 8 bits.
+
+Parameters keep the checkpoint's own names, dtypes and shapes (compressed-tensors ``float-quantized``
+and ModelOpt ``FP8`` use the same names), so ``state_dict()`` and ``save_pretrained`` write back
+exactly what was read:
+
+==================  ==============================================================================
+``weight``          float8_e4m3fn [N, K]
+``weight_scale``    float32 or bf16: [1] or [] (per tensor), [N, 1] or [N] (per channel),
+                    [ceil(N/bn), ceil(K/bk)] (blocks of bn x bk; the last ones may be partial)
+``input_scale``     one value, only for static FP8 activations
+==================  ==============================================================================
+
+W = float(weight) * weight_scale (broadcast per tensor, row or block). Compute is W8A16: the weight is
+dequantized a chunk of rows at a time into the activation dtype and multiplied there. Where the
+checkpoint quantizes activations to FP8, ``activation_mode="quantize"`` (the default) reproduces it
+as compressed-tensors' forward does (same dtypes, same order of operations); ``"bf16"`` skips it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .codec import FP8_MAX
+from .schemes import FP8Spec
+
+#: Rows dequantized at a time: bounds the scratch to ~CHUNK_ELEMENTS values whatever the layer size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def fp8_scale_rows(spec: FP8Spec, scale: torch.Tensor, r0: int, r1: int, k: int) -> torch.Tensor:
+    """The float32 multiplier of weight rows [r0, r1), broadcastable to [r1 - r0, k]."""
+    s = scale.to(torch.float32)
+    if spec.weights == "tensor":
+        return s.reshape(1, 1)
+    if spec.weights == "channel":
+        return s.reshape(-1, 1)[r0:r1]
+    assert spec.block is not None
+    bn, bk = spec.block
+    rows = s[r0 // bn : (r1 - 1) // bn + 1].repeat_interleave(bn, dim=0)
+    rows = rows[r0 - (r0 // bn) * bn :][: r1 - r0]
+    return rows.repeat_interleave(bk, dim=1)[:, :k]
+
+
+def dequantize_fp8(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    spec: FP8Spec,
+    dtype: torch.dtype = torch.float32,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Dense rows ``rows`` (default: all) of an FP8 weight [N, K], computed in float32."""
+    n, k = weight.shape
+    r0, r1 = rows or (0, n)
+    return (weight[r0:r1].to(torch.float32) * fp8_scale_rows(spec, scale, r0, r1, k)).to(dtype)
+
+
+def fake_quantize_fp8(x: torch.Tensor, spec: FP8Spec, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """FP8 quantize-dequantize of activations as compressed-tensors' forward does it, in x's dtype:
+    scale = amax / 448 (per tensor, token or group; 0 -> the dtype's eps) or the static input_scale;
+    x' = e4m3(clamp(x / scale, +-448)) * scale."""
+    mode = spec.activations
+    if mode == "none":
+        return x
+    if mode == "static":
+        if input_scale is None:
+            raise ValueError("static FP8 activations need an input_scale")
+        return _qdq(x, input_scale.to(x.dtype).reshape(()))
+    if mode == "dynamic-group":
+        g = spec.group_size or 0
+        if g <= 0 or x.shape[-1] % g:
+            raise ValueError(f"activation width {x.shape[-1]} is not a multiple of the FP8 group size {g}")
+        groups = x.unflatten(-1, (x.shape[-1] // g, g))
+        return _qdq(groups, _dynamic_scale(groups.abs().amax(dim=-1, keepdim=True))).flatten(-2)
+    if mode == "dynamic-token":
+        return _qdq(x, _dynamic_scale(x.abs().amax(dim=-1, keepdim=True)))
+    return _qdq(x, _dynamic_scale(x.abs().amax()))
+
+
+def _dynamic_scale(amax: torch.Tensor) -> torch.Tensor:
+    scale = amax / FP8_MAX
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale.dtype).eps), scale)
+
+
+def _qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.to(x.dtype) * scale
+
+
+class FP8Linear(nn.Module):
+    """y = x @ W.T + b with W held as e4m3 codes and the checkpoint's scales."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: FP8Spec,
+        *,
+        bias: bool = False,
+        scale_shape: tuple[int, ...] = (1,),
+        scale_dtype: torch.dtype = torch.float32,
+        input_scale_shape: tuple[int, ...] | None = None,
+        input_scale_dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if (spec.activations == "static") != (input_scale_shape is not None):
+            raise ValueError(
+                f"{spec.describe()}: input_scale_shape must be given exactly for static activations"
+            )
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.activation_mode = "quantize"
+
+        def param(shape: tuple[int, ...], dt: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
+
+        self.weight = param((out_features, in_features), torch.float8_e4m3fn)
+        self.weight_scale = param(scale_shape, scale_dtype)
+        self.input_scale = (
+            param(input_scale_shape, input_scale_dtype) if input_scale_shape is not None else None
+        )
+        self.bias = param((out_features,), dtype) if bias else None
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
+        # model.to(dtype) / .half() would cast the e4m3 weight and the scales: keep their format,
+        # move devices only (as NVFP4Linear does).
+        fixed = {n: p.data for n, p in self._parameters.items() if p is not None and n != "bias"}
+        super()._apply(fn, recurse)
+        for name, old in fixed.items():
+            p = self._parameters[name]
+            if p.dtype != old.dtype:
+                self._parameters[name] = nn.Parameter(old.to(p.device), requires_grad=False)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_fp8(self.weight, self.weight_scale, self.spec, dtype)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_mode == "quantize":
+            return fake_quantize_fp8(x, self.spec, self.input_scale)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare_input(x)
+        n, k = self.out_features, self.in_features
+        step = max(1, CHUNK_ELEMENTS // max(k, 1))
+        if step >= n:
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        out = x.new_empty((*x.shape[:-1], n))
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            w = dequantize_fp8(self.weight, self.weight_scale, self.spec, x.dtype, (r0, r1))
+            b = None if self.bias is None else self.bias[r0:r1]
+            out[..., r0:r1] = nn.functional.linear(x, w, b)
+        return out
+
+    def extra_repr(self) -> str:
+        mode = f", activations={self.activation_mode}" if self.spec.activations != "none" else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self.spec.describe()}{mode}"
+        )
