@@ -38,6 +38,7 @@ def test_defaults_when_unset_or_empty():
         True,
         True,
     )
+    assert d.humming is False  # opt-in: it keeps a second copy of the weights it runs
 
 
 @pytest.mark.parametrize(
@@ -53,7 +54,7 @@ def test_defaults_when_unset_or_empty():
     ],
 )
 def test_bool_variables(text, value):
-    for name in ("fuse", "cpu_compile", "cuda_mma", "decode_attention", "kv_append"):
+    for name in ("fuse", "cpu_compile", "cuda_mma", "decode_attention", "kv_append", "humming"):
         got = getattr(from_environ({ENV_NAMES[name]: text}), name)
         assert got is value, f"{ENV_NAMES[name]}={text!r} gave {got!r}"
 

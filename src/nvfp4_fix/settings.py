@@ -31,6 +31,7 @@ KernelName = Literal[
     "cpu_gemv",
     "chunked",
     "blackwell_fp4",
+    "humming",
 ]
 KERNEL_NAMES: tuple[str, ...] = get_args(KernelName)
 
@@ -59,6 +60,9 @@ class Settings:
     decode_attention: bool = True
     #: fast generation: one-launch K/V append into the static cache (transformers' ops when off).
     kv_append: bool = True
+    #: Let "auto" run Humming (optional humming-kernels) where the table in kernels/table.py says it is
+    #: faster. Off by default: it keeps a second, Humming-layout copy of each weight it runs.
+    humming: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -76,9 +80,10 @@ ENV_NAMES: dict[str, str] = {
     "nvrtc_library": "NVFP4_FIX_NVRTC",
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
     "kv_append": "NVFP4_FIX_KV_APPEND",
+    "humming": "NVFP4_FIX_HUMMING",
 }
 
-_BOOL_FIELDS = ("fuse", "cpu_compile", "cuda_mma", "decode_attention", "kv_append")
+_BOOL_FIELDS = ("fuse", "cpu_compile", "cuda_mma", "decode_attention", "kv_append", "humming")
 _POSITIVE_INT_FIELDS = ("dequant_mm_min_m", "scratch_mb", "cpu_chunk_mb")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -14,6 +14,9 @@ Choice of kernel (``kernel=`` argument, else ``settings.current().kernel``, env 
                    fp32 activations -> ``dequant_mm``. Without Triton -> ``chunked``.
 * CPU, auto:       M == 1 -> ``cpu_gemv`` (torch.compile'd fused GEMV from packed bytes, eager
                    fallback); M > 1 -> ``chunked`` (row chunks dequantized to float32 + matmul).
+* ``humming``       the optional Humming library (kernels/humming.py): ``auto`` takes it only with
+                   ``settings.humming`` on, where kernels/table.py measured it faster, and falls back
+                   to the kernels above when it is missing, fails to compile or refuses a weight.
 * ``blackwell_fp4`` (sm >= 100, W4A4 only): activations quantized to NVFP4 with ``input_mul``, then
                    ``torch._scaled_mm`` on FP4 tensor cores. Only when ``input_mul`` is passed.
 
@@ -23,11 +26,16 @@ implementation), so torch.compile traces through it and CUDA graphs capture it.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from .. import settings
 from . import cpu as _cpu
 from . import cuda_mma as _cuda_mma
+from . import humming as _humming
+from . import table as _table
 from .device import on_device_of
 from .reference import linear_reference
 
@@ -47,24 +55,67 @@ KERNELS = settings.KERNEL_NAMES
 
 
 def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
-    """The kernel ``auto`` picks for a 2-D input x2 [M, K] and an N x K weight."""
-    m = x2.shape[0]
-    if x2.device.type == "cuda":
-        if not HAS_TRITON:
-            return "chunked"
-        if x2.dtype not in (torch.float16, torch.bfloat16):
-            return "dequant_mm"
-        if m <= _cuda_mma.MAX_M and _cuda_mma.supports(x2, n, k):
-            return "cuda_mma"
-        if m == 1:
-            return "triton_gemv" if _tops.m1_kernel(n, k) == "gemv" else "triton_mm"
-        # dequant_mm_min_m: where dequantize + cuBLAS overtakes the tl.dot GEMM (H100, RESULTS.md)
-        if m <= 16 or m < settings.current().dequant_mm_min_m:
-            return "triton_mm"
+    """The kernel ``auto`` picks for a 2-D input x2 [M, K] and an N x K weight (cached per call shape
+    and settings; "humming" may still fall back per weight, see ``_run_here``)."""
+    dev = x2.device
+    return _plan(dev.type, _index(dev), x2.dtype, x2.shape[0], n, k, settings.current())
+
+
+def _index(dev: torch.device) -> int:
+    if dev.type != "cuda":
+        return -1
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=8192)
+def _plan(
+    device_type: str, index: int, dtype: torch.dtype, m: int, n: int, k: int, s: settings.Settings
+) -> str:
+    if device_type != "cuda":
+        return "cpu_gemv" if m == 1 else "chunked"
+    if (
+        dtype in (torch.float16, torch.bfloat16)
+        and _humming_on(index, s.humming)
+        and _table.backend_for(torch.cuda.get_device_capability(index), m, n, k) == "humming"
+    ):
+        return "humming"
+    return _ours_cuda(index, dtype, m, n, k, s)
+
+
+def _ours_cuda(index: int, dtype: torch.dtype, m: int, n: int, k: int, s: settings.Settings) -> str:
+    if not HAS_TRITON:
+        return "chunked"
+    if dtype not in (torch.float16, torch.bfloat16):
         return "dequant_mm"
+    if m <= _cuda_mma.MAX_M and _cuda_mma.supports_shape(index, dtype, m, k):
+        return "cuda_mma"
     if m == 1:
-        return "cpu_gemv"
-    return "chunked"
+        return "triton_gemv" if _tops.m1_kernel(n, k) == "gemv" else "triton_mm"
+    # dequant_mm_min_m: where dequantize + cuBLAS overtakes the tl.dot GEMM (H100, RESULTS.md)
+    if m <= 16 or m < s.dequant_mm_min_m:
+        return "triton_mm"
+    return "dequant_mm"
+
+
+@functools.lru_cache(maxsize=64)
+def _humming_on(index: int, wanted: bool) -> bool:
+    """Whether auto may use Humming on this card; logs the one line saying which backends run."""
+    cc = torch.cuda.get_device_capability(index)
+    where = f"cuda:{index} (sm_{cc[0]}{cc[1]})"
+    reason = "off (settings.humming / NVFP4_FIX_HUMMING=1 turns it on)" if not wanted else None
+    reason = reason or _humming.unavailable_reason(torch.device("cuda", index))
+    ranges = _table.humming_ranges(cc)
+    if reason is None and not ranges:
+        reason = "not measured faster on this card"
+    if reason is None:
+        _humming.log_once(
+            f"nvfp4_fix: NVFP4 GEMMs on {where}: Humming for {', '.join(ranges)}, nvfp4-fix kernels otherwise"
+        )
+    else:
+        _humming.log_once(
+            f"nvfp4_fix: NVFP4 GEMMs on {where}: nvfp4-fix kernels; Humming {reason}", logging.INFO
+        )
+    return reason is None
 
 
 def _run(kernel: str, x2, wp, ws, mul, bias):
@@ -78,6 +129,22 @@ def _run_here(kernel: str, x2, wp, ws, mul, bias):
         ws = ws.view(torch.float8_e4m3fn)
     if kernel == "auto":
         kernel = select_kernel(x2, n, k)
+        if kernel == "humming":
+            plan = _humming.plan_for(wp, ws, mul, x2.dtype)
+            if not isinstance(plan, str):
+                try:
+                    return _humming.linear(x2, plan, bias)
+                except Exception as err:
+                    if torch.cuda.is_current_stream_capturing():
+                        raise
+                    _humming.mark_failed(wp, x2.dtype, err)
+            # this weight: Humming missing, refused, failed to compile or to run (logged once)
+            kernel = _ours_cuda(_index(x2.device), x2.dtype, x2.shape[0], n, k, settings.current())
+    if kernel == "humming":
+        plan = _humming.plan_for(wp, ws, mul, x2.dtype)
+        if isinstance(plan, str):
+            raise RuntimeError(f"kernel 'humming' cannot run this {n}x{k} weight: {plan}")
+        return _humming.linear(x2, plan, bias)
     if kernel == "reference":
         return linear_reference(x2, wp, ws, mul, bias)
     if kernel == "cuda_mma":

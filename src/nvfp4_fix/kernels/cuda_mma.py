@@ -345,13 +345,11 @@ MAX_M = 8
 
 
 def supports(x2: torch.Tensor, n: int, k: int) -> bool:
-    return (
-        x2.is_cuda
-        and x2.dtype in _DEFINES
-        and x2.shape[0] <= 16
-        and k % 128 == 0
-        and _usable(_device_index(x2.device))
-    )
+    return x2.is_cuda and supports_shape(_device_index(x2.device), x2.dtype, x2.shape[0], k)
+
+
+def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> bool:
+    return dtype in _DEFINES and m <= 16 and k % 128 == 0 and _usable(device_index)
 
 
 @functools.cache

@@ -1,0 +1,205 @@
+"""Humming as an optional backend: the dispatch table, the fallbacks (missing, broken import, refused,
+compile failure) and, on a CUDA card with humming-kernels installed, its results against a float64
+reference, CUDA-graph capture and torch.compile."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import nvfp4_fix.kernels as K
+from nvfp4_fix import settings
+from nvfp4_fix.codec import E2M1_VALUES
+from nvfp4_fix.kernels import humming as H
+from nvfp4_fix.kernels import table as T
+
+CUDA = torch.cuda.is_available()
+HAS_HUMMING = importlib.util.find_spec("humming") is not None
+
+
+def make_weight(n: int, k: int, seed: int = 0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    wp = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    ws = (torch.rand((n, k // 16), generator=g) * 2 + 0.05).to(torch.float8_e4m3fn)
+    mul = torch.tensor(0.37, dtype=torch.float32)
+    return wp.to(device), ws.to(device), mul.to(device)
+
+
+def ref_f64(x, wp, ws, mul):
+    """Independent float64 decoding: low nibble first, e2m1 * e4m3 block scale * multiplier."""
+    tab = torch.tensor(E2M1_VALUES, dtype=torch.float64)
+    b = wp.cpu().long()
+    codes = torch.stack((b & 15, b >> 4), dim=-1).reshape(wp.shape[0], -1)
+    w = tab[codes] * ws.cpu().to(torch.float64).repeat_interleave(16, dim=1) * float(mul)
+    return x.cpu().to(torch.float64) @ w.T
+
+
+def rel_err(y, ref):
+    return float((y.cpu().double() - ref).norm() / ref.norm())
+
+
+# ------------------------------------------------------------------------------------- the table
+def test_table_rows():
+    assert T.backend_for((9, 0), 1, 4096, 4096) == "nvfp4"
+    assert T.backend_for((9, 0), 8, 28672, 4096) == "nvfp4"
+    for cc in ((7, 5), (8, 0), (8, 9), (10, 0), (12, 0)):  # unmeasured cards: our kernels
+        assert T.backend_for(cc, 128, 4096, 4096) == "nvfp4", cc
+    assert T.shape_class(4096, 4096) == "small" and T.shape_class(28672, 4096) == "large"
+    for row in T.TABLE:
+        assert row.m_min <= row.m_max and row.cc_min <= row.cc_max and row.backend in ("nvfp4", "humming")
+    # each Humming row of the H100 shows in the log line
+    assert len(T.humming_ranges((9, 0))) == sum(r.backend == "humming" for r in T.TABLE)
+
+
+def test_table_has_no_holes_on_the_h100():
+    """Every M from 1 to 8192 and both shape classes hit an explicit row on sm_90."""
+    for cls_n in (4096, 28672):
+        for m in range(1, 8193):
+            cls = T.shape_class(cls_n, 4096)
+            assert any(
+                r.cc_min <= (9, 0) <= r.cc_max and r.m_min <= m <= r.m_max and r.shape in (None, cls)
+                for r in T.TABLE
+            ), (m, cls)
+
+
+# ------------------------------------------------------------------------------ fallbacks on CPU
+@pytest.mark.skipif(HAS_HUMMING, reason="checks the behaviour without humming-kernels")
+def test_missing_humming_is_reported_and_forced_kernel_errors():
+    reason = H.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "humming-kernels is not installed" in reason
+    wp, ws, mul = make_weight(33, 48)
+    x = torch.randn(2, 48, dtype=torch.bfloat16)
+    with pytest.raises(
+        RuntimeError, match=r"kernel 'humming' cannot run this 33x48 weight: humming-kernels is"
+    ):
+        K.nvfp4_linear(x, wp, ws, mul, kernel="humming")
+    with settings.override(kernel="humming"), pytest.raises(RuntimeError, match="humming-kernels is not"):
+        K.nvfp4_linear(x, wp, ws, mul)
+
+
+def test_auto_with_humming_on_keeps_cpu_kernels_correct():
+    wp, ws, mul = make_weight(33, 48, seed=1)
+    x = torch.randn(3, 48, dtype=torch.float32)
+    with settings.override(humming=True, cpu_compile=False):
+        assert K.select_kernel(x, 33, 48) == "chunked"
+        y = K.nvfp4_linear(x, wp, ws, mul)
+    assert rel_err(y, ref_f64(x, wp, ws, mul)) < 1e-6
+
+
+def test_failed_plan_is_cached_per_weight_and_dropped_with_it(caplog):
+    wp, ws, mul = make_weight(64, 64, seed=2)
+    with caplog.at_level(logging.WARNING, logger="nvfp4_fix.kernels"):
+        first = H.plan_for(wp, ws, mul, torch.bfloat16)
+        second = H.plan_for(wp, ws, mul, torch.bfloat16)
+    assert isinstance(first, str) and first == second
+    assert sum("Humming cannot run a 64x64 weight" in r.message for r in caplog.records) == 1  # logged once
+    key = (wp.device, wp.data_ptr(), tuple(wp.shape), tuple(wp.stride()), torch.bfloat16)
+    assert key in H._entries
+    del wp
+    gc.collect()
+    assert key not in H._entries  # a freed weight's address can never match a later weight
+
+
+def test_broken_humming_install_falls_back(tmp_path):
+    """A humming package whose import raises (as one built for another CUDA does) is reported, and
+    auto keeps running our kernels with the right result."""
+    pkg = tmp_path / "humming"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise OSError('libcuda.so.1: cannot open shared object file')\n")
+    code = textwrap.dedent(
+        """
+        import torch
+        from nvfp4_fix import settings
+        from nvfp4_fix.kernels import humming as H
+        import nvfp4_fix.kernels as K
+        print(H.unavailable_reason(torch.device("cpu")))
+        wp = torch.randint(0, 256, (8, 16), dtype=torch.uint8)
+        ws = torch.ones((8, 2)).to(torch.float8_e4m3fn)
+        with settings.override(humming=True, cpu_compile=False):
+            y = K.nvfp4_linear(torch.ones(2, 32), wp, ws, torch.tensor(1.0))
+        print(tuple(y.shape))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert (
+        lines[0] == "humming-kernels failed to import: OSError: libcuda.so.1: cannot open shared object file"
+    )
+    assert lines[1] == "(2, 8)"
+
+
+# ------------------------------------------------------------------------------ on a CUDA card
+needs_humming = pytest.mark.skipif(not (CUDA and HAS_HUMMING), reason="needs CUDA and humming-kernels")
+
+
+@pytest.mark.gpu
+@needs_humming
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (16, 6144, 4096), (77, 1000, 1520), (300, 333, 2064)])
+def test_gpu_humming_matches_reference(m, n, k, dtype):
+    """Odd N, K not a multiple of 128; memory poisoned with NaN first so an unwritten output shows."""
+    wp, ws, mul = make_weight(n, k, seed=m, device="cuda")
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    poison = torch.full((64 << 20,), float("nan"), dtype=dtype, device="cuda")
+    del poison
+    y = K.nvfp4_linear(x, wp, ws, mul, kernel="humming")
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref_f64(x, wp, ws, mul)) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_humming
+def test_gpu_humming_in_cuda_graph_and_compile():
+    wp, ws, mul = make_weight(2048, 4096, device="cuda")
+    x = torch.randn(32, 4096, dtype=torch.bfloat16, device="cuda")
+    ref = ref_f64(x, wp, ws, mul)
+    with settings.override(humming=True):
+        assert K.select_kernel(x, 2048, 4096) == "humming"
+        y0 = K.nvfp4_linear(x, wp, ws, mul)  # builds the plan outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = K.nvfp4_linear(x, wp, ws, mul)
+        x.copy_(x * 2)
+        graph.replay()
+        assert rel_err(y, 2 * ref) < 1e-2 and rel_err(y0, ref) < 1e-2
+        f = torch.compile(lambda a: K.nvfp4_linear(a, wp, ws, mul), fullgraph=True)
+        assert rel_err(f(x), 2 * ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_humming
+def test_gpu_compile_failure_falls_back(tmp_path):
+    """A Humming cache directory that cannot be created (a file stands in its way) makes every JIT
+    compile fail: auto logs it and the result still comes, from our kernels."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    code = textwrap.dedent(
+        """
+        import logging, torch
+        logging.basicConfig(level=logging.INFO)
+        from nvfp4_fix import settings
+        import nvfp4_fix.kernels as K
+        wp = torch.randint(0, 256, (512, 1024), dtype=torch.uint8, device="cuda")
+        ws = torch.ones((512, 128), device="cuda").to(torch.float8_e4m3fn)
+        x = torch.randn(64, 2048, dtype=torch.bfloat16, device="cuda")
+        with settings.override(humming=True):
+            y = K.nvfp4_linear(x, wp, ws, torch.tensor(1.0, device="cuda"))
+            ref = K.nvfp4_linear(x, wp, ws, torch.tensor(1.0, device="cuda"), kernel="reference")
+        print("relerr", float((y.float() - ref.float()).norm() / ref.float().norm()))
+        """
+    )
+    env = dict(os.environ, HUMMING_CACHE_DIR=str(blocker / "cache"))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Humming cannot run a 512x2048 weight" in res.stderr, res.stderr[-3000:]
+    assert float(res.stdout.split("relerr")[-1]) < 1e-2
