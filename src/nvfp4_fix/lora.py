@@ -14,9 +14,11 @@ wherever the ``LoraConfig`` was made. A mapping the user registered for ``NVFP4L
 :mod:`nvfp4_fix.lora_hook` calls ``install()`` when peft is imported next to a loaded NVFP4 layer.
 
 Refused with a clear error: merging into the packed base (it would re-quantize W + BA to NVFP4 and
-lose most of a small update), DoRA and the other LoRA variants, initialisations that read or rewrite
-the base weight (PiSSA, OLoRA, LoftQ, ...), and ``target_parameters`` on packed experts. Packed MoE
-experts are adapted per expert through ``target_modules`` (``gate_proj``, ``up_proj``, ``down_proj``).
+lose most of a small update), DoRA and the other LoRA variants, and initialisations that read or
+rewrite the base weight (PiSSA, OLoRA, LoftQ, ...). Packed MoE experts are one NVFP4Linear per expert
+and projection: they are adapted per expert through ``target_modules`` (``gate_proj``, ``up_proj``,
+``down_proj``); ``target_parameters`` (peft's route for transformers 5's fused 3-D expert weights)
+matches nothing in a packed block, which peft reports ("no parameter was matched").
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ class NVFP4LoraLinear(nn.Module, LoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
         _refuse_unsupported(config, self.get_base_layer())  # also for adapters added later
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        base = self.get_base_layer()  # peft's generic lookup works too, but warns "unsupported layer type"
+        return base.in_features, base.out_features
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, None]:
         # The packed codes are uint8: take their device, and leave the adapters' float dtype alone.
@@ -206,3 +212,6 @@ def uninstall() -> bool:
         return False
     model_cls._create_new_module = staticmethod(current.__func__.__wrapped__)
     return True
+
+
+install()  # importing this module is enough (nvfp4_fix.lora_hook imports it when peft is imported)

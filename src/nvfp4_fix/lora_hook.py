@@ -22,7 +22,8 @@ def _install() -> None:
     try:
         from . import lora
 
-        lora.install()
+        if hasattr(lora, "install"):  # else lora.py is importing right now and installs at its end
+            lora.install()
     except Exception as e:  # never break `import peft`; say how to do it by hand
         logger.warning(
             "nvfp4-fix: could not register the NVFP4 LoRA layer with peft (%s: %s); use"
