@@ -1,8 +1,12 @@
 """Which backend runs an NVFP4 GEMM on CUDA: this package's kernels or Humming, by measurement.
 
 One table, rows read top to bottom, the first match wins: (compute capability range, M range, shape
-class) -> backend. The rows come from benchmarks/RESULTS-kernels-humming.md (H100, cold L2, CUDA-graph
-replay, the same run for every backend). Shape classes split the layers by weight elements N*K.
+class) -> backend. Shape classes split the layers by weight elements N*K. The sm_90 rows come from the
+side-by-side H100 measurement in ../shared/docs/nvfp4-facts.md ("Peers measured side by side": cold L2,
+CUDA-graph replay, M = 1, 16, 128, 2048 on the Llama-3 8B/70B shapes): this package's kernels were faster
+at M = 1 on most shapes (0.95-1.43x Humming's speed), Humming at M = 16 and 128 (ours 0.47-0.84x) and
+mostly at 2048 (0.85-1.09x). M = 2..8, where our cuda_mma kernel runs, was not measured against Humming;
+benchmarks/bench_humming.py measures every M from 1 to 4096 and is how these rows are to be refined.
 Cards without measurements (sm_75 to sm_89, sm_100+) get no Humming rows: our kernels there (Triton
 before sm_80, cuda_mma/Triton/dequantize+cuBLAS from sm_80) are the measured-correct default.
 """
