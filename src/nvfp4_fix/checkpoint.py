@@ -244,12 +244,13 @@ def _tensor_info(path: Path, name: str, meta: Any, data_size: int) -> TensorInfo
 
 
 def _inside(path: Path, root: Path) -> bool:
-    """``path`` (a file of the folder ``root``, resolved) stays in it; or, for a Hugging Face cache
-    snapshot (``.../snapshots/<rev>/``), it is one of that repository's ``blobs/``."""
+    """``path`` (a file of the folder ``root``, resolved) stays in it; or, for a folder of a Hugging Face
+    cache snapshot (``.../snapshots/<rev>/[subfolder/]``), it is one of that repository's ``blobs/``."""
     real = path.resolve()
     if real.parent == root:
         return True
-    return root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+    snapshots = next((p for p in root.parents if p.name == "snapshots"), None)
+    return snapshots is not None and real.parent == snapshots.parent / "blobs"
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -151,3 +151,44 @@ class NVFP4Embedding(nn.Module):
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}, nvfp4, output_dtype={self.output_dtype}"
+
+
+def quantize_input_embedding(model: nn.Module, requested: bool | None) -> bool:
+    """Replace a loaded model's input embedding table by an :class:`NVFP4Embedding` (lossy), or say
+    why not. ``requested=None`` follows low-memory mode. A table shared with the lm_head stays dense:
+    the output layer needs it whole."""
+    from . import layer
+
+    if not (layer.LOW_MEMORY if requested is None else requested):
+        return False
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    name = next((n for n, m in model.named_modules() if m is emb), "")
+    if not isinstance(emb, nn.Embedding):
+        why = f"{type(model).__name__} has no nn.Embedding input embedding"
+    elif _tied_to_output(model, emb):
+        why = f"{name}.weight is tied to the output layer (tie_word_embeddings), which needs it dense"
+    elif type(emb) is not nn.Embedding or emb.max_norm is not None:
+        why = f"{type(emb).__name__} is not a plain nn.Embedding"
+    elif emb.embedding_dim % BLOCK:
+        why = f"its width {emb.embedding_dim} is not a multiple of {BLOCK}"
+    else:
+        new = NVFP4Embedding.from_dense(
+            emb.weight.detach(), emb.padding_idx, emb.weight.dtype, emb.weight.device
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        return True
+    import logging
+
+    (logging.getLogger("nvfp4_fix").warning if requested else logging.getLogger("nvfp4_fix").info)(
+        "nvfp4-fix: input embedding not quantized: %s", why
+    )
+    return False
+
+
+def _tied_to_output(model: nn.Module, emb: nn.Module) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and getattr(out, "weight", None) is emb.weight

@@ -10,32 +10,25 @@ _STATE: dict[str, Any] = {"active": False, "packed_layers": False, "routing": "n
 
 
 def apply_patch(packed_layers: bool = True) -> dict[str, Any]:
-    """Fix compressed-tensors bugs (now, or when it is imported) and, with ``packed_layers``, route
-    NVFP4 layers to nvfp4-fix's packed layers. Idempotent; returns ``patch_status()``."""
+    """Fix compressed-tensors bugs (now, or when it is imported) and, with ``packed_layers``, register
+    the NVFP4 quantizers in transformers (:mod:`nvfp4_fix.quantizer`), so every ``from_pretrained``
+    (ids, pipelines, servers) keeps NVFP4 layers packed. Idempotent; returns ``patch_status()``."""
     _ct.apply()
     _STATE.update(active=True, packed_layers=packed_layers)
     if packed_layers:
-        # ---- packed-layer routing (owned by the lead: nvfp4_fix.loading) ----
-        try:
-            from .loading import install_routing  # type: ignore[attr-defined]
-        except ImportError:
-            _STATE["routing"] = "unavailable: nvfp4_fix.loading.install_routing not found"
-        else:
-            install_routing()
-            _STATE["routing"] = "installed"
-        # ---- end packed-layer routing ----
+        from .quantizer import register
+
+        register()
+        _STATE["routing"] = "installed"
     elif _STATE["routing"] == "installed":
         _remove_routing()
     return patch_status()
 
 
 def _remove_routing() -> None:
-    try:
-        from .loading import remove_routing  # type: ignore[attr-defined]
-    except ImportError:
-        pass
-    else:
-        remove_routing()
+    from .quantizer import unregister
+
+    unregister()
     _STATE["routing"] = "not requested"
 
 

@@ -35,6 +35,11 @@ COMMANDS: dict[str, str] = {
 }
 
 
+#: Commands that read configs and safetensors headers only: an id is resolved without its weights
+#: where the hub can give the headers alone.
+CONFIG_ONLY = ("inspect", "model-card")
+
+
 def error(message: str) -> int:
     print(f"nvfp4-fix: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
@@ -46,6 +51,10 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
     progress.QUIET = bool(getattr(args, "quiet", False))
     try:
+        if getattr(args, "path", None) is not None:
+            from ..hub import local_folder
+
+            args.path = str(local_folder(args.path, args.revision, weights=args.command not in CONFIG_ONLY))
         return func(args)
     except NVFP4Error as e:
         return error(str(e))
@@ -69,7 +78,8 @@ def register(subparsers: Any) -> None:
         )
         mod.add_arguments(p)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        p.set_defaults(func=functools.partial(run_command, mod.run))
+        p.add_argument("--revision", help="hub revision (branch, tag or commit) when PATH is an org/model id")
+        p.set_defaults(func=functools.partial(run_command, mod.run), command=name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ HELP = "convert between compressed-tensors and ModelOpt layouts (packed bytes un
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="NVFP4 checkpoint folder")
+    p.add_argument("path", help="NVFP4 checkpoint folder or hub id (org/model)")
     p.add_argument("out", help="output folder (must not be PATH or inside it)")
     p.add_argument("--to", required=True, choices=["compressed-tensors", "modelopt"])
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

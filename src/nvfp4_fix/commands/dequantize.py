@@ -11,7 +11,7 @@ HELP = "write a plain bf16/fp16/fp32 checkpoint"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="NVFP4 checkpoint folder")
+    p.add_argument("path", help="NVFP4 checkpoint folder or hub id (org/model)")
     p.add_argument("out", help="output folder (must not be PATH or inside it)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

@@ -21,7 +21,7 @@ FAST_MODULE = "nvfp4_fix.generation"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint folder (with a tokenizer)")
+    p.add_argument("path", help="checkpoint folder or hub id (org/model), with a tokenizer")
     p.add_argument("prompt")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 or auto (config's dtype)")

@@ -18,7 +18,7 @@ SCHEMES = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("path", help="checkpoint folder or hub id (org/model)")
     p.add_argument("--scan", action="store_true", help="also read every scale tensor and check its values")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 

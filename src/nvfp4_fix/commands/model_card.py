@@ -10,7 +10,7 @@ HELP = "print the markdown loading section for a model card"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("path", help="checkpoint folder or hub id (org/model)")
     p.add_argument("--name", default=None, help="model id to show in the snippets (default: PATH)")
 
 

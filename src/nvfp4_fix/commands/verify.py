@@ -22,7 +22,7 @@ ACT_TOLERANCE = 2e-2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("path", help="checkpoint folder or hub id (org/model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 or auto (config's dtype)")
     p.add_argument("--all", action="store_true", help="compare every quantized layer, not a sample")

@@ -1,0 +1,361 @@
+"""NVFP4 checkpoints inside transformers: quantizers registered through its public registry.
+
+transformers resolves ids, revisions, subfolders, tokens and the cache, places tensors
+(``device_map``/``max_memory``), casts, initialises new heads and reports loading info; the
+quantizer only swaps the packed layers into the meta model before the weights are read and finishes
+them afterwards:
+
+* ``"modelopt"`` (``quant_method: modelopt`` in config.json): registered, as transformers has none.
+* ``"compressed-tensors"``: transformers' own entry is replaced by :class:`CompressedTensorsEntry`,
+  which takes checkpoints holding NVFP4 groups and hands every other one (FP8-only, int4, dense, or a
+  request for compressed-tensors' own decompression) to transformers' quantizer, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers import auto as _auto
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import layer
+from .checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, inspect_checkpoint
+from .errors import CheckpointError
+from .saving import wrap_save
+from .swap import swap_quantized_modules
+
+logger = logging.getLogger("nvfp4_fix")
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+ActivationMode = Literal["quantize", "bf16"]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Per-load choices that transformers' ``from_pretrained`` has no argument for."""
+
+    activations: ActivationMode = "quantize"
+    dense_on_cpu: bool = False
+    quantize_embeddings: bool | None = None  # None: follow low-memory mode
+
+
+_OPTIONS: contextvars.ContextVar[LoadOptions] = contextvars.ContextVar("nvfp4_fix_load_options")
+
+
+@contextlib.contextmanager
+def load_options(options: LoadOptions) -> Iterator[None]:
+    """Loads started inside this block use ``options``."""
+    if options.activations not in layer.ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {layer.ACTIVATION_MODES}, got {options.activations!r}")
+    token = _OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+class ModelOptConfig(QuantizationConfigMixin):
+    """ModelOpt's ``quantization_config`` (``quant_method: modelopt``), kept as written."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._raw = {"quant_method": MODELOPT, **kwargs}
+        self.quant_method = MODELOPT
+        self.quant_algo = kwargs.get("quant_algo")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        config = cls(**{k: v for k, v in config_dict.items() if k != "quant_method"})
+        return (config, kwargs) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._raw)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+def _nvfp4_compressed_tensors(config: Any) -> bool:
+    """Whether a compressed-tensors config (transformers' object or a dict) holds an NVFP4 group and
+    does not ask for compressed-tensors' own decompressed path."""
+    if isinstance(config, dict):
+        raw, dequantize = config, bool(config.get("dequantize")) or config.get("run_compressed") is False
+    else:
+        if getattr(config, "dequantize", False) or getattr(config, "run_compressed", True) is False:
+            return False
+        inner = getattr(config, "quantization_config", None)
+        raw = inner.model_dump() if hasattr(inner, "model_dump") else {}
+        dequantize = False
+    if dequantize:
+        return False
+    groups = raw.get("config_groups") or {}
+    formats = [raw.get("format")] + [g.get("format") for g in groups.values() if isinstance(g, dict)]
+    return "nvfp4-pack-quantized" in formats
+
+
+def method_of(config: Any) -> str | None:
+    return config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+
+
+def is_nvfp4_config(config: Any) -> bool:
+    """Whether a model config's quantization_config is one the NVFP4 quantizer takes."""
+    method = str(getattr(method_of(config), "value", method_of(config)))
+    if method == MODELOPT:
+        return True
+    return method == COMPRESSED_TENSORS and _nvfp4_compressed_tensors(config)
+
+
+#: transformers 4.57 passes no checkpoint files to the quantizer; the shim below records them.
+_RESOLVED_FILES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "nvfp4_fix_resolved_files", default=None
+)
+
+
+class NVFP4Quantizer(HfQuantizer):
+    """Pre-quantized NVFP4 (and the FP8 layers of mixed checkpoints): packed layers, no dequantization."""
+
+    requires_calibration = True
+
+    def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.options = _OPTIONS.get(LoadOptions())
+        self.dtype = torch.bfloat16
+        self.info: CheckpointInfo | None = None
+        self.prefix_map: dict[str, str] = {}
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("disk offload is not supported for NVFP4 models; offload to 'cpu' instead")
+        if self.options.dense_on_cpu and layer.LOW_MEMORY:
+            raise RuntimeError("low-memory mode is on: layers keep no dequantized copy (dense_on_cpu)")
+
+    def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        if dtype is None:
+            dtype = torch.bfloat16
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32 for NVFP4 models, got {dtype}")
+        self.dtype = dtype
+        return dtype
+
+    update_torch_dtype = update_dtype  # the name transformers 4.57 calls
+
+    def _checkpoint_folder(self, checkpoint_files: list[str] | None) -> Path:
+        files = checkpoint_files or _RESOLVED_FILES.get()
+        if not files:
+            raise CheckpointError(
+                "nvfp4-fix: transformers gave no checkpoint files to read (a state_dict load?)"
+            )
+        return Path(files[0]).parent
+
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> nn.Module:
+        info = inspect_checkpoint(self._checkpoint_folder(checkpoint_files))
+        if info.format is None:
+            raise CheckpointError(
+                f"{info.path}: config.json says {self.quantization_config.quant_method}, but "
+                "no NVFP4 layer was found"
+            )
+        self.prefix_map = swap_quantized_modules(model, info, self.dtype)
+        self.info = info
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from .embedding import quantize_input_embedding
+        from .fp8 import FP8Linear
+        from .fusion import fuse_siblings
+        from .moe import NVFP4Experts
+
+        assert self.info is not None
+        _restore_exact_scales(model, self.info, self.prefix_map)
+        quantize_input_embedding(model, self.options.quantize_embeddings)
+        for m in model.modules():
+            if isinstance(m, (layer.NVFP4Linear, NVFP4Experts, FP8Linear)):
+                m.activation_mode = self.options.activations
+            if (
+                self.options.dense_on_cpu
+                and isinstance(m, layer.NVFP4Linear)
+                and m.weight_packed.device.type == "cpu"
+            ):
+                m.keep_dense_copy(self.dtype)
+        fuse_siblings(model)  # q/k/v and gate/up share one decode launch on CUDA
+        model.nvfp4_checkpoint = self.info
+        wrap_save(model, self.info)
+        return model
+
+    def is_serializable(self, safe_serialization: Any = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # adapters (peft LoRA) on a frozen packed base
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _restore_exact_scales(model: nn.Module, info: CheckpointInfo, prefix_map: dict[str, str]) -> None:
+    """transformers 4.57 casts every floating checkpoint tensor except float8 to the model dtype, so a
+    float32 global scale arrives rounded (or as inf in float16). Re-read those few scalars exactly."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[tuple[nn.Module, str, str]]] = {}
+    for ckpt_prefix, target in prefix_map.items():
+        for sub, module in model.get_submodule(target).named_modules():
+            if not isinstance(module, layer.NVFP4Linear):
+                continue
+            for leaf, p in module._parameters.items():
+                if p is None or leaf in ("bias", "pre_quant_scale") or p.dtype in _EXACT:
+                    continue
+                key = ".".join(x for x in (ckpt_prefix, sub, leaf) if x)
+                if key not in info.tensors:
+                    raise CheckpointError(f"{info.path}: no tensor {key!r} for {target}.{leaf}")
+                by_file.setdefault(info.tensors[key].file, []).append((module, leaf, key))
+    for file, items in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for module, leaf, key in items:
+                old = module._parameters[leaf]
+                value = f.get_tensor(key).to(torch.float32).reshape(old.shape).to(old.device)
+                module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                module._mul, module._mul_key = None, None
+
+
+#: Dtypes in which transformers hands a packed layer's tensors over unchanged.
+_EXACT = (torch.float32, torch.float8_e4m3fn, torch.uint8)
+
+
+class CompressedTensorsEntry(HfQuantizer):
+    """transformers' ``"compressed-tensors"`` entry: NVFP4 checkpoints to :class:`NVFP4Quantizer`,
+    everything else to transformers' own quantizer, constructed exactly as transformers would."""
+
+    original: type[HfQuantizer] | None = None
+
+    def __new__(cls, quantization_config: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        if _nvfp4_compressed_tensors(quantization_config):
+            return NVFP4Quantizer(quantization_config, **kwargs)
+        assert cls.original is not None
+        return cls.original(quantization_config, **kwargs)
+
+
+def _record_files(resolve: Any) -> Any:
+    def resolved(*args: Any, **kwargs: Any) -> Any:
+        result = resolve(*args, **kwargs)
+        _RESOLVED_FILES.set(list(result[0]) if result and result[0] else None)
+        return result
+
+    resolved.nvfp4_fix_original = resolve  # type: ignore[attr-defined]
+    return resolved
+
+
+def _hf_quant_config(name: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    from transformers.utils import cached_file
+
+    keys = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+    try:
+        path = cached_file(
+            name,
+            "hf_quant_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **{k: kwargs[k] for k in keys if kwargs.get(k) is not None},
+        )
+    except (OSError, ValueError):
+        return None
+    if path is None:
+        return None
+    from .checkpoint import read_json
+
+    return read_json(Path(path))
+
+
+def _with_hf_quant_config(get_config_dict: Any) -> Any:
+    """Older ModelOpt exports describe the quantization only in hf_quant_config.json beside config.json;
+    transformers reads config.json alone and would build a dense model. Give it the quantization_config
+    that newer exports write themselves."""
+
+    def patched(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        config_dict, unused = get_config_dict.__func__(cls, pretrained_model_name_or_path, **kwargs)
+        if isinstance(config_dict, dict) and "quantization_config" not in config_dict:
+            hq = _hf_quant_config(pretrained_model_name_or_path, kwargs)
+            quant = hq.get("quantization") if isinstance(hq, dict) else None
+            if isinstance(quant, dict) and quant.get("quant_algo"):
+                producer = hq.get("producer") or {"name": MODELOPT}
+                config_dict["quantization_config"] = {"quant_method": MODELOPT, **quant, "producer": producer}
+        return config_dict, unused
+
+    patched.nvfp4_fix_original = get_config_dict  # type: ignore[attr-defined]
+    return classmethod(patched)
+
+
+def register() -> bool:
+    """Put the quantizers into transformers' registry; False if they already are."""
+    if _auto.AUTO_QUANTIZER_MAPPING.get(COMPRESSED_TENSORS) is CompressedTensorsEntry:
+        return False
+    if MODELOPT not in _auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        _auto.register_quantization_config(MODELOPT)(ModelOptConfig)
+    if MODELOPT not in _auto.AUTO_QUANTIZER_MAPPING:
+        _auto.register_quantizer(MODELOPT)(NVFP4Quantizer)
+    # register_quantizer refuses a taken name, so the one entry is replaced in place
+    CompressedTensorsEntry.original = _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS]
+    _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsEntry
+    from transformers import PretrainedConfig, modeling_utils
+
+    PretrainedConfig.get_config_dict = _with_hf_quant_config(PretrainedConfig.__dict__["get_config_dict"])
+    if _TRANSFORMERS_MAJOR < 5:  # 4.57 passes the quantizer no checkpoint files: see _RESOLVED_FILES
+        modeling_utils._get_resolved_checkpoint_files = _record_files(
+            modeling_utils._get_resolved_checkpoint_files
+        )
+    return True
+
+
+def unregister() -> bool:
+    """Undo :func:`register`; False if nothing was registered."""
+    if _auto.AUTO_QUANTIZER_MAPPING.get(COMPRESSED_TENSORS) is not CompressedTensorsEntry:
+        return False
+    _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsEntry.original
+    for mapping in (_auto.AUTO_QUANTIZER_MAPPING, _auto.AUTO_QUANTIZATION_CONFIG_MAPPING):
+        if mapping.get(MODELOPT) in (NVFP4Quantizer, ModelOptConfig):
+            del mapping[MODELOPT]
+    from transformers import PretrainedConfig, modeling_utils
+
+    patched = PretrainedConfig.__dict__["get_config_dict"].__func__
+    config_original = getattr(patched, "nvfp4_fix_original", None)
+    if config_original is not None:
+        PretrainedConfig.get_config_dict = config_original
+    original = getattr(modeling_utils._get_resolved_checkpoint_files, "nvfp4_fix_original", None)
+    if original is not None:
+        modeling_utils._get_resolved_checkpoint_files = original
+    return True
+
+
+def registered() -> bool:
+    return _auto.AUTO_QUANTIZER_MAPPING.get(COMPRESSED_TENSORS) is CompressedTensorsEntry
+
+
+__all__ = [
+    "LoadOptions",
+    "load_options",
+    "ModelOptConfig",
+    "NVFP4Quantizer",
+    "CompressedTensorsEntry",
+    "register",
+    "unregister",
+    "registered",
+    "COMPRESSED_TENSORS",
+]

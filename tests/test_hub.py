@@ -1,0 +1,211 @@
+"""Hub ids, revisions and subfolders through a real Hugging Face cache (built here as huggingface_hub
+lays it out) with ``HF_HUB_OFFLINE=1``, in fresh processes: transformers' own entry points after
+``apply_patch()``, the persistent start-up hook, ``nvfp4_fix.from_pretrained`` and the CLI. Each load
+by id must keep the NVFP4 layers packed and give exactly the logits of the same load from the local
+folder (same code path, so equality is exact)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hub_cache import add_revision
+from hub_worker import IDS
+
+import nvfp4_fix
+from nvfp4_fix.loading import from_pretrained
+
+FIX = Path(__file__).parent / "fixtures"
+CT = FIX / "demo" / "ct-nvfp4a16"
+CT_W4A4 = FIX / "demo" / "ct-nvfp4"
+MODELOPT = FIX / "demo" / "modelopt-w4a16_nvfp4"
+BF16 = FIX / "demo" / "bf16"
+LLAVA = FIX / "current" / "llava-nvfp4a16"
+CURRENT = os.environ.get("NVFP4_FIX_TEST_ENV", "current") == "current"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hf") / "hub"
+    add_revision(root, "org/ct", CT, "main")
+    add_revision(root, "org/ct", CT_W4A4, "w4a4")
+    add_revision(root, "org/nested", CT, "main", subfolder="sub")
+    add_revision(root, "org/modelopt", MODELOPT, "main")
+    add_revision(root, "org/plain", BF16, "main")
+    if LLAVA.exists():
+        add_revision(root, "org/llava", LLAVA, "main")
+    return root
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "NVFP4_FIX_DISABLE"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "home"))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def _worker(cache: Path, out: Path, *cases: str, python: str = sys.executable) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    worker = Path(__file__).parent / "hub_worker.py"
+    proc = subprocess.run(
+        [python, str(worker), str(out), *cases], capture_output=True, text=True, env=_env(cache), timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, r in results.items():
+        assert r["ok"], f"{name}: {r.get('trace') or r.get('error')}"
+    return results
+
+
+def _local_logits(path: Path, model_class: object = None, **kw: object) -> torch.Tensor:
+    model = from_pretrained(path, model_class, **kw)
+    with torch.no_grad():
+        out = model(input_ids=IDS)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+
+
+@pytest.fixture(scope="module")
+def by_id(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("out")
+    cases = [
+        "causal:org/ct",
+        "causal:org/ct@w4a4",
+        "causal:org/nested#sub",
+        "causal:org/modelopt",
+        "base:org/ct",
+        "seqcls:org/ct",
+        "pipeline:org/ct",
+        "own:org/ct",
+        "own:org/ct@w4a4",
+        "cli:inspect org/ct",
+        "cli:verify org/ct --revision w4a4",
+        "cli:inspect org/missing",
+    ]
+    if LLAVA.exists() and CURRENT:
+        cases += ["vlm:org/llava", "own:org/llava"]
+    return _worker(cache, out, *cases), out
+
+
+def _saved(out: Path, results: dict, name: str) -> torch.Tensor:
+    return torch.load(out / f"{list(results).index(name)}.pt")
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [
+        ("causal:org/ct", CT),
+        ("causal:org/ct@w4a4", CT_W4A4),
+        ("causal:org/nested#sub", CT),
+        ("causal:org/modelopt", MODELOPT),
+    ],
+)
+def test_causal_lm_by_id_revision_and_subfolder(by_id: tuple[dict, Path], name: str, folder: Path) -> None:
+    results, out = by_id
+    r = results[name]
+    assert r["packed"] == 28 and r["is_quantized"] and r["quantizer"] == "NVFP4Quantizer", r
+    assert r["missing"] == [] and r["unexpected"] == [], r
+    assert torch.equal(_saved(out, results, name), _local_logits(folder))
+
+
+def test_revision_selects_another_checkpoint(by_id: tuple[dict, Path]) -> None:
+    results, out = by_id
+    a, b = _saved(out, results, "causal:org/ct"), _saved(out, results, "causal:org/ct@w4a4")
+    assert not torch.equal(a, b)  # W4A4 quantizes activations: a different model
+
+
+def test_base_model_by_id(by_id: tuple[dict, Path]) -> None:
+    from transformers import AutoModel
+
+    results, out = by_id
+    assert results["base:org/ct"]["packed"] == 28 and results["base:org/ct"]["class"] == "LlamaModel"
+    assert torch.equal(_saved(out, results, "base:org/ct"), _local_logits(CT, AutoModel))
+
+
+def test_new_sequence_classification_head_is_initialised(by_id: tuple[dict, Path]) -> None:
+    r = by_id[0]["seqcls:org/ct"]
+    assert r["packed"] == 28 and r["missing"] == ["score.weight"], r
+    assert 0.0 < r["score_std"] < 1.0  # transformers' init (normal, std = initializer_range), not zeros
+    logits = _saved(by_id[1], by_id[0], "seqcls:org/ct")
+    assert logits.shape[-1] == 2 and torch.isfinite(logits).all()
+
+
+def test_pipeline_by_id(by_id: tuple[dict, Path]) -> None:
+    r = by_id[0]["pipeline:org/ct"]
+    assert r["packed"] == 28 and r["text"].startswith("Return the") and len(r["text"]) > len("Return the")
+
+
+def test_own_from_pretrained_by_id_uses_config_architectures(by_id: tuple[dict, Path]) -> None:
+    results = by_id[0]
+    assert results["own:org/ct"] == {"packed": 28, "class": "LlamaForCausalLM", "ok": True}
+    assert results["own:org/ct@w4a4"]["packed"] == 28
+    if "own:org/llava" in results:
+        assert results["own:org/llava"]["class"] == "LlavaForConditionalGeneration"
+        assert results["vlm:org/llava"]["packed"] > 0
+
+
+def test_cli_by_id(by_id: tuple[dict, Path]) -> None:
+    results = by_id[0]
+    assert results["cli:inspect org/ct"]["exit"] == 0
+    assert results["cli:verify org/ct --revision w4a4"]["exit"] == 0
+    assert results["cli:inspect org/missing"]["exit"] == 2
+
+
+def test_missing_id_offline_names_id_and_cache(cache: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvfp4_fix.cli", "inspect", "org/missing"],
+        capture_output=True, text=True, env=_env(cache), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert (
+        len(line.splitlines()) == 1
+        and "org/missing" in line
+        and str(cache) in line
+        and "HF_HUB_OFFLINE" in line
+    )
+
+
+def test_plain_model_by_id_is_untouched(cache: Path, tmp_path: Path) -> None:
+    r = _worker(cache, tmp_path, "plain:org/plain")["plain:org/plain"]
+    assert r["equal"]
+
+
+def test_persistent_hook_in_a_process_that_never_imports_the_package(cache: Path, tmp_path: Path) -> None:
+    import sysconfig
+
+    import _nvfp4_fix_startup
+
+    root = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = str(root / "bin" / "python")
+    site = subprocess.check_output(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
+    hook_dir = Path(_nvfp4_fix_startup.__file__).parent
+    Path(site, "00_bridge.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n{hook_dir}\n")
+    env = _env(cache)
+    assert (
+        subprocess.run(
+            [python, "-m", "nvfp4_fix.cli", "apply-patch"], env=env, capture_output=True
+        ).returncode
+        == 0
+    )
+    r = _worker(cache, tmp_path / "out", "hook:org/ct", python=python)["hook:org/ct"]
+    assert r["packed"] == 28 and r["nvfp4_imported"]
+    assert torch.equal(torch.load(tmp_path / "out" / "0.pt"), _local_logits(CT))
+
+
+def test_registry_is_restored_after_own_from_pretrained() -> None:
+    from transformers.quantizers import auto
+
+    before = dict(auto.AUTO_QUANTIZER_MAPPING)
+    if nvfp4_fix.is_patched():
+        pytest.skip("the patch is active in this process")
+    from_pretrained(CT)
+    assert auto.AUTO_QUANTIZER_MAPPING == before and "modelopt" not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING
