@@ -52,7 +52,7 @@ def fp8_weight_args(strategy: str, block: tuple[int, int] = (128, 128)) -> dict[
     }
 
 
-def fp8_act_args(kind: str, group_size: int = 32) -> dict[str, Any] | None:
+def fp8_act_args(kind: str, group_size: int = 16) -> dict[str, Any] | None:
     if kind == "none":
         return None
     strategy = {

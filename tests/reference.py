@@ -41,6 +41,30 @@ def dequantize_np(
     return E2M1[codes] * scales * factor
 
 
+def dequantize_fp8_np(bits: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """float64 weights [N, K] from e4m3 bytes and a scale per tensor ([1] / []), per row ([N, 1] / [N])
+    or per block of ``block`` rows x columns ([ceil(N/bn), ceil(K/bk)], the last blocks partial)."""
+    w = e4m3_to_float(bits)
+    n, k = w.shape
+    s = scale.astype(np.float64)
+    if s.size == 1:
+        return w * s.reshape(())
+    if s.size == n and (s.ndim == 1 or s.shape[1] == 1):
+        return w * s.reshape(n, 1)
+    bn, bk = block
+    return w * np.kron(s, np.ones((bn, bk)))[:n, :k]
+
+
+def _block(path: Path) -> tuple[int, int]:
+    """The FP8 block shape a checkpoint's config declares (128 x 128, ModelOpt's, if none)."""
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    for group in (qc.get("config_groups") or {}).values():
+        bs = (group.get("weights") or {}).get("block_structure")
+        if bs:
+            return int(bs[0]), int(bs[1])
+    return 128, 128
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.float8_e4m3fn:
         return t.view(torch.uint8).numpy()
@@ -86,6 +110,13 @@ def dense_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if pre + ".pre_quant_scale" in raw:
                 out[pre + ".pre_quant_scale"] = raw[pre + ".pre_quant_scale"].float()
                 skip.add(pre + ".pre_quant_scale")
+    for k, t in raw.items():
+        if k.endswith(".weight") and t.dtype == torch.float8_e4m3fn:
+            pre = k[: -len(".weight")]
+            out[k] = torch.from_numpy(
+                dequantize_fp8_np(_np(t), _np(raw[pre + ".weight_scale"]), _block(path))
+            )
+            skip |= {pre + ".weight_scale", pre + ".input_scale"}
     for k, t in raw.items():
         if k in skip or k in out or (k.endswith(packed_suffix) and t.dtype == torch.uint8):
             continue

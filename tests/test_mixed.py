@@ -21,7 +21,7 @@ from nvfp4_fix.schemes import FP8Spec, TargetGroup, ct_groups, ct_rule_for
         ("channel", "dynamic-token", FP8Spec("channel", "dynamic-token")),
         ("tensor", "static", FP8Spec("tensor", "static")),
         ("block", "none", FP8Spec("block", "none", (32, 32))),
-        ("channel", "dynamic-group", FP8Spec("channel", "dynamic-group", None, 32)),
+        ("channel", "dynamic-group", FP8Spec("channel", "dynamic-group", None, 16)),
     ],
 )
 def test_ct_mixed_layers_classified(tmp_path: Path, strategy: str, acts: str, spec: FP8Spec) -> None:

@@ -66,6 +66,12 @@ class QuantizedModule:
     scheme: Scheme = "nvfp4"
     fp8: FP8Spec | None = None  # for scheme "fp8": weight strategy and activation quantization
     packed_dtype: str = "U8"  # NVFP4 codes as stored: "U8" [N, K/2] or safetensors "F4" [N, K]
+    # FP8 only: the checkpoint's scale tensors as stored (safetensors dtype names), so the layer built
+    # for it holds exactly these and save_pretrained writes them back unchanged
+    scale_shape: tuple[int, ...] = ()
+    scale_dtype: str = "F32"
+    input_scale_shape: tuple[int, ...] | None = None
+    input_scale_dtype: str = "F32"
 
     def describe(self) -> str:
         if self.scheme == "fp8" and self.fp8 is not None:
@@ -175,7 +181,17 @@ def _fp8(fmt: str, prefix: str, w: TensorInfo, rule: LayerRule, t: dict[str, Ten
             "static input scale"
         )
     return QuantizedModule(
-        prefix, n, k, has_input_scale=inp is not None, scheme="fp8", fp8=spec, packed_dtype=w.dtype
+        prefix,
+        n,
+        k,
+        has_input_scale=inp is not None,
+        scheme="fp8",
+        fp8=spec,
+        packed_dtype=w.dtype,
+        scale_shape=scale.shape,
+        scale_dtype=scale.dtype,
+        input_scale_shape=None if inp is None else inp.shape,
+        input_scale_dtype="F32" if inp is None else inp.dtype,
     )
 
 

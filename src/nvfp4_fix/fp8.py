@@ -22,8 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .classify import QuantizedModule
 from .codec import FP8_MAX
 from .schemes import FP8Spec
+
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 #: Rows dequantized at a time: bounds the scratch to ~CHUNK_ELEMENTS values whatever the layer size.
 CHUNK_ELEMENTS = 1 << 22
@@ -122,6 +125,26 @@ class FP8Linear(nn.Module):
             param(input_scale_shape, input_scale_dtype) if input_scale_shape is not None else None
         )
         self.bias = param((out_features,), dtype) if bias else None
+
+    @classmethod
+    def for_checkpoint(
+        cls, q: QuantizedModule, bias: bool, dtype: torch.dtype, device: torch.device | str | None = "meta"
+    ) -> FP8Linear:
+        """The layer for one FP8 linear of a checkpoint, its scales in the checkpoint's shapes and dtypes."""
+        if q.scheme != "fp8" or q.fp8 is None:
+            raise ValueError(f"{q.prefix}: not an FP8 layer ({q.describe()})")
+        return cls(
+            q.in_features,
+            q.out_features,
+            q.fp8,
+            bias=bias,
+            scale_shape=q.scale_shape,
+            scale_dtype=_TORCH_DTYPES[q.scale_dtype],
+            input_scale_shape=q.input_scale_shape,
+            input_scale_dtype=_TORCH_DTYPES[q.input_scale_dtype],
+            dtype=dtype,
+            device=device,
+        )
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
         # model.to(dtype) / .half() would cast the e4m3 weight and the scales: keep their format,

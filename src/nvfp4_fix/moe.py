@@ -2,8 +2,9 @@
 
 transformers 5 fuses a block's experts into 3-D parameters (``gate_up_proj`` [E, 2I, H],
 ``down_proj`` [E, H, I]). NVFP4 checkpoints store one linear per expert, each with its own global
-scale, so this module keeps them as one :class:`NVFP4Linear` per expert and projection, under the
-checkpoint's names, and computes only the experts that tokens were routed to.
+scale (gate and up of one expert may differ), so this module keeps them as one :class:`NVFP4Linear`
+(or :class:`FP8Linear`) per expert and projection, under the checkpoint's names and scales, and
+computes only the experts that tokens were routed to.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from .checkpoint import CheckpointInfo, QuantizedModule
 from .errors import CheckpointError
+from .fp8 import FP8Linear
 from .layer import NVFP4Linear
 
 _EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<idx>\d+)\.(?P<proj>[A-Za-z0-9_]+)$")
@@ -71,15 +73,19 @@ class NVFP4Experts(nn.Module):
                 q = info.quantized.get(f"{members[0].rsplit('.', 2)[0]}.{i}.{proj}")
                 if q is None:
                     raise CheckpointError(f"{info.path}: expert {i} has no quantized {proj}")
-                layer = NVFP4Linear(
-                    q.in_features,
-                    q.out_features,
-                    layout=layout,
-                    input_scale=q.has_input_scale,
-                    pre_quant_scale=q.has_pre_quant_scale,
-                    dtype=dtype,
-                    device="meta",
-                )
+                layer: nn.Module
+                if q.scheme == "fp8":
+                    layer = FP8Linear.for_checkpoint(q, False, dtype)
+                else:
+                    layer = NVFP4Linear(
+                        q.in_features,
+                        q.out_features,
+                        layout=layout,
+                        input_scale=q.has_input_scale,
+                        pre_quant_scale=q.has_pre_quant_scale,
+                        dtype=dtype,
+                        device="meta",
+                    )
                 setattr(expert, proj, layer)
             new.add_module(str(i), expert)
         return new

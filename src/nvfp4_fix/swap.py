@@ -17,6 +17,7 @@ from torch import nn
 
 from .checkpoint import COMPRESSED_TENSORS, CheckpointInfo, QuantizedModule
 from .errors import CheckpointError
+from .fp8 import FP8Linear
 from .layer import NVFP4Linear
 from .moe import NVFP4Experts, expert_groups
 
@@ -84,6 +85,8 @@ def _module_for(
 
 def make_linear(q: QuantizedModule, layout: str, bias: bool, dtype: torch.dtype) -> nn.Module:
     """The packed layer (on the meta device) for one quantized linear of the checkpoint."""
+    if q.scheme == "fp8":
+        return FP8Linear.for_checkpoint(q, bias, dtype)
     return NVFP4Linear(
         q.in_features,
         q.out_features,
