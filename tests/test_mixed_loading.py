@@ -128,3 +128,26 @@ def test_fp8_layers_match_compressed_tensors_own_forward(path: Path) -> None:
             layer.activation_mode = "bf16"
             err_plain = rel_err(layer(x), expected)
         assert err < 1e-3 and err < err_plain / 3, (name, err, err_plain)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+@pytest.mark.parametrize("path", [p for p in REAL if inspect_checkpoint(p).fp8], ids=lambda p: p.name)
+def test_save_pretrained_writes_back_what_it_read(path: Path, tmp_path: Path) -> None:
+    """Same tensor names, dtypes, shapes and bytes: FP8 codes and their scales are never cast."""
+    from_pretrained(path).save_pretrained(tmp_path / "out")
+    before, after = _tensors(path), _tensors(tmp_path / "out")
+    assert sorted(before) == sorted(after)
+    for k, t in before.items():
+        u = after[k]
+        assert (u.dtype, u.shape) == (t.dtype, t.shape), k
+        assert torch.equal(u.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
+    assert inspect_checkpoint(tmp_path / "out").format_name == inspect_checkpoint(path).format_name
