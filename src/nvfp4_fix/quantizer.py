@@ -32,6 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import layer
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, inspect_checkpoint
 from .errors import CheckpointError
+from .fp8 import FP8Linear
 from .saving import wrap_save
 from .swap import swap_quantized_modules
 
@@ -173,7 +174,6 @@ class NVFP4Quantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         from .embedding import quantize_input_embedding
-        from .fp8 import FP8Linear
         from .fusion import fuse_siblings
         from .moe import NVFP4Experts
 
@@ -218,23 +218,36 @@ def _restore_exact_scales(model: nn.Module, info: CheckpointInfo, prefix_map: di
     by_file: dict[Path, list[tuple[nn.Module, str, str]]] = {}
     for ckpt_prefix, target in prefix_map.items():
         for sub, module in model.get_submodule(target).named_modules():
-            if not isinstance(module, layer.NVFP4Linear):
+            fp8 = isinstance(module, FP8Linear)  # its scales keep the checkpoint's own dtype
+            if not (fp8 or isinstance(module, layer.NVFP4Linear)):
                 continue
             for leaf, p in module._parameters.items():
-                if p is None or leaf in ("bias", "pre_quant_scale") or p.dtype in _EXACT:
+                if p is None or leaf in ("bias", "pre_quant_scale") or (not fp8 and p.dtype in _EXACT):
                     continue
                 key = ".".join(x for x in (ckpt_prefix, sub, leaf) if x)
                 if key not in info.tensors:
                     raise CheckpointError(f"{info.path}: no tensor {key!r} for {target}.{leaf}")
+                if fp8 and p.dtype == _SAFETENSORS_DTYPES.get(info.tensors[key].dtype):
+                    continue
                 by_file.setdefault(info.tensors[key].file, []).append((module, leaf, key))
     for file, items in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for module, leaf, key in items:
                 old = module._parameters[leaf]
-                value = f.get_tensor(key).to(torch.float32).reshape(old.shape).to(old.device)
+                value = f.get_tensor(key)
+                if not isinstance(module, FP8Linear):
+                    value = value.to(torch.float32)
+                value = value.reshape(old.shape).to(old.device)
                 module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
                 module._mul, module._mul_key = None, None
 
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn,
+}
 
 #: Dtypes in which transformers hands a packed layer's tensors over unchanged.
 _EXACT = (torch.float32, torch.float8_e4m3fn, torch.uint8)
