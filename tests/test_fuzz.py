@@ -569,10 +569,10 @@ def test_special_files_do_not_hang(bases: dict[str, Path], tmp_path: Path) -> No
     (d / "config.json").symlink_to("/dev/zero")
     with no_hang(10), pytest.raises(NVFP4Error, match="not a regular file"):
         inspect_checkpoint(d)
-    from nvfp4_fix.loading import looks_like_nvfp4
+    from nvfp4_fix.loading import from_pretrained
 
-    with no_hang(10):
-        assert not looks_like_nvfp4(d)
+    with no_hang(10), pytest.raises(NVFP4Error, match="not a regular file"):
+        from_pretrained(d)
 
 
 def test_no_pickle_anywhere_in_the_package() -> None:

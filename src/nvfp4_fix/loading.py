@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from . import quantizer
+from .checkpoint import require_nvfp4
 from .errors import CheckpointError
 from .quantizer import LoadOptions
 
@@ -70,6 +72,9 @@ def from_pretrained(
     if "torch_dtype" in kwargs:
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
     options = LoadOptions(activations, dense_on_cpu, quantize_embeddings)
+    local = Path(os.fspath(path_or_id), kwargs.get("subfolder") or "")
+    if local.is_dir():  # headers and configs checked before transformers opens anything
+        require_nvfp4(local)
     with quantizers_registered(), quantizer.load_options(options):
         config = _config(path_or_id, kwargs)
         if not quantizer.is_nvfp4_config(getattr(config, "quantization_config", None)):
