@@ -24,7 +24,8 @@ from nvfp4_fix import lora  # noqa: E402
 from nvfp4_fix.codec import dequantize  # noqa: E402
 from nvfp4_fix.layer import NVFP4Linear, fake_quantize_activations  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
 DEMO = FIXTURES / "demo" / "ct-nvfp4a16"
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {
@@ -282,3 +283,16 @@ def test_moe_experts() -> None:
         model = peft.get_peft_model(load(path), cfg)
     adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert adapted and all(n.endswith("q_proj") for n in adapted)
+
+
+def test_lora_learns_unseen_docstrings() -> None:
+    """LoRA on the packed demo model, 16 steps on peft's docstrings (never seen by the stdlib-trained
+    model), lowers perplexity on a held-out split of them by more than 30% (measured: 142.0 -> 68.2)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_lora_demo", ROOT / "scripts" / "train_lora_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    r = demo.run(steps=16, batch=6, lr=5e-3, eval_windows=24, log=False)
+    assert r["held_docs"] >= 50 and r["train_tokens"] > 50_000
+    assert r["ppl_after"] < 0.7 * r["ppl_before"], r
