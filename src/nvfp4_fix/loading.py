@@ -84,7 +84,16 @@ def from_pretrained(
                 f"{path_or_id}: not an NVFP4 checkpoint ({what}); expected compressed-tensors "
                 "'nvfp4-pack-quantized' or ModelOpt quant_algo NVFP4 (plain transformers loads it as is)"
             )
+        _backport_expert_count(config, kwargs)
         return (model_class or class_of(config)).from_pretrained(path_or_id, **kwargs)
+
+
+def _backport_expert_count(config: Any, kwargs: dict[str, Any]) -> None:
+    """transformers 5 writes MoE expert counts as ``num_local_experts``; 4.57's Qwen3-MoE reads
+    ``num_experts`` and would build 128 experts (a size mismatch on load). Pass the count across."""
+    saved = getattr(config, "num_local_experts", None)
+    if isinstance(saved, int) and getattr(config, "num_experts", saved) != saved:
+        kwargs.setdefault("num_experts", saved)
 
 
 def _config(path_or_id: str | os.PathLike[str], kwargs: dict[str, Any]) -> Any:
