@@ -47,7 +47,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama8b import card_name, ensure_checkpoints, llama8b_config, random_model, versions  # noqa: E402
 
-from nvfp4_fix.generation import _forward_api, clear_cache, generate  # noqa: E402
+from nvfp4_fix.generation import clear_cache, generate  # noqa: E402
+from nvfp4_fix.generation.cache import forward_api  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -143,7 +144,7 @@ def prefill_forward(model, ids):
     logits of the last position only."""
     from transformers import DynamicCache
 
-    api = _forward_api(model)
+    api = forward_api(model)
 
     def forward():
         kw = {api.cache_kw: DynamicCache(), "use_cache": True}

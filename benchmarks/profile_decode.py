@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 from bench_generation import prefill_forward  # noqa: E402
 from llama8b import card_name, ensure_checkpoints, llama8b_config, versions  # noqa: E402
 
-from nvfp4_fix.generation import _RUNNERS_ATTR, clear_cache, generate  # noqa: E402
+from nvfp4_fix.generation import RUNNERS_ATTR, clear_cache, generate  # noqa: E402
 from nvfp4_fix.loading import from_pretrained  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def decode_profile(model, p: int, compile_step: bool) -> None:
     t = time.perf_counter()
     stats: dict = {}
     generate(model, ids, 16, stop_token_ids=(), max_cache_len=p + 384, compile_step=compile_step, stats=stats)
-    runner = next(reversed(getattr(model, _RUNNERS_ATTR).values()))
+    runner = next(reversed(getattr(model, RUNNERS_ATTR).values()))
     print(
         f"\n== decode P={p} compile={compile_step}: setup {time.perf_counter() - t:.1f} s, path {stats['path']}, "
         f"step {step_ms(runner):.3f} ms = {1000 / step_ms(runner):.1f} tok/s",

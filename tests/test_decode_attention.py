@@ -191,7 +191,7 @@ def test_custom_op_and_torch_compile():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Let CPU tensors reach the kernel (the interpreter); record each call's query shape."""
-    import nvfp4_fix.generation as gen
+    import nvfp4_fix.generation.attention as gen
 
     calls = []
     real = da.decode_attention
@@ -200,7 +200,7 @@ def kernel_calls(monkeypatch):
         calls.append(tuple(q.shape))
         return real(q, *a, **kw)
 
-    monkeypatch.setattr(gen, "_TRITON_DECODE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(gen, "TRITON_DECODE_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(da, "decode_attention", spy)
     return calls
 
@@ -209,7 +209,8 @@ def kernel_calls(monkeypatch):
 def test_packed_sdpa_routes_to_the_kernel_and_matches_transformers(kernel_calls, groups, monkeypatch):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    import nvfp4_fix.generation as gen
+    import nvfp4_fix.generation.attention as gen
+    from nvfp4_fix import settings
 
     class Attn(torch.nn.Module):
         num_key_value_groups = groups
@@ -224,7 +225,7 @@ def test_packed_sdpa_routes_to_the_kernel_and_matches_transformers(kernel_calls,
         orig_calls.append(1)
         return sdpa_attention_forward(*a, **kw)
 
-    packed = gen._packed_gqa_sdpa(orig)
+    packed = gen.packed_gqa_sdpa(orig)
     for m in (mask, None, torch.where(mask, 0.0, float("-inf"))):
         want, _ = sdpa_attention_forward(Attn(), q, k, v, m, scaling=0.3)
         got, _ = packed(Attn(), q, k, v, m, scaling=0.3)
@@ -233,16 +234,16 @@ def test_packed_sdpa_routes_to_the_kernel_and_matches_transformers(kernel_calls,
     assert len(kernel_calls) == 3 and not orig_calls
     packed(Attn(), q, k, v, mask, position_bias=torch.zeros(2, 8, 1, 90))  # transformers' own function
     assert len(kernel_calls) == 3 and len(orig_calls) == 1
-    monkeypatch.setattr(gen, "_TRITON_DECODE", False)  # NVFP4_FIX_DECODE_ATTENTION=0
-    torch.testing.assert_close(packed(Attn(), q, k, v, mask, scaling=0.3)[0],
-                               sdpa_attention_forward(Attn(), q, k, v, mask, scaling=0.3)[0])  # fmt: skip
+    with settings.override(decode_attention=False):  # NVFP4_FIX_DECODE_ATTENTION=0
+        torch.testing.assert_close(packed(Attn(), q, k, v, mask, scaling=0.3)[0],
+                                   sdpa_attention_forward(Attn(), q, k, v, mask, scaling=0.3)[0])  # fmt: skip
     assert len(kernel_calls) == 3
 
 
 def test_compiled_attention_uses_the_custom_op(kernel_calls):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    import nvfp4_fix.generation as gen
+    import nvfp4_fix.generation.attention as gen
 
     class Attn(torch.nn.Module):
         num_key_value_groups = 4
@@ -250,7 +251,7 @@ def test_compiled_attention_uses_the_custom_op(kernel_calls):
 
     q, k, v = make_inputs(1, 8, 2, 32, 70, torch.float32)
     mask = make_mask("prefix", 1, 70)
-    packed = gen._packed_gqa_sdpa(sdpa_attention_forward)
+    packed = gen.packed_gqa_sdpa(sdpa_attention_forward)
     fn = torch.compile(lambda *a: packed(Attn(), *a, scaling=0.25)[0], backend="aot_eager", fullgraph=True)
     want, _ = sdpa_attention_forward(Attn(), q, k, v, mask[..., :70], scaling=0.25)
     torch.testing.assert_close(fn(q, k, v, mask), want)
@@ -327,12 +328,12 @@ def test_mask_function_goes_through_one_opaque_op_under_compile():
     every layer's attention reads); eagerly it is the mask itself. The override is local to the block."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
 
-    import nvfp4_fix.generation as gen
+    import nvfp4_fix.generation.attention as gen
 
     def orig(n):
         return torch.arange(n) < 3
 
-    wrapped = gen._mask_once(orig)
+    wrapped = gen.mask_once(orig)
     assert torch.equal(wrapped(5), orig(5))
     seen = []
 
@@ -343,7 +344,5 @@ def test_mask_function_goes_through_one_opaque_op_under_compile():
     fn = torch.compile(lambda x: x * wrapped(5), backend=backend, fullgraph=True)
     torch.testing.assert_close(fn(torch.ones(5)), orig(5).float())
     assert torch.ops.nvfp4_fix.materialize in seen
-    before = masks["sdpa"]
-    with gen._decode_attention(True):
-        assert masks["sdpa"] is not before
-    assert masks["sdpa"] is before
+    assert gen.register()
+    assert masks[gen.NAME] is not masks["sdpa"]  # registered under nvfp4-fix's name; sdpa's own untouched

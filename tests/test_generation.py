@@ -137,13 +137,13 @@ def test_greedy_static_loop_matches_generate(checkpoints, arch):
 
 @pytest.mark.parametrize("arch", ("llama", "gemma-sw"))
 def test_prefill_through_the_static_cache_when_the_dynamic_one_does_not_fit(checkpoints, arch, monkeypatch):
-    import nvfp4_fix.generation as gen
+    import nvfp4_fix.generation.runner as runner
 
     model = load(checkpoints[arch])
     clear_cache(model)
     ids = prompt(model, length=17, seed=13)
     ref = hf_greedy(model, ids, 20)
-    monkeypatch.setattr(gen, "_holds_prompt", lambda *a: False)
+    monkeypatch.setattr(runner, "holds_prompt", lambda *a: False)
     for chunk in (4096, 6):
         stats: dict = {}
         got = generate(
@@ -201,9 +201,9 @@ def test_one_dimensional_prompt_and_runner_reuse(checkpoints):
     # same shapes: the cached runner (and its static cache) is reused and must be reset properly
     assert generate(model, b, 9, use_cuda_graph=False, stop_token_ids=()).tolist() == ref_b.tolist()
     assert generate(model, a, 9, use_cuda_graph=False, stop_token_ids=()).tolist() == ref_a.tolist()
-    from nvfp4_fix.generation import _RUNNERS_ATTR
+    from nvfp4_fix.generation import RUNNERS_ATTR
 
-    runners = getattr(model, _RUNNERS_ATTR)
+    runners = getattr(model, RUNNERS_ATTR)
     assert len(runners) == 1
     first = next(iter(runners.values()))
     first.graph = sentinel = object()  # stands for a captured graph
@@ -398,7 +398,7 @@ def test_cuda_graph_reuse_stop_stream_and_sampling(checkpoints):
 def test_packed_gqa_attention_equals_transformers_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from nvfp4_fix.generation import _packed_gqa_sdpa
+    from nvfp4_fix.generation.attention import packed_gqa_sdpa
 
     class Attn(torch.nn.Module):
         num_key_value_groups = 4
@@ -415,7 +415,7 @@ def test_packed_gqa_attention_equals_transformers_sdpa():
         calls.append(1)
         return sdpa_attention_forward(*a, **kw)
 
-    packed = _packed_gqa_sdpa(orig)
+    packed = packed_gqa_sdpa(orig)
     for m in (mask, None, torch.where(mask, 0.0, float("-inf"))):
         want, _ = sdpa_attention_forward(Attn(), q, k, v, m, scaling=0.3)
         got, _ = packed(Attn(), q, k, v, m, scaling=0.3)
@@ -429,36 +429,45 @@ def test_packed_gqa_attention_equals_transformers_sdpa():
     assert len(calls) == 3
 
 
-def test_decode_uses_packed_attention_and_restores_sdpa(checkpoints, monkeypatch):
+def test_decode_attention_is_registered_under_its_own_name_and_switched_per_model(checkpoints, monkeypatch):
+    """Decode steps go through transformers' attention registry under nvfp4-fix's own name: the model's
+    config is switched to it for the call and back afterwards; the global "sdpa" entry and other models
+    are never touched."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    import nvfp4_fix.generation as gen
+    from nvfp4_fix.generation import attention
 
     model = load(checkpoints["llama"])
     if model.config._attn_implementation != "sdpa":
         pytest.skip("model does not use sdpa")
-    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    used = []
-    real = gen._packed_gqa_sdpa
+    other = load(checkpoints["qwen3"])
+    before = (ALL_ATTENTION_FUNCTIONS["sdpa"], ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    assert attention.register()
+    registered = ALL_ATTENTION_FUNCTIONS[attention.NAME]
+    used, seen_by_other = [], []
 
-    def spy(orig):
-        fn = real(orig)
+    def spy(module, query, *a, **kw):
+        used.append(query.shape[2])
+        seen_by_other.append(other.config._attn_implementation)
+        return registered(module, query, *a, **kw)
 
-        def wrapped(module, query, *a, **kw):
-            used.append(query.shape[2])
-            return fn(module, query, *a, **kw)
-
-        return wrapped
-
-    monkeypatch.setattr(gen, "_packed_gqa_sdpa", spy)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, attention.NAME, spy)
     ids = prompt(model, seed=14)
     ref = hf_greedy(model, ids, 12)
     for pack in (True, False):
         used.clear()
         got = generate(model, ids, 12, use_cuda_graph=False, stop_token_ids=(), pack_gqa=pack)
         assert got.tolist() == ref.tolist()
-        assert (1 in used) is pack
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+        assert (1 in used) is pack  # decode steps (one query token) came through the registry
+        assert model.config._attn_implementation == "sdpa"
+        assert model.config.get_text_config()._attn_implementation == "sdpa"
+        assert (ALL_ATTENTION_FUNCTIONS["sdpa"], ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]) == before
+    assert set(seen_by_other) == {"sdpa"}
+    with pytest.raises(RuntimeError), attention.decode_attention(model) as active:  # restored on errors too
+        assert active and model.config._attn_implementation == attention.NAME
+        raise RuntimeError
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_compiled_greedy_step_matches_generate(checkpoints):

@@ -102,11 +102,9 @@ def test_custom_op_under_torch_compile():
 def test_generation_appends_through_the_kernel(monkeypatch, enabled):
     """The fast path's static cache writes each decode token with one append per layer (none with the
     switch off) and matches model.generate (greedy, float32) either way."""
-    import nvfp4_fix.generation as gen
-
-    monkeypatch.setattr(gen, "_KV_APPEND", enabled)
     import transformers as tf
 
+    from nvfp4_fix import settings
     from nvfp4_fix.generation import generate
 
     calls = []
@@ -126,7 +124,8 @@ def test_generation_appends_through_the_kernel(monkeypatch, enabled):
         for p in model.parameters():
             p.normal_(0.0, 0.1)
     ids = torch.randint(5, 300, (1, 7), generator=torch.Generator().manual_seed(1))
-    got = generate(model, ids, 6, use_cuda_graph=False, stop_token_ids=())
+    with settings.override(kv_append=enabled):
+        got = generate(model, ids, 6, use_cuda_graph=False, stop_token_ids=())
     assert got.tolist() == hf_greedy(model, ids, 6).tolist()
     from transformers.cache_utils import StaticLayer
 

@@ -240,7 +240,7 @@ def _decode_attention_fake(q, k, v, mask, scale):
 @torch.library.custom_op("nvfp4_fix::materialize", mutates_args=())
 def _materialize(x: torch.Tensor) -> torch.Tensor:
     """A copy of x through an opaque op: under torch.compile, a buffer computed once however many ops
-    read it (see ``generation._mask_once``)."""
+    read it (see ``generation.attention.mask_once``)."""
     return x.clone()
 
 
