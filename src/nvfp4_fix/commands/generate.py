@@ -4,7 +4,8 @@ template is used when it has one), then print decode tok/s, time to first token 
 --fast hands generation to ``nvfp4_fix.generation.generate(model, input_ids, max_new_tokens,
 temperature=, top_k=, top_p=, streamer=, pad_token_id=)`` (static KV cache, decode step captured in a
 CUDA graph; it falls back to ``model.generate`` where it cannot capture, e.g. on the CPU). --fast
---compile also passes ``compile_step=True`` (torch.compile of the captured step)."""
+--compile also passes ``compile_step=True`` (torch.compile of the captured step). --batch B generates
+for B copies of the prompt in one batch (sampled rows differ) and prints each row afterwards."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="with --fast: torch.compile the decode step inside the graph (faster decode, ~1 min setup)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="generate for this many copies of the prompt at once (printed after, not streamed)",
     )
 
 
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise NVFP4Error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.batch < 1:
+        raise NVFP4Error(f"--batch must be at least 1, got {args.batch}")
     if getattr(args, "compile", False) and not args.fast:
         raise NVFP4Error("--compile needs --fast (it compiles the fast path's decode step)")
     fast = None
@@ -130,13 +139,15 @@ def run(args: argparse.Namespace) -> int:
         for k, v in encode(tok, args.prompt, not args.no_chat_template).items()
         if v is not None
     }
-    streamer = make_streamer(tok)
+    if args.batch > 1:
+        inputs = {k: v.expand(args.batch, -1).contiguous() for k, v in inputs.items()}
+    streamer = make_streamer(tok) if args.batch == 1 else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     runtime.reset_peak(args.device)
     start = time.perf_counter()
     with torch.no_grad():
         if fast is None:
-            model.generate(
+            out = model.generate(
                 **inputs,
                 max_new_tokens=args.max_new_tokens,
                 streamer=streamer,
@@ -144,10 +155,11 @@ def run(args: argparse.Namespace) -> int:
                 **sampling(args),
             )
         else:
-            fast(
+            out = fast(
                 model,
                 inputs["input_ids"],
                 args.max_new_tokens,
+                attention_mask=inputs.get("attention_mask"),
                 streamer=streamer,
                 pad_token_id=pad,
                 compile_step=bool(getattr(args, "compile", False)),
@@ -156,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     runtime.sync(args.device)
     end = time.perf_counter()
     peak, what = runtime.peak_memory(args.device)
+    if streamer is None:
+        plen = inputs["input_ids"].shape[1]
+        return _report_batch(tok, out, plen, pad, end - start, load_s, peak, what, args)
     n = streamer.count
     ttft = (streamer.first - start) if streamer.first else float("nan")
     decode = (
@@ -167,5 +182,26 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"--- {n} tokens in {end - start:.2f} s (load {load_s:.1f} s): {decode:.1f} tok/s decode, "
         f"time to first token {ttft:.3f} s, {what} {human(peak)} ({args.device})"
+    )
+    return 0
+
+
+def _report_batch(tok: Any, out: Any, plen: int, pad: int, seconds: float, load_s: float, peak: int,
+                  what: str, args: argparse.Namespace) -> int:  # fmt: skip
+    """Each row's text, then the whole batch's new tokens per second (prefill included)."""
+    from ..tools.analysis import human
+
+    new = out[:, plen:].cpu()
+    tokens = 0
+    for row, ids in enumerate(new.tolist()):
+        while ids and ids[-1] == pad:  # rows that stopped early are padded
+            ids.pop()
+        tokens += len(ids)
+        print(f"[{row}] {tok.decode(ids, skip_special_tokens=True)}")
+    print()
+    print(
+        f"--- batch {new.shape[0]}: {tokens} tokens in {seconds:.2f} s (load {load_s:.1f} s): "
+        f"{tokens / max(seconds, 1e-9):.1f} tok/s for the batch, prefill included, {what} {human(peak)} "
+        f"({args.device})"
     )
     return 0
