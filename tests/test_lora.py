@@ -296,3 +296,27 @@ def test_lora_learns_unseen_docstrings() -> None:
     r = demo.run(steps=16, batch=6, lr=5e-3, eval_windows=24, log=False)
     assert r["held_docs"] >= 50 and r["train_tokens"] > 50_000
     assert r["ppl_after"] < 0.7 * r["ppl_before"], r
+
+
+def test_transformers_trainer_trains_the_adapters(tmp_path: Path) -> None:
+    """Trainer accepts the packed model (were it marked quantized, its quantizer must be trainable) and
+    trains the adapters with gradient checkpointing; the packed base is untouched."""
+    model = peft.get_peft_model(load(DEMO), lora_config())
+    hf_quantizer = getattr(model.get_base_model(), "hf_quantizer", None)
+    assert hf_quantizer is None or hf_quantizer.is_trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = [{"input_ids": ids, "labels": ids} for ids in batch(model, shape=(8, 32)).tolist()]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad} and changed
