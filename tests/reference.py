@@ -113,9 +113,8 @@ def dense_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for k, t in raw.items():
         if k.endswith(".weight") and t.dtype == torch.float8_e4m3fn:
             pre = k[: -len(".weight")]
-            out[k] = torch.from_numpy(
-                dequantize_fp8_np(_np(t), _np(raw[pre + ".weight_scale"]), _block(path))
-            )
+            w = dequantize_fp8_np(_np(t), _np(raw[pre + ".weight_scale"]), _block(path))
+            out[k] = torch.from_numpy(w).float()
             skip |= {pre + ".weight_scale", pre + ".input_scale"}
     for k, t in raw.items():
         if k in skip or k in out or (k.endswith(packed_suffix) and t.dtype == torch.uint8):

@@ -51,13 +51,16 @@ def render(rep: dict[str, Any]) -> str:
     lines = [
         f"{rep['path']}",
         f"  format     {rep['format_name']}{algo}",
-        f"  scheme     {scheme}: {SCHEMES.get(base, base)}{awq}",
+        f"  scheme     {scheme}: {SCHEMES.get(base, base)}{awq}"
+        + (" (NVFP4 layers; FP8 layers below)" if any(k.startswith("FP8") for k in rep["kinds"]) else ""),
         f"  producer   {rep['producer']} {rep['producer_version'] or '(version unknown)'}",
         f"  model      {rep['architecture']} ({rep['model_type']}), {rep['layers']} layers, "
         f"hidden {rep['hidden_size']}",
-        f"  quantized  {rep['quantized_count']} layers in {len(rep['quantized'])} patterns:",
+        f"  quantized  {rep['quantized_count']} layers in {len(rep['quantized'])} patterns: "
+        + ", ".join(f"{kind} x{n}" for kind, n in sorted(rep["kinds"].items())),
     ]
     width = max((len(q["pattern"]) for q in rep["quantized"]), default=0)
+    kind_width = max((len(q["kind"]) for q in rep["quantized"]), default=0)
     for q in rep["quantized"]:
         extra = "".join(
             [
@@ -67,7 +70,8 @@ def render(rep: dict[str, Any]) -> str:
             ]
         )
         lines.append(
-            f"             {q['pattern']:<{width}}  x{q['count']:<4} {', '.join(q['shapes'])}{extra}"
+            f"             {q['pattern']:<{width}}  x{q['count']:<4} {q['kind']:<{kind_width}}  "
+            f"{', '.join(q['shapes'])}{extra}"
         )
     excl = ", ".join(rep["excluded"]) or "(none listed)"
     unq = ", ".join(f"{u['pattern']} x{u['count']}" for u in rep["unquantized"]) or "(none)"

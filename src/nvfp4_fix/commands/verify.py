@@ -1,7 +1,8 @@
-"""Load a checkpoint with nvfp4-fix and check it: every quantized layer stayed packed (uint8 codes, e4m3
-block scales), a sample of layers (first and last of each layer pattern) holds the checkpoint's bytes
-and computes what an independent float64 dequantization of the checkpoint computes, and one forward
-of the whole model gives finite logits. Prints the worst error per layer type; exit code 1 on failure."""
+"""Load a checkpoint with nvfp4-fix and check it: every quantized layer stayed packed (NVFP4: uint8
+codes, e4m3 block scales; FP8: e4m3 weights), a sample of layers (first and last of each layer pattern
+and kind) holds the checkpoint's bytes and computes what an independent float64 dequantization of the
+checkpoint computes, and one forward of the whole model gives finite logits. Prints the worst error per
+layer type; exit code 1 on failure."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from ..checkpoint import COMPRESSED_TENSORS, CheckpointInfo, layer_pattern
 from ..errors import CheckpointError
+from ..tools import fp8_reference
 
 HELP = "load packed, compare layers with a float64 reference, run one forward"
 
@@ -81,12 +83,13 @@ def reference_act_quant(x: Any, divisor: float, dtype: Any) -> Any:
 
 
 def _module_names(model: Any, prefixes: list[str]) -> dict[str, str]:
-    """Checkpoint prefix -> name of the NVFP4Linear holding it: the same name, a name the loader's key
-    renaming gives (e.g. language_model.model.layers -> model.language_model.layers), or the one
+    """Checkpoint prefix -> name of the NVFP4Linear or FP8Linear holding it: the same name, a name the
+    loader's key renaming gives (e.g. language_model.model.layers -> model.language_model.layers), or the one
     module whose name ends with the longest unique tail of the prefix."""
+    from ..fp8 import FP8Linear
     from ..layer import NVFP4Linear
 
-    names = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, (NVFP4Linear, FP8Linear))]
     exact = set(names)
     try:
         from ..swap import name_candidates as _renamer
@@ -132,12 +135,37 @@ def sample(prefixes: list[str], everything: bool) -> list[str]:
 def verify(
     path: str, device: str = "cpu", dtype: str = "auto", everything: bool = False, seed: int = 0
 ) -> dict[str, Any]:
+    from ..tools import runtime
+
+    model, info, load_s = runtime.load(path, device, dtype)
+    return verify_model(model, info, load_s, device, everything, seed)
+
+
+def _not_kept(module: Any, scheme: str) -> bool:
+    """A layer that does not hold its checkpoint's format: NVFP4 uint8 codes + e4m3 scales, FP8 e4m3."""
+    import torch
+
+    from ..fp8 import FP8Linear
+
+    if scheme == "fp8":
+        return not isinstance(module, FP8Linear) or module.weight.dtype != torch.float8_e4m3fn
+    return (
+        getattr(module, "weight_packed", None) is None
+        or module.weight_packed.dtype != torch.uint8
+        or module.weight_scale.dtype != torch.float8_e4m3fn
+        or module.dense_weight is not None
+    )
+
+
+def verify_model(
+    model: Any, info: CheckpointInfo, load_s: float, device: str, everything: bool = False, seed: int = 0
+) -> dict[str, Any]:
+    """The checks of :func:`verify` on an already loaded model."""
     import torch
     from safetensors import safe_open
 
-    from ..tools import progress, runtime
+    from ..tools import progress
 
-    model, info, load_s = runtime.load(path, device, dtype)
     mdtype = next(
         p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float8_e4m3fn
     )
@@ -148,20 +176,20 @@ def verify(
     missing = [p for p in info.quantized if p not in names]
     if missing:
         failures.append(
-            f"{len(missing)} quantized layers have no packed NVFP4Linear in the model, e.g. {missing[0]}"
+            f"{len(missing)} quantized layers have no packed NVFP4Linear / FP8Linear in the model, "
+            f"e.g. {missing[0]}"
         )
-    not_packed = [
-        n
-        for n in names.values()
-        if modules[n].weight_packed.dtype != torch.uint8
-        or modules[n].weight_scale.dtype != torch.float8_e4m3fn
-        or modules[n].dense_weight is not None
-    ]
+    not_packed = [n for p, n in names.items() if _not_kept(modules[n], info.quantized[p].scheme)]
     if not_packed:
-        failures.append(f"{len(not_packed)} layers are not packed (uint8 + e4m3), e.g. {not_packed[0]}")
+        failures.append(
+            f"{len(not_packed)} layers do not hold their checkpoint format (NVFP4 uint8 + e4m3, FP8 e4m3), "
+            f"e.g. {not_packed[0]}"
+        )
     gen = torch.Generator().manual_seed(seed)
     worst: dict[str, dict[str, Any]] = {}
-    picked = [p for p in sample(list(info.quantized), everything) if p in names]
+    picked = [
+        p for p in sample(list(info.quantized), everything) if p in names and names[p] not in not_packed
+    ]
     with torch.no_grad():
         for prefix in progress.track(picked, desc="comparing layers", unit="layer"):
             mod = modules[names[prefix]]
@@ -174,9 +202,15 @@ def verify(
                     raise CheckpointError(
                         f"{info.tensors[key].file}: cannot read tensor {key!r} ({e})"
                     ) from None
-            if not torch.equal(mod.weight_packed.detach().cpu(), tensors[info.packed_name(prefix)]):
+            q = info.quantized[prefix]
+            stored = mod.weight if q.scheme == "fp8" else mod.weight_packed
+            name = prefix + ".weight" if q.scheme == "fp8" else info.packed_name(prefix)
+            if not torch.equal(stored.detach().cpu().view(torch.uint8), tensors[name].view(torch.uint8)):
                 failures.append(f"{prefix}: packed bytes differ from the checkpoint's")
-            w = reference_weight(tensors, prefix, info)
+            if q.scheme == "fp8":
+                w = fp8_reference.reference_weight(tensors[name], tensors[prefix + ".weight_scale"], q.fp8)
+            else:
+                w = reference_weight(tensors, prefix, info)
             pqs = tensors.get(prefix + ".pre_quant_scale")
             bias = mod.bias.detach().cpu().to(torch.float64) if mod.bias is not None else 0.0
 
@@ -190,8 +224,14 @@ def verify(
 
             x, x64 = inputs(1.0)
             checks = [("weights", "bf16", x, x64, tol)]
-            divisor = mod.input_divisor
-            if divisor is not None:
+            divisor = getattr(mod, "input_divisor", None)
+            if q.scheme == "fp8" and q.fp8 is not None and q.fp8.activations != "none":
+                s = tensors.get(prefix + ".input_scale")
+                s = float(s.reshape(-1)[0]) if s is not None else None
+                xa, xa64 = inputs(1.0 if s is None else 448 * s / 3)  # static: within the calibrated range
+                xq = fp8_reference.reference_act_quant(xa64, q.fp8, s, mdtype)
+                checks.append(("weights+activations", "quantize", xa, xq, tol + ACT_TOLERANCE))
+            elif divisor is not None:
                 g = float(divisor.reshape(-1)[0])
                 # activations in the calibrated range (amax = 6 * 448 / global), as real ones are
                 xa, xa64 = inputs(6 * 448 / g / 3)
@@ -201,11 +241,13 @@ def verify(
             try:
                 for what, mode, xin, ref_in, limit in checks:
                     mod.activation_mode = mode
-                    y = mod(xin.to(mod.weight_packed.device)).detach().cpu().to(torch.float64)
+                    y = mod(xin.to(stored.device)).detach().cpu().to(torch.float64)
                     ref = ref_in @ w.t() + bias
                     err = float((y - ref).norm() / ref.norm().clamp(min=1e-30))
-                    kind = prefix.rpartition(".")[2] + (
-                        "" if what == "weights" else " (activations quantized)"
+                    kind = (
+                        prefix.rpartition(".")[2]
+                        + (" FP8" if q.scheme == "fp8" else "")
+                        + ("" if what == "weights" else " (activations quantized)")
                     )
                     entry = worst.setdefault(
                         kind, {"layers": 0, "error": 0.0, "tolerance": limit, "where": prefix}
@@ -226,11 +268,13 @@ def verify(
     return {
         "path": str(info.path),
         "format": info.format,
+        "format_name": info.format_name,
         "scheme": info.scheme,
         "device": device,
         "dtype": str(mdtype).removeprefix("torch."),
         "load_seconds": load_s,
         "quantized": len(info.quantized),
+        "fp8": len(info.fp8),
         "packed": len(names) - len(not_packed),
         "sampled": len(picked),
         "layer_types": worst,
@@ -267,8 +311,13 @@ def render(r: dict[str, Any]) -> str:
     lines = [
         f"verify {r['path']} ({r['format']}, {r['scheme']}) on {r['device']}, {r['dtype']}, loaded in "
         f"{r['load_seconds']:.1f} s",
-        f"  packed    {r['packed']}/{r['quantized']} NVFP4 layers stayed packed (uint8 codes, e4m3 "
-        f"scales): {ok}",
+        f"  packed    {r['packed']}/{r['quantized']} "
+        + (
+            f"layers kept their format ({r['quantized'] - r['fp8']} NVFP4: uint8 codes + e4m3 scales; "
+            f"{r['fp8']} FP8: e4m3 weights): {ok}"
+            if r["fp8"]
+            else f"NVFP4 layers stayed packed (uint8 codes, e4m3 scales): {ok}"
+        ),
         f"  compared  {r['sampled']} layers with a float64 dequantization of the checkpoint "
         "(4 random inputs each)",
         f"  {'layer type':<36} {'layers':>6}  {'worst rel. error':>16}  {'tolerance':>9}",

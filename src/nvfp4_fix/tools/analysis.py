@@ -16,7 +16,7 @@ SCALE_SUFFIXES = {
     MODELOPT: (".weight_scale_2", ".input_scale"),
 }
 FORMAT_NAMES = {
-    COMPRESSED_TENSORS: "compressed-tensors nvfp4-pack-quantized",
+    COMPRESSED_TENSORS: "compressed-tensors",
     MODELOPT: "NVIDIA ModelOpt (hf_quant_config.json)",
 }
 _DECODER = re.compile(
@@ -92,9 +92,9 @@ def header_problems(info: CheckpointInfo) -> list[str]:
     expected = _expected_shapes(info.config)
     cfg = info.path / "config.json"
     for prefix, q in info.quantized.items():
-        packed = info.tensors[info.packed_name(prefix)]
+        packed = info.tensors[weight_name(info, prefix)]
         lead = () if q.experts is None else (q.experts,)
-        for suffix in SCALE_SUFFIXES[info.format]:
+        for suffix in SCALE_SUFFIXES[info.format] if q.scheme == "nvfp4" else ():
             t = info.tensors.get(prefix + suffix)
             if t is None:
                 continue
@@ -131,6 +131,11 @@ def header_problems(info: CheckpointInfo) -> list[str]:
     return problems
 
 
+def weight_name(info: CheckpointInfo, prefix: str) -> str:
+    """The tensor holding a quantized layer's codes: NVFP4 ``weight_packed`` / ``weight``, FP8 ``weight``."""
+    return info.packed_name(prefix) if info.quantized[prefix].scheme == "nvfp4" else prefix + ".weight"
+
+
 def require_consistent(info: CheckpointInfo) -> None:
     """Raise the first header problem as a CheckpointError (used before writing anything)."""
     problems = header_problems(info)
@@ -160,8 +165,8 @@ def memory(info: CheckpointInfo) -> dict[str, int]:
         q = info.quantized.get(module_of(name))
         if q is not None:
             packed += t.nbytes
-            if name == info.packed_name(q.prefix):
-                bf16 += 2 * t.numel * 2  # two 4-bit codes per byte -> two bf16 values
+            if name == weight_name(info, q.prefix):  # bf16: 2 bytes per weight (two per U8 byte of codes)
+                bf16 += 2 * t.numel * (2 if t.dtype == "U8" else 1)
             continue
         size = 2 * t.numel if t.dtype in FLOAT_DTYPES else t.nbytes
         packed += size
@@ -187,7 +192,12 @@ def runtimes(info: CheckpointInfo, mem: dict[str, int]) -> list[dict[str, Any]]:
             "loads": "yes",
             "note": f"layers stay packed ({human(mem['packed'])} resident)"
             + ("; W4A4 activations fake-quantized as compressed-tensors does" if w4a4 else "")
-            + ("; AWQ pre_quant_scale applied" if awq else ""),
+            + ("; AWQ pre_quant_scale applied" if awq else "")
+            + (
+                "; FP8 layers kept in 8 bits (W8A16; their FP8 activation quantization reproduced)"
+                if info.fp8
+                else ""
+            ),
         }
     ]
     if info.format == COMPRESSED_TENSORS:
@@ -269,6 +279,7 @@ def report(info: CheckpointInfo) -> dict[str, Any]:
             pat,
             {
                 "pattern": pat,
+                "kind": q.describe(),
                 "count": 0,
                 "shapes": [],
                 "experts": q.experts,
@@ -294,7 +305,9 @@ def report(info: CheckpointInfo) -> dict[str, Any]:
         "producer": info.producer,
         "producer_version": info.producer_version,
         "format": info.format,
-        "format_name": FORMAT_NAMES[info.format],
+        "format_name": f"{FORMAT_NAMES[info.format]} {info.format_name}"
+        if info.format == COMPRESSED_TENSORS and info.format_name
+        else FORMAT_NAMES[info.format],
         "quant_algo": quant_algo(info) if info.format == MODELOPT else None,
         "scheme": info.scheme,
         "architecture": architecture(info.config),
@@ -305,6 +318,7 @@ def report(info: CheckpointInfo) -> dict[str, Any]:
         "hidden_size": c.get("hidden_size"),
         "quantized": list(quantized.values()),
         "quantized_count": len(info.quantized),
+        "kinds": dict(Counter(q.describe() for q in info.quantized.values())),
         "moe": has_experts(info),
         "excluded": info.excluded,
         "unquantized": collapse(unquantized),

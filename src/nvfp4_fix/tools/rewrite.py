@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, require_nvfp4
+from ..checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, QuantizedModule, require_nvfp4
 from ..errors import CheckpointError, NVFP4Error
 from ..fsutil import atomic_directory
-from . import progress
+from . import mixed_convert, progress
 from .analysis import FLOAT_DTYPES, modelopt_section, module_of, quant_algo, require_consistent
 from .files import ShardWriter, check_output, copy_side_files, write_json
 
@@ -110,6 +110,23 @@ def dense_weight(reader: _Reader, prefix: str, dtype: Any) -> Any:
     return out.reshape(*lead, n, k)
 
 
+def dense_fp8_weight(reader: _Reader, q: QuantizedModule, dtype: Any) -> Any:
+    """The dense [N, K] weight of one FP8 module in ``dtype``, dequantized in float32 row chunks."""
+    import torch
+
+    from ..fp8 import dequantize_fp8
+
+    assert q.fp8 is not None
+    weight, scale = reader.get(q.prefix + ".weight"), reader.get(q.prefix + ".weight_scale")
+    n = weight.shape[0]
+    out = torch.empty(weight.shape, dtype=dtype)
+    for r in range(0, n, ROWS_PER_CHUNK):
+        out[r : r + ROWS_PER_CHUNK] = dequantize_fp8(
+            weight, scale, q.fp8, dtype, (r, min(n, r + ROWS_PER_CHUNK))
+        )
+    return out
+
+
 def dequantize_checkpoint(
     path: str | Path,
     out: str | Path,
@@ -136,6 +153,13 @@ def dequantize_checkpoint(
                 reader.release()
                 current = file
             prefix, leaf = module_of(name), name.rpartition(".")[2]
+            if prefix in info.fp8:
+                if leaf == "weight":
+                    shards.add(name, dense_fp8_weight(reader, info.fp8[prefix], torch_dtype))
+                    written += 1
+                elif leaf == "bias":
+                    shards.add(name, reader.get(name).to(torch_dtype))
+                continue  # weight and input scales are folded or dropped
             if prefix in info.quantized:
                 if name == info.packed_name(prefix):
                     shards.add(prefix + ".weight", dense_weight(reader, prefix, torch_dtype))
@@ -158,7 +182,8 @@ def dequantize_checkpoint(
         "layers": written,
         "files": files,
         "copied": copied,
-        "dropped_activation_quantization": info.scheme is not None and info.scheme.startswith("W4A4"),
+        "dropped_activation_quantization": (info.scheme is not None and info.scheme.startswith("W4A4"))
+        or any(q.fp8 is not None and q.fp8.activations != "none" for q in info.fp8.values()),
     }
 
 
@@ -213,7 +238,9 @@ def _modelopt_exclude(info: CheckpointInfo) -> list[str]:
 def _refuse_unconvertible(info: CheckpointInfo, to: str) -> None:
     if info.format == to:
         raise NVFP4Error(f"{info.path}: already in the {to} layout; nothing to convert")
-    if to == COMPRESSED_TENSORS:
+    if mixed_convert.is_mixed(info):
+        mixed_convert.refuse_unconvertible(info, to)
+    elif to == COMPRESSED_TENSORS:
         awq = [p for p, q in info.quantized.items() if q.has_pre_quant_scale]
         if awq:
             raise NVFP4Error(
@@ -252,6 +279,8 @@ def _convert_tensor(info: CheckpointInfo, name: str, tensor: Any) -> tuple[str, 
     import torch
 
     prefix, _, leaf = name.rpartition(".")
+    if prefix in info.fp8:
+        return name, mixed_convert.convert_fp8_tensor(info, name, tensor)
     if prefix not in info.quantized or leaf in _KEEP:
         return name, tensor
     to_mo = info.format == COMPRESSED_TENSORS
@@ -317,12 +346,19 @@ def convert_checkpoint(path: str | Path, out: str | Path, to: str, force: bool =
             reader.release()
         written = shards.finish()
         config = copy.deepcopy(info.config)
+        mixed = mixed_convert.is_mixed(info)
         if to == COMPRESSED_TENSORS:
-            qc = ct_quantization_config(_ct_ignore(info), w4a4=not info.weight_only)
-            qc["version"] = f"nvfp4-fix {__version__} convert (from modelopt {quant_algo(info)})"
+            version = f"nvfp4-fix {__version__} convert (from modelopt {quant_algo(info)})"
+            if mixed:
+                qc = mixed_convert.ct_config(info, _ct_ignore(info), version)
+            else:
+                qc = ct_quantization_config(_ct_ignore(info), w4a4=not info.weight_only)
+                qc["version"] = version
             config["quantization_config"] = qc
         else:
             hf_quant, qc = _modelopt_configs(info)
+            if mixed:
+                hf_quant, qc = mixed_convert.modelopt_configs(info, _modelopt_exclude(info), qc["producer"])
             config["quantization_config"] = qc
             write_json(tmp / "hf_quant_config.json", hf_quant)
         write_json(tmp / "config.json", config)

@@ -36,13 +36,25 @@ def load(path: str, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Chec
     try:
         model_class = _model_class(info)
         with progress.loading_shards(len(files)):
-            model = from_pretrained(info.path, model_class, dtype=DTYPE_NAMES[dtype], device_map=device)
+            model = from_pretrained(info.path, model_class, dtype=_resolve(dtype, info), device_map=device)
     except NVFP4Error:
         raise
     except Exception as e:  # transformers refusing this config/architecture: one line, not a traceback
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{info.path}: cannot load ({type(e).__name__}: {first})") from None
     return model, info, time.perf_counter() - start
+
+
+def _resolve(dtype: str, info: CheckpointInfo) -> Any:
+    """The torch dtype to load in; "auto": config.json's where it is one a packed model computes in,
+    else bfloat16. Resolved here: transformers 4.57 hands names ("auto", "bfloat16") to the quantizer."""
+    import torch
+
+    name = DTYPE_NAMES[dtype]
+    if name == "auto":
+        saved = info.config.get("dtype") or info.config.get("torch_dtype")
+        name = saved if saved in ("bfloat16", "float16", "float32") else "bfloat16"
+    return getattr(torch, name)
 
 
 TOKENIZER_FILES = (

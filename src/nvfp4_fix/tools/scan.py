@@ -73,7 +73,7 @@ def scan(info: CheckpointInfo) -> dict[str, Any]:
     assert info.format is not None
     glob_suffix, act_suffix = SCALE_SUFFIXES[info.format]
     files = _Files()
-    totals = {"modules": 0, "blocks": 0, "nan": 0, "zero": 0, "negative": 0}
+    totals = {"modules": 0, "blocks": 0, "nan": 0, "zero": 0, "negative": 0, "fp8_modules": 0}
     nan: list[str] = []
     negative: list[str] = []
     bad_scalars: list[str] = []
@@ -88,6 +88,10 @@ def scan(info: CheckpointInfo) -> dict[str, Any]:
     try:
         for prefix in progress.track(sorted(info.quantized, key=where), desc="scanning scales", unit="layer"):
             t = info.tensors[prefix + ".weight_scale"]
+            if info.quantized[prefix].scheme == "fp8":
+                totals["fp8_modules"] += 1
+                _scan_fp8(info, prefix, files, nan, bad_scalars)
+                continue
             stats = _block_scale_stats(files.get(t.file, t.name))
             totals["modules"] += 1
             for k in ("blocks", "nan", "zero", "negative"):
@@ -159,6 +163,27 @@ def scan(info: CheckpointInfo) -> dict[str, Any]:
     }
 
 
+def _scan_fp8(info: CheckpointInfo, prefix: str, files: _Files, nan: list[str], bad: list[str]) -> None:
+    """An FP8 layer: no NaN e4m3 weight code (S.1111.111), every weight and input scale finite and > 0."""
+    import torch
+
+    w = info.tensors[prefix + ".weight"]
+    codes = files.get(w.file, w.name).view(torch.uint8)
+    count = int(((codes & 0x7F) == 0x7F).sum())
+    if count:
+        nan.append(f"{w.name} ({count} NaN FP8 weight codes of {codes.numel()})")
+    for leaf in (".weight_scale", ".input_scale"):
+        t = info.tensors.get(prefix + leaf)
+        if t is None:
+            continue
+        values = files.get(t.file, t.name).float().reshape(-1)
+        wrong = values[~(torch.isfinite(values) & (values > 0))]
+        if wrong.numel():
+            bad.append(
+                f"{t.name} = {float(wrong[0])}" + (f" ({wrong.numel()} values)" if wrong.numel() > 1 else "")
+            )
+
+
 def _fused_key(prefix: str) -> tuple[str, str] | None:
     parent, _, leaf = prefix.rpartition(".")
     group = FUSED.get(leaf)
@@ -168,8 +193,9 @@ def _fused_key(prefix: str) -> tuple[str, str] | None:
 def scan_lines(result: dict[str, Any]) -> Iterator[str]:
     t = result["totals"]
     yield (
-        f"scanned {t['modules']} layers, {t['blocks']:,} block scales: {t['nan']} NaN, "
+        f"scanned {t['modules']} NVFP4 layers, {t['blocks']:,} block scales: {t['nan']} NaN, "
         f"{t['negative']} negative, {t['zero']:,} zero"
+        + (f"; {t['fp8_modules']} FP8 layers (weights and scales)" if t.get("fp8_modules") else "")
     )
     for f in result["problems"]:
         yield f"  problem: {f}"
