@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import expert_stack
 from .checkpoint import CheckpointInfo, QuantizedModule
 from .errors import CheckpointError
 from .fp8 import FP8Linear
@@ -90,9 +91,25 @@ class NVFP4Experts(nn.Module):
             new.add_module(str(i), expert)
         return new
 
+    def stacked(self) -> expert_stack.Stacked | None:
+        """The experts as one buffer per projection (made on first use, again after the weights moved),
+        or None where they do not qualify for the grouped kernel."""
+        st = self.__dict__.get("_stacked")
+        if torch.compiler.is_compiling():
+            return st
+        if st is None or not expert_stack.intact(self, st):
+            st = None if self.__dict__.get("_unstackable") else expert_stack.stack(self)
+            self.__dict__["_stacked"] = st
+            self.__dict__["_unstackable"] = st is None
+        return st
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        st = self.stacked() if expert_stack.applies(self, hidden_states) else None
+        if st is not None:  # one grouped launch per projection, no host sync
+            return expert_stack.grouped_forward(self, st, hidden_states, top_k_index, top_k_weights)
+        # CPU (and experts that do not qualify): one call per hit expert
         out = torch.zeros_like(hidden_states)
         hit = torch.unique(top_k_index).tolist()
         for e in hit:

@@ -1,0 +1,141 @@
+# ruff: noqa: E501
+"""Batch-1 decode of a random-weight Qwen3-30B-A3B-shaped model: NVFP4 (experts through the grouped
+kernel, kernels/moe_grouped.py) against the same model in bf16 (transformers' ``grouped_mm`` experts), both
+through ``nvfp4_fix.generate`` (static cache + CUDA graph), in one run, one markdown table naming the card.
+
+    PYTHONPATH=src python benchmarks/bench_moe.py [--prompts 128,2048] [--new-tokens 128] [--loop] [--compile]
+        [--budget-s 540] [--out benchmarks/RESULTS-moe.md]
+
+The bf16 model is drawn on the GPU (benchmarks/moe30b.py), measured, written as an NVFP4 checkpoint
+(made once under --ckpt-root; each expert projection its own global scale), freed, and the checkpoint
+loaded back with ``nvfp4_fix.from_pretrained(device_map="cuda")``. Per method and prompt length:
+TTFT, decode tok/s = (N-1) / (T(N) - TTFT) (bench_generation.run_case), GPU memory with only the model
+loaded and the peak during the calls. ``--loop`` adds the NVFP4 experts through the per-expert Python
+loop (the path before the grouped kernel: a host sync per layer, so no graph); ``--compile`` adds
+``compile_step=True``. ``--tiny``: a 2-layer model on the CPU (smoke test; grouped kernel off there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generation import gib, prompt_ids, run_case, sync  # noqa: E402
+from llama8b import card_name, versions  # noqa: E402
+from moe30b import qwen3_moe_config, random_moe_model, write_moe_checkpoint  # noqa: E402
+
+from nvfp4_fix.generation import clear_cache  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def table(args, rows: list[dict], notes: list[str]) -> str:
+    card = card_name()
+    cmd = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_moe.py", *sys.argv[1:]])
+    shape = "tiny 2-layer smoke-test model" if args.tiny else f"random-weight Qwen3-30B-A3B shape ({args.layers} layers, 128 experts, top-8)"
+    lines = [f"# MoE decode on {card}: batch 1, {shape}", "", f"Card: **{card}**; {versions()}.", "", f"Command: `{cmd}`", "",
+             "Greedy, no stop token. TTFT = a 1-token call; decode tok/s = (N-1)/(T(N) - TTFT). Weights = GPU memory with only the model loaded; peak = max_memory_allocated during the calls.", "",
+             f"| method ({card}) | prompt | N | TTFT ms | decode tok/s | vs bf16 | weights GiB | peak GiB | path |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    base = {r["prompt"]: r["decode_tok_s"] for r in rows if r["method"].startswith("bf16")}
+    for r in rows:
+        ratio = r["decode_tok_s"] / base[r["prompt"]] if r["prompt"] in base else float("nan")
+        lines.append(f"| {r['method']} | {r['prompt']} | {r['new_tokens']} | {1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                     f"{ratio:.2f}x | {r.get('weights_gib', float('nan')):.2f} | {r['peak_gib']:.2f} | {r['path']} |")  # fmt: skip
+    lines += ["", *[f"- {n}" for n in notes]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", default="128,2048")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--ckpt-root", default="/tmp/nvfp4fix-bench-moe")
+    ap.add_argument("--loop", action="store_true", help="also NVFP4 through the per-expert loop (no graph)")
+    ap.add_argument("--compile", action="store_true", help="also NVFP4 with compile_step=True")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=540)
+    ap.add_argument("--out", default="benchmarks/RESULTS-moe.md")
+    args = ap.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device; use --tiny for a CPU smoke test")
+        return 2
+    prompts = [int(p) for p in args.prompts.split(",")]
+    n = args.new_tokens
+    cfg = qwen3_moe_config(args.layers, tiny=args.tiny)
+    rows: list[dict] = []
+    notes: list[str] = []
+    print(f"card: {card_name()}; {versions()}", flush=True)
+
+    def case(label: str, model, weights: float, **kw) -> None:
+        for p in prompts:
+            if time.perf_counter() - T0 > args.budget_s:
+                notes.append(f"{label} P={p} skipped (time budget {args.budget_s:.0f} s)")
+                continue
+            try:
+                r = run_case(label, model, prompt_ids(cfg.vocab_size, p, device), n, True, device, 1, **kw)
+            except Exception as e:  # noqa: BLE001 - keep measuring the others
+                notes.append(f"{label} P={p} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            r["weights_gib"] = weights
+            rows.append(r)
+            if r.get("capture_error"):
+                notes.append(f"{label} P={p}: graph capture failed: {r['capture_error']}")
+        Path(args.out).write_text(table(args, rows, notes))
+
+    t = time.perf_counter()
+    dense = random_moe_model(cfg, device)
+    if hasattr(dense, "set_experts_implementation") and device == "cuda":
+        dense.set_experts_implementation("grouped_mm")
+    sync()
+    impl = getattr(dense.config, "_experts_implementation", "eager")
+    notes.append(f"bf16 experts: transformers' `{impl}` implementation")
+    print(f"random bf16 model in {time.perf_counter() - t:.1f} s", flush=True)
+    root = Path(args.ckpt_root) / ("tiny" if args.tiny else f"l{args.layers}")
+    info = write_moe_checkpoint(dense, root / "nvfp4")
+    if not info["reused"]:
+        notes.append(f"NVFP4 checkpoint written in {info['seconds']:.0f} s ({info['bytes'] / 1e9:.2f} GB)")
+    bf16_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
+    case("bf16, this path (graph)", dense, bf16_weights)
+    clear_cache(dense)
+    dense = None
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    import nvfp4_fix
+    from nvfp4_fix import expert_stack
+
+    t = time.perf_counter()
+    model = nvfp4_fix.from_pretrained(root / "nvfp4", dtype=torch.bfloat16, device_map=device)
+    sync()
+    nv_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
+    notes.append(f"NVFP4 checkpoint loaded in {time.perf_counter() - t:.1f} s")
+    case("NVFP4, grouped experts (graph)", model, nv_weights)
+    if args.compile:
+        clear_cache(model)
+        case("NVFP4, grouped experts, compile_step", model, nv_weights, compile_step=True)
+    if args.loop:
+        clear_cache(model)
+        saved, expert_stack.GROUPED_DEVICES = expert_stack.GROUPED_DEVICES, ()
+        try:
+            case("NVFP4, per-expert loop (no graph)", model, nv_weights)
+        finally:
+            expert_stack.GROUPED_DEVICES = saved
+    text = table(args, rows, notes)
+    Path(args.out).write_text(text)
+    print("\n" + text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

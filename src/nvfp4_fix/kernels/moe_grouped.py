@@ -1,0 +1,179 @@
+"""Mixture-of-experts NVFP4 GEMM over routed (token, expert) pairs, grouped by expert, in Triton.
+
+``route(top_k_index, num_experts, block_m)`` sorts the T x K pairs by expert on the device (no host
+sync: static shapes from T, K and the expert count) and pads each expert's run to a multiple of
+``block_m``, as vLLM's ``moe_align_block_size`` does: ``pairs`` [blocks * block_m] holds pair ids
+(``T * K`` marks padding) and ``block_expert`` [blocks] each block's expert (``num_experts`` for blocks
+past the last one, and for pairs routed to an id outside [0, num_experts), which are skipped).
+
+``expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part)`` computes, for every pair p routed to
+expert e, ``y[p] = x[p // x_div] @ W_e.T``: one program per (block, BN columns) reads expert e's packed
+weight (``codes`` [E, N, K/2] uint8, ``scales`` [E, N, K/16] e4m3) by the id it loads from
+``block_expert``, dequantizes [BN, BK] tiles in registers (the W4A16 GEMM's ``_dequant_tile``) and
+multiplies with ``tl.dot`` (fp32 accumulation); ``mul`` [E, parts] float32 is each expert's per-tensor
+multiplier per part of N (gate and up rows of one expert have their own), part = row //
+``rows_per_part``. Blocks of padding exit at once, so one launch serves any routing and a CUDA graph
+replays it for any routing. ``torch.ops.nvfp4_fix.moe_expert_mm`` wraps it for torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .device import on_device_of
+from .triton_nvfp4 import _dequant_tile
+
+__all__ = ["RoutePlan", "expert_mm", "route", "supports"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    pairs: torch.Tensor  # [blocks * block_m] int32 pair ids in expert order, num_pairs = padding
+    block_expert: torch.Tensor  # [blocks] int32
+    num_pairs: int
+    block_m: int
+
+
+def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> RoutePlan:
+    """Pairs sorted by expert, each expert's run padded to ``block_m`` (device ops only)."""
+    flat = top_k_index.reshape(-1).long()
+    n = flat.numel()
+    dev = flat.device
+    valid = (flat >= 0) & (flat < num_experts)
+    expert = torch.where(valid, flat, torch.full_like(flat, num_experts))  # num_experts: skipped
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(
+        0, expert, torch.ones_like(expert)
+    )
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    order = torch.sort(expert, stable=True).indices  # pairs in expert order
+    sorted_expert = expert[order]
+    start = counts.cumsum(0) - counts
+    rank = torch.arange(n, device=dev) - start[sorted_expert]
+    blocks = triton.cdiv(n, block_m) + num_experts + 1  # every expert's run can add one partial block
+    pairs = torch.full((blocks * block_m,), n, dtype=torch.int32, device=dev)
+    pairs.scatter_(0, padded_start[sorted_expert] + rank, order.to(torch.int32))
+    block_start = torch.arange(blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(padded_end, block_start, right=True).clamp_(max=num_experts)
+    return RoutePlan(pairs, block_expert.to(torch.int32), n, block_m)
+
+
+@triton.jit
+def _expert_mm_kernel(
+    x_ptr, pairs_ptr, block_expert_ptr, w_ptr, s_ptr, mul_ptr, y_ptr,
+    num_pairs, x_div, N, K, E, rows_per_part, parts, stride_xm, stride_ym, stride_we, stride_se, stride_me,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ASM: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= E:  # padding past the last expert's run, or pairs routed to no expert
+        return
+    p = tl.load(pairs_ptr + pid_m * BM + tl.arange(0, BM))
+    valid = p < num_pairs
+    xrow = (tl.where(valid, p, 0) // x_div).to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rk2 = tl.arange(0, BK // 2)
+    rkb = tl.arange(0, BK // 16)
+    e64 = e.to(tl.int64)
+    K2 = K // 2
+    KB = K // 16
+    x_base = x_ptr + xrow[:, None] * stride_xm + rk[None, :]
+    w_base = w_ptr + e64 * stride_we + rn_c[:, None] * K2 + rk2[None, :]
+    s_base = s_ptr + e64 * stride_se + rn_c[:, None] * KB + rkb[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in range(0, K, BK):
+        xt = tl.load(x_base + k, mask=valid[:, None] & ((k + rk)[None, :] < K), other=0.0)
+        wb = tl.load(w_base + k // 2, mask=(k + 2 * rk2)[None, :] < K, other=0)
+        sb = tl.load(s_base + k // 16, mask=(k + 16 * rkb)[None, :] < K, other=0)
+        w = _dequant_tile(wb, sb, x_ptr.dtype.element_ty, BN, BK, ASM)
+        if DOT_F32:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc)
+    part = tl.minimum(rn_c // rows_per_part, parts - 1)
+    mul = tl.load(mul_ptr + e64 * stride_me + part)
+    acc = acc * (mul * 128.0)[None, :]  # tiles carry value * scale * 2^-7
+    ptrs = y_ptr + tl.where(valid, p, 0).to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (rn < N)[None, :])
+
+
+def supports(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether :func:`expert_mm` takes these (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    return (
+        (x.is_cuda or (_INTERPRET and x.device.type == "cpu"))
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and codes.dim() == 3
+        and codes.dtype == torch.uint8
+        and x.shape[-1] == 2 * codes.shape[2]
+        and x.shape[-1] % 16 == 0
+        and x.device == codes.device
+    )
+
+
+def block_m_for(num_pairs: int) -> int:
+    """Pairs per tile: 16 for decode-sized routings (each expert sees a few tokens), 64 for prefill."""
+    return 16 if num_pairs <= 256 else 64
+
+
+def expert_mm(
+    x: torch.Tensor,
+    x_div: int,
+    plan: RoutePlan,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mul: torch.Tensor,
+    rows_per_part: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [num_pairs, N] (x's dtype) with y[p] = x[p // x_div] @ W_{expert(p)}.T; rows of pairs routed to
+    no expert are left as they were (``out``, default zeros). ``codes``/``scales``/``mul`` may be views
+    of a slice of the experts' rows (e.g. the gate half of gate_up) as long as each row is contiguous."""
+    e, n, k2 = codes.shape
+    k = 2 * k2
+    rows_ok = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (codes, scales))
+    rows_ok = rows_ok and mul.dim() == 2 and mul.stride(1) == 1
+    if scales.shape != (e, n, k // 16) or mul.dim() != 2 or mul.shape[0] != e or not rows_ok:
+        raise ValueError(
+            f"expert weights: codes {tuple(codes.shape)}, scales {tuple(scales.shape)} (want "
+            f"{(e, n, k // 16)}), multipliers {tuple(mul.shape)} (want [{e}, parts]); each expert's rows "
+            "must be contiguous"
+        )
+    y = torch.zeros(plan.num_pairs, n, dtype=x.dtype, device=x.device) if out is None else out
+    bn = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    bk = 128 if k % 128 == 0 or k > 128 else max(32, triton.next_power_of_2(k))
+    grid = (plan.block_expert.numel(), triton.cdiv(n, bn))
+    f32 = x.dtype == torch.float32
+    with on_device_of(x):
+        _expert_mm_kernel[grid](
+            x, plan.pairs, plan.block_expert, codes, scales.view(torch.uint8), mul, y,
+            plan.num_pairs, x_div, n, k, e, rows_per_part, mul.shape[1], x.stride(0), y.stride(0),
+            codes.stride(0), scales.stride(0), mul.stride(0),
+            BM=plan.block_m, BN=bn, BK=bk, ASM=not (_INTERPRET or f32), DOT_F32=_INTERPRET or f32,
+            num_warps=4, num_stages=3,
+        )  # fmt: skip
+    return y
+
+
+@torch.library.custom_op("nvfp4_fix::moe_expert_mm", mutates_args=())
+def _expert_mm_op(x: torch.Tensor, x_div: int, pairs: torch.Tensor, block_expert: torch.Tensor,
+                  num_pairs: int, block_m: int, codes: torch.Tensor, scales: torch.Tensor, mul: torch.Tensor,
+                  rows_per_part: int) -> torch.Tensor:  # fmt: skip
+    plan = RoutePlan(pairs, block_expert, num_pairs, block_m)
+    return expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part)
+
+
+@_expert_mm_op.register_fake
+def _expert_mm_fake(x, x_div, pairs, block_expert, num_pairs, block_m, codes, scales, mul, rows_per_part):
+    return x.new_empty((num_pairs, codes.shape[1]))
