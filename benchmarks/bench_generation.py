@@ -299,6 +299,12 @@ def main() -> int:
         help="whole-script time budget: optional cases start only if their estimate fits, others are skipped past it",
     )
     ap.add_argument("--out", default="benchmarks/RESULTS-generation.md")
+    ap.add_argument(
+        "--batches",
+        default=None,
+        help="batched-decode mode only, e.g. 1,8,32: decode tok/s per batch size at the first prompt length "
+        "(benchmarks/batch_decode.py; default out benchmarks/RESULTS-batch.md)",
+    )
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -376,6 +382,8 @@ def main() -> int:
     root = Path(args.ckpt_root) / ("tiny" if args.tiny else f"l{args.layers}")
     paths = ensure_checkpoints(root, ("nvfp4",), cfg, device, model=dense)
     bf16_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
+    if args.batches:
+        return batch_mode(args, cfg, dense, paths["nvfp4"], prompts[0], n, device, reps)
 
     # ---- bf16 -----------------------------------------------------------------------------------
     measure("bf16", dense, bf16_weights)
@@ -457,6 +465,32 @@ def main() -> int:
             rows.append(r)
     report(echo=True)
     print(f"done ({elapsed():.0f} s total)")
+    return 0
+
+
+def batch_mode(args, cfg, dense, nvfp4_path, prompt: int, n: int, device: str, reps: int) -> int:
+    """--batches: bf16 then NVFP4, each at every batch size; one table (benchmarks/batch_decode.py)."""
+    from batch_decode import batch_rows, batch_table
+
+    import nvfp4_fix
+
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = batch_rows("bf16", dense, cfg.vocab_size, batches, prompt, n, device, reps)
+    del dense
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    model = nvfp4_fix.from_pretrained(nvfp4_path, dtype=torch.bfloat16, device_map=device)
+    rows += batch_rows("NVFP4", model, cfg.vocab_size, batches, prompt, n, device, reps)
+    card = card_name()
+    cmd = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_generation.py", *sys.argv[1:]])
+    shape = "tiny 2-layer smoke-test model" if args.tiny else f"random-weight Llama-3-8B shape ({args.layers} layers)"
+    text = "\n".join([f"# Batched decode on {card}: {shape}", "", f"Card: **{card}**; {versions()}.", "",
+                      f"Command: `{cmd}`", "", "Greedy, no stop token, no padding; decode tok/s counts every row's tokens: "
+                      "B * (N-1) / (T(N) - TTFT).", "", *batch_table(rows, card)]) + "\n"  # fmt: skip
+    out = Path(args.out if args.out != "benchmarks/RESULTS-generation.md" else "benchmarks/RESULTS-batch.md")
+    out.write_text(text)
+    print("\n" + text, flush=True)
     return 0
 
 
