@@ -320,3 +320,22 @@ def test_transformers_trainer_trains_the_adapters(tmp_path: Path) -> None:
     transformers.Trainer(model=model, args=args, train_dataset=rows).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad} and changed
+
+
+def test_autograd_keeps_no_dense_weight() -> None:
+    """What autograd saves for the backward of a LoRA step holds no dense copy of any packed weight."""
+    model = peft.get_peft_model(load(FIXTURES / "modelopt" / "llama-nvfp4_awq"), lora_config())
+    dense_shapes = {
+        s
+        for m in model.modules()
+        if isinstance(m, NVFP4Linear)
+        for s in ((m.out_features, m.in_features), (m.in_features, m.out_features))
+    }
+    saved: list[torch.Tensor] = []
+    ids = batch(model)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    assert saved and any(t.dtype == torch.uint8 for t in saved)  # the packed codes, by reference
+    dense = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in dense_shapes]
+    assert not dense, dense
+    loss.backward()
