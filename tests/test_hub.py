@@ -209,3 +209,21 @@ def test_registry_is_restored_after_own_from_pretrained() -> None:
         pytest.skip("the patch is active in this process")
     from_pretrained(CT)
     assert auto.AUTO_QUANTIZER_MAPPING == before and "modelopt" not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING
+
+
+def test_compressed_tensors_checkpoint_without_the_compressed_tensors_package(tmp_path: Path) -> None:
+    """transformers' own config class needs compressed-tensors; the packed layers do not. With the package
+    unimportable the NVFP4 checkpoint still loads packed and saves its config as written."""
+    code = (
+        "import sys, json; sys.modules['compressed_tensors'] = None\n"
+        "import nvfp4_fix\n"
+        f"m = nvfp4_fix.from_pretrained({str(CT)!r})\n"
+        "n = sum(type(x).__name__ == 'NVFP4Linear' for x in m.modules())\n"
+        f"m.save_pretrained({str(tmp_path / 'out')!r})\n"
+        f"saved = json.load(open({str(tmp_path / 'out' / 'config.json')!r}))['quantization_config']\n"
+        f"orig = json.load(open({str(CT / 'config.json')!r}))['quantization_config']\n"
+        "print(json.dumps({'packed': n, 'same_config': saved == orig}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"packed": 28, "same_config": True}

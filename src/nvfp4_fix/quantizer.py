@@ -29,7 +29,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import layer
+from . import f4, layer
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, inspect_checkpoint
 from .errors import CheckpointError
 from .fp8 import FP8Linear
@@ -87,11 +87,57 @@ class ModelOptConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
+class NVFP4CompressedTensorsConfig(QuantizationConfigMixin):
+    """A compressed-tensors NVFP4 ``quantization_config`` kept as written, for when the compressed-tensors
+    package (which transformers' own config class needs) is missing: the packed layers need none of it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._raw = {"quant_method": COMPRESSED_TENSORS, **kwargs}
+        self.quant_method = COMPRESSED_TENSORS
+        self.run_compressed, self.dequantize = True, False
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        config = cls(**{k: v for k, v in config_dict.items() if k != "quant_method"})
+        return (config, kwargs) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._raw)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+class CompressedTensorsConfigEntry:
+    """transformers' ``"compressed-tensors"`` config entry: its own class where compressed-tensors is
+    installed (it also carries ``run_compressed=False`` / ``dequantize=True`` requests), else, for an NVFP4
+    config, :class:`NVFP4CompressedTensorsConfig`."""
+
+    original: Any = None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        if not _has_compressed_tensors() and _nvfp4_compressed_tensors(config_dict):
+            return NVFP4CompressedTensorsConfig.from_dict(config_dict, return_unused_kwargs, **kwargs)
+        return cls.original.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
+def _has_compressed_tensors() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("compressed_tensors") is not None
+    except (ImportError, ValueError):  # a None placeholder in sys.modules: import disabled
+        return False
+
+
 def _nvfp4_compressed_tensors(config: Any) -> bool:
     """Whether a compressed-tensors config (transformers' object or a dict) holds an NVFP4 group and
     does not ask for compressed-tensors' own decompressed path."""
     if isinstance(config, dict):
         raw, dequantize = config, bool(config.get("dequantize")) or config.get("run_compressed") is False
+    elif isinstance(config, NVFP4CompressedTensorsConfig):
+        raw, dequantize = config.to_dict(), False
     else:
         if getattr(config, "dequantize", False) or getattr(config, "run_compressed", True) is False:
             return False
@@ -169,6 +215,7 @@ class NVFP4Quantizer(HfQuantizer):
                 "no NVFP4 layer was found"
             )
         self.prefix_map = swap_quantized_modules(model, info, self.dtype)
+        f4.ignore_unexpected(model, info, self.prefix_map)
         self.info = info
         return model
 
@@ -178,6 +225,7 @@ class NVFP4Quantizer(HfQuantizer):
         from .moe import NVFP4Experts
 
         assert self.info is not None
+        f4.fill_codes(model, self.info, self.prefix_map)  # codes stored as safetensors F4
         _restore_exact_scales(model, self.info, self.prefix_map)
         quantize_input_embedding(model, self.options.quantize_embeddings)
         for m in model.modules():
@@ -324,9 +372,11 @@ def register() -> bool:
         _auto.register_quantization_config(MODELOPT)(ModelOptConfig)
     if MODELOPT not in _auto.AUTO_QUANTIZER_MAPPING:
         _auto.register_quantizer(MODELOPT)(NVFP4Quantizer)
-    # register_quantizer refuses a taken name, so the one entry is replaced in place
+    # register_quantizer refuses a taken name, so the entries are replaced in place
     CompressedTensorsEntry.original = _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS]
     _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsEntry
+    CompressedTensorsConfigEntry.original = _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[COMPRESSED_TENSORS]
+    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsConfigEntry
     from transformers import PretrainedConfig, modeling_utils
 
     PretrainedConfig.get_config_dict = _with_hf_quant_config(PretrainedConfig.__dict__["get_config_dict"])
@@ -342,6 +392,7 @@ def unregister() -> bool:
     if _auto.AUTO_QUANTIZER_MAPPING.get(COMPRESSED_TENSORS) is not CompressedTensorsEntry:
         return False
     _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsEntry.original
+    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsConfigEntry.original
     for mapping in (_auto.AUTO_QUANTIZER_MAPPING, _auto.AUTO_QUANTIZATION_CONFIG_MAPPING):
         if mapping.get(MODELOPT) in (NVFP4Quantizer, ModelOptConfig):
             del mapping[MODELOPT]
