@@ -66,12 +66,13 @@ def test_route_sorts_pairs_by_expert_and_pads_each_run():
     assert sorted(seen) == [i for i in range(10) if flat[i] < 4]  # each routed pair exactly once
 
 
+@pytest.mark.parametrize("block_m", [1, 16, 64], ids=lambda b: "indexed" if b == 1 else f"grouped{b}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "t,topk,e,n,k,parts", [(5, 3, 4, 96, 256, 2), (1, 2, 6, 64, 160, 1), (40, 2, 3, 48, 128, 2)]
 )
-def test_expert_mm_matches_float64_reference(dtype, t, topk, e, n, k, parts):
-    from nvfp4_fix.kernels.moe_grouped import block_m_for, expert_mm, route
+def test_expert_mm_matches_float64_reference(block_m, dtype, t, topk, e, n, k, parts):
+    from nvfp4_fix.kernels.moe_grouped import expert_mm, route
 
     codes, scales, mul = random_experts(e, n, k, parts, seed=t * 7 + e)
     rows = n // parts
@@ -79,7 +80,7 @@ def test_expert_mm_matches_float64_reference(dtype, t, topk, e, n, k, parts):
     x = torch.randn(t, k, generator=g).to(dtype)
     idx = torch.randint(0, e, (t, topk), generator=g)
     idx[0, -1] = e  # a pair routed to no expert: its output row stays zero
-    plan = route(idx, e, block_m_for(t * topk))
+    plan = route(idx, e, block_m)
     y = expert_mm(x, topk, plan, codes, scales, mul, rows)
     w = reference_weights(codes, scales, mul, rows)
     x64 = x.double().numpy()
@@ -140,20 +141,24 @@ def _ids(path, n: int = 9):
 def test_fixture_grouped_experts_match_the_float64_reference(path, grouped_on_cpu):
     from reference import reference_model, rel_err
 
+    from nvfp4_fix.kernels.moe_grouped import block_m_for
     from nvfp4_fix.loading import from_pretrained
     from nvfp4_fix.moe import NVFP4Experts
 
-    ids = _ids(path)
     ref = reference_model(path)
-    with torch.no_grad():
-        want = ref(input_ids=ids).logits.double()
     model = from_pretrained(path, dtype=torch.float32, activations="bf16")
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
     blocks = [m for m in model.modules() if isinstance(m, NVFP4Experts)]
-    assert blocks and all(b.stacked() is not None for b in blocks)
-    assert len(grouped_on_cpu) == 2 * len(blocks)  # gate_up and down, one launch each per block
-    assert rel_err(got, want) < 1e-4
+    topk = model.config.num_experts_per_tok
+    for n in (9, 40):  # 36 pairs: the indexed kernel; 160: tiles of pairs grouped by expert
+        assert (block_m_for(2 * n * topk) == 1) == (n == 9)
+        ids = _ids(path, n)
+        grouped_on_cpu.clear()
+        with torch.no_grad():
+            want = ref(input_ids=ids).logits.double()
+            got = model(input_ids=ids).logits
+        assert blocks and all(b.stacked() is not None for b in blocks)
+        assert len(grouped_on_cpu) == 2 * len(blocks)  # gate_up and down, one launch each per block
+        assert rel_err(got, want) < 1e-4
     # the stacked buffers hold the experts' own bytes: state_dict is unchanged (copies, not views)
     sd = model.state_dict()
     key = next(k for k in sd if ".experts.1.down" in k and k.endswith(("weight_packed", ".weight")))
@@ -277,7 +282,7 @@ def _reference_rows(x, idx, codes, scales, mul, rows_per_part, x_div) -> np.ndar
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("t", [1, 16])
+@pytest.mark.parametrize("t", [1, 16, 64])  # 8 pairs: indexed kernel; 128 and 512: grouped tiles
 def test_gpu_qwen3_30b_shapes_match_float64(t):
     from nvfp4_fix.kernels.moe_grouped import block_m_for, expert_mm, route
 
@@ -295,17 +300,18 @@ def test_gpu_qwen3_30b_shapes_match_float64(t):
 
 @gpu
 @needs_cuda
-def test_gpu_graph_capture_replays_any_routing():
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_gpu_graph_capture_replays_any_routing(block_m):
     """One captured launch sequence (route + gate_up + down) serves every routing: replays with new
     expert ids in the same input tensors equal eager calls."""
-    from nvfp4_fix.kernels.moe_grouped import block_m_for, expert_mm, route
+    from nvfp4_fix.kernels.moe_grouped import expert_mm, route
 
     codes, scales, mul = random_experts(E30, 2 * I30, H30, 2, seed=3, device="cuda")
     x = torch.randn(1, H30, device="cuda", dtype=torch.bfloat16)
     idx, _ = _routing(1, seed=0)
 
     def step():
-        return expert_mm(x, TOPK30, route(idx, E30, block_m_for(TOPK30)), codes, scales, mul, I30)
+        return expert_mm(x, TOPK30, route(idx, E30, block_m), codes, scales, mul, I30)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -7,7 +7,10 @@ sync: static shapes from T, K and the expert count) and pads each expert's run t
 past the last one, and for pairs routed to an id outside [0, num_experts), which are skipped).
 
 ``expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part)`` computes, for every pair p routed to
-expert e, ``y[p] = x[p // x_div] @ W_e.T``: one program per (block, BN columns) reads expert e's packed
+expert e, ``y[p] = x[p // x_div] @ W_e.T``. Decode-sized routings (``block_m`` 1, up to 64 pairs: batch 8
+at top-8) skip the sorting: ``_pair_gemv_kernel`` runs one program per (pair, BN columns), loads the
+pair's expert id and reads that expert's packed rows (at batch 1 every routed expert is distinct, so each
+weight is read once). Larger routings: one program per (block, BN columns) reads expert e's packed
 weight (``codes`` [E, N, K/2] uint8, ``scales`` [E, N, K/16] e4m3) by the id it loads from
 ``block_expert``, dequantizes [BN, BK] tiles in registers (the W4A16 GEMM's ``_dequant_tile``) and
 multiplies with ``tl.dot`` (fp32 accumulation); ``mul`` [E, parts] float32 is each expert's per-tensor
@@ -42,10 +45,14 @@ class RoutePlan:
 
 
 def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> RoutePlan:
-    """Pairs sorted by expert, each expert's run padded to ``block_m`` (device ops only)."""
+    """Pairs sorted by expert, each expert's run padded to ``block_m`` (device ops only). ``block_m``
+    1 is the indexed layout for decode-sized routings: no sorting, ``pairs`` holds each pair's expert
+    id and each program of the kernel computes one pair (a weight is read once per pair that uses it)."""
     flat = top_k_index.reshape(-1).long()
     n = flat.numel()
     dev = flat.device
+    if block_m == 1:
+        return RoutePlan(flat.to(torch.int32), flat.new_empty(0, dtype=torch.int32), n, 1)
     valid = (flat >= 0) & (flat < num_experts)
     expert = torch.where(valid, flat, torch.full_like(flat, num_experts))  # num_experts: skipped
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(
@@ -109,6 +116,41 @@ def _expert_mm_kernel(
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (rn < N)[None, :])
 
 
+@triton.jit
+def _pair_gemv_kernel(
+    x_ptr, expert_ptr, w_ptr, s_ptr, mul_ptr, y_ptr,
+    x_div, N, K, E, rows_per_part, parts, stride_xm, stride_ym, stride_we, stride_se, stride_me,
+    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """y[p, n-block] = x[p // x_div] @ W_{expert[p]}[n-block].T: one pair per program (CUDA cores)."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(expert_ptr + p)
+    if (e < 0) | (e >= E):  # routed to no expert: the output row stays as it was
+        return
+    xrow = (p // x_div).to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rk2 = tl.arange(0, BK // 2)
+    rkb = tl.arange(0, BK // 16)
+    e64 = e.to(tl.int64)
+    w_base = w_ptr + e64 * stride_we + rn_c[:, None] * (K // 2) + rk2[None, :]
+    s_base = s_ptr + e64 * stride_se + rn_c[:, None] * (K // 16) + rkb[None, :]
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k in range(0, K, BK):
+        xt = tl.load(x_ptr + xrow * stride_xm + k + rk, mask=(k + rk) < K, other=0.0).to(tl.float32)
+        wb = tl.load(w_base + k // 2, mask=(k + 2 * rk2)[None, :] < K, other=0)
+        sb = tl.load(s_base + k // 16, mask=(k + 16 * rkb)[None, :] < K, other=0)
+        w = _dequant_tile(wb, sb, tl.bfloat16 if ASM else tl.float32, BN, BK, ASM)
+        acc += w.to(tl.float32) * xt[None, :]
+    part = tl.minimum(rn_c // rows_per_part, parts - 1)
+    y = tl.sum(acc, 1)
+    mul = tl.load(mul_ptr + e64 * stride_me + part)
+    y = (y * mul * 128.0).to(y_ptr.dtype.element_ty)  # tiles carry value * scale * 2^-7
+    tl.store(y_ptr + p.to(tl.int64) * stride_ym + rn, y, mask=rn < N)
+
+
 def supports(x: torch.Tensor, codes: torch.Tensor) -> bool:
     """Whether :func:`expert_mm` takes these (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     return (
@@ -123,8 +165,9 @@ def supports(x: torch.Tensor, codes: torch.Tensor) -> bool:
 
 
 def block_m_for(num_pairs: int) -> int:
-    """Pairs per tile: 16 for decode-sized routings (each expert sees a few tokens), 64 for prefill."""
-    return 16 if num_pairs <= 256 else 64
+    """Pairs per tile: 1 (indexed, one pair per program) up to 64 pairs (batch 8 at top-8: at most a
+    few tokens share an expert), 16 up to 256, 64 beyond (prefill: tensor-core tiles)."""
+    return 1 if num_pairs <= 64 else 16 if num_pairs <= 256 else 64
 
 
 def expert_mm(
@@ -155,6 +198,15 @@ def expert_mm(
     bk = 128 if k % 128 == 0 or k > 128 else max(32, triton.next_power_of_2(k))
     grid = (plan.block_expert.numel(), triton.cdiv(n, bn))
     f32 = x.dtype == torch.float32
+    if plan.block_m == 1:
+        with on_device_of(x):
+            _pair_gemv_kernel[(plan.num_pairs, triton.cdiv(n, bn))](
+                x, plan.pairs, codes, scales.view(torch.uint8), mul, y,
+                x_div, n, k, e, rows_per_part, mul.shape[1], x.stride(0), y.stride(0),
+                codes.stride(0), scales.stride(0), mul.stride(0),
+                BN=bn, BK=bk, ASM=not (_INTERPRET or f32), num_warps=4,
+            )  # fmt: skip
+        return y
     with on_device_of(x):
         _expert_mm_kernel[grid](
             x, plan.pairs, plan.block_expert, codes, scales.view(torch.uint8), mul, y,
