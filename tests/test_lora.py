@@ -339,3 +339,15 @@ def test_autograd_keeps_no_dense_weight() -> None:
     dense = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in dense_shapes]
     assert not dense, dense
     loss.backward()
+
+
+def test_all_linear_targets_every_packed_layer_and_a_second_adapter() -> None:
+    model = peft.get_peft_model(load(DEMO), lora_config(target_modules="all-linear"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, lora.NVFP4LoraLinear)}
+    assert len(layers) == 28 and not any(
+        "lm_head" in n for n in layers
+    )  # the output head stays out, as in peft
+    model.add_adapter("second", lora_config(target_modules="all-linear"))
+    again = {n: m for n, m in model.named_modules() if isinstance(m, lora.NVFP4LoraLinear)}
+    assert again.keys() == layers.keys()  # no adapter nested inside an adapter
+    assert all(set(m.lora_A) == {"default", "second"} for m in again.values())

@@ -8,7 +8,8 @@ own, so ``save_pretrained`` / ``PeftModel.from_pretrained`` work unchanged.
 peft picks a LoRA layer class in ``LoraModel._create_new_module`` from a fixed list of dispatchers
 (bitsandbytes, GPTQ, HQQ, ... each matching its own layer class, then ``nn.Linear``), plus the
 mapping a user registered on the config. ``install()`` puts :func:`dispatch_nvfp4` in front of that
-list for NVFP4 layers only, so a plain ``get_peft_model(model, LoraConfig(...))`` (and
+list for NVFP4 layers only (and adds the packed layers to what ``target_modules="all-linear"``
+selects: peft picks those by type, ``nn.Linear``), so a plain ``get_peft_model(model, LoraConfig(...))`` (and
 ``PeftModel.from_pretrained``, ``model.add_adapter``) works with no extra call, whenever and
 wherever the ``LoraConfig`` was made. A mapping the user registered for ``NVFP4Linear`` still wins.
 :mod:`nvfp4_fix.lora_hook` calls ``install()`` when peft is imported next to a loaded NVFP4 layer.
@@ -162,32 +163,7 @@ def _user_mapped(config: Any, base: nn.Module) -> bool:
     return any(isinstance(base, key) for key in mapping)
 
 
-def _lora_model() -> Any:
-    from peft.tuners.lora.model import LoraModel
-
-    return LoraModel
-
-
-def installed() -> bool:
-    current = _lora_model().__dict__.get("_create_new_module")
-    return isinstance(current, staticmethod) and bool(getattr(current.__func__, "_nvfp4_fix", False))
-
-
-def install() -> bool:
-    """Put :func:`dispatch_nvfp4` in front of peft's LoRA dispatchers (idempotent). False, with a
-    warning naming the explicit route, where this peft has no ``LoraModel._create_new_module``."""
-    model_cls = _lora_model()
-    original = model_cls.__dict__.get("_create_new_module")
-    if not isinstance(original, staticmethod):
-        logger.warning(
-            "nvfp4-fix: this peft has no LoraModel._create_new_module; register the NVFP4 LoRA layer"
-            " yourself: config._register_custom_module(nvfp4_fix.lora.custom_modules())"
-        )
-        return False
-    if getattr(original.__func__, "_nvfp4_fix", False):
-        return True
-    create = original.__func__
-
+def _wrap_create(create: Any) -> Any:
     def _create_new_module(
         lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any
     ) -> nn.Module:
@@ -198,20 +174,85 @@ def install() -> bool:
                 return new
         return create(lora_config, adapter_name, target, **kwargs)
 
-    _create_new_module._nvfp4_fix = True  # type: ignore[attr-defined]
-    _create_new_module.__wrapped__ = create  # type: ignore[attr-defined]
-    model_cls._create_new_module = staticmethod(_create_new_module)
+    return _create_new_module
+
+
+def _wrap_all_linear(include: Any) -> Any:
+    """``target_modules="all-linear"`` selects nn.Linear (and adapted "*Linear" layers) by type; add
+    the packed layers, except those already inside an adapter layer."""
+
+    def _maybe_include_all_linear_layers(peft_config: Any, model: nn.Module) -> Any:
+        targets = getattr(peft_config, "target_modules", None)
+        asked = isinstance(targets, str) and targets.lower() == "all-linear"
+        peft_config = include(peft_config, model)
+        if asked:
+            inside = {
+                f"{prefix}.{sub}"
+                for prefix, m in model.named_modules()
+                if isinstance(m, BaseTunerLayer)
+                for sub, _ in m.named_modules()
+                if sub
+            }
+            packed = {n for n, m in model.named_modules() if isinstance(m, NVFP4Linear) and n not in inside}
+            peft_config.target_modules = set(peft_config.target_modules) | packed
+        return peft_config
+
+    return _maybe_include_all_linear_layers
+
+
+def _patches() -> list[tuple[Any, str, Any, bool]]:
+    """(owner, attribute, wrapper factory, is a staticmethod) for each peft function wrapped."""
+    from peft.tuners import tuners_utils
+    from peft.tuners.lora.model import LoraModel
+
+    return [
+        (LoraModel, "_create_new_module", _wrap_create, True),
+        (tuners_utils, "_maybe_include_all_linear_layers", _wrap_all_linear, False),
+    ]
+
+
+def _current(owner: Any, name: str, static: bool) -> Any:
+    value = vars(owner).get(name)
+    return value.__func__ if static and isinstance(value, staticmethod) else (None if static else value)
+
+
+def installed() -> bool:
+    return all(getattr(_current(o, n, st), "_nvfp4_fix", False) for o, n, _, st in _patches())
+
+
+def install() -> bool:
+    """Put :func:`dispatch_nvfp4` in front of peft's LoRA dispatchers and teach ``"all-linear"`` the
+    packed layers (idempotent). False, with a warning naming the explicit route, where this peft lacks
+    one of the two functions."""
+    patches = _patches()
+    if any(not callable(_current(o, n, st)) for o, n, _, st in patches):
+        logger.warning(
+            "nvfp4-fix: this peft has no LoraModel._create_new_module / _maybe_include_all_linear_layers;"
+            " register the NVFP4 LoRA layer yourself:"
+            " config._register_custom_module(nvfp4_fix.lora.custom_modules())"
+        )
+        return False
+    for owner, name, wrap, static in patches:
+        original = _current(owner, name, static)
+        if getattr(original, "_nvfp4_fix", False):
+            continue
+        wrapper = wrap(original)
+        wrapper._nvfp4_fix = True
+        wrapper.__wrapped__ = original
+        setattr(owner, name, staticmethod(wrapper) if static else wrapper)
     return True
 
 
 def uninstall() -> bool:
-    """Restore peft's own ``_create_new_module``; True if there was something to undo."""
-    model_cls = _lora_model()
-    current = model_cls.__dict__.get("_create_new_module")
-    if not isinstance(current, staticmethod) or not getattr(current.__func__, "_nvfp4_fix", False):
-        return False
-    model_cls._create_new_module = staticmethod(current.__func__.__wrapped__)
-    return True
+    """Restore peft's own functions; True if there was something to undo."""
+    undone = False
+    for owner, name, _, static in _patches():
+        current = _current(owner, name, static)
+        if getattr(current, "_nvfp4_fix", False):
+            original = current.__wrapped__
+            setattr(owner, name, staticmethod(original) if static else original)
+            undone = True
+    return undone
 
 
 install()  # importing this module is enough (nvfp4_fix.lora_hook imports it when peft is imported)
