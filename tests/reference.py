@@ -82,6 +82,8 @@ def dense_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(f), "pt") as fh:
             for k in fh.keys():
                 raw[k] = fh.get_tensor(k)
+                if raw[k].dtype == torch.float4_e2m1fn_x2:  # safetensors F4: the same packed bytes as U8
+                    raw[k] = raw[k].view(torch.uint8)
     modelopt = (path / "hf_quant_config.json").exists()
     packed_suffix = ".weight" if modelopt else ".weight_packed"
     out: dict[str, torch.Tensor] = {}

@@ -17,11 +17,7 @@ from nvfp4_fix.layer import NVFP4Linear
 from nvfp4_fix.loading import from_pretrained
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# F4-typed codes (mixed/llama-nvfp4a16-f4) load through transformers' loader, which reshapes them to the
-# header's logical shape: that is the quantizer's part (tests/test_f4.py covers what reads headers).
-REAL = sorted(
-    p.parent for p in (FIXTURES / "mixed").glob("*/config.json") if not p.parent.name.endswith("-f4")
-)
+REAL = sorted(p.parent for p in (FIXTURES / "mixed").glob("*/config.json"))
 
 
 def _synthetic(root: Path) -> list[Path]:

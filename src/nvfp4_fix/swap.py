@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import f4
 from .checkpoint import COMPRESSED_TENSORS, CheckpointInfo, QuantizedModule
 from .errors import CheckpointError
 from .fp8 import FP8Linear
@@ -87,7 +88,7 @@ def make_linear(q: QuantizedModule, layout: str, bias: bool, dtype: torch.dtype)
     """The packed layer (on the meta device) for one quantized linear of the checkpoint."""
     if q.scheme == "fp8":
         return FP8Linear.for_checkpoint(q, bias, dtype)
-    return NVFP4Linear(
+    layer = NVFP4Linear(
         q.in_features,
         q.out_features,
         bias=bias,
@@ -97,6 +98,7 @@ def make_linear(q: QuantizedModule, layout: str, bias: bool, dtype: torch.dtype)
         dtype=dtype,
         device="meta",
     )
+    return f4.defer_codes(layer) if q.packed_dtype == "F4" else layer
 
 
 def swap_quantized_modules(model: nn.Module, info: CheckpointInfo, dtype: torch.dtype) -> dict[str, str]:

@@ -47,7 +47,7 @@ def reference_weight(tensors: dict[str, Any], prefix: str, info: CheckpointInfo)
     import torch
 
     ct = info.format == COMPRESSED_TENSORS
-    packed = tensors[info.packed_name(prefix)]
+    packed = tensors[info.packed_name(prefix)].view(torch.uint8)  # safetensors F4 reads as float4 pairs
     low, high = packed & 0x0F, packed >> 4
     codes = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     scale = tensors[prefix + ".weight_scale"].to(torch.float64)

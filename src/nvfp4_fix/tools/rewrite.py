@@ -83,7 +83,7 @@ def dense_weight(reader: _Reader, prefix: str, dtype: Any) -> Any:
     from ..codec import dequantize
 
     info = reader.info
-    packed = reader.get(info.packed_name(prefix))
+    packed = reader.get(info.packed_name(prefix)).view(torch.uint8)  # safetensors F4 reads as float4 pairs
     scale = reader.get(prefix + ".weight_scale")
     ct = info.format == COMPRESSED_TENSORS
     glob = reader.get(prefix + (".weight_global_scale" if ct else ".weight_scale_2")).to(torch.float32)
