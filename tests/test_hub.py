@@ -176,7 +176,9 @@ def test_plain_model_by_id_is_untouched(cache: Path, tmp_path: Path) -> None:
     assert r["equal"]
 
 
-def test_persistent_hook_in_a_process_that_never_imports_the_package(cache: Path, tmp_path: Path) -> None:
+def _hook_venv(tmp_path: Path, cache: Path) -> str:
+    """A bare venv seeing this environment's packages through a plain-path .pth, with the persistent
+    start-up hook installed into it by `nvfp4-fix apply-patch`; returns its python."""
     import sysconfig
 
     import _nvfp4_fix_startup
@@ -189,13 +191,14 @@ def test_persistent_hook_in_a_process_that_never_imports_the_package(cache: Path
     ).strip()
     hook_dir = Path(_nvfp4_fix_startup.__file__).parent
     Path(site, "00_bridge.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n{hook_dir}\n")
-    env = _env(cache)
-    assert (
-        subprocess.run(
-            [python, "-m", "nvfp4_fix.cli", "apply-patch"], env=env, capture_output=True
-        ).returncode
-        == 0
-    )
+    cmd = [python, "-m", "nvfp4_fix.cli", "apply-patch"]
+    done = subprocess.run(cmd, env=_env(cache), capture_output=True)
+    assert done.returncode == 0, done.stderr
+    return python
+
+
+def test_persistent_hook_in_a_process_that_never_imports_the_package(cache: Path, tmp_path: Path) -> None:
+    python = _hook_venv(tmp_path, cache)
     r = _worker(cache, tmp_path / "out", "hook:org/ct", python=python)["hook:org/ct"]
     assert r["packed"] == 28 and r["nvfp4_imported"]
     assert torch.equal(torch.load(tmp_path / "out" / "0.pt"), _local_logits(CT))
@@ -227,3 +230,77 @@ def test_compressed_tensors_checkpoint_without_the_compressed_tensors_package(tm
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"packed": 28, "same_config": True}
+
+
+#: sitecustomize for the server's processes (transformers serve may load the model in a child process):
+#: reports what the served model's layers are. Importing the quantizer module registers nothing.
+REPORT = """
+from nvfp4_fix.quantizer import NVFP4Quantizer
+
+finish = NVFP4Quantizer._process_model_after_weight_loading
+
+def reporting(self, model, **kwargs):
+    model = finish(self, model, **kwargs)
+    n = sum(type(m).__name__ == "NVFP4Linear" and m.weight_packed.dtype.itemsize == 1
+            for m in model.modules())
+    print(f"packed NVFP4 layers: {n}", flush=True)
+    return model
+
+NVFP4Quantizer._process_model_after_weight_loading = reporting
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_transformers_serve_by_id_answers_packed(cache: Path, tmp_path: Path) -> None:
+    """`transformers serve org/ct` in a process where only the persistent hook knows about this package:
+    the server loads the model packed (its log says so) and answers one completion."""
+    import time
+    import urllib.request
+
+    pytest.importorskip("fastapi")
+    if not CURRENT:
+        pytest.skip("transformers serve is tested in the current environment (the serving extras)")
+    python = _hook_venv(tmp_path, cache)
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(REPORT)
+    env = _env(cache)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env["PYTHONPATH"]])
+    cmd = [python, "-m", "transformers.cli.transformers", "serve", "org/ct", "--host", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*cmd, "--port", str(port), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    try:
+        body = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    data=json.dumps({"model": "org/ct", "prompt": "Return the", "max_tokens": 5}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    body = json.loads(resp.read())
+                break
+            except OSError:
+                time.sleep(1)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert body is not None, text[-3000:]
+    assert body["choices"][0]["text"], body
+    assert "packed NVFP4 layers: 28" in text, text[-3000:]

@@ -240,6 +240,8 @@ class NVFP4Quantizer(HfQuantizer):
         fuse_siblings(model)  # q/k/v and gate/up share one decode launch on CUDA
         model.nvfp4_checkpoint = self.info
         wrap_save(model, self.info)
+        packed = sum(1 for m in model.modules() if isinstance(m, layer.NVFP4Linear))
+        logger.info("nvfp4-fix: %s loaded with %d NVFP4 layers packed", self.info.path, packed)
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
