@@ -15,6 +15,7 @@ from nvfp4_fix.checkpoint import inspect_checkpoint
 from nvfp4_fix.fp8 import FP8Linear
 from nvfp4_fix.layer import NVFP4Linear
 from nvfp4_fix.loading import from_pretrained
+from nvfp4_fix.schemes import FP8Spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REAL = sorted(p.parent for p in (FIXTURES / "mixed").glob("*/config.json"))
@@ -165,3 +166,41 @@ def test_moe_experts_keep_their_own_gate_and_up_scales() -> None:
     for k in differ:
         for key in (k, k.replace("gate_proj", "up_proj")):
             assert torch.equal(state[key], ckpt[key]), key
+
+
+@pytest.mark.parametrize(
+    ("layout", "spec"),
+    [
+        ("compressed-tensors", FP8Spec("block", "dynamic-group", (64, 128), 16)),  # 208 rows: a partial block
+        ("compressed-tensors", FP8Spec("channel", "dynamic-token")),
+        ("modelopt", FP8Spec("tensor", "static")),
+    ],
+    ids=["ct-block", "ct-channel", "modelopt-fp8"],
+)
+def test_writer_makes_mixed_checkpoints(layout: str, spec: FP8Spec, tmp_path: Path) -> None:
+    """save_quantized(fp8=...) writes a mixed checkpoint (for shapes the fixtures lack, e.g. a 27B-like
+    model): the classifier reads it back per layer and it loads within the reference's tolerance."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nvfp4_fix.writer import save_quantized
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=208,
+        intermediate_size=400,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=52,
+        vocab_size=300,
+        architectures=["LlamaForCausalLM"],
+    )
+    dense = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    path = save_quantized(dense, tmp_path / "ckpt", layout, fp8=[r"re:.*self_attn\."], fp8_spec=spec)
+    info = inspect_checkpoint(path)
+    assert len(info.fp8) == 8 and len(info.nvfp4) == 6
+    assert {q.fp8 for q in info.fp8.values()} == {spec}
+    assert info.format_name == ("mixed-precision" if layout == "compressed-tensors" else "MIXED_PRECISION")
+    model = from_pretrained(path, dtype=torch.float32, activations="bf16")
+    _assert_kinds(model, info)
+    assert rel_err(_logits(model), _logits(reference_model(path))) < 1e-4

@@ -1,4 +1,5 @@
-"""Write NVFP4 checkpoints from dense models, in either layout (for benchmarks, tests and tools).
+"""Write NVFP4 (and mixed NVFP4 + FP8) checkpoints from dense models, in either layout (for benchmarks,
+tests and tools).
 
 Real checkpoints come from llmcompressor and ModelOpt; this writer exists so that large shapes
 (e.g. a random Llama-3-8B) can be made without them. It quantizes with the reference quantizer in
@@ -8,7 +9,9 @@ Real checkpoints come from llmcompressor and ModelOpt; this writer exists so tha
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,9 @@ import torch
 from torch import nn
 
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT
-from .codec import BLOCK, quantize
+from .codec import BLOCK, FP8_MAX, quantize
 from .fsutil import atomic_directory
+from .schemes import FP8Spec
 
 
 def ct_quantization_config(ignore: list[str], w4a4: bool) -> dict[str, Any]:
@@ -126,6 +130,77 @@ def quantized_tensors(
     return out
 
 
+#: ModelOpt's FP8 (and the default FP8 kind written): per-tensor weights, static per-tensor input scale.
+MODELOPT_FP8 = FP8Spec("tensor", "static")
+
+
+def fp8_tensors(
+    prefix: str, weight: torch.Tensor, spec: FP8Spec, layout: str, input_amax: float
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one FP8 linear: e4m3 weight, scale = amax / 448 per tensor, row or
+    block, and a static input scale = input_amax / 448 where the spec asks for one."""
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    if spec.weights == "block":
+        bn, bk = spec.block or (128, 128)
+        rows, cols = math.ceil(n / bn), math.ceil(k / bk)
+        padded = torch.zeros(rows * bn, cols * bk, device=w.device)
+        padded[:n, :k] = w
+        scale = padded.reshape(rows, bn, cols, bk).abs().amax(dim=(1, 3)) / FP8_MAX
+        full = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+    elif spec.weights == "channel":
+        scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+        full = scale
+    else:
+        scale = (w.abs().max() / FP8_MAX).reshape(1)
+        full = scale
+    scale = scale.clamp(min=1e-12)
+    full = full.clamp(min=1e-12)
+    out = {
+        f"{prefix}.weight": (w / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+        f"{prefix}.weight_scale": scale if layout == COMPRESSED_TENSORS else scale.reshape(()),
+    }
+    if spec.activations == "static":
+        value = torch.tensor([input_amax / FP8_MAX])
+        out[f"{prefix}.input_scale"] = value if layout == COMPRESSED_TENSORS else value.reshape(())
+    return out
+
+
+def _named(name: str, patterns: list[str]) -> bool:
+    """Module ``name`` is one of ``patterns``: the name, a dotted suffix of it, or a ``re:`` regex."""
+    return any(
+        re.match(p[3:], name) is not None if p.startswith("re:") else name == p or name.endswith("." + p)
+        for p in patterns
+    )
+
+
+def _fp8_group(names: list[str], spec: FP8Spec) -> dict[str, Any]:
+    def args(strategy: str, dynamic: bool, **extra: Any) -> dict[str, Any]:
+        return {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": strategy,
+            "dynamic": dynamic,
+            **extra,
+        }
+
+    weights = args(spec.weights, False, block_structure=list(spec.block) if spec.block else None)
+    acts = {
+        "none": None,
+        "static": args("tensor", False),
+        "dynamic-tensor": args("tensor", True),
+        "dynamic-token": args("token", True),
+        "dynamic-group": args("group", True, group_size=spec.group_size),
+    }[spec.activations]
+    return {
+        "targets": sorted(names),
+        "weights": weights,
+        "input_activations": acts,
+        "format": "float-quantized",
+    }
+
+
 def save_quantized(
     model: nn.Module,
     out: str | os.PathLike[str],
@@ -133,10 +208,20 @@ def save_quantized(
     ignore: Iterable[str] = ("lm_head",),
     input_amax: float | None = None,
     max_shard_bytes: int = 4 * 1024**3,
+    fp8: Iterable[str] = (),
+    fp8_spec: FP8Spec = MODELOPT_FP8,
+    fp8_input_amax: float = 4.0,
 ) -> Path:
-    """Quantize every nn.Linear of ``model`` (except ``ignore``) to NVFP4 and write a checkpoint."""
+    """Quantize every nn.Linear of ``model`` (except ``ignore``) to NVFP4 and write a checkpoint.
+
+    ``fp8`` (module names, dotted suffixes or ``re:`` patterns) writes those linears as FP8 of kind
+    ``fp8_spec`` instead: a compressed-tensors ``mixed-precision`` or ModelOpt ``MIXED_PRECISION``
+    checkpoint (ModelOpt's FP8 is per-tensor weights with a static input scale only)."""
     if layout not in (COMPRESSED_TENSORS, MODELOPT):
         raise ValueError(f"layout must be {COMPRESSED_TENSORS!r} or {MODELOPT!r}")
+    fp8 = list(fp8)
+    if fp8 and layout == MODELOPT and fp8_spec != MODELOPT_FP8:
+        raise ValueError(f"ModelOpt FP8 is per-tensor with a static input scale, not {fp8_spec.describe()}")
     from safetensors.torch import save_file
 
     ignore = list(ignore)
@@ -147,12 +232,17 @@ def save_quantized(
         and m.in_features % BLOCK == 0
         and not any(n == i or n.endswith("." + i) for i in ignore)
     }
+    fp8_linears = {n for n in linears if _named(n, fp8)}
+    linears -= fp8_linears
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[Any, int, tuple[int, ...]]] = set()
     state = model.state_dict()
     amax = fused_amax({p: state[f"{p}.weight"] for p in linears})
     for name, t in state.items():
         prefix, _, leaf = name.rpartition(".")
+        if prefix in fp8_linears and leaf == "weight":
+            tensors.update(fp8_tensors(prefix, t, fp8_spec, layout, fp8_input_amax))
+            continue
         if prefix in linears and leaf == "weight":
             tensors.update(quantized_tensors(prefix, t, layout, input_amax, amax[prefix]))
             continue
@@ -167,12 +257,21 @@ def save_quantized(
     with atomic_directory(out) as tmp:
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
+        w4a4 = input_amax is not None
         if layout == COMPRESSED_TENSORS:
-            cfg["quantization_config"] = ct_quantization_config(ignore, input_amax is not None)
+            cfg["quantization_config"] = qc = ct_quantization_config(ignore, w4a4)
+            if fp8_linears:  # exact names outrank the NVFP4 group's "Linear" target
+                qc["config_groups"]["group_1"] = _fp8_group(sorted(fp8_linears), fp8_spec)
+                qc["format"] = "mixed-precision"
         else:
-            (tmp / "hf_quant_config.json").write_text(
-                json.dumps(modelopt_quant_config(ignore, input_amax is not None), indent=2)
-            )
+            hq = modelopt_quant_config(ignore, w4a4)
+            if fp8_linears:
+                nv = {"quant_algo": "NVFP4" if w4a4 else "W4A16_NVFP4", "group_size": BLOCK}
+                layers = {n: dict(nv) for n in sorted(linears)} | {
+                    n: {"quant_algo": "FP8"} for n in sorted(fp8_linears)
+                }
+                hq["quantization"].update(quant_algo="MIXED_PRECISION", quantized_layers=layers)
+            (tmp / "hf_quant_config.json").write_text(json.dumps(hq, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         _write_shards(tensors, tmp, max_shard_bytes, save_file)
     return out

@@ -12,10 +12,8 @@ from typing import Any
 
 from ..checkpoint import COMPRESSED_TENSORS, CheckpointInfo, QuantizedModule
 from ..errors import NVFP4Error
-from ..schemes import NVFP4_PACKED, FP8Spec
-
-#: The one FP8 kind both layouts express: ModelOpt "FP8".
-MODELOPT_FP8 = FP8Spec("tensor", "static")
+from ..schemes import NVFP4_PACKED
+from ..writer import MODELOPT_FP8  # the one FP8 kind both layouts express: ModelOpt "FP8"
 
 
 def is_mixed(info: CheckpointInfo) -> bool:
