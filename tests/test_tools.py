@@ -581,29 +581,17 @@ def test_progress_bar_only_on_a_tty_and_not_quiet(monkeypatch):
     assert tty.getvalue() == "" and sys.stderr.getvalue() == ""
 
 
-def test_loading_shards_counts_safe_open(monkeypatch, ckpts):
-    counted = []
-    monkeypatch.setattr(progress, "enabled", lambda: True)
-    monkeypatch.setattr(
-        progress,
-        "bar",
-        lambda total, desc, unit="it": type(
-            "B", (), {"update": lambda self, k=1: counted.append(k), "close": lambda self: None}
-        )(),
-    )
-    from nvfp4_fix.loading import from_pretrained
+def test_transformers_bars_follow_the_quiet_switch(monkeypatch):
+    """Loading is transformers' own, with its own bars: off when ours are (--quiet, no terminal), and
+    transformers' setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
 
-    with progress.loading_shards(3):
-        from_pretrained(ckpts["ct-sharded"])
-    n = len(
-        {
-            json.loads((ckpts["ct-sharded"] / "model.safetensors.index.json").read_text())["weight_map"][k]
-            for k in json.loads((ckpts["ct-sharded"] / "model.safetensors.index.json").read_text())[
-                "weight_map"
-            ]
-        }
-    )
-    assert len(counted) == n > 1
+    hf_logging.enable_progress_bar()
+    for on in (False, True):
+        monkeypatch.setattr(progress, "enabled", lambda on=on: on)
+        with progress.transformers_bars():
+            assert hf_logging.is_progress_bar_enabled() == on
+        assert hf_logging.is_progress_bar_enabled()
     import safetensors
 
     assert safetensors.safe_open.__name__ == "safe_open"

@@ -84,31 +84,17 @@ def track(items: Iterable[T], total: int | None = None, desc: str = "", unit: st
 
 
 @contextlib.contextmanager
-def loading_shards(total: int, desc: str = "loading shards") -> Iterator[None]:
-    """Count shards opened by safetensors' ``safe_open`` while loading a model (nvfp4_fix.loading opens
-    each shard once). The loader has no progress hook of its own, so this wraps ``safe_open``."""
-    if not enabled():
+def transformers_bars() -> Iterator[None]:
+    """transformers draws its own loading bars ("Loading weights"); they follow this module's switch:
+    off under ``--quiet`` or when stderr is not a terminal, as ours are."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
         yield
         return
-    import safetensors
-
-    original = safetensors.safe_open
-    b = bar(total, desc, "shard")
-
-    class Counted:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self._inner = original(*args, **kwargs)
-
-        def __enter__(self) -> Any:
-            return self._inner.__enter__()
-
-        def __exit__(self, *exc: Any) -> Any:
-            b.update(1)
-            return self._inner.__exit__(*exc)
-
-    safetensors.safe_open = Counted  # type: ignore[misc,assignment]
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled() else hf_logging.disable_progress_bar)()
     try:
         yield
     finally:
-        safetensors.safe_open = original  # type: ignore[misc]
-        b.close()
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

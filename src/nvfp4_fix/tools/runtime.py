@@ -31,11 +31,10 @@ def load(path: str, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Chec
         raise NVFP4Error(f"--dtype must be one of bf16, fp16, fp32 or auto, got {dtype!r}")
     from ..loading import from_pretrained
 
-    files = {t.file for t in info.tensors.values()}
     start = time.perf_counter()
     try:
         model_class = _model_class(info)
-        with progress.loading_shards(len(files)):
+        with progress.transformers_bars():
             model = from_pretrained(info.path, model_class, dtype=_resolve(dtype, info), device_map=device)
     except NVFP4Error:
         raise
