@@ -67,20 +67,27 @@ def test_cuda_path_through_triton_interpreter(dtype: torch.dtype) -> None:
     assert whole.dtype == dtype and rel(whole, want) < tol and rel(blocks, want) < tol
 
 
-def test_layer_autograd_is_the_registered_formula() -> None:
-    """x.grad through nvfp4_linear (custom op + register_autograd) equals float64; bias gets its grad;
-    the packed weight gets none."""
+@pytest.mark.parametrize("path", ["eager Function", "custom op"])
+def test_linear_autograd_matches_float64(path: str) -> None:
+    """x.grad through nvfp4_linear (eager: backward.PackedLinear) and through the custom op with its
+    registered autograd (what torch.compile traces) equals float64; bias gets its grad; the packed
+    weight gets none."""
     from nvfp4_fix.kernels import nvfp4_linear
 
     wp, ws, mul = packed(64, 128, 5)
     bias = torch.randn(64, generator=torch.Generator().manual_seed(6)).requires_grad_()
     x = torch.randn(3, 7, 128, generator=torch.Generator().manual_seed(7)).requires_grad_()
-    y = nvfp4_linear(x, wp, ws, mul, bias)
+    if path == "custom op":
+        y = torch.ops.nvfp4_fix.linear(x.reshape(21, 128), wp, ws.view(torch.uint8), mul, bias, "auto")
+        assert "nvfp4_fix_linear" in y.grad_fn.name()
+    else:
+        y = nvfp4_linear(x, wp, ws, mul, bias)
+        assert y.grad_fn.next_functions[0][0].name() == "PackedLinearBackward"
     r = torch.randn(y.shape, generator=torch.Generator().manual_seed(8))
     (y * r).sum().backward()
     want = reference(r.reshape(-1, 64), wp, ws, mul).reshape(3, 7, 128)
     assert rel(x.grad, want) < 1e-6
-    assert torch.allclose(bias.grad, r.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(bias.grad, r.reshape(-1, 64).sum(0), rtol=1e-5, atol=1e-5)
     assert not wp.requires_grad and wp.grad is None
 
 

@@ -10,8 +10,9 @@ inside one backward call, a bounded piece at a time:
   column blocks, each one GEMM over all of N, so nothing is accumulated in half precision.
 * ``reference`` kernel: the whole weight dequantized to float32.
 
-``torch.ops.nvfp4_fix.linear`` gets this formula through ``torch.library.register_autograd``, so the
-same op differentiates eagerly and under torch.compile (AOTAutograd traces the backward op).
+``torch.ops.nvfp4_fix.linear`` gets this formula through ``torch.library.register_autograd`` (with
+the backward as the custom op ``nvfp4_fix::linear_grad_input``), so torch.compile traces both; eager
+training calls the same kernels and formula through ``PackedLinear``, an autograd.Function.
 """
 
 from __future__ import annotations
@@ -117,3 +118,25 @@ def _backward(ctx, grad):  # noqa: ANN001, ANN202
 
 
 torch.library.register_autograd("nvfp4_fix::linear", _backward, setup_context=_setup_context)
+
+
+class PackedLinear(torch.autograd.Function):
+    """Eager training: the op's kernels and the same backward, without the custom-op dispatch (whose
+    autograd wrapper costs host time on every call; torch.compile uses the op)."""
+
+    @staticmethod
+    def forward(ctx, x, wp, ws, mul, bias, kernel):  # noqa: ANN001, ANN205
+        from . import _run
+
+        _setup_context(ctx, (x, wp, ws, mul, bias, kernel), None)
+        return _run(kernel, x, wp, ws, mul, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        wp, ws, mul = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad_input(grad.contiguous(), wp, ws, mul, ctx.kernel)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            gb = grad.sum(0).to(ctx.bias_dtype)
+        return gx, None, None, None, gb, None
