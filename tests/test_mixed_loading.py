@@ -204,3 +204,21 @@ def test_writer_makes_mixed_checkpoints(layout: str, spec: FP8Spec, tmp_path: Pa
     model = from_pretrained(path, dtype=torch.float32, activations="bf16")
     _assert_kinds(model, info)
     assert rel_err(_logits(model), _logits(reference_model(path))) < 1e-4
+
+
+def test_dense_on_cpu_covers_fp8_layers_and_low_memory_drops_them() -> None:
+    import nvfp4_fix
+
+    path = FIXTURES / "mixed" / "llama-nvfp4a16-fp8block-partial"
+    packed = from_pretrained(path, dtype=torch.float32)
+    dense = from_pretrained(path, dtype=torch.float32, dense_on_cpu=True)
+    f8 = [m for m in dense.modules() if isinstance(m, FP8Linear)]
+    assert f8 and all(m.dense_weight is not None and m.weight.dtype == torch.float8_e4m3fn for m in f8)
+    assert rel_err(_logits(dense), _logits(packed)) < 1e-6  # the same float32 weights, computed once
+    try:
+        assert nvfp4_fix.enable_low_memory_mode(True, dense) >= len(f8)
+        assert all(m.dense_weight is None for m in f8)
+        with pytest.raises(RuntimeError, match="low-memory"):
+            f8[0].keep_dense_copy(torch.float32)
+    finally:
+        nvfp4_fix.enable_low_memory_mode(False)

@@ -115,6 +115,7 @@ class FP8Linear(nn.Module):
             )
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.activation_mode = "quantize"
+        self.dense_weight: torch.Tensor | None = None  # only when dequantized once on purpose
 
         def param(shape: tuple[int, ...], dt: torch.dtype) -> nn.Parameter:
             return nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
@@ -160,6 +161,15 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.weight_scale, self.spec, dtype)
 
+    def keep_dense_copy(self, dtype: torch.dtype | None) -> None:
+        """Dequantize once and compute with the dense copy (fast on CPU, at dense memory), or drop it
+        (``None``). The FP8 tensors stay, so ``state_dict()`` is unchanged either way."""
+        from . import layer
+
+        if dtype is not None and layer.LOW_MEMORY:
+            raise RuntimeError("low-memory mode is on: layers keep no dequantized copy")
+        self.dense_weight = None if dtype is None else self.dequantized_weight(dtype)
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_mode == "quantize":
             return fake_quantize_fp8(x, self.spec, self.input_scale)
@@ -167,6 +177,8 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prepare_input(x)
+        if self.dense_weight is not None:
+            return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
         n, k = self.out_features, self.in_features
         step = max(1, CHUNK_ELEMENTS // max(k, 1))
         if step >= n:

@@ -60,12 +60,13 @@ def enable_low_memory_mode(enabled: bool = True, model: Any = None) -> int:
     rows differ from the checkpoint's by NVFP4 rounding; ``from_pretrained(...,
     quantize_embeddings=False)`` keeps it dense). A model already loaded keeps its table."""
     from . import layer
+    from .fp8 import FP8Linear
 
     layer.LOW_MEMORY = enabled
     dropped = 0
     if enabled and model is not None:
         for m in model.modules():
-            if isinstance(m, layer.NVFP4Linear) and m.dense_weight is not None:
+            if isinstance(m, (layer.NVFP4Linear, FP8Linear)) and m.dense_weight is not None:
                 m.keep_dense_copy(None)
                 dropped += 1
     return dropped + _ct.enable_low_memory_mode(enabled, model)

@@ -233,8 +233,8 @@ class NVFP4Quantizer(HfQuantizer):
                 m.activation_mode = self.options.activations
             if (
                 self.options.dense_on_cpu
-                and isinstance(m, layer.NVFP4Linear)
-                and m.weight_packed.device.type == "cpu"
+                and isinstance(m, (layer.NVFP4Linear, FP8Linear))
+                and m.weight_scale.device.type == "cpu"
             ):
                 m.keep_dense_copy(self.dtype)
         fuse_siblings(model)  # q/k/v and gate/up share one decode launch on CUDA
