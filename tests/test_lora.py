@@ -351,3 +351,23 @@ def test_all_linear_targets_every_packed_layer_and_a_second_adapter() -> None:
     again = {n: m for n, m in model.named_modules() if isinstance(m, lora.NVFP4LoraLinear)}
     assert again.keys() == layers.keys()  # no adapter nested inside an adapter
     assert all(set(m.lora_A) == {"default", "second"} for m in again.values())
+
+
+def test_peft_learns_the_packed_layer_whatever_the_import_order() -> None:
+    """Loading a packed model imports no peft (1.7 s); importing peft afterwards installs the
+    dispatcher (the lora_hook finder), so a plain get_peft_model works in a fresh process."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, nvfp4_fix
+model = nvfp4_fix.from_pretrained({str(DEMO)!r})
+assert "peft" not in sys.modules
+import peft
+from nvfp4_fix.lora import NVFP4LoraLinear
+pm = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "down_proj"]))
+print(sum(isinstance(m, NVFP4LoraLinear) for m in pm.modules()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "8"
