@@ -79,6 +79,15 @@ def test_left_padded_batch_greedy_matches_generate_row_by_row(checkpoints, arch)
     assert chunked.tolist() == got.tolist()
 
 
+def test_batch_of_64_left_padded_prompts(checkpoints):  # noqa: F811
+    model = load(checkpoints["qwen3"])
+    lengths = tuple(1 + (7 * i) % 16 for i in range(64))
+    ids, mask = padded_batch(model, lengths, seed=27)
+    got = generate(model, ids, 8, attention_mask=mask, use_cuda_graph=False, stop_token_ids=())
+    assert got.shape == (64, 16 + 8)
+    assert_rows_match(model, ids, mask, got, hf_batch(model, ids, mask, 8))
+
+
 def test_stop_tokens_per_row_in_a_padded_batch(checkpoints):  # noqa: F811
     model = load(checkpoints["llama"])
     ids, mask = padded_batch(model, (5, 12, 9), seed=22)
@@ -165,7 +174,7 @@ def test_per_row_sampler_draws_each_rows_distribution():
         counts = torch.bincount(tokens[block * n : (block + 1) * n], minlength=5).float() / n
         torch.testing.assert_close(counts, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.015, rtol=0)
     # the generator decides the draws: same seed, same tokens; another seed, others
-    again = make_sampler(temps, ks, ps, generator=torch.Generator().manual_seed(0))(logits)
+    again = make_sampler(torch.tensor(temps), ks, ps, generator=torch.Generator().manual_seed(0))(logits)
     other = make_sampler(temps, ks, ps, generator=torch.Generator().manual_seed(1))(logits)
     assert torch.equal(tokens, again) and not torch.equal(tokens, other)
 

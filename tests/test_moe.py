@@ -19,6 +19,7 @@ from reference import dequantize_np
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 CUDA = torch.cuda.is_available()
+silu = torch.nn.functional.silu
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
@@ -222,10 +223,6 @@ def test_grouped_forward_traces_whole_under_torch_compile(grouped_on_cpu):
     dcodes, dscales, dmul = random_experts(e, h, i, 1, seed=12)
     st = expert_stack.Stacked(codes, scales, mul, dcodes, dscales, dmul, None)
 
-    class Block:
-        activation_mode = "bf16"
-        act_fn = staticmethod(torch.nn.functional.silu)
-
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, h, generator=g)
     idx = torch.randint(0, e, (3, topk), generator=g)
@@ -236,11 +233,13 @@ def test_grouped_forward_traces_whole_under_torch_compile(grouped_on_cpu):
         seen.extend(node.target for node in gm.graph.nodes)
         return gm.forward
 
-    fn = torch.compile(lambda a, k, ww: expert_stack.grouped_forward(Block(), st, a, k, ww), backend=backend,
-                       fullgraph=True)  # fmt: skip
+    def forward(a, k, ww):
+        return expert_stack.grouped_forward(st, a, k, ww, silu, False)
+
+    fn = torch.compile(forward, backend=backend, fullgraph=True)
     got = fn(x, idx, w)
     assert torch.ops.nvfp4_fix.moe_expert_mm.default in seen or torch.ops.nvfp4_fix.moe_expert_mm in seen
-    torch.testing.assert_close(got, expert_stack.grouped_forward(Block(), st, x, idx, w))
+    torch.testing.assert_close(got, expert_stack.grouped_forward(st, x, idx, w, silu, False))
     wg, wd = reference_weights(codes, scales, mul, i), reference_weights(dcodes, dscales, dmul, h)
     x64 = x.double().numpy()
     want = np.zeros((3, h))
@@ -340,14 +339,11 @@ def test_gpu_compiled_grouped_forward_equals_eager():
     dcodes, dscales, dmul = random_experts(E30, H30, I30, 1, seed=6, device="cuda")
     st = expert_stack.Stacked(codes, scales, mul, dcodes, dscales, dmul, None)
 
-    class Block:
-        activation_mode = "bf16"
-        act_fn = staticmethod(torch.nn.functional.silu)
-
     x = torch.randn(4, H30, device="cuda", dtype=torch.bfloat16)
     idx, w = _routing(4, seed=9)
-    eager = expert_stack.grouped_forward(Block(), st, x, idx, w)
-    fn = torch.compile(lambda a, i, ww: expert_stack.grouped_forward(Block(), st, a, i, ww), fullgraph=True)
+    eager = expert_stack.grouped_forward(st, x, idx, w, silu, False)
+    fn = torch.compile(lambda a, i, ww: expert_stack.grouped_forward(st, a, i, ww, silu, False),
+                       fullgraph=True)  # fmt: skip
     torch.testing.assert_close(fn(x, idx, w), eager, rtol=1e-2, atol=1e-2)
 
 

@@ -114,7 +114,7 @@ def intact(block: nn.Module, st: Stacked) -> bool:
     return gate.weight_packed.data_ptr() == st.gate_up_codes.data_ptr()
 
 
-def applies(block: nn.Module, x: torch.Tensor) -> bool:
+def applies(x: torch.Tensor) -> bool:
     """Inference only: the kernel has no backward, so inputs that need a gradient (training adapters
     upstream) take the per-expert loop, whose layers do."""
     from .kernels import HAS_TRITON
@@ -129,8 +129,16 @@ def _quantized(x: torch.Tensor, divisor: torch.Tensor, expert: torch.Tensor) -> 
     return fake_quantize_activations(x, per_row)
 
 
-def grouped_forward(block: Any, st: Stacked, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def grouped_forward(
+    st: Stacked,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    act_fn: Any,
+    quantize_activations: bool,
+) -> torch.Tensor:
+    """sum_k w[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t)) over each token's routed experts e = idx[t, k];
+    ``quantize_activations``: W4A4 experts quantize each pair's inputs with that expert's scales."""
     from .kernels import moe_grouped as mg
 
     t, h = hidden_states.shape
@@ -149,7 +157,7 @@ def grouped_forward(block: Any, st: Stacked, hidden_states: torch.Tensor, top_k_
                       rows_per_part)  # fmt: skip
         return mg.expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part)
 
-    quantize = st.divisors is not None and block.activation_mode == "quantize"
+    quantize = st.divisors is not None and quantize_activations
     if not quantize:
         gate_up = mm(hidden_states, k, st.gate_up_codes, st.gate_up_scales, st.gate_up_mul, rows)
         gate, up = gate_up[:, :rows], gate_up[:, rows:]
@@ -160,7 +168,7 @@ def grouped_forward(block: Any, st: Stacked, hidden_states: torch.Tensor, top_k_
                   st.gate_up_scales[:, :rows], st.gate_up_mul[:, 0:1], rows)  # fmt: skip
         up = mm(_quantized(per_pair, st.divisors[1], flat), 1, st.gate_up_codes[:, rows:],
                 st.gate_up_scales[:, rows:], st.gate_up_mul[:, 1:2], rows)  # fmt: skip
-    act = block.act_fn(gate) * up
+    act = act_fn(gate) * up
     if quantize:
         assert st.divisors is not None
         act = _quantized(act, st.divisors[2], flat)

@@ -106,9 +106,12 @@ class NVFP4Experts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        st = self.stacked() if expert_stack.applies(self, hidden_states) else None
+        st = self.stacked() if expert_stack.applies(hidden_states) else None
         if st is not None:  # one grouped launch per projection, no host sync
-            return expert_stack.grouped_forward(self, st, hidden_states, top_k_index, top_k_weights)
+            gate = getattr(self._modules["0"], self.names["gate"])  # the layers' mode, as in the loop
+            quantize = gate.activation_mode == "quantize"
+            x, idx, w = hidden_states, top_k_index, top_k_weights
+            return expert_stack.grouped_forward(st, x, idx, w, self.act_fn, quantize)
         # CPU (and experts that do not qualify): one call per hit expert
         out = torch.zeros_like(hidden_states)
         hit = torch.unique(top_k_index).tolist()

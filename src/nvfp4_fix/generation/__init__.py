@@ -27,7 +27,8 @@ computed past the last stop and dropped. A streamer gets the prompt, then the ne
 
 Greedy output equals ``model.generate(do_sample=False)`` token for token where the logits have no
 near-ties (tests/test_generation*.py: float32 on the CPU for Llama, Mistral, Qwen3 and Gemma 2, sliding
-windows and left-padded batches included, and the captured graph on an H100). The first token is
+windows and left-padded batches included; batch 1 with the captured graph on an H100; padded batches and
+per-row sampling in the graph have ``gpu`` tests not yet run on a GPU). The first token is
 computed as ``model.generate`` computes it (same prefill path); later steps attend over the static
 cache with a mask, which sums in another order. Sampling draws from the same distribution as
 ``model.generate``, from another random stream.

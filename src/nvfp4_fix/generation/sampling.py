@@ -16,8 +16,8 @@ import torch
 
 __all__ = ["RowParam", "SamplingParams", "argmax_first", "make_sampler", "sampling_params", "warp_logits"]
 
-#: one value for the whole batch, or one per row
-RowParam = float | int | Sequence[float] | Sequence[int] | None
+#: one value for the whole batch, or one per row (a sequence or a 1-D tensor)
+RowParam = float | int | Sequence[float] | Sequence[int] | torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class SamplingParams:
 
 
 def _rows(name: str, value: RowParam, batch: int, default: float) -> tuple[float, ...]:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist() if value.dim() else value.item()
     if value is None:
         return (default,) * batch
     if isinstance(value, (int, float)):
@@ -134,11 +136,14 @@ def make_sampler(
     ``batch`` is their length unless given) set each row's own. Temperature 0 is greedy for that row
     (the first maximum). Sampled rows: :func:`warp_logits`, then the exponential race with
     ``generator``. The returned function has ``.greedy`` True when every row is greedy."""
+    def rows(v: RowParam) -> bool:
+        return isinstance(v, Sequence) or (isinstance(v, torch.Tensor) and v.dim() > 0)
+
     if batch is None:
-        seqs = [len(v) for v in (temperature, top_k, top_p) if isinstance(v, Sequence)]
+        seqs = [len(v) for v in (temperature, top_k, top_p) if rows(v)]  # type: ignore[arg-type]
         batch = seqs[0] if seqs else 1
     params = sampling_params(temperature, top_k, top_p, batch)
-    per_row = any(isinstance(v, Sequence) for v in (temperature, top_k, top_p))
+    per_row = any(rows(v) for v in (temperature, top_k, top_p))
     if params.greedy:
 
         def greedy(logits: torch.Tensor) -> torch.Tensor:
