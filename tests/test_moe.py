@@ -68,7 +68,7 @@ def test_route_sorts_pairs_by_expert_and_pads_each_run():
 
 
 @pytest.mark.parametrize("block_m", [1, 16, 64], ids=lambda b: "indexed" if b == 1 else f"grouped{b}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "t,topk,e,n,k,parts", [(5, 3, 4, 96, 256, 2), (1, 2, 6, 64, 160, 1), (40, 2, 3, 48, 128, 2)]
 )

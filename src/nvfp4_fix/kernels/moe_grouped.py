@@ -120,7 +120,7 @@ def _expert_mm_kernel(
 def _pair_gemv_kernel(
     x_ptr, expert_ptr, w_ptr, s_ptr, mul_ptr, y_ptr,
     x_div, N, K, E, rows_per_part, parts, stride_xm, stride_ym, stride_we, stride_se, stride_me,
-    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, WDT: tl.constexpr,
 ):  # fmt: skip
     """y[p, n-block] = x[p // x_div] @ W_{expert[p]}[n-block].T: one pair per program (CUDA cores)."""
     p = tl.program_id(0)
@@ -142,7 +142,7 @@ def _pair_gemv_kernel(
         xt = tl.load(x_ptr + xrow * stride_xm + k + rk, mask=(k + rk) < K, other=0.0).to(tl.float32)
         wb = tl.load(w_base + k // 2, mask=(k + 2 * rk2)[None, :] < K, other=0)
         sb = tl.load(s_base + k // 16, mask=(k + 16 * rkb)[None, :] < K, other=0)
-        w = _dequant_tile(wb, sb, tl.bfloat16 if ASM else tl.float32, BN, BK, ASM)
+        w = _dequant_tile(wb, sb, WDT, BN, BK, ASM)
         acc += w.to(tl.float32) * xt[None, :]
     part = tl.minimum(rn_c // rows_per_part, parts - 1)
     y = tl.sum(acc, 1)
@@ -198,13 +198,15 @@ def expert_mm(
     bk = 128 if k % 128 == 0 or k > 128 else max(32, triton.next_power_of_2(k))
     grid = (plan.block_expert.numel(), triton.cdiv(n, bn))
     f32 = x.dtype == torch.float32
+    asm = not (_INTERPRET or f32)  # packed-PTX dequantization: bf16/fp16 tiles on a GPU
+    wdt = tl.float16 if x.dtype == torch.float16 else tl.bfloat16 if asm else tl.float32  # exact tiles
     if plan.block_m == 1:
         with on_device_of(x):
             _pair_gemv_kernel[(plan.num_pairs, triton.cdiv(n, bn))](
                 x, plan.pairs, codes, scales.view(torch.uint8), mul, y,
                 x_div, n, k, e, rows_per_part, mul.shape[1], x.stride(0), y.stride(0),
                 codes.stride(0), scales.stride(0), mul.stride(0),
-                BN=bn, BK=bk, ASM=not (_INTERPRET or f32), num_warps=4,
+                BN=bn, BK=bk, ASM=asm, WDT=wdt, num_warps=4,
             )  # fmt: skip
         return y
     with on_device_of(x):
@@ -212,7 +214,7 @@ def expert_mm(
             x, plan.pairs, plan.block_expert, codes, scales.view(torch.uint8), mul, y,
             plan.num_pairs, x_div, n, k, e, rows_per_part, mul.shape[1], x.stride(0), y.stride(0),
             codes.stride(0), scales.stride(0), mul.stride(0),
-            BM=plan.block_m, BN=bn, BK=bk, ASM=not (_INTERPRET or f32), DOT_F32=_INTERPRET or f32,
+            BM=plan.block_m, BN=bn, BK=bk, ASM=asm, DOT_F32=_INTERPRET or f32,
             num_warps=4, num_stages=3,
         )  # fmt: skip
     return y
