@@ -222,3 +222,52 @@ def test_dense_on_cpu_covers_fp8_layers_and_low_memory_drops_them() -> None:
             f8[0].keep_dense_copy(torch.float32)
     finally:
         nvfp4_fix.enable_low_memory_mode(False)
+
+
+def test_fp8_moe_experts(tmp_path: Path) -> None:
+    """Experts stored as FP8 (per-channel) beside NVFP4 attention: the real MoE fixture with its experts
+    re-quantized to FP8 from their float64 decoding; each expert projection becomes an FP8Linear."""
+    import json
+    import shutil
+
+    import transformers
+    from mixed_helpers import fp8_quantize
+    from reference import dense_state_dict
+    from safetensors.torch import load_file, save_file
+
+    if transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4.57 cannot build this transformers-5 Qwen3-MoE export's expert count")
+    src = FIXTURES / "mixed" / "qwen3_moe-nvfp4a16-gateup"
+    path = tmp_path / "fp8-experts"
+    shutil.copytree(src, path, ignore=shutil.ignore_patterns("reference"))
+    dense = dense_state_dict(src)
+    tensors = load_file(str(src / "model.safetensors"))
+    experts = sorted({k.rpartition(".")[0] for k in tensors if ".experts." in k})
+    for p in experts:
+        for leaf in ("weight_packed", "weight_scale", "weight_global_scale"):
+            del tensors[f"{p}.{leaf}"]
+        tensors[f"{p}.weight"], tensors[f"{p}.weight_scale"] = fp8_quantize(dense[f"{p}.weight"], "channel")
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    qc["format"] = "mixed-precision"
+    qc["config_groups"]["group_1"] = {
+        "format": "float-quantized",
+        "targets": [r"re:.*mlp\.experts\..*"],
+        "weights": {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "channel",
+            "dynamic": False,
+        },
+        "input_activations": None,
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    info = inspect_checkpoint(path)
+    assert len(info.fp8) == len(experts) > 0 and len(info.nvfp4) == len(inspect_checkpoint(src).nvfp4) - len(
+        experts
+    )
+    model = from_pretrained(path, dtype=torch.float32)
+    _assert_kinds(model, info)
+    assert rel_err(_logits(model), _logits(reference_model(path))) < 1e-4
