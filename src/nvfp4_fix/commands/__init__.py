@@ -35,11 +35,6 @@ COMMANDS: dict[str, str] = {
 }
 
 
-#: Commands that read configs and safetensors headers only: an id is resolved without its weights
-#: where the hub can give the headers alone.
-CONFIG_ONLY = ("inspect", "model-card")
-
-
 def error(message: str) -> int:
     print(f"nvfp4-fix: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
@@ -54,7 +49,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         if getattr(args, "path", None) is not None:
             from ..hub import local_folder
 
-            args.path = str(local_folder(args.path, args.revision, weights=args.command not in CONFIG_ONLY))
+            args.path = str(local_folder(args.path, args.revision))
         return func(args)
     except NVFP4Error as e:
         return error(str(e))
