@@ -167,6 +167,22 @@ def test_fixture_grouped_experts_match_the_float64_reference(path, grouped_on_cp
 
 
 @needs_transformers5
+def test_fast_generation_of_the_moe_fixture_through_the_grouped_experts(grouped_on_cpu):
+    """The static-cache decode loop (the step a CUDA graph captures) with the experts on the grouped
+    kernels emits model.generate's greedy tokens (batch 2)."""
+    from reference import hf_greedy
+
+    from nvfp4_fix.generation import generate
+    from nvfp4_fix.loading import from_pretrained
+
+    model = from_pretrained(FIXTURES / "current" / "qwen3_moe-nvfp4a16", dtype=torch.float32)
+    ids = _ids(None, 11)
+    got = generate(model, ids, 12, use_cuda_graph=False, stop_token_ids=())
+    assert grouped_on_cpu
+    assert got.tolist() == hf_greedy(model, ids, 12).tolist()
+
+
+@needs_transformers5
 def test_w4a4_experts_quantize_each_pair_with_its_experts_scale(grouped_on_cpu, monkeypatch):
     """W4A4 with activation quantization: the grouped path equals the per-expert loop (each projection
     quantizes its input with its own scale); different gate and up scales are kept."""
