@@ -138,3 +138,31 @@ def test_convert_refuses_what_modelopt_cannot_express(tmp_path: Path) -> None:
     with pytest.raises(NVFP4Error, match="dynamic per-token FP8 activations.*no ModelOpt equivalent"):
         convert_checkpoint(CT_MIXED, tmp_path / "out", "modelopt")
     assert not (tmp_path / "out").exists()
+
+
+def test_converted_mixed_checkpoint_runs_in_compressed_tensors(tmp_path: Path) -> None:
+    """compressed-tensors (>= 0.14) reads the config convert writes: its own FP8 layers, fed the same
+    input, give our layers' outputs. It holds ModelOpt's float32 scales in bf16 (each layer's output
+    then moves by up to 2^-9), so ours are compared with the same rounding applied: 1e-3, summation
+    order aside; with the exact float32 scales they differ by that rounding alone (< 1e-2)."""
+    import compressed_tensors
+    from transformers import AutoModelForCausalLM
+
+    from nvfp4_fix.tools.rewrite import convert_checkpoint
+
+    if compressed_tensors.__version__.startswith("0.13"):
+        pytest.skip("compressed-tensors 0.13 cannot run mixed-precision checkpoints itself")
+    ct = tmp_path / "ct"
+    convert_checkpoint(MO_MIXED, ct, "compressed-tensors")
+    theirs = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.bfloat16)
+    with torch.no_grad():  # compressed-tensors decompresses its layers on the model's first forward
+        theirs(input_ids=torch.tensor([[5, 6, 7]]))
+    ours = from_pretrained(ct, dtype=torch.bfloat16)
+    x = torch.randn(1, 5, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for name in inspect_checkpoint(ct).fp8:
+        layer, expected = ours.get_submodule(name), theirs.get_submodule(name)(x)
+        with torch.no_grad():
+            assert rel_err(layer(x), expected) < 1e-2, name
+            for s in (layer.weight_scale, layer.input_scale):
+                s.data = s.data.bfloat16().float()
+            assert rel_err(layer(x), expected) < 1e-3, name
