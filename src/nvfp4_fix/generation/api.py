@@ -170,8 +170,7 @@ def generate(
                 _drop(runners.popitem(last=False)[1])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            sampler = make_sampler(params.temperature, params.top_k, params.top_p, generator=generator,
-                                   batch=batch, device=device)  # fmt: skip
+            sampler = make_sampler(*params.compact(), generator=generator, batch=batch, device=device)
             runner = Runner(model, batch, cache_len, device, sampler, stop, pad, compile_step,
                             padded=mask is not None, generator=generator)  # fmt: skip
         runners[key] = runner

@@ -33,6 +33,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return all(t == 0 for t in self.temperature)
 
+    def compact(self) -> tuple[RowParam, RowParam, RowParam]:
+        """temperature, top_k, top_p: one number where every row has the same (the scalar sampler),
+        else the per-row tuple."""
+        return tuple(v[0] if len(set(v)) == 1 else v for v in (self.temperature, self.top_k, self.top_p))  # type: ignore[return-value]
+
     def key(self) -> tuple[object, ...]:
         if self.greedy:
             return ("greedy",)
