@@ -7,7 +7,8 @@ both test environments), and the perplexity on a held-out split of those docstri
 and after. The split is deterministic: sha1(docstring) mod 5 == 0 is held out.
 
     python scripts/train_lora_demo.py                 # a few minutes on 2 cores
-    python scripts/train_lora_demo.py --steps 40      # what tests/test_lora.py runs
+    python scripts/train_lora_demo.py --steps 16 --batch 6 --lr 5e-3 --eval-windows 24   # the test
+    python scripts/train_lora_demo.py --steps 30 --batch 6 --lr 5e-3 --eval-windows 24 --merge
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import importlib.util
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,6 +92,7 @@ def run(
     eval_windows: int = 64,
     seed: int = 0,
     log: bool = True,
+    merge: bool = False,
 ) -> dict[str, float]:
     import peft
     from transformers import AutoTokenizer
@@ -122,7 +125,15 @@ def run(
             print(f"step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - t0:6.1f} s", flush=True)
     seconds = time.perf_counter() - t0
     after = perplexity(model, held, seq, eval_windows)
+    merged = None
+    if merge:  # re-quantize W + BA to NVFP4 (lossy) and score the merged packed model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.merge_adapter()
+        merged = perplexity(model, held, seq, eval_windows)
+        model.unmerge_adapter()
     return {
+        "ppl_merged": merged,
         "train_docs": len(train_docs),
         "held_docs": len(held_docs),
         "train_tokens": len(train),
@@ -143,8 +154,20 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument(
+        "--merge", action="store_true", help="also score the adapter merged (re-quantized to NVFP4)"
+    )
     args = ap.parse_args()
-    r = run(args.steps, args.package, args.seq, args.batch, args.lr, args.rank, args.eval_windows)
+    r = run(
+        args.steps,
+        args.package,
+        args.seq,
+        args.batch,
+        args.lr,
+        args.rank,
+        args.eval_windows,
+        merge=args.merge,
+    )
     print(f"{args.package} docstrings: {r['train_docs']} train ({r['train_tokens']} tokens), ", end="")
     print(f"{r['held_docs']} held out ({r['held_tokens_scored']} tokens scored)")
     shape = f"{args.batch}x{args.seq}"
@@ -152,6 +175,8 @@ def main() -> None:
     print(f"LoRA r={args.rank} on the packed NVFP4 base: {steps}")
     ratio = r["ppl_after"] / r["ppl_before"]
     print(f"held-out perplexity {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} ({ratio:.3f}x)")
+    if r["ppl_merged"] is not None:
+        print(f"merged into the packed base (re-quantized to NVFP4): {r['ppl_merged']:.2f}")
 
 
 if __name__ == "__main__":
