@@ -88,8 +88,13 @@ def _packed_tensors(base: NVFP4Linear) -> list[torch.Tensor | None]:
 def _refresh(base: NVFP4Linear) -> None:
     """Drop what was derived from the old tensors: the cached multipliers, a dense copy."""
     base._mul, base._mul_key = None, None
-    if base._fused is not None:
-        base._fused._mul_key = None
+    fused = base._fused
+    if fused is not None:  # codes and scales are views of its buffers; its bias is a copy
+        fused._mul_key = None
+        if fused.bias is not None and base.bias is not None:
+            lo, hi = fused.offsets[base._fused_index], fused.offsets[base._fused_index + 1]
+            with torch.no_grad():
+                fused.bias[lo:hi].copy_(base.bias.detach().to(fused.bias.dtype))
     if base.dense_weight is not None:
         base.keep_dense_copy(base.dense_weight.dtype)
 
