@@ -84,14 +84,18 @@ def test_dequantize_matches_float64_reference(spec: FP8Spec, scale_dtype: torch.
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.weights)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk", [None, 13 * K], ids=["whole", "chunked"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
 def test_forward_weight_only_matches_float64(
-    spec: FP8Spec, dtype: torch.dtype, chunk: int | None, monkeypatch: pytest.MonkeyPatch
+    spec: FP8Spec, dtype: torch.dtype, chunk: int | None, compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from nvfp4_fix import settings
+
     if chunk is not None:  # 13-row chunks: boundaries inside the 32-row blocks
         monkeypatch.setattr(fp8, "CHUNK_ELEMENTS", chunk)
     layer = _layer(spec, torch.float32, bias=True).to(dtype)
     x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(1)).to(dtype)
-    y = layer(x)
+    with settings.override(cpu_compile=compiled):
+        y = layer(x)
     assert y.dtype == dtype and y.shape == (3, 5, N)
     ref = x.double().numpy() @ _reference_weight(layer).T + layer.bias.double().numpy()
     err = np.linalg.norm(y.double().numpy() - ref) / np.linalg.norm(ref)
@@ -183,3 +187,34 @@ def test_formats_survive_model_casts_and_state_dict() -> None:
 def test_static_without_input_scale_is_refused() -> None:
     with pytest.raises(ValueError, match="input_scale"):
         FP8Linear(K, N, FP8Spec("tensor", "static"))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.weights)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_token_on_cpu_runs_the_compiled_gemv(spec: FP8Spec, dtype: torch.dtype, monkeypatch) -> None:  # noqa: ANN001
+    """M = 1 on the CPU: the torch.compile'd GEMV (codes decoded in its loop, float32 sums), against the
+    float64 reference; the chunked path gives the same within the dtype's rounding."""
+    from nvfp4_fix import settings
+
+    calls = []
+    real = fp8._compiled_gemv
+
+    def counted():  # noqa: ANN202
+        fn = real()
+        return lambda *a: (calls.append(1), fn(*a))[1]
+
+    monkeypatch.setattr(fp8, "_compiled_gemv", counted)
+    layer = _layer(spec, torch.float32, bias=True).to(dtype)
+    x = torch.randn(1, 1, K, generator=torch.Generator().manual_seed(4)).to(dtype)
+    ref = x.double().numpy() @ _reference_weight(layer).T + layer.bias.double().numpy()
+    with settings.override(cpu_compile=True):
+        y = layer(x)
+    assert calls and y.shape == (1, 1, N) and y.dtype == dtype
+    err = np.linalg.norm(y.double().numpy() - ref) / np.linalg.norm(ref)
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-6), err
+    with settings.override(cpu_compile=False):
+        chunked = layer(x)
+    assert len(calls) == 1
+    assert float((chunked.double() - y.double()).norm() / y.double().norm()) < (
+        1e-2 if dtype == torch.bfloat16 else 1e-5
+    )

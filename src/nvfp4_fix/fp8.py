@@ -12,16 +12,22 @@ exactly what was read:
 ==================  ==============================================================================
 
 W = float(weight) * weight_scale (broadcast per tensor, row or block). Compute is W8A16: the weight is
-dequantized a chunk of rows at a time into the activation dtype and multiplied there. Where the
+dequantized a chunk of rows at a time into the activation dtype and multiplied there. On the CPU the
+chunk's dequantization is torch.compile'd into one pass, and one token (M = 1) runs a compiled GEMV
+that decodes the e4m3 codes inside its loop in float32 (``NVFP4_FIX_CPU_COMPILE=0``: eager ops, same
+math). Where the
 checkpoint quantizes activations to FP8, ``activation_mode="quantize"`` (the default) reproduces it
 as compressed-tensors' forward does (same dtypes, same order of operations); ``"bf16"`` skips it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from . import settings
 from .classify import QuantizedModule
 from .codec import FP8_MAX
 from .schemes import FP8Spec
@@ -57,6 +63,31 @@ def dequantize_fp8(
     n, k = weight.shape
     r0, r1 = rows or (0, n)
     return (weight[r0:r1].to(torch.float32) * fp8_scale_rows(spec, scale, r0, r1, k)).to(dtype)
+
+
+def _gemv_f32(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """float32 [1, N] = x [1, K] @ (e4m3 W * scale[rows, cols]).T, for torch.compile to fuse the decode
+    into the reduction (no dense W is written)."""
+    return (x.to(torch.float32) * (weight.to(torch.float32) * scale[rows][:, cols])).sum(-1).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_gemv():  # noqa: ANN202
+    return torch.compile(_gemv_f32, dynamic=True)
+
+
+def _rows_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """x @ W[rows].T with those rows dequantized (float32 product, rounded to x's dtype) on the way."""
+    return nn.functional.linear(x, (weight.to(torch.float32) * scale[rows][:, cols]).to(x.dtype))
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_rows_linear():  # noqa: ANN202
+    return torch.compile(_rows_linear, dynamic=True)
 
 
 def fake_quantize_fp8(x: torch.Tensor, spec: FP8Spec, input_scale: torch.Tensor | None) -> torch.Tensor:
@@ -161,6 +192,37 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.weight_scale, self.spec, dtype)
 
+    def _scale_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale as [R, C] float32, row block of each row, column block of each column), cached."""
+        s = self.weight_scale
+        key = (s.device, s.data_ptr(), s._version)
+        cached = self.__dict__.get("_index")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        n, k, dev = self.out_features, self.in_features, s.device
+        bn, bk = self.spec.block or (1, k)
+        if self.spec.weights == "tensor":
+            bn, bk = n, k
+        elif self.spec.weights == "channel":
+            bn, bk = 1, k
+        scale = s.detach().to(torch.float32).reshape(-(-n // bn), -(-k // bk))
+        index = (scale, torch.arange(n, device=dev) // bn, torch.arange(k, device=dev) // bk)
+        self.__dict__["_index"] = (key, index)
+        return index
+
+    def _cpu_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One token on the CPU through the compiled GEMV, or None where it does not apply or fails."""
+        if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and settings.current().cpu_compile):
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        try:
+            y = _compiled_gemv()(x.reshape(1, -1), self.weight, *self._scale_index())
+        except Exception:  # no C++ compiler, unsupported platform: the chunked path is exact too
+            return None
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     def keep_dense_copy(self, dtype: torch.dtype | None) -> None:
         """Dequantize once and compute with the dense copy (fast on CPU, at dense memory), or drop it
         (``None``). The FP8 tensors stay, so ``state_dict()`` is unchanged either way."""
@@ -179,17 +241,35 @@ class FP8Linear(nn.Module):
         x = self.prepare_input(x)
         if self.dense_weight is not None:
             return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
+        y = self._cpu_gemv(x)
+        if y is not None:
+            return y
         n, k = self.out_features, self.in_features
         step = max(1, CHUNK_ELEMENTS // max(k, 1))
-        if step >= n:
+        compiled = (
+            x.device.type == "cpu" and settings.current().cpu_compile and not torch.compiler.is_compiling()
+        )
+        if step >= n and not compiled:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
         out = x.new_empty((*x.shape[:-1], n))
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            w = dequantize_fp8(self.weight, self.weight_scale, self.spec, x.dtype, (r0, r1))
-            b = None if self.bias is None else self.bias[r0:r1]
-            out[..., r0:r1] = nn.functional.linear(x, w, b)
+            y = self._cpu_rows(x, r0, r1) if compiled else None
+            if y is None:
+                compiled = False
+                y = nn.functional.linear(
+                    x, dequantize_fp8(self.weight, self.weight_scale, self.spec, x.dtype, (r0, r1))
+                )
+            out[..., r0:r1] = y if self.bias is None else y + self.bias[r0:r1].to(x.dtype)
         return out
+
+    def _cpu_rows(self, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor | None:
+        """Rows [r0, r1) of the output through the compiled dequantize-and-multiply, or None if it fails."""
+        scale, rows, cols = self._scale_index()
+        try:
+            return _compiled_rows_linear()(x, self.weight[r0:r1], scale, rows[r0:r1], cols)
+        except Exception:  # no C++ compiler, unsupported platform: the eager chunk is exact too
+            return None
 
     def extra_repr(self) -> str:
         mode = f", activations={self.activation_mode}" if self.spec.activations != "none" else ""
