@@ -111,7 +111,7 @@ def test_gpu_grad_input_at_8b_shapes(n: int, k: int) -> None:
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_gpu_lora_gradients_match_dense_reference(dtype: torch.dtype, tol: float) -> None:
     """On CUDA (bf16: q/k/v and gate/up fused, one launch each, forward and backward)."""
-    import test_lora as tl
+    import lora_helpers as tl
 
     import nvfp4_fix
 

@@ -1,9 +1,9 @@
 """LoRA on a packed NVFP4 base (issue 17), on the CPU with real peft and the shipped checkpoints.
 
-Reference for every gradient: the same model with each NVFP4Linear replaced by a float32 nn.Linear
-holding the float64 dequantization of its packed weight (AWQ pre-scale and W4A4 activation
-fake-quantization applied by a pre-hook, the latter with a straight-through gradient), the same LoRA
-adapters (same values) and the same batch. Tolerances are relative L2 errors of whole gradients:
+Reference for every gradient (tests/lora_helpers.py): the same model with each NVFP4Linear replaced by
+a float32 nn.Linear holding the float64 dequantization of its packed weight (AWQ pre-scale and W4A4
+activation fake-quantization applied by a pre-hook, the latter with a straight-through gradient), the
+same LoRA adapters (same values) and the same batch. Tolerances are relative L2 errors of whole gradients:
 the two models do the same float32 math in another order (1e-6 is typical).
 """
 
@@ -15,19 +15,25 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from torch import nn
 
 peft = pytest.importorskip("peft")
 
-import nvfp4_fix  # noqa: E402
+from lora_helpers import (  # noqa: E402
+    adapted_pair,
+    batch,
+    load,
+    lora_config,
+    randomize_adapters,
+    rel,
+    step_grads,
+)
+
 from nvfp4_fix import lora  # noqa: E402
-from nvfp4_fix.codec import dequantize  # noqa: E402
 from nvfp4_fix.layer import NVFP4Linear, fake_quantize_activations  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 DEMO = FIXTURES / "demo" / "ct-nvfp4a16"
-KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {
     "ct-nvfp4a16": (FIXTURES / "demo" / "ct-nvfp4a16", 1e-5),
     "ct-nvfp4 (W4A4)": (FIXTURES / "demo" / "ct-nvfp4", 1e-4),  # measured 2.5e-6; rounding ties may flip
@@ -35,78 +41,6 @@ CASES = {
     "qwen3_moe-nvfp4a16": (FIXTURES / "current" / "qwen3_moe-nvfp4a16", 1e-5),
     "qwen3_moe-nvfp4 (W4A4)": (FIXTURES / "current" / "qwen3_moe-nvfp4", 1e-4),
 }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def load(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return nvfp4_fix.from_pretrained(path, dtype=dtype)
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """Replace every NVFP4Linear by a float32 nn.Linear with its float64-dequantized weight."""
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, NVFP4Linear):
-            continue
-        dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-        w64 = dequantize(mod.weight_packed, mod.weight_scale, mod.weight_mul, "multiplier", torch.float64)
-        dense.weight = nn.Parameter(w64.to(torch.float32), requires_grad=False)
-        if mod.bias is not None:
-            dense.bias = nn.Parameter(mod.bias.detach().float(), requires_grad=False)
-        pqs = None if mod.pre_quant_scale is None else mod.pre_quant_scale.detach().float()
-        div = mod.input_divisor if mod.activation_mode == "quantize" else None
-
-        def pre(_m: nn.Module, args: tuple, pqs=pqs, div=div) -> tuple:  # noqa: ANN001
-            x = args[0]
-            if pqs is not None:
-                x = x * pqs
-            if div is not None:  # straight-through: forward fake-quantized, gradient unchanged
-                x = x + (fake_quantize_activations(x.detach(), div) - x).detach()
-            return (x, *args[1:])
-
-        dense.register_forward_pre_hook(pre)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, dense)
-    return model
-
-
-def lora_config(**kw) -> peft.LoraConfig:  # noqa: ANN003
-    return peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": KINDS, **kw})
-
-
-def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.05) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    values = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            p.data = torch.randn(p.shape, generator=g) * std
-            values[n] = p.data.clone()
-    return values
-
-
-def adapted_pair(path: Path) -> tuple[nn.Module, nn.Module]:
-    packed = peft.get_peft_model(load(path), lora_config())
-    dense = peft.get_peft_model(densify(load(path)), lora_config())
-    values = randomize_adapters(packed)
-    missing = dense.load_state_dict(values, strict=False).unexpected_keys
-    assert not missing and values, "the two models must carry the same adapters"
-    return packed, dense
-
-
-def step_grads(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
-    model(inputs_embeds=emb, labels=ids).loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    grads["inputs_embeds"] = emb.grad.clone()
-    return grads
-
-
-def batch(model: nn.Module, seed: int = 1, shape: tuple[int, int] = (2, 24)) -> torch.Tensor:
-    vocab = model.get_input_embeddings().num_embeddings
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("case", list(CASES))
