@@ -21,8 +21,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def packed(n: int, k: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
-    wp, ws, g = quantize(w, "multiplier")
-    return wp.to(device), ws.to(device), g.to(device).reshape(())
+    wp, ws, g = quantize(w.to(device), "multiplier")
+    return wp, ws, g.reshape(())
 
 
 def reference(g: torch.Tensor, wp, ws, mul) -> torch.Tensor:  # noqa: ANN001
