@@ -6,7 +6,7 @@ docstrings of an installed third-party package it never saw (peft by default: th
 both test environments), and the perplexity on a held-out split of those docstrings is measured before
 and after. The split is deterministic: sha1(docstring) mod 5 == 0 is held out.
 
-    python scripts/train_lora_demo.py                 # a few minutes on 2 cores
+    python scripts/train_lora_demo.py                 # 200 steps: 138.69 -> 34.17
     python scripts/train_lora_demo.py --steps 16 --batch 6 --lr 5e-3 --eval-windows 24   # the test
     python scripts/train_lora_demo.py --steps 30 --batch 6 --lr 5e-3 --eval-windows 24 --merge
 """
@@ -83,7 +83,7 @@ def perplexity(model, stream: torch.Tensor, seq: int, max_windows: int) -> float
 
 
 def run(
-    steps: int = 300,
+    steps: int = 200,
     package: str = "peft",
     seq: int = 128,
     batch: int = 8,
@@ -147,7 +147,7 @@ def run(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--package", default="peft", help="installed package whose docstrings are the new data")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
