@@ -187,10 +187,14 @@ class NVFP4Quantizer(HfQuantizer):
         if self.options.dense_on_cpu and layer.LOW_MEMORY:
             raise RuntimeError("low-memory mode is on: layers keep no dequantized copy (dense_on_cpu)")
 
-    def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+    def update_dtype(self, dtype: torch.dtype | str | None) -> torch.dtype | str:
+        if dtype == "auto":  # transformers 4.57 asks before resolving "auto" from config.json
+            return dtype
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if dtype is None:
             dtype = torch.bfloat16
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if dtype not in _MODEL_DTYPES:
             raise ValueError(f"dtype must be bfloat16, float16 or float32 for NVFP4 models, got {dtype}")
         self.dtype = dtype
         return dtype
@@ -214,6 +218,9 @@ class NVFP4Quantizer(HfQuantizer):
                 f"{info.path}: config.json says {self.quantization_config.quant_method}, but "
                 "no NVFP4 layer was found"
             )
+        model_dtype = getattr(model, "dtype", None)  # the meta model is built in the resolved dtype
+        if model_dtype in _MODEL_DTYPES:
+            self.dtype = model_dtype
         self.prefix_map = swap_quantized_modules(model, info, self.dtype)
         f4.ignore_unexpected(model, info, self.prefix_map)
         self.info = info
@@ -239,6 +246,8 @@ class NVFP4Quantizer(HfQuantizer):
                 m.keep_dense_copy(self.dtype)
         fuse_siblings(model)  # q/k/v and gate/up share one decode launch on CUDA
         model.nvfp4_checkpoint = self.info
+        if self.info.format == COMPRESSED_TENSORS:  # saved as read, not as transformers re-serialises it
+            model.config.quantization_config = NVFP4CompressedTensorsConfig.from_dict(self.info.quant_config)
         wrap_save(model, self.info)
         packed = sum(1 for m in model.modules() if isinstance(m, layer.NVFP4Linear))
         logger.info("nvfp4-fix: %s loaded with %d NVFP4 layers packed", self.info.path, packed)
@@ -298,6 +307,8 @@ _SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "F8_E4M3": torch.float8_e4m3fn,
 }
+
+_MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 #: Dtypes in which transformers hands a packed layer's tensors over unchanged.
 _EXACT = (torch.float32, torch.float8_e4m3fn, torch.uint8)
