@@ -359,3 +359,35 @@ def test_merge_requantizes_to_nvfp4_and_unmerge_restores_the_bytes(
     plain.save_pretrained(tmp_path)  # an NVFP4 checkpoint again, in the base's own layout
     with torch.no_grad():
         assert torch.equal(load(tmp_path)(input_ids=ids).logits, merged)
+
+
+def test_compute_dtype_follows_the_model() -> None:
+    model = load(DEMO, torch.bfloat16)
+    layer = next(m for m in model.modules() if isinstance(m, NVFP4Linear))
+    assert layer.compute_dtype == torch.bfloat16
+    layer.float()  # (transformers refuses .float() on a quantized model; a module can still be cast)
+    assert layer.compute_dtype == torch.float32 and layer.weight_packed.dtype == torch.uint8
+    layer.to(torch.float16)
+    assert layer.compute_dtype == torch.float16
+    layer.to("cpu")
+    assert layer.compute_dtype == torch.float16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_kbit_recipe_keeps_half_precision_gemms() -> None:
+    """prepare_model_for_kbit_training upcasts norms and embeddings, so float32 activations reach the
+    packed layers: they compute in the model's bf16 (as bitsandbytes' compute_dtype) and return float32."""
+    import nvfp4_fix
+
+    model = peft.prepare_model_for_kbit_training(nvfp4_fix.from_pretrained(DEMO, device_map="cuda"))
+    pm = peft.get_peft_model(model, lora_config())
+    layer = pm.base_model.model.model.layers[0].mlp.down_proj.base_layer
+    x = torch.randn(64, layer.in_features, device="cuda")
+    y = layer(x)
+    assert y.dtype == torch.float32 and torch.equal(y, layer(x.bfloat16()).float())
+    ids = batch(pm).cuda()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in pm.parameters() if p.requires_grad
+    )

@@ -16,6 +16,8 @@ AWQ                   -                            ``pre_quant_scale`` [K]
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -93,6 +95,9 @@ class NVFP4Linear(nn.Module):
             raise ValueError(f"layout must be {COMPRESSED_TENSORS!r} or {MODELOPT!r}, got {layout!r}")
         self.in_features, self.out_features, self.layout = in_features, out_features, layout
         self.activation_mode = "quantize"
+        # The model's dtype: float32 activations on CUDA (peft's prepare_model_for_kbit_training upcasts
+        # the norms and embeddings) are computed in it, as bitsandbytes does with its compute_dtype.
+        self.compute_dtype = dtype
         self.dense_weight: torch.Tensor | None = None  # only when dequantized once on purpose
         self._mul: torch.Tensor | None = None
         self._mul_key: tuple[object, ...] | None = None
@@ -124,6 +129,8 @@ class NVFP4Linear(nn.Module):
             if p is not None and n not in ("bias", "pre_quant_scale")
         }
         super()._apply(fn, recurse)
+        with contextlib.suppress(Exception):  # follows .float() / .to(dtype); a device move keeps it
+            self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         for name, old in fixed.items():
             p = self._parameters[name]
             if p.dtype != old.dtype:
@@ -193,6 +200,9 @@ class NVFP4Linear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == torch.float32 and self.compute_dtype != torch.float32:
+            # float32 GEMMs run an order of magnitude slower than half-precision ones on a GPU
+            return self._alone(x.to(self.compute_dtype)).to(x.dtype)
         if self._fused is not None:
             if torch.compiler.is_compiling():
                 y = self._fused.traced_output(self, x)
@@ -200,6 +210,9 @@ class NVFP4Linear(nn.Module):
                 y = self._fused.output(self, x)
             if y is not None:
                 return y
+        return self._alone(x)
+
+    def _alone(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prepare_input(x)
         if self.dense_weight is not None:
             return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
