@@ -218,7 +218,7 @@ def nvfp4_linear(
     x2 = x.reshape(-1, k)
     if weight_mul.device != x.device:
         weight_mul = weight_mul.to(x.device)  # eager convenience; register it as a device buffer instead
-    # Training: the custom op carries the backward (backward.py); the Blackwell FP4 path has none.
+    # Training: backward.py (PackedLinear eagerly, the op's autograd when compiled); Blackwell FP4 has none.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad and kernel == "blackwell_fp4":
         raise RuntimeError("kernel 'blackwell_fp4' has no backward; use 'auto' to train through the layer")
