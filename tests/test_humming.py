@@ -48,22 +48,33 @@ def rel_err(y, ref):
 
 # ------------------------------------------------------------------------------------- the table
 def test_table_rows():
-    assert T.backend_for((9, 0), 1, 4096, 4096) == "nvfp4"
-    assert T.backend_for((9, 0), 8, 28672, 4096) == "nvfp4"
+    """The H100 rows of benchmarks/RESULTS-kernels-humming.md: ours for decode on all but the largest
+    layers, Humming from M = 16 (experts only to 128), ours again for large M."""
+    assert T.shape_class(2048, 768) == "tiny" and T.shape_class(6144, 4096) == "small"
+    assert T.shape_class(4096, 14336) == "medium" and T.shape_class(28672, 4096) == "large"
+    h100 = (9, 0)
+    assert T.backend_for(h100, 1, 6144, 4096) == "nvfp4"
+    assert T.backend_for(h100, 1, 28672, 4096) == "humming"
+    assert T.backend_for(h100, 8, 4096, 14336) == "nvfp4"
+    assert T.backend_for(h100, 9, 4096, 14336) == "humming"
+    assert T.backend_for(h100, 16, 1536, 2048) == "humming"
+    assert T.backend_for(h100, 256, 1536, 2048) == "nvfp4"
+    assert T.backend_for(h100, 512, 4096, 4096) == "humming"
+    assert T.backend_for(h100, 1024, 4096, 4096) == "nvfp4"
+    assert T.backend_for(h100, 2048, 57344, 8192) == "humming"
+    assert T.backend_for(h100, 4096, 57344, 8192) == "nvfp4"
     for cc in ((7, 5), (8, 0), (8, 9), (10, 0), (12, 0)):  # unmeasured cards: our kernels
         assert T.backend_for(cc, 128, 4096, 4096) == "nvfp4", cc
-    assert T.shape_class(4096, 4096) == "small" and T.shape_class(28672, 4096) == "large"
     for row in T.TABLE:
         assert row.m_min <= row.m_max and row.cc_min <= row.cc_max and row.backend in ("nvfp4", "humming")
-    # each Humming row of the H100 shows in the log line
-    assert len(T.humming_ranges((9, 0))) == sum(r.backend == "humming" for r in T.TABLE)
+    assert len(T.humming_ranges(h100)) == sum(r.backend == "humming" for r in T.TABLE)
 
 
 def test_table_has_no_holes_on_the_h100():
-    """Every M from 1 to 8192 and both shape classes hit an explicit row on sm_90."""
-    for cls_n in (4096, 28672):
+    """Every M from 1 to 8192 and every shape class hit an explicit row on sm_90."""
+    for n, k in ((2048, 768), (4096, 4096), (4096, 14336), (28672, 4096)):
+        cls = T.shape_class(n, k)
         for m in range(1, 8193):
-            cls = T.shape_class(cls_n, 4096)
             assert any(
                 r.cc_min <= (9, 0) <= r.cc_max and r.m_min <= m <= r.m_max and r.shape in (None, cls)
                 for r in T.TABLE

@@ -134,7 +134,8 @@ def build(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor, dtype: torch.dt
             shape_k=k,
             weight_config=weight_config(),
             pad_n_to_multiple=64,
-            pad_k_to_multiple=32,
+            # K padded to a whole 128: with K = 2064 padded to 2080 Humming's build asserted on an H100
+            pad_k_to_multiple=128,
             torch_dtype=dtype,
         )
         layer.load_from_tensors(

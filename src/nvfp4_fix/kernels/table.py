@@ -1,14 +1,12 @@
 """Which backend runs an NVFP4 GEMM on CUDA: this package's kernels or Humming, by measurement.
 
 One table, rows read top to bottom, the first match wins: (compute capability range, M range, shape
-class) -> backend. Shape classes split the layers by weight elements N*K. The sm_90 rows come from the
-side-by-side H100 measurement in ../shared/docs/nvfp4-facts.md ("Peers measured side by side": cold L2,
-CUDA-graph replay, M = 1, 16, 128, 2048 on the Llama-3 8B/70B shapes): this package's kernels were faster
-at M = 1 on most shapes (0.95-1.43x Humming's speed), Humming at M = 16 and 128 (ours 0.47-0.84x) and
-mostly at 2048 (0.85-1.09x). M = 2..8, where our cuda_mma kernel runs, was not measured against Humming;
-benchmarks/bench_humming.py measures every M from 1 to 4096 and is how these rows are to be refined.
-Cards without measurements (sm_75 to sm_89, sm_100+) get no Humming rows: our kernels there (Triton
-before sm_80, cuda_mma/Triton/dequantize+cuBLAS from sm_80) are the measured-correct default.
+class) -> backend. Shape classes split the layers by weight elements N*K. The sm_90 rows are the
+faster backend per (M, class) in benchmarks/RESULTS-kernels-humming.md (one H100 run: cold L2,
+CUDA-graph replay, M = 1..4096, Llama-3 8B/70B and Qwen3-30B-A3B expert shapes); between measured M
+the boundary sits at the last M measured faster. Cards without measurements (sm_75 to sm_89, sm_100+)
+get no Humming rows: our kernels there (Triton before sm_80, cuda_mma/Triton/dequantize+cuBLAS from
+sm_80) are the tested default.
 """
 
 from __future__ import annotations
@@ -17,11 +15,15 @@ import dataclasses
 from typing import Literal
 
 Backend = Literal["nvfp4", "humming"]
-ShapeClass = Literal["small", "large"]
+ShapeClass = Literal["tiny", "small", "medium", "large"]
 
-#: N*K at or above which a layer is "large" (8B down/gate_up, 70B layers, lm_heads); 8B q/k/v and o,
-#: and MoE experts are "small".
-LARGE_ELEMENTS = 48 * 1024 * 1024
+#: upper bounds (exclusive) of N*K for the classes: MoE experts (Qwen3-30B-A3B 1536x2048, 2048x768) are
+#: tiny; 8B q/k/v and o small; 8B down and 70B o medium; 70B q/k/v, gate_up, down and lm_heads large.
+CLASS_BOUNDS: tuple[tuple[ShapeClass, int], ...] = (
+    ("tiny", 4 << 20),
+    ("small", 48 << 20),
+    ("medium", 72 << 20),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +37,22 @@ class Row:
 
 
 INF = 1 << 62
+H100 = ((9, 0), (9, 0))
 
 TABLE: tuple[Row, ...] = (
-    Row((9, 0), (9, 0), 1, 8, None, "nvfp4"),
-    Row((9, 0), (9, 0), 9, INF, None, "humming"),
+    Row(*H100, 16, 128, "tiny", "humming"),
+    Row(*H100, 9, 512, "small", "humming"),
+    Row(*H100, 9, 2048, "medium", "humming"),
+    Row(*H100, 1, 2048, "large", "humming"),
+    Row(*H100, 1, INF, None, "nvfp4"),
 )
 
 
 def shape_class(n: int, k: int) -> ShapeClass:
-    return "large" if n * k >= LARGE_ELEMENTS else "small"
+    for name, bound in CLASS_BOUNDS:
+        if n * k < bound:
+            return name
+    return "large"
 
 
 def backend_for(cc: tuple[int, int], m: int, n: int, k: int) -> Backend:
