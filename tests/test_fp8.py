@@ -8,8 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
-from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 from reference import e4m3_to_float
 
 from nvfp4_fix import fp8
@@ -103,7 +101,9 @@ def test_forward_weight_only_matches_float64(
     assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
 
 
-def _ct_args(spec: FP8Spec) -> QuantizationArgs:
+def _ct_args(spec: FP8Spec):  # noqa: ANN202 - a compressed_tensors QuantizationArgs
+    from compressed_tensors.quantization import QuantizationArgs
+
     strategy = {
         "static": "tensor",
         "dynamic-tensor": "tensor",
@@ -133,6 +133,10 @@ def _ct_args(spec: FP8Spec) -> QuantizationArgs:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_activation_quantization_equals_compressed_tensors(spec: FP8Spec, dtype: torch.dtype) -> None:
     """Bit for bit what compressed-tensors' own forward does to a [batch, seq, K] input."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
     x = torch.randn(2, 7, K, generator=torch.Generator().manual_seed(2)).to(dtype) * 3
     x[0, 3] = 0  # an all-zero token: the eps scale
     module = torch.nn.Linear(K, N)
