@@ -95,6 +95,33 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model.gradient_checkpointing_disable()
 
 
+def test_reentrant_checkpointing_trains_without_enable_input_require_grads() -> None:
+    """transformers 4.57's default checkpointing is reentrant: the packed base is frozen, so without the
+    quantizer's training hook on the input embeddings the adapters would get no gradient at all."""
+
+    def lora_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    reference = peft.get_peft_model(load(FIXTURES / "demo" / "ct-nvfp4a16"), lora_config())
+    randomize_adapters(reference)
+    reference.train()
+    ids = batch(reference)
+    plain = lora_grads(reference, ids)
+    base = load(FIXTURES / "demo" / "ct-nvfp4a16")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = peft.get_peft_model(base, lora_config())  # the QLoRA recipe's order: checkpointing first
+    model.load_state_dict(reference.state_dict())
+    model.train()
+    ckpt = lora_grads(model, ids)
+    assert set(ckpt) == set(plain) and all(g is not None for g in ckpt.values())
+    assert max(rel(ckpt[n], plain[n]) for n in plain) < 1e-6
+    model.eval()
+    with torch.no_grad():
+        assert not model(input_ids=ids).logits.requires_grad  # inference untouched
+
+
 def test_bf16_autocast_gradients_close_to_float32() -> None:
     packed, dense = adapted_pair(DEMO)
     ids = batch(packed)

@@ -245,6 +245,7 @@ class NVFP4Quantizer(HfQuantizer):
             ):
                 m.keep_dense_copy(self.dtype)
         fuse_siblings(model)  # q/k/v and gate/up share one decode launch on CUDA
+        _train_inputs_require_grad(model)
         model.nvfp4_checkpoint = self.info
         if self.info.format == COMPRESSED_TENSORS:  # saved as read, not as transformers re-serialises it
             model.config.quantization_config = NVFP4CompressedTensorsConfig.from_dict(self.info.quant_config)
@@ -267,6 +268,24 @@ class NVFP4Quantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _inputs_require_grad(module: nn.Module, args: Any, output: Any) -> None:
+    if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+        output.requires_grad_(True)
+
+
+def _train_inputs_require_grad(model: nn.Module) -> None:
+    """The base is frozen, so in training nothing before the first adapter needs a gradient, and
+    reentrant gradient checkpointing (4.57's default) then drops the adapters' gradients. peft and
+    ``prepare_model_for_kbit_training`` do this for the quantizers they know (bitsandbytes, GPTQ, ...);
+    for this one, as transformers' ``enable_input_require_grads`` does, in training mode only."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if isinstance(emb, nn.Module):
+        emb.register_forward_hook(_inputs_require_grad)
 
 
 def _restore_exact_scales(model: nn.Module, info: CheckpointInfo, prefix_map: dict[str, str]) -> None:
