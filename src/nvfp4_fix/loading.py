@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import quantizer
+from . import quantizer, registry
 from .checkpoint import require_nvfp4
 from .errors import CheckpointError
+from .quant_configs import is_nvfp4_config, method_of
 from .quantizer import LoadOptions
 
 #: from_pretrained keyword arguments that select the files, passed to AutoConfig as well.
@@ -25,12 +26,12 @@ _FILE_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only
 @contextlib.contextmanager
 def quantizers_registered() -> Iterator[None]:
     """The NVFP4 quantizers are in transformers' registry inside this block (and stay if they were)."""
-    added = quantizer.register()
+    added = registry.register()
     try:
         yield
     finally:
         if added:
-            quantizer.unregister()
+            registry.unregister()
 
 
 def class_of(config: Any) -> Any:
@@ -77,9 +78,9 @@ def from_pretrained(
         require_nvfp4(local)
     with quantizers_registered(), quantizer.load_options(options):
         config = _config(path_or_id, kwargs)
-        if not quantizer.is_nvfp4_config(getattr(config, "quantization_config", None)):
+        if not is_nvfp4_config(getattr(config, "quantization_config", None)):
             qc = getattr(config, "quantization_config", None)
-            what = f"quantization {quantizer.method_of(qc)!r}" if qc else "no quantization_config"
+            what = f"quantization {method_of(qc)!r}" if qc else "no quantization_config"
             raise CheckpointError(
                 f"{path_or_id}: not an NVFP4 checkpoint ({what}); expected compressed-tensors "
                 "'nvfp4-pack-quantized' or ModelOpt quant_algo NVFP4 (plain transformers loads it as is)"

@@ -11,12 +11,12 @@ _STATE: dict[str, Any] = {"active": False, "packed_layers": False, "routing": "n
 
 def apply_patch(packed_layers: bool = True) -> dict[str, Any]:
     """Fix compressed-tensors bugs (now, or when it is imported) and, with ``packed_layers``, register
-    the NVFP4 quantizers in transformers (:mod:`nvfp4_fix.quantizer`), so every ``from_pretrained``
+    the NVFP4 quantizers in transformers (:mod:`nvfp4_fix.registry`), so every ``from_pretrained``
     (ids, pipelines, servers) keeps NVFP4 layers packed. Idempotent; returns ``patch_status()``."""
     _ct.apply()
     _STATE.update(active=True, packed_layers=packed_layers)
     if packed_layers:
-        from .quantizer import register
+        from .registry import register
 
         register()
         _STATE["routing"] = "installed"
@@ -26,7 +26,7 @@ def apply_patch(packed_layers: bool = True) -> dict[str, Any]:
 
 
 def _remove_routing() -> None:
-    from .quantizer import unregister
+    from .registry import unregister
 
     unregister()
     _STATE["routing"] = "not requested"

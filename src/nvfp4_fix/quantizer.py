@@ -1,21 +1,15 @@
-"""NVFP4 checkpoints inside transformers: quantizers registered through its public registry.
+"""The NVFP4 quantizer transformers runs for NVFP4 checkpoints (registered by :mod:`nvfp4_fix.registry`).
 
 transformers resolves ids, revisions, subfolders, tokens and the cache, places tensors
 (``device_map``/``max_memory``), casts, initialises new heads and reports loading info; the
 quantizer only swaps the packed layers into the meta model before the weights are read and finishes
-them afterwards:
-
-* ``"modelopt"`` (``quant_method: modelopt`` in config.json): registered, as transformers has none.
-* ``"compressed-tensors"``: transformers' own entry is replaced by :class:`CompressedTensorsEntry`,
-  which takes checkpoints holding NVFP4 groups and hands every other one (FP8-only, int4, dense, or a
-  request for compressed-tensors' own decompression) to transformers' quantizer, unchanged.
+them afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +20,13 @@ import torch
 import transformers
 from torch import nn
 from transformers.quantizers import HfQuantizer
-from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import f4, layer
-from .checkpoint import COMPRESSED_TENSORS, MODELOPT, CheckpointInfo, inspect_checkpoint
+from .checkpoint import COMPRESSED_TENSORS, CheckpointInfo, inspect_checkpoint
 from .errors import CheckpointError
 from .fp8 import FP8Linear
+from .quant_configs import NVFP4CompressedTensorsConfig
 from .saving import wrap_save
 from .swap import swap_quantized_modules
 
@@ -41,6 +35,11 @@ logger = logging.getLogger("nvfp4_fix")
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 ActivationMode = Literal["quantize", "bf16"]
+
+#: transformers 4.57 passes no checkpoint files to the quantizer; registry.py records them here.
+_RESOLVED_FILES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "nvfp4_fix_resolved_files", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -65,108 +64,6 @@ def load_options(options: LoadOptions) -> Iterator[None]:
         yield
     finally:
         _OPTIONS.reset(token)
-
-
-class ModelOptConfig(QuantizationConfigMixin):
-    """ModelOpt's ``quantization_config`` (``quant_method: modelopt``), kept as written."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self._raw = {"quant_method": MODELOPT, **kwargs}
-        self.quant_method = MODELOPT
-        self.quant_algo = kwargs.get("quant_algo")
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        config = cls(**{k: v for k, v in config_dict.items() if k != "quant_method"})
-        return (config, kwargs) if return_unused_kwargs else config
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._raw)
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-
-class NVFP4CompressedTensorsConfig(QuantizationConfigMixin):
-    """A compressed-tensors NVFP4 ``quantization_config`` kept as written, for when the compressed-tensors
-    package (which transformers' own config class needs) is missing: the packed layers need none of it."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self._raw = {"quant_method": COMPRESSED_TENSORS, **kwargs}
-        self.quant_method = COMPRESSED_TENSORS
-        self.run_compressed, self.dequantize = True, False
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        config = cls(**{k: v for k, v in config_dict.items() if k != "quant_method"})
-        return (config, kwargs) if return_unused_kwargs else config
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._raw)
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-
-class CompressedTensorsConfigEntry:
-    """transformers' ``"compressed-tensors"`` config entry: its own class where compressed-tensors is
-    installed (it also carries ``run_compressed=False`` / ``dequantize=True`` requests), else, for an NVFP4
-    config, :class:`NVFP4CompressedTensorsConfig`."""
-
-    original: Any = None
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        if not _has_compressed_tensors() and _nvfp4_compressed_tensors(config_dict):
-            return NVFP4CompressedTensorsConfig.from_dict(config_dict, return_unused_kwargs, **kwargs)
-        return cls.original.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
-
-
-def _has_compressed_tensors() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("compressed_tensors") is not None
-    except (ImportError, ValueError):  # a None placeholder in sys.modules: import disabled
-        return False
-
-
-def _nvfp4_compressed_tensors(config: Any) -> bool:
-    """Whether a compressed-tensors config (transformers' object or a dict) holds an NVFP4 group and
-    does not ask for compressed-tensors' own decompressed path."""
-    if isinstance(config, dict):
-        raw, dequantize = config, bool(config.get("dequantize")) or config.get("run_compressed") is False
-    elif isinstance(config, NVFP4CompressedTensorsConfig):
-        raw, dequantize = config.to_dict(), False
-    else:
-        if getattr(config, "dequantize", False) or getattr(config, "run_compressed", True) is False:
-            return False
-        inner = getattr(config, "quantization_config", None)
-        raw = inner.model_dump() if hasattr(inner, "model_dump") else {}
-        dequantize = False
-    if dequantize:
-        return False
-    groups = raw.get("config_groups") or {}
-    formats = [raw.get("format")] + [g.get("format") for g in groups.values() if isinstance(g, dict)]
-    return "nvfp4-pack-quantized" in formats
-
-
-def method_of(config: Any) -> str | None:
-    return config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
-
-
-def is_nvfp4_config(config: Any) -> bool:
-    """Whether a model config's quantization_config is one the NVFP4 quantizer takes."""
-    method = str(getattr(method_of(config), "value", method_of(config)))
-    if method == MODELOPT:
-        return True
-    return method == COMPRESSED_TENSORS and _nvfp4_compressed_tensors(config)
-
-
-#: transformers 4.57 passes no checkpoint files to the quantizer; the shim below records them.
-_RESOLVED_FILES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
-    "nvfp4_fix_resolved_files", default=None
-)
 
 
 class NVFP4Quantizer(HfQuantizer):
@@ -333,125 +230,4 @@ _MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _EXACT = (torch.float32, torch.float8_e4m3fn, torch.uint8)
 
 
-class CompressedTensorsEntry(HfQuantizer):
-    """transformers' ``"compressed-tensors"`` entry: NVFP4 checkpoints to :class:`NVFP4Quantizer`,
-    everything else to transformers' own quantizer, constructed exactly as transformers would."""
-
-    original: type[HfQuantizer] | None = None
-
-    def __new__(cls, quantization_config: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-        if _nvfp4_compressed_tensors(quantization_config):
-            return NVFP4Quantizer(quantization_config, **kwargs)
-        assert cls.original is not None
-        return cls.original(quantization_config, **kwargs)
-
-
-def _record_files(resolve: Any) -> Any:
-    def resolved(*args: Any, **kwargs: Any) -> Any:
-        result = resolve(*args, **kwargs)
-        _RESOLVED_FILES.set(list(result[0]) if result and result[0] else None)
-        return result
-
-    resolved.nvfp4_fix_original = resolve  # type: ignore[attr-defined]
-    return resolved
-
-
-def _hf_quant_config(name: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    from transformers.utils import cached_file
-
-    keys = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
-    try:
-        path = cached_file(
-            name,
-            "hf_quant_config.json",
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **{k: kwargs[k] for k in keys if kwargs.get(k) is not None},
-        )
-    except (OSError, ValueError):
-        return None
-    if path is None:
-        return None
-    from .checkpoint import read_json
-
-    return read_json(Path(path))
-
-
-def _with_hf_quant_config(get_config_dict: Any) -> Any:
-    """Older ModelOpt exports describe the quantization only in hf_quant_config.json beside config.json;
-    transformers reads config.json alone and would build a dense model. Give it the quantization_config
-    that newer exports write themselves."""
-
-    def patched(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
-        config_dict, unused = get_config_dict.__func__(cls, pretrained_model_name_or_path, **kwargs)
-        if isinstance(config_dict, dict) and "quantization_config" not in config_dict:
-            hq = _hf_quant_config(pretrained_model_name_or_path, kwargs)
-            quant = hq.get("quantization") if isinstance(hq, dict) else None
-            if isinstance(quant, dict) and quant.get("quant_algo"):
-                producer = hq.get("producer") or {"name": MODELOPT}
-                config_dict["quantization_config"] = {"quant_method": MODELOPT, **quant, "producer": producer}
-        return config_dict, unused
-
-    patched.nvfp4_fix_original = get_config_dict  # type: ignore[attr-defined]
-    return classmethod(patched)
-
-
-def register() -> bool:
-    """Put the quantizers into transformers' registry; False if they already are."""
-    if _auto.AUTO_QUANTIZER_MAPPING.get(COMPRESSED_TENSORS) is CompressedTensorsEntry:
-        return False
-    if MODELOPT not in _auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
-        _auto.register_quantization_config(MODELOPT)(ModelOptConfig)
-    if MODELOPT not in _auto.AUTO_QUANTIZER_MAPPING:
-        _auto.register_quantizer(MODELOPT)(NVFP4Quantizer)
-    # register_quantizer refuses a taken name, so the entries are replaced in place
-    CompressedTensorsEntry.original = _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS]
-    _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsEntry
-    CompressedTensorsConfigEntry.original = _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[COMPRESSED_TENSORS]
-    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsConfigEntry
-    from transformers import PretrainedConfig, modeling_utils
-
-    PretrainedConfig.get_config_dict = _with_hf_quant_config(PretrainedConfig.__dict__["get_config_dict"])
-    if _TRANSFORMERS_MAJOR < 5:  # 4.57 passes the quantizer no checkpoint files: see _RESOLVED_FILES
-        modeling_utils._get_resolved_checkpoint_files = _record_files(
-            modeling_utils._get_resolved_checkpoint_files
-        )
-    return True
-
-
-def unregister() -> bool:
-    """Undo :func:`register`; False if nothing was registered."""
-    if _auto.AUTO_QUANTIZER_MAPPING.get(COMPRESSED_TENSORS) is not CompressedTensorsEntry:
-        return False
-    _auto.AUTO_QUANTIZER_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsEntry.original
-    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[COMPRESSED_TENSORS] = CompressedTensorsConfigEntry.original
-    for mapping in (_auto.AUTO_QUANTIZER_MAPPING, _auto.AUTO_QUANTIZATION_CONFIG_MAPPING):
-        if mapping.get(MODELOPT) in (NVFP4Quantizer, ModelOptConfig):
-            del mapping[MODELOPT]
-    from transformers import PretrainedConfig, modeling_utils
-
-    patched = PretrainedConfig.__dict__["get_config_dict"].__func__
-    config_original = getattr(patched, "nvfp4_fix_original", None)
-    if config_original is not None:
-        PretrainedConfig.get_config_dict = config_original
-    original = getattr(modeling_utils._get_resolved_checkpoint_files, "nvfp4_fix_original", None)
-    if original is not None:
-        modeling_utils._get_resolved_checkpoint_files = original
-    return True
-
-
-def registered() -> bool:
-    return _auto.AUTO_QUANTIZER_MAPPING.get(COMPRESSED_TENSORS) is CompressedTensorsEntry
-
-
-__all__ = [
-    "LoadOptions",
-    "load_options",
-    "ModelOptConfig",
-    "NVFP4Quantizer",
-    "CompressedTensorsEntry",
-    "register",
-    "unregister",
-    "registered",
-    "COMPRESSED_TENSORS",
-]
+__all__ = ["LoadOptions", "load_options", "NVFP4Quantizer", "ActivationMode"]
