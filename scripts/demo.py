@@ -54,7 +54,7 @@ def main() -> None:
             out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
         gen_s = time.perf_counter() - t
         new = out.shape[1] - ids["input_ids"].shape[1]
-        note = " (includes the one-time torch.compile of the CPU kernels)" if n == 0 else ""
+        note = " (the first call: layers this small run eagerly, nothing to compile)" if n == 0 else ""
         print(f"greedy, {new} new tokens in {gen_s:.2f} s, {new / gen_s:.1f} tok/s on CPU{note}:")
         print("  " + tok.decode(out[0], skip_special_tokens=True).replace("\n", "\n  "))
 

@@ -92,7 +92,7 @@ def test_forward_weight_only_matches_float64(
         monkeypatch.setattr(fp8, "CHUNK_ELEMENTS", chunk)
     layer = _layer(spec, torch.float32, bias=True).to(dtype)
     x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(1)).to(dtype)
-    with settings.override(cpu_compile=compiled):
+    with settings.override(cpu_compile=compiled, cpu_compile_min_weights=1):
         y = layer(x)
     assert y.dtype == dtype and y.shape == (3, 5, N)
     ref = x.double().numpy() @ _reference_weight(layer).T + layer.bias.double().numpy()
@@ -211,7 +211,7 @@ def test_one_token_on_cpu_runs_the_compiled_gemv(spec: FP8Spec, dtype: torch.dty
     layer = _layer(spec, torch.float32, bias=True).to(dtype)
     x = torch.randn(1, 1, K, generator=torch.Generator().manual_seed(4)).to(dtype)
     ref = x.double().numpy() @ _reference_weight(layer).T + layer.bias.double().numpy()
-    with settings.override(cpu_compile=True):
+    with settings.override(cpu_compile=True, cpu_compile_min_weights=1):
         y = layer(x)
     assert calls and y.shape == (1, 1, N) and y.dtype == dtype
     err = np.linalg.norm(y.double().numpy() - ref) / np.linalg.norm(ref)

@@ -179,14 +179,38 @@ def test_cpu_gemv(n, k, dtype):
 
 
 def test_cpu_compiled_paths():
-    """The torch.compile'd GEMV and chunk dequantization (dynamic shapes: one compile each)."""
+    """The torch.compile'd GEMV and chunk dequantization (dynamic shapes: one compile each), forced on
+    for these small layers."""
     for n, k in [(97, 272), (64, 4096 + 16)]:
         wp, ws, mul = make_weight(n, k)
-        x = make_x(1, k, torch.bfloat16)
-        check(kcpu.gemv_compiled(x, wp, ws, mul), ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "gemv")
-        x = make_x(5, k, torch.float16)
-        y = kcpu.linear_chunked(x, wp, ws, mul, chunk_bytes=k * 4 * 32)
-        check(y, ref_linear_f64(x, wp, ws, mul), torch.float16, "chunked")
+        with settings.override(cpu_compile_min_weights=1):
+            x = make_x(1, k, torch.bfloat16)
+            check(kcpu.gemv_compiled(x, wp, ws, mul), ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "gemv")
+            x = make_x(5, k, torch.float16)
+            y = kcpu.linear_chunked(x, wp, ws, mul, chunk_bytes=k * 4 * 32)
+            check(y, ref_linear_f64(x, wp, ws, mul), torch.float16, "chunked")
+
+
+def test_cpu_compiles_only_layers_where_it_pays(monkeypatch):
+    """Layers under settings.cpu_compile_min_weights run eagerly (the same values), larger ones compiled."""
+    compiled_calls = []
+    real = kcpu._compiled_gemv
+
+    def counted():
+        compiled_calls.append(1)
+        return real()
+
+    monkeypatch.setattr(kcpu, "_compiled_gemv", counted)
+    wp, ws, mul = make_weight(97, 272)
+    x = make_x(1, 272, torch.bfloat16)
+    with settings.override(cpu_compile=True):
+        small = kcpu.gemv_compiled(x, wp, ws, mul)
+    assert compiled_calls == []
+    with settings.override(cpu_compile=True, cpu_compile_min_weights=97 * 272):
+        at_threshold = kcpu.gemv_compiled(x, wp, ws, mul)
+    assert compiled_calls == [1]
+    check(small, ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "eager gemv")
+    check(at_threshold, ref_linear_f64(x, wp, ws, mul), torch.bfloat16, "compiled gemv")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -210,9 +210,14 @@ class FP8Linear(nn.Module):
         self.__dict__["_index"] = (key, index)
         return index
 
+    def _compile_pays(self) -> bool:
+        """As for the packed NVFP4 layers: small layers run eagerly (settings.cpu_compile_min_weights)."""
+        s = settings.current()
+        return s.cpu_compile and self.weight.numel() >= s.cpu_compile_min_weights
+
     def _cpu_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """One token on the CPU through the compiled GEMV, or None where it does not apply or fails."""
-        if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and settings.current().cpu_compile):
+        if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and self._compile_pays()):
             return None
         if torch.compiler.is_compiling():
             return None
@@ -247,7 +252,7 @@ class FP8Linear(nn.Module):
         n, k = self.out_features, self.in_features
         step = max(1, CHUNK_ELEMENTS // max(k, 1))
         compiled = (
-            x.device.type == "cpu" and settings.current().cpu_compile and not torch.compiler.is_compiling()
+            x.device.type == "cpu" and self._compile_pays() and not torch.compiler.is_compiling()
         )
         if step >= n and not compiled:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)

@@ -52,6 +52,9 @@ class Settings:
     cpu_chunk_mb: int = 16
     #: torch.compile the CPU GEMV and dequantization (eager when off; same math).
     cpu_compile: bool = True
+    #: Smallest layer (weights) the CPU compiles for: smaller ones run eagerly, since compiling costs
+    #: seconds per process and per new input shape and wins nothing there (bench_cpu_compile.py).
+    cpu_compile_min_weights: int = 1 << 22
     #: The NVRTC-compiled tensor-core decode kernel for small M on sm_80+.
     cuda_mma: bool = True
     #: Path of a libnvrtc to load first; None searches the CUDA wheels and the loader path.
@@ -76,6 +79,7 @@ ENV_NAMES: dict[str, str] = {
     "scratch_mb": "NVFP4_FIX_SCRATCH_MB",
     "cpu_chunk_mb": "NVFP4_FIX_CPU_CHUNK_MB",
     "cpu_compile": "NVFP4_FIX_CPU_COMPILE",
+    "cpu_compile_min_weights": "NVFP4_FIX_CPU_COMPILE_MIN_WEIGHTS",
     "cuda_mma": "NVFP4_FIX_CUDA_MMA",
     "nvrtc_library": "NVFP4_FIX_NVRTC",
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
@@ -84,7 +88,7 @@ ENV_NAMES: dict[str, str] = {
 }
 
 _BOOL_FIELDS = ("fuse", "cpu_compile", "cuda_mma", "decode_attention", "kv_append", "humming")
-_POSITIVE_INT_FIELDS = ("dequant_mm_min_m", "scratch_mb", "cpu_chunk_mb")
+_POSITIVE_INT_FIELDS = ("dequant_mm_min_m", "scratch_mb", "cpu_chunk_mb", "cpu_compile_min_weights")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 

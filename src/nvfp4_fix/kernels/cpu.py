@@ -40,8 +40,11 @@ def _dequant_rows_f32(
     return vals.view(rows, k2 * 2)
 
 
-def _compile_ok() -> bool:
-    return settings.current().cpu_compile and not torch.compiler.is_compiling()
+def _compile_ok(weights: int | None = None) -> bool:
+    """Compile for a layer of ``weights`` weights (None: any size)? Small layers run eagerly."""
+    s = settings.current()
+    big = weights is None or weights >= s.cpu_compile_min_weights
+    return big and s.cpu_compile and not torch.compiler.is_compiling()
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,8 +52,8 @@ def _compiled_dequant():
     return torch.compile(_dequant_rows_f32, dynamic=True)
 
 
-def _dequant_chunk(wp, ws):
-    if _compile_ok():
+def _dequant_chunk(wp, ws, layer_weights: int):
+    if _compile_ok(layer_weights):
         try:
             return _compiled_dequant()(wp, ws, None, _table(str(wp.device)))
         except Exception:  # no C++ compiler, unsupported platform: eager is exact too
@@ -76,7 +79,7 @@ def linear_chunked(x2, wp, ws, mul, bias=None, *, out=None, chunk_bytes=None):
     )
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        w = _dequant_chunk(wp[r0:r1], ws[r0:r1])
+        w = _dequant_chunk(wp[r0:r1], ws[r0:r1], 2 * wp.numel())
         torch.matmul(xf, w.t(), out=y[:, r0:r1])
     y.mul_(mulf)
     if bias is not None:
@@ -106,13 +109,14 @@ def _compiled_gemv():
     return torch.compile(_gemv_fused, dynamic=True, fullgraph=True)
 
 
-def gemv_compiled(x2, wp, ws, mul, bias=None):
-    """torch.compile'd fused GEMV from packed bytes (no dense copy of W); meant for M == 1."""
+def gemv_compiled(x2, wp, ws, mul, bias=None, *, force_compile: bool = False):
+    """torch.compile'd fused GEMV from packed bytes (no dense copy of W); meant for M == 1. Layers under
+    ``settings.cpu_compile_min_weights`` run the same math eagerly unless ``force_compile``."""
     # detach(): as plain tensors, not Parameters, the weights get dynamic shapes (one compilation
     # for all layers instead of one per weight shape).
     args = (x2, wp.detach(), ws.detach().view(torch.float8_e4m3fn), mul.reshape(()), _table(str(x2.device)))
     y = None
-    if _compile_ok():
+    if _compile_ok(None if force_compile else wp.numel() * 2):
         try:
             y = _compiled_gemv()(*args)
         except Exception:  # no C++ compiler etc.: the same math eagerly
@@ -134,7 +138,7 @@ def dequantize_dense(wp, ws, mul, dtype=torch.bfloat16, *, chunk_bytes=None):
     rows = _rows_per_chunk(n, k, _chunk_bytes() if chunk_bytes is None else chunk_bytes)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        out[r0:r1] = _dequant_chunk(wp[r0:r1], ws[r0:r1]).mul_(mulf)
+        out[r0:r1] = _dequant_chunk(wp[r0:r1], ws[r0:r1], 2 * wp.numel()).mul_(mulf)
     return out
 
 
@@ -151,7 +155,7 @@ def grad_input_chunked(g, wp, ws, mul, *, chunk_bytes=None):
     gx = torch.zeros((m, k), dtype=torch.float32, device=g.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        gx.addmm_(gf[:, r0:r1], _dequant_chunk(wp[r0:r1], ws[r0:r1]))
+        gx.addmm_(gf[:, r0:r1], _dequant_chunk(wp[r0:r1], ws[r0:r1], 2 * wp.numel()))
     if not per_row:
         gx.mul_(mul.to(torch.float32).reshape(()))
     return gx.to(g.dtype)
