@@ -304,3 +304,34 @@ def test_transformers_serve_by_id_answers_packed(cache: Path, tmp_path: Path) ->
     assert body is not None, text[-3000:]
     assert body["choices"][0]["text"], body
     assert "packed NVFP4 layers: 28" in text, text[-3000:]
+
+
+def test_inspect_an_id_not_downloaded_reads_headers_only(tmp_path: Path) -> None:
+    """`nvfp4-fix inspect org/model` against a hub endpoint (huggingface_hub's own client over HTTP to a
+    local server holding the demo checkpoint): the report equals the local folder's, only configs are
+    downloaded, and of the weight file only the header's byte range is read."""
+    from hub_server import HubServer
+
+    server = HubServer("org/remote", CT)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
+        env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        cmd = [sys.executable, "-m", "nvfp4_fix.cli", "inspect", "org/remote", "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        remote = json.loads(proc.stdout)
+        size = (CT / "model.safetensors").stat().st_size
+        assert 0 < server.bytes_read("model.safetensors") < 200_000 < size  # the header range only
+    finally:
+        server.close()
+    assert not list((tmp_path / "hub").rglob("model.safetensors"))
+    cmd = [sys.executable, "-m", "nvfp4_fix.cli", "inspect", str(CT), "--json"]
+    local = json.loads(subprocess.run(cmd, capture_output=True, text=True).stdout)
+    assert remote.keys() == local.keys()
+    for key in local:
+        if key == "memory":  # from headers alone the tensors' bytes are known, not each header's few KB
+            disk = remote[key].pop("disk"), local[key].pop("disk")
+            assert abs(disk[0] - disk[1]) < 0.01 * disk[1], disk
+        if key not in ("path",):
+            assert remote[key] == local[key], key

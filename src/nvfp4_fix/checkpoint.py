@@ -238,8 +238,11 @@ def check_config_sizes(path: Path, config: dict[str, Any], tensors: dict[str, Te
         )
 
 
-def inspect_checkpoint(folder: str | os.PathLike[str]) -> CheckpointInfo:
-    """Describe a local checkpoint folder. Raises CheckpointError on anything malformed."""
+def inspect_checkpoint(
+    folder: str | os.PathLike[str], tensors: dict[str, TensorInfo] | None = None
+) -> CheckpointInfo:
+    """Describe a local checkpoint folder. Raises CheckpointError on anything malformed. ``tensors``: the
+    tensor table when the weights are elsewhere (a hub checkpoint read from its headers alone)."""
     path = Path(folder)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint folder with config.json)")
@@ -248,7 +251,7 @@ def inspect_checkpoint(folder: str | os.PathLike[str]) -> CheckpointInfo:
         raise CheckpointError(f"{path}: no config.json; not a transformers checkpoint folder")
     config = read_json(cfg_path)
     fmt, qc = _quant_config(path, config)
-    tensors = tensor_index(path)
+    tensors = tensor_index(path) if tensors is None else tensors
     info = CheckpointInfo(path, fmt, None, config, qc, None, None, tensors)
     if fmt is None:
         return info

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .errors import CheckpointError
+from .safetensors_header import TensorInfo
 
 #: Files a tool needs besides the weights: configs, tokenizer, processor, generation settings.
 CONFIG_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.py"]
@@ -56,3 +57,41 @@ def local_folder(
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{name}: the snapshot {folder} has no config.json")
     return folder
+
+
+def has_weights(folder: Path) -> bool:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        from .checkpoint import read_json
+
+        shards = set((read_json(index).get("weight_map") or {}).values())
+        return bool(shards) and all((folder / s).is_file() for s in shards)
+    return any(folder.glob("*.safetensors"))
+
+
+def remote_tensor_index(
+    repo_id: str, folder: Path, revision: str | None = None, subfolder: str | None = None
+) -> dict[str, TensorInfo]:
+    """The tensor table of a hub checkpoint whose weights are not downloaded, from the safetensors
+    headers alone (a ranged read of each file's first bytes, as huggingface_hub does), validated as a
+    local header is. ``folder`` holds its configs (and the shard index, if any)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .checkpoint import read_json
+    from .safetensors_header import _tensor_info
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    out: dict[str, TensorInfo] = {}
+    for fname in files:
+        try:
+            meta = HfApi().parse_safetensors_file_metadata(repo_id, prefix + fname, revision=revision)
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise CheckpointError(f"{repo_id}: cannot read the header of {prefix + fname} ({e})") from None
+        end = max((t.data_offsets[1] for t in meta.tensors.values()), default=0)
+        for name, t in meta.tensors.items():
+            entry = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+            out[name] = _tensor_info(folder / fname, name, entry, end)
+    return out

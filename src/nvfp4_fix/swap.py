@@ -1,6 +1,6 @@
 """Swap a checkpoint's quantized linears for packed layers on a transformers model's meta skeleton.
 
-Used by the quantizer (:mod:`nvfp4_fix.quantizer`, registered by :mod:`nvfp4_fix.registry`) before transformers loads the weights: the new
+Used by the quantizer (:mod:`nvfp4_fix.quantizer`) before transformers loads the weights: the new
 modules carry parameters under the checkpoint's own names, dtypes and shapes, so transformers' loader
 fills them as it fills any parameter.
 """

@@ -35,6 +35,30 @@ COMMANDS: dict[str, str] = {
 }
 
 
+#: Commands that read configs and safetensors headers only: an id whose weights are not downloaded is
+#: described from its headers, never downloaded.
+HEADERS_ONLY = ("inspect", "model-card")
+
+
+def _resolve_path(args: argparse.Namespace) -> None:
+    """``args.path`` (a folder or a hub id) becomes a local folder; ``args.tensors`` the tensor table
+    read from the hub's headers when a headers-only command meets an id whose weights are not here."""
+    from ..hub import has_weights, local_folder, looks_like_repo_id, remote_tensor_index
+
+    name = args.path
+    headers_only = args.command in HEADERS_ONLY and not getattr(args, "scan", False)
+    folder = local_folder(name, args.revision, weights=not headers_only)
+    args.tensors = None
+    if headers_only and looks_like_repo_id(name) and not os.path.isdir(name) and not has_weights(folder):
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            cache = constants.HF_HUB_CACHE
+            raise NVFP4Error(f"{name}: its weights are not in the cache {cache} (HF_HUB_OFFLINE is set)")
+        args.tensors = remote_tensor_index(name, folder, args.revision)
+    args.path = str(folder)
+
+
 def error(message: str) -> int:
     print(f"nvfp4-fix: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
@@ -47,9 +71,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     progress.QUIET = bool(getattr(args, "quiet", False))
     try:
         if getattr(args, "path", None) is not None:
-            from ..hub import local_folder
-
-            args.path = str(local_folder(args.path, args.revision))
+            _resolve_path(args)
         return func(args)
     except NVFP4Error as e:
         return error(str(e))

@@ -23,11 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def build(path: str, scan: bool = False) -> dict[str, Any]:
+def build(path: str, scan: bool = False, tensors: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``tensors``: the tensor table read from a hub checkpoint's headers (its weights not downloaded)."""
     from ..checkpoint import inspect_checkpoint
     from ..tools.analysis import report
 
-    info = inspect_checkpoint(path)
+    info = inspect_checkpoint(path, tensors)
     rep = report(info)
     if scan:
         from ..tools.scan import scan as run_scan
@@ -104,7 +105,7 @@ def render(rep: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    rep = build(args.path, scan=args.scan)
+    rep = build(args.path, scan=args.scan, tensors=getattr(args, "tensors", None))
     if args.json:
         json.dump(rep, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import inspect_checkpoint
     from ..tools.analysis import report, require_consistent
 
-    info = inspect_checkpoint(args.path)
+    info = inspect_checkpoint(args.path, getattr(args, "tensors", None))
     rep = report(info)
     require_consistent(info)
     print(card(rep, args.name or args.path))

@@ -159,7 +159,10 @@ def collapse(names: list[str]) -> list[dict[str, Any]]:
 
 def memory(info: CheckpointInfo) -> dict[str, int]:
     """Bytes: on disk, resident with packed layers (bf16 elsewhere), and fully bf16."""
-    disk = sum(f.stat().st_size for f in {t.file for t in info.tensors.values()})
+    files = {t.file for t in info.tensors.values()}
+    # a hub checkpoint described from its headers has no local files: count the tensors' bytes
+    disk = sum(f.stat().st_size if f.is_file() else 0 for f in files)
+    disk += sum(t.nbytes for t in info.tensors.values() if not t.file.is_file())
     packed = bf16 = 0
     for name, t in info.tensors.items():
         q = info.quantized.get(module_of(name))
