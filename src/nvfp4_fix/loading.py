@@ -8,6 +8,7 @@ saving) is transformers' own; the quantizers are in :mod:`nvfp4_fix.quantizer`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from . import quantizer, registry
 from .checkpoint import require_nvfp4
-from .errors import CheckpointError
+from .errors import CheckpointError, NVFP4Error
 from .quant_configs import is_nvfp4_config, method_of
 from .quantizer import LoadOptions
 
@@ -85,8 +86,35 @@ def from_pretrained(
                 f"{path_or_id}: not an NVFP4 checkpoint ({what}); expected compressed-tensors "
                 "'nvfp4-pack-quantized' or ModelOpt quant_algo NVFP4 (plain transformers loads it as is)"
             )
+        _check_quantization_config(path_or_id, config)
         _backport_expert_count(config, kwargs)
-        return (model_class or class_of(config)).from_pretrained(path_or_id, **kwargs)
+        model_class = model_class or class_of(config)
+        if not local.is_dir():
+            return model_class.from_pretrained(path_or_id, **kwargs)
+        try:
+            return model_class.from_pretrained(path_or_id, **kwargs)
+        except (NVFP4Error, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a folder whose headers passed but whose config transformers cannot build
+            text = " ".join(str(e).split())[:300]
+            what = f"transformers cannot build {getattr(model_class, '__name__', model_class)} from it"
+            raise CheckpointError(f"{local}: {what} ({type(e).__name__}: {text})") from None
+
+
+def _check_quantization_config(path_or_id: str | os.PathLike[str], config: Any) -> None:
+    """transformers parses the quantization_config inside from_pretrained, where a malformed one raises
+    whatever its parser raises (pydantic, KeyError, ...): parse it here first, for a one-line error."""
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    qc = getattr(config, "quantization_config", None)
+    if not isinstance(qc, dict):
+        return
+    try:
+        AutoQuantizationConfig.from_dict(copy.deepcopy(qc))
+    except Exception as e:  # untrusted data: any parser error becomes one line naming the file
+        text = " ".join(str(e).split())[:300]
+        where = f"{path_or_id}/config.json: quantization_config"
+        raise CheckpointError(f"{where}: transformers cannot read it ({type(e).__name__}: {text})") from None
 
 
 def _backport_expert_count(config: Any, kwargs: dict[str, Any]) -> None:
