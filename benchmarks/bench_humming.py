@@ -26,7 +26,7 @@ import sys
 import time
 
 import torch
-from bench_kernels import _capture, _replay_ms, make_layer
+from bench_kernels import bench_graphs_interleaved, make_layer
 
 import nvfp4_fix.kernels as K
 from nvfp4_fix import settings
@@ -152,16 +152,6 @@ def memory(log):
     return rows
 
 
-def bench_calls(calls, n_inner, reps):
-    graphs = [_capture(c, n_inner) for c in calls]
-    times = [[] for _ in calls]
-    for _ in range(reps):
-        for g, ts in zip(graphs, times, strict=True):
-            ts.append(_replay_ms(g) * 1e3 / n_inner)
-    del graphs
-    return [sorted(ts)[len(ts) // 2] for ts in times]
-
-
 def timing(m_list, reps, log):
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     results = []
@@ -191,7 +181,7 @@ def timing(m_list, reps, log):
             with settings.override(humming=False):
                 our_kernel = K.select_kernel(xs[0], n, k)
             try:
-                ts = bench_calls([call(name) for name in METHODS], 10, reps)
+                ts = bench_graphs_interleaved([call(name) for name in METHODS], 10, reps)
             except Exception as err:
                 log(f"  {label} M={m}: FAILED {type(err).__name__}: {str(err)[:200]}")
                 continue

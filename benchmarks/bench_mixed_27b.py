@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import gib, prompt_ids, run_case  # noqa: E402
+from llama8b import random_model  # noqa: E402
 
 
 def config(layers: int, tiny: bool):  # noqa: ANN201
@@ -47,27 +48,12 @@ def config(layers: int, tiny: bool):  # noqa: ANN201
 
 
 def make_checkpoint(out: Path, layers: int, tiny: bool, device: str) -> float:
-    from transformers import Qwen3ForCausalLM
-
     from nvfp4_fix.schemes import FP8Spec
     from nvfp4_fix.writer import save_quantized
 
     t = time.perf_counter()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Qwen3ForCausalLM(config(layers, tiny))
-    finally:
-        torch.set_default_dtype(old)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    save_quantized(model.eval(), out, fp8=["re:.*self_attn\\.(q|k|v|o)_proj$"],
+    model = random_model(config(layers, tiny), device)
+    save_quantized(model, out, fp8=["re:.*self_attn\\.(q|k|v|o)_proj$"],
                    fp8_spec=FP8Spec("channel", "dynamic-token"))
     del model
     gc.collect()

@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import gib, prompt_ids, run_case, sync  # noqa: E402
-from llama8b import card_name, versions  # noqa: E402
-from moe30b import qwen3_moe_config, random_moe_model, write_moe_checkpoint  # noqa: E402
+from llama8b import card_name, random_model, versions  # noqa: E402
+from moe30b import qwen3_moe_config, write_moe_checkpoint  # noqa: E402
 
 from nvfp4_fix.generation import clear_cache  # noqa: E402
 
@@ -93,7 +93,7 @@ def main() -> int:
         Path(args.out).write_text(table(args, rows, notes))
 
     t = time.perf_counter()
-    dense = random_moe_model(cfg, device)
+    dense = random_model(cfg, device)
     if hasattr(dense, "set_experts_implementation") and device == "cuda":
         dense.set_experts_implementation("grouped_mm")
     sync()

@@ -44,14 +44,15 @@ def llama8b_config(layers: int = 32, tiny: bool = False) -> Any:
 
 
 def random_model(cfg: Any, device: str, seed: int = 0) -> torch.nn.Module:
-    """LlamaForCausalLM in bf16 built directly on ``device`` with N(0, 0.02) weights."""
-    from transformers import LlamaForCausalLM
+    """The causal LM of ``cfg`` (Llama, Qwen3-MoE, ...) in bf16 built directly on ``device`` with
+    N(0, 0.02) weights (norms 1)."""
+    from transformers import AutoModelForCausalLM
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg)
+            model = AutoModelForCausalLM.from_config(cfg)
     finally:
         torch.set_default_dtype(old)
     model = model.to(torch.bfloat16).eval()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from llama8b import SHARD_BYTES, _flush
 
-__all__ = ["qwen3_moe_config", "random_moe_model", "write_moe_checkpoint"]
+__all__ = ["qwen3_moe_config", "write_moe_checkpoint"]
 
 
 def qwen3_moe_config(layers: int = 48, tiny: bool = False) -> Any:
@@ -40,28 +40,6 @@ def qwen3_moe_config(layers: int = 48, tiny: bool = False) -> Any:
     cfg.architectures = ["Qwen3MoeForCausalLM"]
     cfg.dtype = torch.bfloat16
     return cfg
-
-
-def random_moe_model(cfg: Any, device: str, seed: int = 0) -> torch.nn.Module:
-    """Qwen3MoeForCausalLM in bf16 built on ``device`` with N(0, 0.02) weights."""
-    from transformers import Qwen3MoeForCausalLM
-
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Qwen3MoeForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model = model.to(torch.bfloat16).eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for _name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=g)
-            else:
-                p.fill_(1.0)
-    return model
 
 
 def _nvfp4_tensors(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:

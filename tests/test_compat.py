@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bridge_venv import bridge_venv
 from reference import reference_model, rel_err
 
 import _nvfp4_fix_startup
@@ -289,16 +290,7 @@ def test_unwritable_site_packages_is_a_clear_error(tmp_path: Path, monkeypatch: 
 
 @pytest.fixture
 def venv(tmp_path: Path) -> Path:
-    """A bare venv that sees this environment's packages through a plain-path .pth (so none of this
-    environment's own .pth files, e.g. an installed start-up hook, run in it)."""
-    root = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    site = Path(subprocess.check_output(
-        [str(root / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        text=True).strip())  # fmt: skip
-    hook_dir = Path(_nvfp4_fix_startup.__file__).parent
-    (site / "00_bridge.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n{hook_dir}\n")
-    return root
+    return bridge_venv(tmp_path / "venv")
 
 
 def _py(venv: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bridge_venv import bridge_venv
 from hub_cache import add_revision
 from hub_worker import IDS
 
@@ -177,20 +178,9 @@ def test_plain_model_by_id_is_untouched(cache: Path, tmp_path: Path) -> None:
 
 
 def _hook_venv(tmp_path: Path, cache: Path) -> str:
-    """A bare venv seeing this environment's packages through a plain-path .pth, with the persistent
-    start-up hook installed into it by `nvfp4-fix apply-patch`; returns its python."""
-    import sysconfig
-
-    import _nvfp4_fix_startup
-
-    root = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    python = str(root / "bin" / "python")
-    site = subprocess.check_output(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    ).strip()
-    hook_dir = Path(_nvfp4_fix_startup.__file__).parent
-    Path(site, "00_bridge.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n{hook_dir}\n")
+    """A bridge venv (tests/bridge_venv.py) with the persistent start-up hook installed into it by
+    `nvfp4-fix apply-patch`; returns its python."""
+    python = str(bridge_venv(tmp_path / "venv") / "bin" / "python")
     cmd = [python, "-m", "nvfp4_fix.cli", "apply-patch"]
     done = subprocess.run(cmd, env=_env(cache), capture_output=True)
     assert done.returncode == 0, done.stderr

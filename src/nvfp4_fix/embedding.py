@@ -9,6 +9,7 @@ standard NVFP4 recipe of :mod:`nvfp4_fix.codec` (per-tensor multiplier amax/(6*4
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -178,14 +179,12 @@ def quantize_input_embedding(model: nn.Module, requested: bool | None) -> bool:
         new = NVFP4Embedding.from_dense(
             emb.weight.detach(), emb.padding_idx, emb.weight.dtype, emb.weight.device
         )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        return True
-    import logging
+        from .swap import set_module
 
-    (logging.getLogger("nvfp4_fix").warning if requested else logging.getLogger("nvfp4_fix").info)(
-        "nvfp4-fix: input embedding not quantized: %s", why
-    )
+        set_module(model, name, new)
+        return True
+    log = logging.getLogger("nvfp4_fix")
+    (log.warning if requested else log.info)("nvfp4-fix: input embedding not quantized: %s", why)
     return False
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import layer, quantizer, registry
+from . import quantizer, registry
 from .checkpoint import require_nvfp4
 from .errors import CheckpointError, NVFP4Error
 from .quant_configs import is_nvfp4_config, method_of
@@ -74,8 +74,6 @@ def from_pretrained(
     if "torch_dtype" in kwargs:
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
     options = LoadOptions(activations, dense_on_cpu, quantize_embeddings)
-    if dense_on_cpu and layer.LOW_MEMORY:  # a usage error: before transformers (and its error wrapping)
-        raise RuntimeError("low-memory mode is on: layers keep no dequantized copy (dense_on_cpu)")
     local = Path(os.fspath(path_or_id), kwargs.get("subfolder") or "")
     if local.is_dir():  # headers and configs checked before transformers opens anything
         require_nvfp4(local)

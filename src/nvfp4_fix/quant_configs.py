@@ -10,45 +10,46 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT
 
 
-class ModelOptConfig(QuantizationConfigMixin):
-    """ModelOpt's ``quantization_config`` (``quant_method: modelopt``), kept as written."""
+class _AsWritten(QuantizationConfigMixin):
+    """A ``quantization_config`` kept exactly as the checkpoint wrote it (saved back unchanged)."""
+
+    method: str
 
     def __init__(self, **kwargs: Any) -> None:
-        self._raw = {"quant_method": MODELOPT, **kwargs}
-        self.quant_method = MODELOPT
+        self._raw = {"quant_method": self.method, **kwargs}
+        self.quant_method = self.method
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        config = cls(**{k: v for k, v in config_dict.items() if k != "quant_method"})
+        return (config, kwargs) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._raw)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+class ModelOptConfig(_AsWritten):
+    """ModelOpt's ``quantization_config`` (``quant_method: modelopt``)."""
+
+    method = MODELOPT
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.quant_algo = kwargs.get("quant_algo")
 
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        config = cls(**{k: v for k, v in config_dict.items() if k != "quant_method"})
-        return (config, kwargs) if return_unused_kwargs else config
 
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._raw)
+class NVFP4CompressedTensorsConfig(_AsWritten):
+    """A compressed-tensors NVFP4 ``quantization_config``, for when the compressed-tensors package (which
+    transformers' own config class needs) is missing: the packed layers need none of it."""
 
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-
-class NVFP4CompressedTensorsConfig(QuantizationConfigMixin):
-    """A compressed-tensors NVFP4 ``quantization_config`` kept as written, for when the compressed-tensors
-    package (which transformers' own config class needs) is missing: the packed layers need none of it."""
+    method = COMPRESSED_TENSORS
 
     def __init__(self, **kwargs: Any) -> None:
-        self._raw = {"quant_method": COMPRESSED_TENSORS, **kwargs}
-        self.quant_method = COMPRESSED_TENSORS
+        super().__init__(**kwargs)
         self.run_compressed, self.dequantize = True, False
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        config = cls(**{k: v for k, v in config_dict.items() if k != "quant_method"})
-        return (config, kwargs) if return_unused_kwargs else config
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._raw)
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
 
 
 class CompressedTensorsConfigEntry:

@@ -59,6 +59,8 @@ def load_options(options: LoadOptions) -> Iterator[None]:
     """Loads started inside this block use ``options``."""
     if options.activations not in layer.ACTIVATION_MODES:
         raise ValueError(f"activations must be one of {layer.ACTIVATION_MODES}, got {options.activations!r}")
+    if options.dense_on_cpu and layer.LOW_MEMORY:
+        raise RuntimeError("low-memory mode is on: layers keep no dequantized copy (dense_on_cpu)")
     token = _OPTIONS.set(options)
     try:
         yield
@@ -81,8 +83,6 @@ class NVFP4Quantizer(HfQuantizer):
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("disk offload is not supported for NVFP4 models; offload to 'cpu' instead")
-        if self.options.dense_on_cpu and layer.LOW_MEMORY:
-            raise RuntimeError("low-memory mode is on: layers keep no dequantized copy (dense_on_cpu)")
 
     def update_dtype(self, dtype: torch.dtype | str | None) -> torch.dtype | str:
         if dtype == "auto":  # transformers 4.57 asks before resolving "auto" from config.json
