@@ -53,7 +53,7 @@ def step_ms(runner, reps: int = 50) -> float:
     return a.elapsed_time(b) / reps
 
 
-def decode_profile(model, p: int, compile_step: bool) -> None:
+def decode_profile(model, p: int, compile_step: bool, ab_prefetch: bool = False) -> None:
     ids = torch.randint(1000, 100000, (1, p), device="cuda")
     t = time.perf_counter()
     stats: dict = {}
@@ -64,6 +64,18 @@ def decode_profile(model, p: int, compile_step: bool) -> None:
         f"step {step_ms(runner):.3f} ms = {1000 / step_ms(runner):.1f} tok/s",
         flush=True,
     )
+    if ab_prefetch:  # the same runner recaptured with and without the L2 prefetch chain, interleaved
+        from nvfp4_fix import settings
+
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(3):
+            for on in (False, True):
+                with settings.override(l2_prefetch=on):
+                    runner.capture()
+                times[on].append(step_ms(runner, 200))
+        off, on = (sorted(times[v])[1] for v in (False, True))
+        print(f"  L2 prefetch A/B (median of 3 x 200 replays): off {off:.3f} ms ({1000 / off:.1f} tok/s), "
+              f"on {on:.3f} ms ({1000 / on:.1f} tok/s), {off / on:.3f}x", flush=True)  # fmt: skip
     steps = 10
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -113,6 +125,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="128,2048")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--prefill", action="store_true")
+    ap.add_argument("--ab-prefetch", action="store_true", help="time each step with and without the L2 prefetch")
     args = ap.parse_args()
     print(f"{card_name()}; {versions()}", flush=True)
     cfg = llama8b_config(args.layers)
@@ -121,9 +134,10 @@ def main() -> None:
     if args.prefill:
         prefill_profile(model)
     for p in map(int, args.prompts.split(",")):
-        decode_profile(model, p, False)
+        decode_profile(model, p, False, args.ab_prefetch)
     if args.compile:
-        decode_profile(model, int(args.prompts.split(",")[0]), True)
+        for p in map(int, args.prompts.split(",")):
+            decode_profile(model, p, True, args.ab_prefetch)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,13 @@ class Settings:
     #: Let "auto" run Humming (optional humming-kernels) where the table in kernels/table.py says it is
     #: faster. Off by default: it keeps a second, Humming-layout copy of each weight it runs.
     humming: bool = False
+    #: FP8 layers whose checkpoint quantizes activations: run the quantized activations on FP8 tensor
+    #: cores (torch._scaled_mm, sm_89+) where its scaling reproduces the checkpoint's (fp8_cuda.py);
+    #: off: the emulation (fake-quantize, then W8A16).
+    fp8_scaled_mm: bool = True
+    #: fast generation: each captured decode linear (cuda_mma) asks L2 for the next linear's weight, so
+    #: the small kernels between them overlap its first reads (kernels/cuda_mma.py, ``prefetching``).
+    l2_prefetch: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -85,9 +92,20 @@ ENV_NAMES: dict[str, str] = {
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
     "kv_append": "NVFP4_FIX_KV_APPEND",
     "humming": "NVFP4_FIX_HUMMING",
+    "l2_prefetch": "NVFP4_FIX_L2_PREFETCH",
+    "fp8_scaled_mm": "NVFP4_FIX_FP8_SCALED_MM",
 }
 
-_BOOL_FIELDS = ("fuse", "cpu_compile", "cuda_mma", "decode_attention", "kv_append", "humming")
+_BOOL_FIELDS = (
+    "fuse",
+    "cpu_compile",
+    "cuda_mma",
+    "decode_attention",
+    "kv_append",
+    "humming",
+    "l2_prefetch",
+    "fp8_scaled_mm",
+)
 _POSITIVE_INT_FIELDS = ("dequant_mm_min_m", "scratch_mb", "cpu_chunk_mb", "cpu_compile_min_weights")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
