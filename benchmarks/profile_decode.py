@@ -64,18 +64,25 @@ def decode_profile(model, p: int, compile_step: bool, ab_prefetch: bool = False)
         f"step {step_ms(runner):.3f} ms = {1000 / step_ms(runner):.1f} tok/s",
         flush=True,
     )
-    if ab_prefetch:  # the same runner recaptured with and without the L2 prefetch chain, interleaved
+    if ab_prefetch:  # the same runner recaptured per variant (L2 prefetch chain, dependent launches)
         from nvfp4_fix import settings
+        from nvfp4_fix.kernels import cuda_mma
 
-        times: dict[bool, list[float]] = {False: [], True: []}
+        variants = {"plain": (False, 0), "l2 prefetch": (True, 0), "PDL": (False, 1), "both": (True, 1)}
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(3):
-            for on in (False, True):
-                with settings.override(l2_prefetch=on):
+            for name, (prefetch, pdl) in variants.items():
+                cuda_mma.VARIANT["PDL"] = pdl
+                with settings.override(l2_prefetch=prefetch):
                     runner.capture()
-                times[on].append(step_ms(runner, 200))
-        off, on = (sorted(times[v])[1] for v in (False, True))
-        print(f"  L2 prefetch A/B (median of 3 x 200 replays): off {off:.3f} ms ({1000 / off:.1f} tok/s), "
-              f"on {on:.3f} ms ({1000 / on:.1f} tok/s), {off / on:.3f}x", flush=True)  # fmt: skip
+                times[name].append(step_ms(runner, 200))
+        cuda_mma.VARIANT["PDL"] = 0
+        runner.capture()
+        base = sorted(times["plain"])[1]
+        for name, ts in times.items():
+            t = sorted(ts)[1]
+            print(f"  {name:12s} {t:.3f} ms/step ({1000 / t:.1f} tok/s) {base / t:.3f}x  runs {[round(x, 3) for x in ts]}",
+                  flush=True)  # fmt: skip
     steps = 10
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):

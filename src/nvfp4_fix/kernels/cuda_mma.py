@@ -144,8 +144,7 @@ __device__ __forceinline__ void load_x(u32 (*X)[16], int c, const u16* const* xr
   }
 }
 
-__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* const* wp, const u8* const* sp,
-                                          const u16* const* xr) {
+__device__ __forceinline__ void load_w(Slot& S, int c, const u8* const* wp, const u8* const* sp) {
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
 #pragma unroll
@@ -155,6 +154,11 @@ __device__ __forceinline__ void load_slot(Slot& S, int c, const u8* const* wp, c
       S.s[r][e] = ld_u16(sp[2 * r + e] + c * 8);
     }
   }
+}
+
+__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* const* wp, const u8* const* sp,
+                                          const u16* const* xr) {
+  load_w(S, c, wp, sp);
 #if XPRE
   load_x(S.X, c, xr);
 #endif
@@ -241,10 +245,26 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   // never used) so the loads need no branches.
   const int last = c_hi - 1;
   Slot S[DEPTH + 1];
+#if PDL && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent: the weights are not the previous kernel's output, so their
+  // first chunks load while it finishes; x is read only after it completed.
+  if (c_lo < c_hi) {
+#pragma unroll
+    for (int i = 0; i < DEPTH; ++i) load_w(S[i], min(c_lo + i, last), wp, sp);
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#if XPRE
+  if (c_lo < c_hi) {
+#pragma unroll
+    for (int i = 0; i < DEPTH; ++i) load_x(S[i].X, min(c_lo + i, last), xr);
+  }
+#endif
+#else
   if (c_lo < c_hi) {
 #pragma unroll
     for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wp, sp, xr);
   }
+#endif
   for (int c = c_lo; c < c_hi; c += DEPTH + 1) {
 #pragma unroll
     for (int i = 0; i <= DEPTH; ++i) {
@@ -253,6 +273,9 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
       if (c + i + 1 >= c_hi) break;
     }
   }
+#if PDL && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   // Ask L2 for this block's share of the next layer's weight (the decode step's next linear) while the
   // small kernels between the two run: fire-and-forget, no result, no effect on this one's output.
   if (pf_w_bytes > 0) {
@@ -315,7 +338,7 @@ _DEFINES = {
 
 #: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
 #: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
-VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "PF_LAST": 0}
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "PF_LAST": 0, "PDL": 0}
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
@@ -428,11 +451,13 @@ def linear(
     if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
         bias = bias.to(x2.dtype).contiguous()
     dev = _device_index(x2.device)
-    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, _variant_key(variant))
+    var = _variant_key(variant)
+    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, var)
     nxt = _prefetch_next.get(wp.data_ptr())
     pf_w, pf_s = nxt if nxt is not None else (None, None)
+    pf_args = (pf_w, _prefetch_bytes(pf_w), pf_s, _prefetch_bytes(pf_s))
     kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k,
-                pf_w, _prefetch_bytes(pf_w), pf_s, _prefetch_bytes(pf_s))  # fmt: skip
+                *pf_args, dependent=_pdl(dev, var))  # fmt: skip
     if _recorded is not None:
         _recorded.append((wp, ws))
     return y
@@ -446,6 +471,11 @@ _recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 #: At most this many bytes of one weight are prefetched: about half the H100's 50 MB L2, so the lines
 #: fetched early are still there when the next linear reads them.
 PREFETCH_MAX_BYTES = 24 << 20
+
+
+@functools.cache
+def _pdl(device_index: int, variant: tuple) -> bool:
+    return dict(variant)["PDL"] == 1 and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def _prefetch_bytes(t: torch.Tensor | None) -> int:
