@@ -15,9 +15,12 @@ W = float(weight) * weight_scale (broadcast per tensor, row or block). Compute i
 dequantized a chunk of rows at a time into the activation dtype and multiplied there. On the CPU the
 chunk's dequantization is torch.compile'd into one pass, and one token (M = 1) runs a compiled GEMV
 that decodes the e4m3 codes inside its loop in float32 (``NVFP4_FIX_CPU_COMPILE=0``: eager ops, same
-math). Where the
+math). On CUDA (``fp8_cuda.py``): M <= 64 runs the Triton W8A16 kernel (``kernels/triton_fp8.py``),
+larger M the chunked dequantization + cuBLAS. Where the
 checkpoint quantizes activations to FP8, ``activation_mode="quantize"`` (the default) reproduces it
-as compressed-tensors' forward does (same dtypes, same order of operations); ``"bf16"`` skips it.
+as compressed-tensors' forward does (same dtypes, same order of operations); ``"bf16"`` skips it. On
+sm_89+ the quantized activations run on FP8 tensor cores (``torch._scaled_mm``) where its scaling
+reproduces the checkpoint's (``settings.fp8_scaled_mm``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import functools
 import torch
 from torch import nn
 
-from . import settings
+from . import fp8_cuda, settings
 from .classify import QuantizedModule
 from .codec import FP8_MAX
 from .schemes import FP8Spec
@@ -243,10 +246,14 @@ class FP8Linear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_weight is None and x.is_cuda:
+            y = fp8_cuda.layer_linear(self, x, quantized_input=False)  # torch._scaled_mm
+            if y is not None:
+                return y
         x = self.prepare_input(x)
         if self.dense_weight is not None:
             return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
-        y = self._cpu_gemv(x)
+        y = fp8_cuda.layer_linear(self, x, quantized_input=True) if x.is_cuda else self._cpu_gemv(x)
         if y is not None:
             return y
         n, k = self.out_features, self.in_features

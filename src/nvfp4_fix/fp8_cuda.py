@@ -1,0 +1,118 @@
+"""FP8Linear's GPU paths.
+
+* ``torch._scaled_mm`` (FP8 tensor cores) where the checkpoint quantizes activations and the card's
+  scaling reproduces that quantization: per-tensor or per-channel weight scales with static per-tensor,
+  dynamic per-tensor or dynamic per-token activation scales. The activations are quantized to the same
+  e4m3 codes as the emulation (``fp8.fake_quantize_fp8``: same dtype, same order of operations); the
+  product then runs on the codes with the scales applied in fp32, where the emulation rounds the
+  dequantized operands to the activation dtype first. One scale a side needs sm_89+; per-token or
+  per-channel scales (rowwise) need sm_90 / sm_100 and bf16 activations. ``settings.fp8_scaled_mm``
+  (``NVFP4_FIX_FP8_SCALED_MM=0``) turns it off.
+* W8A16 for M <= ``triton_fp8.MAX_M``: the Triton kernel of ``kernels/triton_fp8.py``.
+
+Each function returns None where it does not apply; the layer then takes its next path. Under
+torch.compile neither runs (the layer's torch path traces).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+
+from . import settings
+from .codec import FP8_MAX
+from .schemes import FP8Spec
+
+try:  # Triton is optional (the legacy environment has none): the torch path is exact too.
+    from .kernels import triton_fp8 as _triton
+except Exception:  # pragma: no cover - depends on the environment
+    _triton = None
+
+Scaling = Literal["tensor", "row"]
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def scaled_mm_scaling(spec: FP8Spec, x2: torch.Tensor, n: int) -> Scaling | None:
+    """How ``torch._scaled_mm`` reproduces ``spec``'s activation quantization for x2 [M, K] on its
+    device: "tensor" (one scale a side), "row" (rowwise scales) or None (it cannot)."""
+    if spec.weights not in ("tensor", "channel"):
+        return None
+    if spec.activations not in ("static", "dynamic-tensor", "dynamic-token"):
+        return None
+    if not x2.is_cuda or x2.shape[0] == 0 or x2.shape[1] % 16 or n % 16:
+        return None
+    cap = _capability(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+    if spec.weights == "tensor" and spec.activations != "dynamic-token":
+        ok = cap >= (8, 9) and x2.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return "tensor" if ok else None
+    return "row" if cap[0] in (9, 10) and x2.dtype == torch.bfloat16 else None
+
+
+def quantize_activations(
+    x2: torch.Tensor, spec: FP8Spec, input_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes [M, K], scale [M, 1] or [1, 1] in x2's dtype), the codes equal to those
+    ``fp8.fake_quantize_fp8`` makes for static, dynamic-tensor and dynamic-token activations."""
+    if spec.activations == "static":
+        if input_scale is None:
+            raise ValueError("static FP8 activations need an input_scale")
+        s = input_scale.to(x2.dtype).reshape(1, 1)
+    else:
+        amax = x2.abs().amax(dim=-1, keepdim=True) if spec.activations == "dynamic-token" else x2.abs().amax()
+        s = amax / FP8_MAX
+        s = torch.where(s == 0, torch.full_like(s, torch.finfo(s.dtype).eps), s).reshape(-1, 1)
+    return (x2 / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous(), s
+
+
+def scaled_mm_linear(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    spec: FP8Spec,
+    scaling: Scaling,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x2 [M, K] quantized as the checkpoint asks, times W [N, K] e4m3, on FP8 tensor cores."""
+    q, s = quantize_activations(x2, spec, input_scale)
+    sa, sw = s.to(torch.float32), weight_scale.to(torch.float32)
+    if scaling == "tensor":
+        sa, sw = sa.reshape(()), sw.reshape(())
+    else:
+        sa = sa.reshape(-1, 1).expand(q.shape[0], 1).contiguous()
+        sw = sw.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    y = torch._scaled_mm(q, weight.t(), scale_a=sa, scale_b=sw, out_dtype=x2.dtype)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def layer_linear(layer, x: torch.Tensor, quantized_input: bool) -> torch.Tensor | None:  # noqa: ANN001
+    """The layer's output through a GPU path, or None. ``quantized_input``: x already went through
+    the layer's activation quantization (then only the W8A16 kernel applies)."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return None
+    k, n = layer.in_features, layer.out_features
+    x2 = x.reshape(-1, k)
+    spec = layer.spec
+    if not quantized_input:
+        if layer.activation_mode != "quantize" or spec.activations == "none":
+            return None
+        if not settings.current().fp8_scaled_mm:
+            return None
+        scaling = scaled_mm_scaling(spec, x2, n)
+        if scaling is None:
+            return None
+        y = scaled_mm_linear(
+            x2, layer.weight, layer.weight_scale, layer.input_scale, spec, scaling, layer.bias
+        )
+        return y.reshape(*x.shape[:-1], n)
+    if _triton is None or not _triton.supports(x2, spec, k):
+        return None
+    return _triton.fp8_linear(x2, layer.weight, layer.weight_scale, spec, layer.bias).reshape(
+        *x.shape[:-1], n
+    )

@@ -1,0 +1,180 @@
+"""FP8Linear's GPU paths against a float64 reference: the Triton W8A16 kernel (on the CPU through
+Triton's interpreter, on an H100 at full shapes) and torch._scaled_mm on FP8 tensor cores for the
+activation kinds whose quantization it reproduces (the codes are checked bit-equal to the emulation's).
+
+Reference: e4m3 bytes decoded by ``reference.e4m3_to_float`` (numpy, from the format description), each
+scale spread over its rows / 128-column blocks, float64 products. Tolerance: relative L2 1e-2 in bf16
+(outputs and, in the emulation, operands rounded to 8 significant bits), 2e-3 in fp16.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import e4m3_to_float, rel_err
+
+from nvfp4_fix import fp8_cuda, settings
+from nvfp4_fix.fp8 import FP8Linear, fake_quantize_fp8
+from nvfp4_fix.schemes import FP8Spec
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+_E4M3 = torch.from_numpy(np.nan_to_num(e4m3_to_float(np.arange(256))))
+
+
+def make_layer(n: int, k: int, spec: FP8Spec, device: str = DEVICE, seed: int = 0) -> FP8Linear:
+    """Random e4m3 codes (no NaN) and positive scales of the spec's shape, built on ``device``."""
+    if spec.weights == "tensor":
+        shape: tuple[int, ...] = (1,)
+    elif spec.weights == "channel":
+        shape = (n, 1)
+    else:
+        bn, bk = spec.block or (128, 128)
+        shape = (math.ceil(n / bn), math.ceil(k / bk))
+    layer = FP8Linear(
+        k,
+        n,
+        spec,
+        scale_shape=shape,
+        input_scale_shape=(1,) if spec.activations == "static" else None,
+        device=device,
+    )
+    g = torch.Generator(device).manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k), generator=g, dtype=torch.uint8, device=device)
+    codes[(codes & 0x7F) == 0x7F] = 0x31
+    layer.weight.data.copy_(codes.view(torch.float8_e4m3fn))
+    layer.weight_scale.data.copy_(torch.rand(shape, generator=g, device=device) * 1e-3 + 1e-4)
+    if layer.input_scale is not None:
+        layer.input_scale.data.fill_(0.02)
+    return layer
+
+
+def reference(layer: FP8Linear, x: torch.Tensor) -> torch.Tensor:
+    """float64 x @ W.T on x's device (x already quantized where the reference wants that)."""
+    w = _E4M3.to(x.device)[layer.weight.view(torch.uint8).long()]
+    s = layer.weight_scale.detach().double()
+    n, k = w.shape
+    if layer.spec.weights == "block":
+        bn, bk = layer.spec.block or (128, 128)
+        s = s.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+    w = w * (s.reshape(()) if s.numel() == 1 else s.reshape(n, -1))
+    return x.double() @ w.T
+
+
+def _inputs(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return (torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 2).to(DEVICE, dtype)
+
+
+BLOCK = FP8Spec("block", block=(32, 64))
+
+
+@pytest.mark.skipif(fp8_cuda._triton is None, reason="needs triton")
+@pytest.mark.parametrize("spec", [FP8Spec("tensor"), FP8Spec("channel"), BLOCK], ids=lambda s: s.weights)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_triton_w8a16_small(spec: FP8Spec, m: int) -> None:
+    """77 x 200 (partial row blocks, a partial K tile, block scales changing inside a split)."""
+    layer = make_layer(77, 200, spec)
+    x = _inputs(m, 200, torch.float16)  # the CPU interpreter's tl.dot is wrong in bf16; the GPU test has it
+    y = fp8_cuda._triton.fp8_linear(x, layer.weight, layer.weight_scale, spec, None)
+    assert y.dtype == torch.float16 and y.shape == (m, 77)
+    assert rel_err(y, reference(layer, x)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [FP8Spec("tensor", "static"), FP8Spec("channel", "dynamic-token"), FP8Spec("tensor", "dynamic-tensor")],
+    ids=lambda s: s.activations,
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scaled_mm_codes_are_the_emulations(spec: FP8Spec, dtype: torch.dtype) -> None:
+    """codes * scale from the _scaled_mm path equal fake_quantize_fp8 bit for bit (all-zero row too)."""
+    x = _inputs(9, 64, dtype) * 3
+    x[4] = 0
+    s_in = torch.tensor([0.02], device=DEVICE)
+    q, s = fp8_cuda.quantize_activations(x, spec, s_in)
+    assert q.dtype == torch.float8_e4m3fn and q.is_contiguous()
+    assert torch.equal(q.to(dtype) * s, fake_quantize_fp8(x, spec, s_in))
+
+
+GPU_SPECS = [
+    FP8Spec("tensor", "static"),
+    FP8Spec("tensor", "dynamic-tensor"),
+    FP8Spec("channel", "dynamic-token"),
+    FP8Spec("tensor", "dynamic-token"),
+    FP8Spec("channel", "static"),
+    FP8Spec("block", "dynamic-group", (128, 128), 128),
+]
+
+
+GPU_CASES = [
+    (spec, shape, dtype, m)
+    for spec in GPU_SPECS
+    for shape in [(4096, 4096), (6144, 5120), (4096, 14336)]
+    for dtype in (torch.bfloat16, torch.float16)
+    for m in (1, 16, 64, 300)
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_layer(spec: FP8Spec, n: int, k: int) -> FP8Linear:
+    return make_layer(n, k, spec, seed=n + k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "spec,shape,dtype,m",
+    GPU_CASES,
+    ids=[f"{s.weights}-{s.activations}-{n}x{k}-{str(d)[6:]}-M{m}" for s, (n, k), d, m in GPU_CASES],
+)
+def test_gpu_full_shapes(spec, shape, m, dtype, monkeypatch) -> None:  # noqa: ANN001
+    """Both modes of the layer at Llama-8B / 27B-like shapes: W8A16 (Triton for M <= 64, the chunked
+    cuBLAS path above) and the checkpoint's activation quantization (_scaled_mm where it reproduces
+    it, else the emulation), each against float64."""
+    n, k = shape
+    layer = _gpu_layer(spec, n, k)
+    x = _inputs(m, k, dtype, seed=m)
+    calls: list[str] = []
+    real_mm, real_tr = torch._scaled_mm, fp8_cuda._triton.fp8_linear
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: (calls.append("mm"), real_mm(*a, **kw))[1])
+    monkeypatch.setattr(fp8_cuda._triton, "fp8_linear", lambda *a: (calls.append("tr"), real_tr(*a))[1])
+    layer.activation_mode = "bf16"
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == dtype and rel_err(y, reference(layer, x)) < TOL[dtype]
+    assert calls == (["tr"] if m <= 64 else []), calls
+    calls.clear()
+    layer.activation_mode = "quantize"
+    with torch.no_grad():
+        y = layer(x)
+        emulated = layer.prepare_input(x)
+    assert rel_err(y, reference(layer, emulated)) < TOL[dtype]
+    scaling = fp8_cuda.scaled_mm_scaling(spec, x, n)
+    if torch.cuda.get_device_capability() == (9, 0) and dtype == torch.bfloat16:
+        assert (scaling is not None) == (spec.weights != "block")  # an H100 takes every such kind
+    assert ("mm" in calls) == (scaling is not None)
+    with settings.override(fp8_scaled_mm=False), torch.no_grad():
+        assert rel_err(layer(x), reference(layer, emulated)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", [FP8Spec("channel", "dynamic-token"), BLOCK], ids=lambda s: s.weights)
+def test_gpu_layer_in_a_cuda_graph(spec: FP8Spec) -> None:
+    """Decode-shaped calls replay in a CUDA graph with new inputs (no host sync on either path)."""
+    layer = make_layer(1024, 2048, spec)
+    x = _inputs(1, 2048, torch.bfloat16)
+    with torch.no_grad():
+        layer(x)  # compile the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        x.copy_(_inputs(1, 2048, torch.bfloat16, seed=7))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, layer(x))
