@@ -11,7 +11,8 @@ Choice of kernel (``kernel=`` argument, else ``settings.current().kernel``, env 
                    == 0); otherwise M == 1 -> ``triton_gemv``; 2 <= M <= 16 -> ``triton_mm`` (BM=16);
                    larger M -> ``triton_mm`` or ``dequant_mm`` (dequantize into a bf16 scratch in
                    row chunks + cuBLAS), by the thresholds measured in benchmarks/RESULTS.md.
-                   fp32 activations -> ``dequant_mm``. Without Triton -> ``chunked``.
+                   fp32 activations -> ``dequant_mm``. Without Triton, or below sm_80 -> ``chunked``.
+                   The choice is ``selection.choose``, a pure function of the card and the settings.
 * CPU, auto:       M == 1 -> ``cpu_gemv`` (torch.compile'd fused GEMV from packed bytes, eager
                    fallback); M > 1 -> ``chunked`` (row chunks dequantized to float32 + matmul).
 * ``humming``       the optional Humming library (kernels/humming.py): ``auto`` takes it only with
@@ -26,6 +27,7 @@ implementation), so torch.compile traces through it and CUDA graphs capture it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -35,6 +37,7 @@ from .. import settings
 from . import cpu as _cpu
 from . import cuda_mma as _cuda_mma
 from . import humming as _humming
+from . import selection as _selection
 from . import table as _table
 from .device import on_device_of
 from .reference import linear_reference
@@ -72,29 +75,40 @@ def _plan(
     device_type: str, index: int, dtype: torch.dtype, m: int, n: int, k: int, s: settings.Settings
 ) -> str:
     if device_type != "cuda":
-        return "cpu_gemv" if m == 1 else "chunked"
-    if (
-        dtype in (torch.float16, torch.bfloat16)
-        and _humming_on(index, s.humming)
-        and _table.backend_for(torch.cuda.get_device_capability(index), m, n, k) == "humming"
-    ):
-        return "humming"
-    return _ours_cuda(index, dtype, m, n, k, s)
+        return _selection.choose(None, dtype, m, n, k, s)
+    card = _card(index, _humming_on(index, s.humming))
+    return _nvrtc_checked(
+        card, index, _selection.choose(card, dtype, m, n, k, s, _m1(n, k)), dtype, m, n, k, s
+    )
 
 
 def _ours_cuda(index: int, dtype: torch.dtype, m: int, n: int, k: int, s: settings.Settings) -> str:
-    if not HAS_TRITON:
-        return "chunked"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return "dequant_mm"
-    if m <= _cuda_mma.MAX_M and _cuda_mma.supports_shape(index, dtype, m, k):
-        return "cuda_mma"
-    if m == 1:
-        return "triton_gemv" if _tops.m1_kernel(n, k) == "gemv" else "triton_mm"
-    # dequant_mm_min_m: where dequantize + cuBLAS overtakes the tl.dot GEMM (H100, RESULTS.md)
-    if m <= 16 or m < s.dequant_mm_min_m:
-        return "triton_mm"
-    return "dequant_mm"
+    card = _card(index, False)
+    return _nvrtc_checked(card, index, _selection.ours(card, dtype, m, n, k, s, _m1(n, k)), dtype, m, n, k, s)
+
+
+def _card(index: int, humming: bool) -> _selection.Card:
+    # nvrtc=True until a call is about to take cuda_mma: only then is it compiled (_nvrtc_checked)
+    return _selection.Card(torch.cuda.get_device_capability(index), HAS_TRITON, True, humming)
+
+
+def _nvrtc_checked(
+    card: _selection.Card,
+    index: int,
+    kernel: str,
+    dtype: torch.dtype,
+    m: int,
+    n: int,
+    k: int,
+    s: settings.Settings,
+) -> str:
+    if kernel == "cuda_mma" and not _cuda_mma.supports_shape(index, dtype, m, k):
+        return _selection.ours(dataclasses.replace(card, nvrtc=False), dtype, m, n, k, s, _m1(n, k))
+    return kernel
+
+
+def _m1(n: int, k: int) -> str:
+    return _tops.m1_kernel(n, k) if HAS_TRITON else "gemv"
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,0 +1,101 @@
+"""Which kernel ``auto`` runs for one call shape, as a pure function of the card and the settings.
+
+Everything the choice depends on is an argument (``Card``: compute capability and what is installed),
+so the choice for any card can be computed, and tested, on a machine without that card. The
+dispatch (kernels/__init__.py) fills ``Card`` in from the real device once per device and caches
+the result per call shape.
+
+Per card (benchmarks/KERNEL_NOTES.md, "Older GPUs"):
+
+* sm_80 and newer: ``cuda_mma`` for M <= 8 (fp16/bf16, K % 128 == 0, NVRTC present), else the Triton
+  kernels (GEMV at M == 1, the tl.dot GEMM up to ``dequant_mm_min_m``, dequantize + cuBLAS beyond);
+  with ``settings.humming`` on, Humming where kernels/table.py has a measured row (sm_90 only).
+* sm_75 to sm_79 (and older): ``chunked`` (torch ops: row chunks dequantized to float32, cuBLAS
+  matmul). The Triton GEMM and dequantization decode with packed PTX that needs sm_80
+  (``cvt.rn.f16x2.f32``, ``fma.rn.bf16x2``), ``cuda_mma`` uses sm_80 tensor-core instructions, and
+  Humming (which claims sm_75) has no measured rows there.
+* fp32 activations: ``dequant_mm`` (dequantize into the activation dtype, cuBLAS) on sm_80+.
+* No Triton: ``chunked``. CPU: ``cpu_gemv`` for one row, ``chunked`` otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import settings
+from . import table
+from .cuda_mma import MAX_M as CUDA_MMA_MAX_M
+from .humming import MIN_CC as HUMMING_MIN_CC
+
+#: the first compute capability our packed-PTX decoders (Triton) and cuda_mma's mma.sync code run on
+OURS_MIN_CC = (8, 0)
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """What the choice needs to know about one CUDA device."""
+
+    capability: tuple[int, int]
+    triton: bool  # Triton imports
+    nvrtc: bool  # cuda_mma's NVRTC kernels compile on this card
+    humming: bool  # humming-kernels imports
+
+
+def humming_allowed(card: Card, s: settings.Settings) -> bool:
+    """Whether ``auto`` may send any call on this card to Humming."""
+    return (
+        s.humming
+        and card.humming
+        and card.capability >= HUMMING_MIN_CC
+        and bool(table.humming_ranges(card.capability))
+    )
+
+
+def choose(
+    card: Card | None,
+    dtype: torch.dtype,
+    m: int,
+    n: int,
+    k: int,
+    s: settings.Settings,
+    m1_kernel: str = "gemv",
+) -> str:
+    """The kernel for x [M, K] (``dtype``) times an N x K weight. ``card`` None means the CPU;
+    ``m1_kernel`` is the Triton tuning's "gemv" or "mm" for this shape at M == 1."""
+    if card is None:
+        return "cpu_gemv" if m == 1 else "chunked"
+    if (
+        dtype in _HALF
+        and humming_allowed(card, s)
+        and table.backend_for(card.capability, m, n, k) == "humming"
+    ):
+        return "humming"
+    return ours(card, dtype, m, n, k, s, m1_kernel)
+
+
+def ours(
+    card: Card,
+    dtype: torch.dtype,
+    m: int,
+    n: int,
+    k: int,
+    s: settings.Settings,
+    m1_kernel: str = "gemv",
+) -> str:
+    """This package's kernel for the call (the choice without Humming, and the fallback from it)."""
+    if not card.triton or card.capability < OURS_MIN_CC:
+        return "chunked"
+    if dtype not in _HALF:
+        return "dequant_mm"
+    if m <= CUDA_MMA_MAX_M and s.cuda_mma and card.nvrtc and k % 128 == 0:
+        return "cuda_mma"
+    if m == 1:
+        return "triton_gemv" if m1_kernel == "gemv" else "triton_mm"
+    # dequant_mm_min_m: where dequantize + cuBLAS overtakes the tl.dot GEMM (H100, RESULTS.md)
+    if m <= 16 or m < s.dequant_mm_min_m:
+        return "triton_mm"
+    return "dequant_mm"

@@ -1,0 +1,96 @@
+"""What ``auto`` picks on each kind of card, from the pure selection function (no card needed): the
+table of benchmarks/KERNEL_NOTES.md's "Older GPUs" section, row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nvfp4_fix.kernels as K
+from nvfp4_fix import settings
+from nvfp4_fix.kernels import selection as S
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+DEFAULT = settings.Settings()
+HUMMING = settings.Settings(humming=True)
+
+
+def card(cc, triton=True, nvrtc=True, humming=True):
+    return S.Card(cc, triton, nvrtc, humming)
+
+
+H100 = card((9, 0))
+
+
+def test_cpu():
+    for dtype in (BF16, FP32):
+        assert S.choose(None, dtype, 1, 4096, 4096, DEFAULT) == "cpu_gemv"
+        assert S.choose(None, dtype, 7, 4096, 4096, HUMMING) == "chunked"
+
+
+def test_cpu_dispatch_uses_the_same_function():
+    for m in (1, 3):
+        x = torch.zeros(m, 48, dtype=BF16)
+        assert K.select_kernel(x, 33, 48) == S.choose(None, BF16, m, 33, 48, settings.current())
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)])
+def test_sm80_and_newer_without_humming(cc):
+    c = card(cc)
+    for s in (DEFAULT, settings.Settings(humming=True) if cc != (9, 0) else DEFAULT):
+        assert [S.choose(c, BF16, m, 4096, 4096, s) for m in (1, 8)] == ["cuda_mma"] * 2
+        assert S.choose(c, FP16, 9, 4096, 4096, s) == "triton_mm"
+        assert S.choose(c, BF16, 255, 4096, 4096, s) == "triton_mm"
+        assert S.choose(c, BF16, 256, 4096, 4096, s) == "dequant_mm"
+        assert S.choose(c, FP32, 1, 4096, 4096, s) == "dequant_mm"
+        # K not a multiple of 128 (or cuda_mma off, or no NVRTC): Triton at M == 1
+        assert S.choose(c, BF16, 1, 1000, 1520, s) == "triton_gemv"
+        assert S.choose(c, BF16, 1, 1000, 1520, s, m1_kernel="mm") == "triton_mm"
+        assert S.choose(c, BF16, 4, 1000, 1520, s) == "triton_mm"
+    assert S.choose(card(cc, nvrtc=False), BF16, 1, 4096, 4096, DEFAULT) == "triton_gemv"
+    off = settings.Settings(cuda_mma=False)
+    assert S.choose(c, BF16, 1, 4096, 4096, off) == "triton_gemv"
+    assert S.choose(c, BF16, 300, 4096, 4096, settings.Settings(dequant_mm_min_m=512)) == "triton_mm"
+
+
+def test_h100_with_humming_follows_the_table():
+    """kernels/table.py's sm_90 rows, through the selection function."""
+    small, medium, large, tiny = (6144, 4096), (4096, 14336), (28672, 4096), (1536, 2048)
+    assert S.choose(H100, BF16, 1, *small, HUMMING) == "cuda_mma"
+    assert S.choose(H100, BF16, 9, *small, HUMMING) == "humming"
+    assert S.choose(H100, FP16, 512, *small, HUMMING) == "humming"
+    assert S.choose(H100, BF16, 513, *small, HUMMING) == "dequant_mm"
+    assert S.choose(H100, BF16, 2048, *medium, HUMMING) == "humming"
+    assert S.choose(H100, BF16, 1, *large, HUMMING) == "humming"
+    assert S.choose(H100, BF16, 4096, *large, HUMMING) == "dequant_mm"
+    assert S.choose(H100, BF16, 8, *tiny, HUMMING) == "cuda_mma"
+    assert S.choose(H100, BF16, 64, *tiny, HUMMING) == "humming"
+    assert S.choose(H100, BF16, 256, *tiny, HUMMING) == "dequant_mm"
+    assert S.choose(H100, FP32, 64, *small, HUMMING) == "dequant_mm"  # Humming takes fp16/bf16 only
+    # off by default, or not installed: our kernels everywhere
+    assert S.choose(H100, BF16, 64, *small, DEFAULT) == "triton_mm"
+    assert S.choose(card((9, 0), humming=False), BF16, 64, *small, HUMMING) == "triton_mm"
+    # Humming's fallback is ours(): the same answer as with Humming off
+    for m in (1, 9, 64, 300, 2048):
+        assert S.ours(H100, BF16, m, *large, HUMMING) == S.choose(H100, BF16, m, *large, DEFAULT)
+
+
+def test_humming_only_where_measured():
+    assert S.humming_allowed(H100, HUMMING)
+    assert not S.humming_allowed(H100, DEFAULT)
+    for cc in ((7, 5), (8, 0), (8, 9), (10, 0), (12, 0)):  # supported by Humming, never measured here
+        assert not S.humming_allowed(card(cc), HUMMING), cc
+    assert not S.humming_allowed(card((7, 0)), HUMMING)
+
+
+@pytest.mark.parametrize("cc", [(7, 0), (7, 5)])
+def test_older_than_sm80_runs_the_torch_path(cc):
+    """Below sm_80 nothing here uses our PTX (its decode needs sm_80) or Humming (no measured rows)."""
+    for m in (1, 8, 64, 2048):
+        for dtype in (BF16, FP16, FP32):
+            assert S.choose(card(cc), dtype, m, 4096, 4096, HUMMING) == "chunked"
+
+
+def test_no_triton():
+    for m in (1, 64):
+        assert S.choose(card((9, 0), triton=False, humming=False), BF16, m, 4096, 4096, DEFAULT) == "chunked"
