@@ -81,14 +81,17 @@ def test_every_backend_matches_reference(m, n, k, dtype):
     wp, ws, mul = weight(n, k)
     x = make_x(m, k, dtype, "cuda")
     ref = ref_linear_f64(x, wp, ws, mul)
-    errors = {}
+    errors: dict[str, float | str] = {}
     for label, opts in backends(m, k):
-        y = run(x, wp, ws, mul, opts)
+        try:
+            y = run(x, wp, ws, mul, opts)
+        except Exception as err:  # one backend's failure must not hide the others' results
+            errors[label] = f"{type(err).__name__}: {str(err)[:300]}"
+            continue
         assert y.shape == (m, n) and y.dtype == dtype, label
-        assert torch.isfinite(y).all(), f"{label}: non-finite output (unwritten or overflow)"
-        errors[label] = rel_err(y, ref)
-    bad = {b: e for b, e in errors.items() if not e < TOL[dtype]}
-    assert not bad, f"relative error >= {TOL[dtype]}: {bad} (all: {errors})"
+        errors[label] = rel_err(y, ref) if torch.isfinite(y).all() else "non-finite output"
+    bad = {b: e for b, e in errors.items() if isinstance(e, str) or not e < TOL[dtype]}
+    assert not bad, f"tolerance {TOL[dtype]}: failed {bad} (all: {errors})"
 
 
 @pytest.mark.parametrize("humming", [False, True] if HAS_HUMMING else [False])
