@@ -70,12 +70,14 @@ def decode_profile(model, p: int, compile_step: bool, ab_prefetch: bool = False)
 
         variants = {"plain": (False, 0), "l2 prefetch": (True, 0), "PDL": (False, 1), "both": (True, 1)}
         times: dict[str, list[float]] = {v: [] for v in variants}
+        saved = runner.save()  # each timing starts from here: 200 replays must not run past the cache
         for _ in range(3):
             for name, (prefetch, pdl) in variants.items():
                 cuda_mma.VARIANT["PDL"] = pdl
                 with settings.override(l2_prefetch=prefetch):
                     runner.capture()
                 times[name].append(step_ms(runner, 200))
+                runner.restore(saved)
         cuda_mma.VARIANT["PDL"] = 0
         runner.capture()
         base = sorted(times["plain"])[1]
