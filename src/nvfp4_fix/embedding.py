@@ -22,6 +22,49 @@ from .codec import BLOCK, FP4_MAX, FP8_MAX, dequantize, quantize
 CHUNK_ELEMENTS = 1 << 21
 
 
+@torch.no_grad()
+def quantize_rows_into(
+    weight: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, convention: str
+) -> torch.Tensor:
+    """codec.quantize of a dense [R, D] table (on any device) into ``packed`` [R, D/2] and ``scale``
+    [R, D/16] (on their device), ``CHUNK_ELEMENTS`` values at a time, with the per-tensor scale of the
+    whole table (amax / (6 * 448) as a multiplier, its inverse as a divisor), which is returned."""
+    dev = packed.device
+    chunks = weight.split(max(1, CHUNK_ELEMENTS // weight.shape[1]))
+    amax = torch.zeros((), dtype=torch.float32, device=dev)
+    for c in chunks:
+        if c.numel():
+            amax = torch.maximum(amax, c.to(dev).abs().amax().to(torch.float32))
+    if not torch.isfinite(amax):
+        raise ValueError("the table holds inf or NaN: it cannot be quantized")
+    amax = amax.clamp(min=1e-12)  # codec.quantize's conventions
+    g = amax / (FP8_MAX * FP4_MAX) if convention == "multiplier" else (FP8_MAX * FP4_MAX / amax).reshape(1)
+    start = 0
+    for c in chunks:
+        p, s, _ = quantize(c.to(dev), convention, g)
+        packed[start : start + len(c)] = p
+        scale[start : start + len(c)] = s
+        start += len(c)
+    return g
+
+
+def dequantize_rows(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    mul: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The dense [R, D] table of ``packed`` / ``scale`` / multiplier ``mul`` in ``dtype`` on ``device``
+    (default: the codes'), made ``CHUNK_ELEMENTS`` values at a time."""
+    rows, half = packed.shape
+    out = torch.empty((rows, 2 * half), dtype=dtype, device=device or packed.device)
+    step = max(1, CHUNK_ELEMENTS // (2 * half))
+    for s in range(0, rows, step):
+        out[s : s + step] = dequantize(packed[s : s + step], scale[s : s + step], mul, "multiplier", dtype)
+    return out
+
+
 class NVFP4Embedding(nn.Module):
     """``nn.Embedding`` lookup over a table held as NVFP4: ``weight_packed`` uint8 [V, D/2] (two E2M1
     codes a byte), ``weight_scale`` e4m3 [V, D/16], ``weight_scale_2`` float32 scalar multiplier, so
@@ -71,42 +114,21 @@ class NVFP4Embedding(nn.Module):
         m.quantize_(weight)
         return m
 
-    @torch.no_grad()
     def quantize_(self, weight: torch.Tensor) -> None:
         """Fill the table from ``weight`` [V, D], ``CHUNK_ELEMENTS`` values at a time: only the packed
         tensors and one chunk's scratch ever exist on this module's device."""
         if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
             expected = [self.num_embeddings, self.embedding_dim]
             raise ValueError(f"table of shape {list(weight.shape)}; expected {expected}")
-        dev = self.weight_packed.device
-        chunks = weight.split(max(1, CHUNK_ELEMENTS // self.embedding_dim))
-        amax = torch.zeros((), dtype=torch.float32, device=dev)
-        for c in chunks:
-            if c.numel():
-                amax = torch.maximum(amax, c.to(dev).abs().amax().to(torch.float32))
-        if not torch.isfinite(amax):
-            raise ValueError("the table holds inf or NaN: it cannot be quantized")
-        mul = amax.clamp(min=1e-12) / (FP8_MAX * FP4_MAX)  # codec.quantize's multiplier convention
-        start = 0
-        for c in chunks:
-            packed, scale, _ = quantize(c.to(dev), "multiplier", mul)
-            self.weight_packed[start : start + len(c)] = packed
-            self.weight_scale[start : start + len(c)] = scale
-            start += len(c)
+        mul = quantize_rows_into(weight, self.weight_packed, self.weight_scale, "multiplier")
         self.weight_scale_2.copy_(mul)
 
     def dequantized_weight(
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """The whole table [V, D] (default: ``output_dtype``, this module's device), made chunk by chunk."""
-        dtype = dtype or self.output_dtype
-        device = device or self.weight_packed.device
-        out = torch.empty((self.num_embeddings, self.embedding_dim), dtype=dtype, device=device)
-        rows = max(1, CHUNK_ELEMENTS // self.embedding_dim)
-        for s in range(0, self.num_embeddings, rows):
-            packed, scale = self.weight_packed[s : s + rows], self.weight_scale[s : s + rows]
-            out[s : s + rows] = dequantize(packed, scale, self.weight_scale_2, "multiplier", dtype)
-        return out
+        mul = self.weight_scale_2
+        return dequantize_rows(self.weight_packed, self.weight_scale, mul, dtype or self.output_dtype, device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)

@@ -49,6 +49,7 @@ class LoadOptions:
     activations: ActivationMode = "quantize"
     dense_on_cpu: bool = False
     quantize_embeddings: bool | None = None  # None: follow low-memory mode
+    quantize_lm_head: bool = False
 
 
 _OPTIONS: contextvars.ContextVar[LoadOptions] = contextvars.ContextVar("nvfp4_fix_load_options")
@@ -126,12 +127,14 @@ class NVFP4Quantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         from .embedding import quantize_input_embedding
         from .fusion import fuse_siblings
+        from .lm_head import quantize_output_layer
         from .moe import NVFP4Experts
 
         assert self.info is not None
         f4.fill_codes(model, self.info, self.prefix_map)  # codes stored as safetensors F4
         _restore_exact_scales(model, self.info, self.prefix_map)
-        quantize_input_embedding(model, self.options.quantize_embeddings)
+        quantize_input_embedding(model, self.options.quantize_embeddings)  # first: it checks the tie
+        quantize_output_layer(model, self.options.quantize_lm_head)
         for m in model.modules():
             if isinstance(m, (layer.NVFP4Linear, NVFP4Experts, FP8Linear)):
                 m.activation_mode = self.options.activations

@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="time decode through nvfp4_fix.generate (static cache, CUDA graph) instead of model forwards",
     )
+    p.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="quantize the dense lm_head to NVFP4 at load (faster decode; lossy: logits move a little)",
+    )
 
 
 def bench(
@@ -34,6 +39,7 @@ def bench(
     new_tokens: int = 32,
     batch: int = 1,
     fast: bool = False,
+    quantize_lm_head: bool = False,
 ) -> dict[str, Any]:
     import torch
 
@@ -42,7 +48,7 @@ def bench(
 
     if min(prompt_tokens, new_tokens, batch) < 1:
         raise NVFP4Error("--prompt-tokens, --new-tokens and --batch must be at least 1")
-    model, info, load_s = runtime.load(path, device, dtype)
+    model, info, load_s = runtime.load(path, device, dtype, quantize_lm_head)
     vocab = int(model.config.get_text_config().vocab_size)
     # transformers >= 5.24 renamed past_key_values to cache (the old name warns until 5.40)
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -76,6 +82,7 @@ def bench(
         "dtype": str(model.dtype).removeprefix("torch."),
         "batch": batch,
         "decode_path": "nvfp4_fix.generate" if fast else "model forward",
+        "lm_head": "NVFP4, quantized at load (lossy)" if quantize_lm_head else "as in the checkpoint",
         "load_seconds": load_s,
         "prefill": {"tokens": batch * prompt_tokens, "seconds": t1 - t0},
         "decode": {"tokens": batch * new_tokens, "seconds": t2 - t1},
@@ -118,7 +125,8 @@ def render(r: dict[str, Any]) -> str:
 
     lines = [
         f"bench {r['path']} ({r['format']}, {r['scheme']}) on {r['device']}, {r['dtype']}, "
-        f"batch {r['batch']}, decode through {r.get('decode_path', 'model forward')}",
+        f"batch {r['batch']}, decode through {r.get('decode_path', 'model forward')}, "
+        f"lm_head {r.get('lm_head', 'as in the checkpoint')}",
         "| phase   | tokens | seconds |    tok/s |",
         "|---------|-------:|--------:|---------:|",
     ]
@@ -135,6 +143,15 @@ def render(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    r = bench(args.path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.fast)
+    r = bench(
+        args.path,
+        args.device,
+        args.dtype,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.batch,
+        args.fast,
+        args.quantize_lm_head,
+    )
     print(render(r))
     return 0

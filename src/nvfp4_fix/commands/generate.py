@@ -45,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="generate for this many copies of the prompt at once (printed after, not streamed)",
     )
+    p.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="quantize the dense lm_head to NVFP4 at load (faster decode; lossy: logits move a little)",
+    )
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec(FAST_MODULE) is None:
             raise NVFP4Error(f"--fast needs {FAST_MODULE}, which this nvfp4-fix version does not have")
         fast = importlib.import_module(FAST_MODULE).generate
-    model, info, load_s = runtime.load(args.path, args.device, args.dtype)
+    model, info, load_s = runtime.load(args.path, args.device, args.dtype, args.quantize_lm_head)
     tok = runtime.tokenizer(info.path)
     if tok is None:
         raise NVFP4Error(

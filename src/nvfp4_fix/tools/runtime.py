@@ -23,8 +23,11 @@ DTYPE_NAMES = {
 }
 
 
-def load(path: str, device: str = "cpu", dtype: str = "auto") -> tuple[Any, CheckpointInfo, float]:
-    """(model, checkpoint info, seconds) via nvfp4_fix.loading.from_pretrained, layers packed."""
+def load(
+    path: str, device: str = "cpu", dtype: str = "auto", quantize_lm_head: bool = False
+) -> tuple[Any, CheckpointInfo, float]:
+    """(model, checkpoint info, seconds) via nvfp4_fix.loading.from_pretrained, layers packed (the
+    lm_head too with ``quantize_lm_head``: lossy, see from_pretrained)."""
     info = require_nvfp4(path)
     require_consistent(info)
     if dtype not in DTYPE_NAMES:
@@ -35,7 +38,13 @@ def load(path: str, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Chec
     try:
         model_class = _model_class(info)
         with progress.transformers_bars():
-            model = from_pretrained(info.path, model_class, dtype=_resolve(dtype, info), device_map=device)
+            model = from_pretrained(
+                info.path,
+                model_class,
+                dtype=_resolve(dtype, info),
+                device_map=device,
+                quantize_lm_head=quantize_lm_head,
+            )
     except NVFP4Error:
         raise
     except Exception as e:  # transformers refusing this config/architecture: one line, not a traceback
