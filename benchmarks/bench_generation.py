@@ -26,7 +26,10 @@ the rest of the decode step (attention, norms, rotary, sampling, small kernels) 
 Optional cases, run while the time budget (``--budget-s``, whole script) allows: NVFP4 fast path
 with ``pack_gqa=False`` (transformers' own sdpa with repeat_kv for decode attention, as before the
 Triton decode-attention kernel and the folded query heads), and with ``--compile`` NVFP4 with
-``compile_step=True`` (~75 s of compilation). ``--tiny`` runs a 2-layer model on the CPU (static loop,
+``compile_step=True`` (~75 s of compilation); "NVFP4 + NVFP4 lm_head" (``quantize_lm_head=True``: opt-in,
+lossy) on the graph path and, with ``--compile``, the compiled one, with its breakdown row and its accuracy
+(benchmarks/lmhead_accuracy.py: logits relative L2 error and teacher-forced top-1 agreement against the
+dense lm_head over 512 positions of this random model, and on the demo model on the CPU). ``--tiny`` runs a 2-layer model on the CPU (static loop,
 no graph) to smoke-test the script.
 """
 
@@ -46,11 +49,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama8b import card_name, ensure_checkpoints, llama8b_config, random_model, versions  # noqa: E402
+from lmhead_accuracy import compare, demo_lines, line  # noqa: E402
 
 from nvfp4_fix.generation import clear_cache, generate  # noqa: E402
 from nvfp4_fix.generation.cache import forward_api  # noqa: E402
 
 T_START = time.perf_counter()
+LMH = "NVFP4 + NVFP4 lm_head"
 
 
 def sync() -> None:
@@ -254,7 +259,8 @@ def write_report(args, prompts, n, rows, brk, notes, prefill=(), echo: bool = Fa
     lines += ["", "Decode-step breakdown (fast path, P = first prompt length; linears = every decoder linear once at M=1 in one CUDA graph):", "",
               "| weights | decode ms/token | decoder linears ms (count) | GB/s of linears | lm_head ms | rest ms (attention, norms, rotary, sampling, ...) |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for kind, label in (("nvfp4", "NVFP4, this path (graph)"), ("bf16", "bf16, this path (graph)")):
+    for kind, label in (("nvfp4", "NVFP4, this path (graph)"), ("bf16", "bf16, this path (graph)"),
+                        ("nvfp4 + nvfp4 lm_head", f"{LMH}, this path (graph)")):  # fmt: skip
         b = brk.get(kind)
         step = next((r for r in rows if r["method"] == label and r["prompt"] == prompts[0]), None)
         if not b or not step:
@@ -443,6 +449,35 @@ def main() -> int:
             r["weights_gib"] = nv_weights
             rows.append(r)
     clear_cache(model)
+    lq = attempt(f"{LMH} load", lambda: nvfp4_fix.from_pretrained(
+        paths["nvfp4"], dtype=torch.bfloat16, device_map=device, quantize_lm_head=True), estimate_s=40)  # fmt: skip
+    if lq is not None:  # opt-in, lossy: the dense lm_head quantized at load
+        lq_weights = gib(sum(t.numel() * t.element_size() for t in [*lq.parameters(), *lq.buffers()]))
+        arms = [("this path (graph)", {}, 15)] + [("this path + torch.compile", {"compile_step": True}, 95)] * args.compile
+        for label, kw, est in arms:  # as the NVFP4 arms: graph, and compile_step=True with --compile
+            for p in prompts:
+                ids = prompt_ids(cfg.vocab_size, p, device)
+                r = attempt(f"{LMH} {label} P={p}", lambda: run_case(f"{LMH}, {label}", lq, ids, n, True, device, reps, **kw), est)  # fmt: skip
+                if r:
+                    r["weights_gib"] = lq_weights
+                    rows.append(r)
+                    base = next((x for x in rows if x["method"] == f"NVFP4, {label}" and x["prompt"] == p), None)
+                    agree(f"{LMH} P={p}, {label}: vs the dense lm_head", r, base)
+            clear_cache(lq)
+        b = attempt(f"{LMH} breakdown", lambda: breakdown(lq, device))
+        if b:
+            brk["nvfp4 + nvfp4 lm_head"] = b
+        acc_ids = prompt_ids(cfg.vocab_size, 512, device)
+        acc = attempt(f"{LMH} accuracy", lambda: compare(model, lq, acc_ids))
+        if acc:
+            notes.append(line(f"{LMH} accuracy, this random model vs its dense lm_head (bf16, {device})", acc))
+        del lq
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for x in attempt(f"{LMH} accuracy on the demo model", demo_lines, estimate_s=10) or []:
+        notes.append(x)
+        print(f"  {x}", flush=True)
     attempt("NVFP4 low-memory load", low_memory_rows, estimate_s=25)
     for p in prompts:  # decode attention through transformers' own sdpa (repeat_kv), as before pack_gqa
         ids = prompt_ids(cfg.vocab_size, p, device)
