@@ -116,19 +116,23 @@ needs_transformers5 = pytest.mark.skipif(
 
 @pytest.fixture
 def grouped_on_cpu(monkeypatch):
-    """Send CPU experts to the grouped kernel (Triton's interpreter); count its launches."""
+    """Send CPU experts to the grouped kernels (Triton's interpreter); record their calls: "mm" per
+    grouped projection, "decode" per fused decode experts call (kernels/moe_decode.py)."""
     from nvfp4_fix import expert_stack
-    from nvfp4_fix.kernels import moe_grouped
+    from nvfp4_fix.kernels import moe_decode, moe_grouped
 
-    calls = []
-    real = moe_grouped.expert_mm
+    calls: list[str] = []
 
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
+    def spy(name, real):
+        def call(*a, **kw):
+            calls.append(name)
+            return real(*a, **kw)
+
+        return call
 
     monkeypatch.setattr(expert_stack, "GROUPED_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(moe_grouped, "expert_mm", spy)
+    monkeypatch.setattr(moe_grouped, "expert_mm", spy("mm", moe_grouped.expert_mm))
+    monkeypatch.setattr(moe_decode, "decode_experts", spy("decode", moe_decode.decode_experts))
     return calls
 
 
@@ -150,7 +154,7 @@ def test_fixture_grouped_experts_match_the_float64_reference(path, grouped_on_cp
     model = from_pretrained(path, dtype=torch.float32, activations="bf16")
     blocks = [m for m in model.modules() if isinstance(m, NVFP4Experts)]
     topk = model.config.num_experts_per_tok
-    for n in (9, 40):  # 36 pairs: the indexed kernel; 160: tiles of pairs grouped by expert
+    for n in (9, 40):  # 36 pairs: the fused decode kernels; 160: tiles of pairs grouped by expert
         assert (block_m_for(2 * n * topk) == 1) == (n == 9)
         ids = _ids(path, n)
         grouped_on_cpu.clear()
@@ -158,7 +162,8 @@ def test_fixture_grouped_experts_match_the_float64_reference(path, grouped_on_cp
             want = ref(input_ids=ids).logits.double()
             got = model(input_ids=ids).logits
         assert blocks and all(b.stacked() is not None for b in blocks)
-        assert len(grouped_on_cpu) == 2 * len(blocks)  # gate_up and down, one launch each per block
+        per_block = ["decode"] if n == 9 else ["mm", "mm"]  # fused decode; or gate_up and down
+        assert grouped_on_cpu == per_block * len(blocks)
         assert rel_err(got, want) < 1e-4
     # the stacked buffers hold the experts' own bytes: state_dict is unchanged (copies, not views)
     sd = model.state_dict()
@@ -229,9 +234,11 @@ def test_gate_and_up_global_scales_of_one_expert_may_differ(grouped_on_cpu, monk
     torch.testing.assert_close(grouped, loop, rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_forward_traces_whole_under_torch_compile(grouped_on_cpu):
-    """No host sync and no graph break: fullgraph=True tracing succeeds (the kernel is the opaque op
-    torch.ops.nvfp4_fix.moe_expert_mm) and equals the eager result and the float64 reference."""
+@pytest.mark.parametrize("t", [3, 40], ids=["decode", "grouped"])
+def test_grouped_forward_traces_whole_under_torch_compile(grouped_on_cpu, t):
+    """No host sync and no graph break: fullgraph=True tracing succeeds (the kernels are the opaque ops
+    torch.ops.nvfp4_fix.moe_decode_experts, or moe_expert_mm and moe_sum_pairs) and equals the eager
+    result and the float64 reference (a pair routed to no expert adds nothing)."""
     from nvfp4_fix import expert_stack
 
     e, h, i, topk = 4, 64, 32, 2
@@ -240,9 +247,10 @@ def test_grouped_forward_traces_whole_under_torch_compile(grouped_on_cpu):
     st = expert_stack.Stacked(codes, scales, mul, dcodes, dscales, dmul, None)
 
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, h, generator=g)
-    idx = torch.randint(0, e, (3, topk), generator=g)
-    w = torch.rand(3, topk, generator=g)
+    x = torch.randn(t, h, generator=g)
+    idx = torch.randint(0, e, (t, topk), generator=g)
+    idx[1, 0] = e
+    w = torch.rand(t, topk, generator=g)
     seen = []
 
     def backend(gm, inputs):
@@ -254,17 +262,20 @@ def test_grouped_forward_traces_whole_under_torch_compile(grouped_on_cpu):
 
     fn = torch.compile(forward, backend=backend, fullgraph=True)
     got = fn(x, idx, w)
-    assert torch.ops.nvfp4_fix.moe_expert_mm.default in seen or torch.ops.nvfp4_fix.moe_expert_mm in seen
+    nv = torch.ops.nvfp4_fix
+    ops = [nv.moe_decode_experts] if t == 3 else [nv.moe_expert_mm, nv.moe_sum_pairs]
+    assert all(op.default in seen or op in seen for op in ops)
     torch.testing.assert_close(got, expert_stack.grouped_forward(st, x, idx, w, silu, False))
     wg, wd = reference_weights(codes, scales, mul, i), reference_weights(dcodes, dscales, dmul, h)
     x64 = x.double().numpy()
-    want = np.zeros((3, h))
-    for t in range(3):
+    want = np.zeros((t, h))
+    for r in range(t):
         for k in range(topk):
-            ex = int(idx[t, k])
-            gu = wg[ex] @ x64[t]
-            act = gu[:i] / (1 + np.exp(-gu[:i])) * gu[i:]
-            want[t] += float(w[t, k]) * (wd[ex] @ act)
+            ex = int(idx[r, k])
+            if ex < e:
+                gu = wg[ex] @ x64[r]
+                act = gu[:i] / (1 + np.exp(-gu[:i])) * gu[i:]
+                want[r] += float(w[r, k]) * (wd[ex] @ act)
     assert rel(got, want) <= 1e-5
 
 
@@ -347,23 +358,25 @@ def test_gpu_graph_capture_replays_any_routing(block_m):
 
 @gpu
 @needs_cuda
-def test_gpu_compiled_grouped_forward_equals_eager():
-    """grouped_forward under torch.compile (fullgraph: no host sync, the kernel as an opaque op)."""
+@pytest.mark.parametrize("t", [4, 16], ids=["decode", "grouped"])
+def test_gpu_compiled_grouped_forward_equals_eager(t):
+    """grouped_forward under torch.compile (fullgraph: no host sync, the kernels as opaque ops)."""
     from nvfp4_fix import expert_stack
 
     codes, scales, mul = random_experts(E30, 2 * I30, H30, 2, seed=5, device="cuda")
     dcodes, dscales, dmul = random_experts(E30, H30, I30, 1, seed=6, device="cuda")
     st = expert_stack.Stacked(codes, scales, mul, dcodes, dscales, dmul, None)
 
-    x = torch.randn(4, H30, device="cuda", dtype=torch.bfloat16)
-    idx, w = _routing(4, seed=9)
+    x = torch.randn(t, H30, device="cuda", dtype=torch.bfloat16)
+    idx, w = _routing(t, seed=9)
+    w = w.to(torch.bfloat16)
     eager = expert_stack.grouped_forward(st, x, idx, w, silu, False)
     fn = torch.compile(lambda a, i, ww: expert_stack.grouped_forward(st, a, i, ww, silu, False),
                        fullgraph=True)  # fmt: skip
     got = fn(x, idx, w).float()
-    # Inductor fuses silu*up and the weighted sum in float32 where eager rounds each op to bf16: a few
-    # elements differ by one bf16 ulp of an intermediate (seen on an H100: 4 of 8192, 0.0156 absolute),
-    # so the whole output is compared in norm.
+    # grouped: Inductor fuses silu*up in float32 where eager rounds each op to bf16: a few elements
+    # differ by one bf16 ulp of an intermediate (seen on an H100: 4 of 8192, 0.0156 absolute), so the
+    # whole output is compared in norm (decode: one opaque op, expected equal).
     err = (got - eager.float()).norm() / eager.float().norm()
     assert err < 1e-2, err
 

@@ -9,7 +9,10 @@ may differ) and [E, 1]. The experts' own parameters become views of those buffer
 :func:`grouped_forward` then routes all (token, expert) pairs on the device and runs
 ``kernels.moe_grouped.expert_mm`` for gate_up and for down: no ``torch.unique(...).tolist()`` host sync,
 the same launches for any routing (CUDA-graph capturable; under torch.compile an opaque custom op).
-W4A4 experts quantize each pair's activations with that expert's own input scale (the torch ops).
+The down kernel multiplies each pair's row by its routing weight in float32, and one launch sums each
+token's rows. Decode-sized routings of SiLU experts run ``kernels.moe_decode`` instead: gate, up and
+SiLU in one launch, then down and the sum (three launches in all). W4A4 experts quantize each pair's
+activations with that expert's own input scale (the torch ops).
 """
 
 from __future__ import annotations
@@ -138,26 +141,36 @@ def grouped_forward(
     quantize_activations: bool,
 ) -> torch.Tensor:
     """sum_k w[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t)) over each token's routed experts e = idx[t, k];
-    ``quantize_activations``: W4A4 experts quantize each pair's inputs with that expert's scales."""
+    ``quantize_activations``: W4A4 experts quantize each pair's inputs with that expert's scales.
+    Decode-sized SiLU routings without activation quantization: ``kernels.moe_decode`` (3 launches)."""
+    from .kernels import moe_decode as md
     from .kernels import moe_grouped as mg
 
     t, h = hidden_states.shape
     k = top_k_index.shape[1]
     e, rows = st.gate_up_codes.shape[0], st.gate_up_codes.shape[1] // 2
-    plan = mg.route(top_k_index, e, mg.block_m_for(t * k))
-    flat = top_k_index.reshape(-1)
+    block_m = mg.block_m_for(t * k)
     compiling = torch.compiler.is_compiling()
+    quantize = st.divisors is not None and quantize_activations
+    if block_m == 1 and not quantize and md.is_silu(act_fn):
+        gate_up = (st.gate_up_codes, st.gate_up_scales, st.gate_up_mul)
+        down = (st.down_codes, st.down_scales, st.down_mul)
+        if compiling:
+            op = torch.ops.nvfp4_fix.moe_decode_experts
+            return op(hidden_states, top_k_index, top_k_weights, *gate_up, *down)
+        return md.decode_experts(hidden_states, top_k_index, top_k_weights, gate_up, down)
+    plan = mg.route(top_k_index, e, block_m)
+    flat = top_k_index.reshape(-1)
 
     def mm(x: torch.Tensor, x_div: int, codes: torch.Tensor, scales: torch.Tensor, mul: torch.Tensor,
-           rows_per_part: int) -> torch.Tensor:  # fmt: skip
+           rows_per_part: int, pair_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if compiling:
             op = torch.ops.nvfp4_fix.moe_expert_mm
             p = plan
             return op(x, x_div, p.pairs, p.block_expert, p.num_pairs, p.block_m, codes, scales, mul,
-                      rows_per_part)  # fmt: skip
-        return mg.expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part)
+                      rows_per_part, pair_weights)  # fmt: skip
+        return mg.expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part, pair_weights=pair_weights)
 
-    quantize = st.divisors is not None and quantize_activations
     if not quantize:
         gate_up = mm(hidden_states, k, st.gate_up_codes, st.gate_up_scales, st.gate_up_mul, rows)
         gate, up = gate_up[:, :rows], gate_up[:, rows:]
@@ -172,6 +185,8 @@ def grouped_forward(
     if quantize:
         assert st.divisors is not None
         act = _quantized(act, st.divisors[2], flat)
-    down = mm(act, 1, st.down_codes, st.down_scales, st.down_mul, h)
-    weights = top_k_weights.to(torch.float32).unsqueeze(-1)
-    return (down.view(t, k, h).to(torch.float32) * weights).sum(1).to(hidden_states.dtype)
+    # float32 rows, each times its pair's routing weight (the kernel's epilogue); one launch sums them
+    down = mm(act, 1, st.down_codes, st.down_scales, st.down_mul, h, top_k_weights.reshape(-1))
+    if compiling:
+        return torch.ops.nvfp4_fix.moe_sum_pairs(down, top_k_index, e, hidden_states.dtype)
+    return md.sum_pairs(down, top_k_index, e, hidden_states.dtype)

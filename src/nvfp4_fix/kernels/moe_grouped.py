@@ -39,6 +39,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @dataclass(frozen=True)
 class RoutePlan:
     pairs: torch.Tensor  # [blocks * block_m] int32 pair ids in expert order, num_pairs = padding
+    # (block_m 1: each pair's expert id, any integer dtype)
     block_expert: torch.Tensor  # [blocks] int32
     num_pairs: int
     block_m: int
@@ -47,12 +48,14 @@ class RoutePlan:
 def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> RoutePlan:
     """Pairs sorted by expert, each expert's run padded to ``block_m`` (device ops only). ``block_m``
     1 is the indexed layout for decode-sized routings: no sorting, ``pairs`` holds each pair's expert
-    id and each program of the kernel computes one pair (a weight is read once per pair that uses it)."""
+    id (``top_k_index``'s dtype) and each program of the kernel computes one pair (a weight is read
+    once per pair that uses it)."""
     flat = top_k_index.reshape(-1).long()
     n = flat.numel()
     dev = flat.device
-    if block_m == 1:
-        return RoutePlan(flat.to(torch.int32), flat.new_empty(0, dtype=torch.int32), n, 1)
+    if block_m == 1:  # the kernel reads the ids as they come (no cast launch)
+        ids = top_k_index.reshape(-1)
+        return RoutePlan(ids, ids.new_empty(0, dtype=torch.int32), n, 1)
     valid = (flat >= 0) & (flat < num_experts)
     expert = torch.where(valid, flat, torch.full_like(flat, num_experts))  # num_experts: skipped
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(
@@ -75,10 +78,10 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> RoutePla
 
 @triton.jit
 def _expert_mm_kernel(
-    x_ptr, pairs_ptr, block_expert_ptr, w_ptr, s_ptr, mul_ptr, y_ptr,
+    x_ptr, pairs_ptr, block_expert_ptr, w_ptr, s_ptr, mul_ptr, rw_ptr, y_ptr,
     num_pairs, x_div, N, K, E, rows_per_part, parts, stride_xm, stride_ym, stride_we, stride_se, stride_me,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ASM: tl.constexpr, DOT_F32: tl.constexpr,
+    stride_rw, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ASM: tl.constexpr, DOT_F32: tl.constexpr, HAS_RW: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -112,15 +115,18 @@ def _expert_mm_kernel(
     part = tl.minimum(rn_c // rows_per_part, parts - 1)
     mul = tl.load(mul_ptr + e64 * stride_me + part)
     acc = acc * (mul * 128.0)[None, :]  # tiles carry value * scale * 2^-7
+    if HAS_RW:
+        rw = tl.load(rw_ptr + tl.where(valid, p, 0).to(tl.int64) * stride_rw, mask=valid, other=0.0)
+        acc = acc * rw.to(tl.float32)[:, None]
     ptrs = y_ptr + tl.where(valid, p, 0).to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
 def _pair_gemv_kernel(
-    x_ptr, expert_ptr, w_ptr, s_ptr, mul_ptr, y_ptr,
-    x_div, N, K, E, rows_per_part, parts, stride_xm, stride_ym, stride_we, stride_se, stride_me,
-    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, WDT: tl.constexpr,
+    x_ptr, expert_ptr, w_ptr, s_ptr, mul_ptr, rw_ptr, y_ptr,
+    x_div, N, K, E, rows_per_part, parts, stride_xm, stride_ym, stride_we, stride_se, stride_me, stride_rw,
+    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, WDT: tl.constexpr, HAS_RW: tl.constexpr,
 ):  # fmt: skip
     """y[p, n-block] = x[p // x_div] @ W_{expert[p]}[n-block].T: one pair per program (CUDA cores)."""
     p = tl.program_id(0)
@@ -147,7 +153,10 @@ def _pair_gemv_kernel(
     part = tl.minimum(rn_c // rows_per_part, parts - 1)
     y = tl.sum(acc, 1)
     mul = tl.load(mul_ptr + e64 * stride_me + part)
-    y = (y * mul * 128.0).to(y_ptr.dtype.element_ty)  # tiles carry value * scale * 2^-7
+    y = y * mul * 128.0  # tiles carry value * scale * 2^-7
+    if HAS_RW:
+        y = y * tl.load(rw_ptr + p.to(tl.int64) * stride_rw).to(tl.float32)
+    y = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + p.to(tl.int64) * stride_ym + rn, y, mask=rn < N)
 
 
@@ -179,10 +188,13 @@ def expert_mm(
     mul: torch.Tensor,
     rows_per_part: int,
     out: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [num_pairs, N] (x's dtype) with y[p] = x[p // x_div] @ W_{expert(p)}.T; rows of pairs routed to
     no expert are left as they were (``out``, default zeros). ``codes``/``scales``/``mul`` may be views
-    of a slice of the experts' rows (e.g. the gate half of gate_up) as long as each row is contiguous."""
+    of a slice of the experts' rows (e.g. the gate half of gate_up) as long as each row is contiguous.
+    ``pair_weights`` [num_pairs]: y is float32 times each pair's weight, and rows of pairs routed to no
+    expert are left unwritten (``out``, default uninitialized: ``moe_decode.sum_pairs`` skips them)."""
     e, n, k2 = codes.shape
     k = 2 * k2
     rows_ok = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (codes, scales))
@@ -193,7 +205,15 @@ def expert_mm(
             f"{(e, n, k // 16)}), multipliers {tuple(mul.shape)} (want [{e}, parts]); each expert's rows "
             "must be contiguous"
         )
-    y = torch.zeros(plan.num_pairs, n, dtype=x.dtype, device=x.device) if out is None else out
+    if out is not None:
+        y = out
+    elif pair_weights is not None:
+        y = torch.empty(plan.num_pairs, n, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.zeros(plan.num_pairs, n, dtype=x.dtype, device=x.device)
+    has_rw = pair_weights is not None
+    rw = pair_weights if pair_weights is not None else mul
+    stride_rw = rw.stride(0)
     bn = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
     bk = 128 if k % 128 == 0 or k > 128 else max(32, triton.next_power_of_2(k))
     grid = (plan.block_expert.numel(), triton.cdiv(n, bn))
@@ -203,18 +223,18 @@ def expert_mm(
     if plan.block_m == 1:
         with on_device_of(x):
             _pair_gemv_kernel[(plan.num_pairs, triton.cdiv(n, bn))](
-                x, plan.pairs, codes, scales.view(torch.uint8), mul, y,
+                x, plan.pairs, codes, scales.view(torch.uint8), mul, rw, y,
                 x_div, n, k, e, rows_per_part, mul.shape[1], x.stride(0), y.stride(0),
-                codes.stride(0), scales.stride(0), mul.stride(0),
-                BN=bn, BK=bk, ASM=asm, WDT=wdt, num_warps=4,
+                codes.stride(0), scales.stride(0), mul.stride(0), stride_rw,
+                BN=bn, BK=bk, ASM=asm, WDT=wdt, HAS_RW=has_rw, num_warps=4,
             )  # fmt: skip
         return y
     with on_device_of(x):
         _expert_mm_kernel[grid](
-            x, plan.pairs, plan.block_expert, codes, scales.view(torch.uint8), mul, y,
+            x, plan.pairs, plan.block_expert, codes, scales.view(torch.uint8), mul, rw, y,
             plan.num_pairs, x_div, n, k, e, rows_per_part, mul.shape[1], x.stride(0), y.stride(0),
-            codes.stride(0), scales.stride(0), mul.stride(0),
-            BM=plan.block_m, BN=bn, BK=bk, ASM=asm, DOT_F32=_INTERPRET or f32,
+            codes.stride(0), scales.stride(0), mul.stride(0), stride_rw,
+            BM=plan.block_m, BN=bn, BK=bk, ASM=asm, DOT_F32=_INTERPRET or f32, HAS_RW=has_rw,
             num_warps=4, num_stages=3,
         )  # fmt: skip
     return y
@@ -223,11 +243,13 @@ def expert_mm(
 @torch.library.custom_op("nvfp4_fix::moe_expert_mm", mutates_args=())
 def _expert_mm_op(x: torch.Tensor, x_div: int, pairs: torch.Tensor, block_expert: torch.Tensor,
                   num_pairs: int, block_m: int, codes: torch.Tensor, scales: torch.Tensor, mul: torch.Tensor,
-                  rows_per_part: int) -> torch.Tensor:  # fmt: skip
+                  rows_per_part: int, pair_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     plan = RoutePlan(pairs, block_expert, num_pairs, block_m)
-    return expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part)
+    return expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part, pair_weights=pair_weights)
 
 
 @_expert_mm_op.register_fake
-def _expert_mm_fake(x, x_div, pairs, block_expert, num_pairs, block_m, codes, scales, mul, rows_per_part):
-    return x.new_empty((num_pairs, codes.shape[1]))
+def _expert_mm_fake(x, x_div, pairs, block_expert, num_pairs, block_m, codes, scales, mul, rows_per_part,
+                    pair_weights=None):  # fmt: skip
+    dtype = x.dtype if pair_weights is None else torch.float32
+    return x.new_empty((num_pairs, codes.shape[1]), dtype=dtype)

@@ -1,0 +1,247 @@
+"""Decode-sized MoE experts (up to 64 routed pairs, SiLU) in three Triton launches, no other op.
+
+For T tokens routed to K experts each (``top_k_index`` [T, K], any integer dtype, read in place):
+
+1. ``_gate_up_act_kernel``, one program per (pair, BN columns of I): reads the pair's expert's gate
+   rows n and up rows I + n (``codes`` [E, 2I, H/2], ``scales`` [E, 2I, H/16] e4m3, ``mul`` [E, 2]:
+   gate and up multipliers, which may differ) and writes ``silu(gate) * up`` in fp32, rounded once to
+   x's dtype, as act [T*K, I].
+2. ``_down_kernel``, one program per (pair, BN columns of H): y [T*K, H] float32 = the down projection
+   of act times the pair's routing weight.
+3. ``_sum_pairs_kernel``: out [T, H] (x's dtype) = the sum of each token's K rows of y.
+
+Pairs routed to no expert (an id outside [0, E)) are skipped by all three (their rows of act and y are
+never written nor read), so nothing is zero-filled. Every buffer is ``torch.empty`` and every launch has
+the same grid for any routing: a CUDA graph replays it with new ids. torch.compile sees the opaque ops
+``torch.ops.nvfp4_fix.moe_decode_experts`` and ``moe_sum_pairs``. Tile sizes are the module constants
+(benchmarks/sweep_moe_tiles.py sweeps them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .device import on_device_of
+from .moe_grouped import _INTERPRET
+from .triton_nvfp4 import _dequant_tile
+
+__all__ = ["Tiles", "GATE_UP_TILES", "DOWN_TILES", "SUM_BLOCK", "decode_experts", "sum_pairs", "is_silu"]
+
+
+@dataclass(frozen=True)
+class Tiles:
+    bn: int  # output columns per program
+    bk: int  # reduction step (a multiple of 32)
+    warps: int
+
+
+#: each program reads 2 x 32 rows (gate and up): the bytes of the unfused gemv's 64-row program
+GATE_UP_TILES = Tiles(bn=32, bk=128, warps=4)
+DOWN_TILES = Tiles(bn=64, bk=128, warps=4)
+SUM_BLOCK = 1024
+
+
+def is_silu(act_fn: object) -> bool:
+    """Whether ``act_fn`` is plain SiLU: ``F.silu``, an ``nn.SiLU`` or transformers' ``SiLUActivation``
+    (ACT2FN["silu"] / ["swish"]), without hooks or a replaced forward."""
+    if act_fn is torch.nn.functional.silu:
+        return True
+    if not isinstance(act_fn, torch.nn.Module) or "forward" in act_fn.__dict__:
+        return False
+    if act_fn._forward_hooks or act_fn._forward_pre_hooks:
+        return False
+    cls = type(act_fn)
+    if cls is torch.nn.SiLU or (isinstance(act_fn, torch.nn.SiLU) and cls.forward is torch.nn.SiLU.forward):
+        return True
+    return cls.__name__ == "SiLUActivation" and cls.__module__.startswith("transformers.")
+
+
+@triton.jit
+def _rows_dot(
+    x_ptr, w_base, s_base, K, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, WDT: tl.constexpr
+):
+    """[BN] float32: packed rows (bases at k = 0) times the fp32 vector x[0:K], value * scale * 2^-7."""
+    rk = tl.arange(0, BK)
+    rk2 = tl.arange(0, BK // 2)
+    rkb = tl.arange(0, BK // 16)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k in range(0, K, BK):
+        xt = tl.load(x_ptr + k + rk, mask=(k + rk) < K, other=0.0).to(tl.float32)
+        wb = tl.load(w_base + k // 2, mask=(k + 2 * rk2)[None, :] < K, other=0)
+        sb = tl.load(s_base + k // 16, mask=(k + 16 * rkb)[None, :] < K, other=0)
+        acc += _dequant_tile(wb, sb, WDT, BN, BK, ASM).to(tl.float32) * xt[None, :]
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _gate_up_act_kernel(
+    x_ptr, ids_ptr, w_ptr, s_ptr, mul_ptr, y_ptr,
+    TOPK, N_I, H, E, stride_xm, stride_it, stride_ik, stride_ym, stride_we, stride_se, stride_me,
+    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, WDT: tl.constexpr,
+):  # fmt: skip
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t = p // TOPK
+    e = tl.load(ids_ptr + t * stride_it + (p % TOPK) * stride_ik)
+    if (e < 0) | (e >= E):
+        return
+    e64 = e.to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_c = tl.minimum(rn, N_I - 1).to(tl.int64)
+    w_gate = w_ptr + e64 * stride_we + rn_c[:, None] * (H // 2) + tl.arange(0, BK // 2)[None, :]
+    s_gate = s_ptr + e64 * stride_se + rn_c[:, None] * (H // 16) + tl.arange(0, BK // 16)[None, :]
+    x_row = x_ptr + t.to(tl.int64) * stride_xm
+    gate = _rows_dot(x_row, w_gate, s_gate, H, BN, BK, ASM, WDT)
+    up = _rows_dot(x_row, w_gate + N_I * (H // 2), s_gate + N_I * (H // 16), H, BN, BK, ASM, WDT)
+    gate = gate * (tl.load(mul_ptr + e64 * stride_me) * 128.0)  # tiles carry value * scale * 2^-7
+    up = up * (tl.load(mul_ptr + e64 * stride_me + 1) * 128.0)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(y_ptr + p.to(tl.int64) * stride_ym + rn, act.to(y_ptr.dtype.element_ty), mask=rn < N_I)
+
+
+@triton.jit
+def _down_kernel(
+    a_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, mul_ptr, y_ptr,
+    TOPK, N, K, E, stride_am, stride_it, stride_ik, stride_rt, stride_rk, stride_ym, stride_we, stride_se,
+    stride_me, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, WDT: tl.constexpr,
+):  # fmt: skip
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t = p // TOPK
+    j = p % TOPK
+    e = tl.load(ids_ptr + t * stride_it + j * stride_ik)
+    if (e < 0) | (e >= E):
+        return
+    e64 = e.to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
+    w_base = w_ptr + e64 * stride_we + rn_c[:, None] * (K // 2) + tl.arange(0, BK // 2)[None, :]
+    s_base = s_ptr + e64 * stride_se + rn_c[:, None] * (K // 16) + tl.arange(0, BK // 16)[None, :]
+    y = _rows_dot(a_ptr + p.to(tl.int64) * stride_am, w_base, s_base, K, BN, BK, ASM, WDT)
+    weight = tl.load(rw_ptr + t * stride_rt + j * stride_rk).to(tl.float32)
+    y = y * (tl.load(mul_ptr + e64 * stride_me) * 128.0 * weight)
+    tl.store(y_ptr + p.to(tl.int64) * stride_ym + rn, y, mask=rn < N)
+
+
+@triton.jit
+def _sum_pairs_kernel(
+    y_ptr, ids_ptr, out_ptr, TOPK, N, E, stride_it, stride_ik, stride_ym, stride_om, BLOCK: tl.constexpr
+):
+    t = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(TOPK):
+        e = tl.load(ids_ptr + t * stride_it + j * stride_ik)
+        n_ok = tl.where((e >= 0) & (e < E), N, 0)  # rows of pairs routed to no expert were never written
+        row = (t * TOPK + j).to(tl.int64) * stride_ym
+        acc += tl.load(y_ptr + row + rn, mask=rn < n_ok, other=0.0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+def _modes(dtype: torch.dtype) -> tuple[bool, object]:
+    asm = not (_INTERPRET or dtype == torch.float32)  # packed-PTX dequantization: bf16/fp16 on a GPU
+    wdt = tl.float16 if dtype == torch.float16 else tl.bfloat16 if asm else tl.float32  # exact tiles
+    return asm, wdt
+
+
+def _bk(tiles: Tiles, k: int) -> int:
+    return min(tiles.bk, max(32, triton.next_power_of_2(k)))
+
+
+def sum_pairs(
+    y: torch.Tensor, top_k_index: torch.Tensor, num_experts: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """out [T, N] (``dtype``) = sum over k of y[t * K + k] (float32 rows), skipping pairs whose id is
+    outside [0, num_experts): their rows of y may hold anything."""
+    t, k = top_k_index.shape
+    n = y.shape[1]
+    if y.shape[0] != t * k or y.stride(1) != 1:
+        raise ValueError(f"pair rows {tuple(y.shape)} for {t} tokens x {k} experts")
+    out = torch.empty(t, n, dtype=dtype, device=y.device)
+    with on_device_of(y):
+        _sum_pairs_kernel[(t, triton.cdiv(n, SUM_BLOCK))](
+            y, top_k_index, out, k, n, num_experts, top_k_index.stride(0), top_k_index.stride(1),
+            y.stride(0), out.stride(0), BLOCK=SUM_BLOCK, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def decode_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """sum_k w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = top_k_index[t, k], in x's dtype.
+    ``gate_up`` = (codes [E, 2I, H/2], scales [E, 2I, H/16], mul [E, 2]) with each expert's gate rows
+    then its up rows; ``down`` = (codes [E, H, I/2], scales [E, H, I/16], mul [E, 1])."""
+    (gcodes, gscales, gmul), (dcodes, dscales, dmul) = gate_up, down
+    t, h = x.shape
+    e, two_i, _ = gcodes.shape
+    i = two_i // 2
+    topk = top_k_index.shape[1]
+    shapes_ok = (
+        gcodes.shape == (e, 2 * i, h // 2) and gscales.shape == (e, 2 * i, h // 16) and gmul.shape == (e, 2)
+        and dcodes.shape == (e, h, i // 2) and dscales.shape == (e, h, i // 16) and dmul.shape[0] == e
+        and top_k_index.shape == top_k_weights.shape == (t, topk) and h % 16 == 0 and i % 16 == 0
+    )  # fmt: skip
+    rows_ok = all(w.stride(2) == 1 and w.stride(1) == w.shape[2] for w in (gcodes, gscales, dcodes, dscales))
+    if not (shapes_ok and rows_ok and x.stride(1) == 1 and gmul.stride(1) == 1):
+        raise ValueError(
+            f"decode experts: x {tuple(x.shape)}, ids {tuple(top_k_index.shape)}, weights "
+            f"{tuple(top_k_weights.shape)}, gate_up {tuple(gcodes.shape)} / {tuple(gscales.shape)} / "
+            f"{tuple(gmul.shape)}, down {tuple(dcodes.shape)} / {tuple(dscales.shape)} / {tuple(dmul.shape)}"
+            "; each expert's rows must be contiguous"
+        )
+    asm, wdt = _modes(x.dtype)
+    pairs = t * topk
+    act = torch.empty(pairs, i, dtype=x.dtype, device=x.device)
+    y = torch.empty(pairs, h, dtype=torch.float32, device=x.device)
+    gt, dt = GATE_UP_TILES, DOWN_TILES
+    with on_device_of(x):
+        _gate_up_act_kernel[(pairs, triton.cdiv(i, gt.bn))](
+            x, top_k_index, gcodes, gscales.view(torch.uint8), gmul, act,
+            topk, i, h, e, x.stride(0), top_k_index.stride(0), top_k_index.stride(1), act.stride(0),
+            gcodes.stride(0), gscales.stride(0), gmul.stride(0),
+            BN=gt.bn, BK=_bk(gt, h), ASM=asm, WDT=wdt, num_warps=gt.warps,
+        )  # fmt: skip
+        _down_kernel[(pairs, triton.cdiv(h, dt.bn))](
+            act, top_k_index, top_k_weights, dcodes, dscales.view(torch.uint8), dmul, y,
+            topk, h, i, e, act.stride(0), top_k_index.stride(0), top_k_index.stride(1),
+            top_k_weights.stride(0), top_k_weights.stride(1), y.stride(0),
+            dcodes.stride(0), dscales.stride(0), dmul.stride(0),
+            BN=dt.bn, BK=_bk(dt, i), ASM=asm, WDT=wdt, num_warps=dt.warps,
+        )  # fmt: skip
+    return sum_pairs(y, top_k_index, e, x.dtype)
+
+
+@torch.library.custom_op("nvfp4_fix::moe_decode_experts", mutates_args=())
+def _decode_experts_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       gate_up_codes: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_mul: torch.Tensor,
+                       down_codes: torch.Tensor, down_scales: torch.Tensor,
+                       down_mul: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    gate_up = (gate_up_codes, gate_up_scales, gate_up_mul)
+    return decode_experts(x, top_k_index, top_k_weights, gate_up, (down_codes, down_scales, down_mul))
+
+
+@_decode_experts_op.register_fake
+def _decode_experts_fake(x, top_k_index, top_k_weights, gate_up_codes, gate_up_scales, gate_up_mul,
+                         down_codes, down_scales, down_mul):  # fmt: skip
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("nvfp4_fix::moe_sum_pairs", mutates_args=())
+def _sum_pairs_op(
+    y: torch.Tensor, top_k_index: torch.Tensor, num_experts: int, dtype: torch.dtype
+) -> torch.Tensor:
+    return sum_pairs(y, top_k_index, num_experts, dtype)
+
+
+@_sum_pairs_op.register_fake
+def _sum_pairs_fake(y, top_k_index, num_experts, dtype):
+    return y.new_empty((top_k_index.shape[0], y.shape[1]), dtype=dtype)
