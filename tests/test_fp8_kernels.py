@@ -101,6 +101,34 @@ def test_scaled_mm_codes_are_the_emulations(spec: FP8Spec, dtype: torch.dtype) -
     assert torch.equal(q.to(dtype) * s, fake_quantize_fp8(x, spec, s_in))
 
 
+ROW_SPECS = [
+    (FP8Spec("tensor", "static"), "tensor"),
+    (FP8Spec("tensor", "dynamic-tensor"), "tensor"),
+    (FP8Spec("channel", "dynamic-token"), "row"),
+    (FP8Spec("channel", "static"), "row"),
+    (FP8Spec("tensor", "dynamic-token"), "row"),
+]
+
+
+@pytest.mark.parametrize(
+    "spec,scaling", ROW_SPECS, ids=[f"{s.weights}-{s.activations}" for s, _ in ROW_SPECS]
+)
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_scaled_mm_linear_matches_float64(spec: FP8Spec, scaling: str, m: int) -> None:
+    """The operands and scale shapes handed to torch._scaled_mm (run by the CPU's implementation where
+    there is no GPU) against float64 on the emulation's quantized input."""
+    layer = make_layer(256, 512, spec)
+    x = _inputs(m, 512, torch.bfloat16, seed=m)
+    try:
+        y = fp8_cuda.scaled_mm_linear(
+            x, layer.weight, layer.weight_scale, layer.input_scale, spec, scaling, None
+        )
+    except (RuntimeError, NotImplementedError) as err:
+        pytest.skip(f"this torch has no _scaled_mm on {x.device}: {err}")
+    assert y.dtype == torch.bfloat16 and y.shape == (m, 256)
+    assert rel_err(y, reference(layer, layer.prepare_input(x))) < TOL[torch.bfloat16]
+
+
 GPU_SPECS = [
     FP8Spec("tensor", "static"),
     FP8Spec("tensor", "dynamic-tensor"),

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -211,12 +211,18 @@ def save_quantized(
     fp8: Iterable[str] = (),
     fp8_spec: FP8Spec = MODELOPT_FP8,
     fp8_input_amax: float = 4.0,
+    state: Iterable[Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Quantize every nn.Linear of ``model`` (except ``ignore``) to NVFP4 and write a checkpoint.
 
     ``fp8`` (module names, dotted suffixes or ``re:`` patterns) writes those linears as FP8 of kind
     ``fp8_spec`` instead: a compressed-tensors ``mixed-precision`` or ModelOpt ``MIXED_PRECISION``
-    checkpoint (ModelOpt's FP8 is per-tensor weights with a static input scale only)."""
+    checkpoint (ModelOpt's FP8 is per-tensor weights with a static input scale only).
+
+    ``state``: the weights as batches of ``{name: tensor}`` (each holding whole fused groups, e.g. one
+    decoder layer) instead of ``model.state_dict()``; the model then gives only module names and the
+    config (it may live on the meta device). Each batch is quantized on its tensors' device and moved
+    to shards on the CPU before the next is drawn, so a model larger than memory can be written."""
     if layout not in (COMPRESSED_TENSORS, MODELOPT):
         raise ValueError(f"layout must be {COMPRESSED_TENSORS!r} or {MODELOPT!r}")
     fp8 = list(fp8)
@@ -234,27 +240,15 @@ def save_quantized(
     }
     fp8_linears = {n for n in linears if _named(n, fp8)}
     linears -= fp8_linears
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple[Any, int, tuple[int, ...]]] = set()
-    state = model.state_dict()
-    amax = fused_amax({p: state[f"{p}.weight"] for p in linears})
-    for name, t in state.items():
-        prefix, _, leaf = name.rpartition(".")
-        if prefix in fp8_linears and leaf == "weight":
-            tensors.update(fp8_tensors(prefix, t, fp8_spec, layout, fp8_input_amax))
-            continue
-        if prefix in linears and leaf == "weight":
-            tensors.update(quantized_tensors(prefix, t, layout, input_amax, amax[prefix]))
-            continue
-        # Tied weights (e.g. lm_head = embed_tokens) are written once, as save_pretrained does:
-        # safetensors refuses tensors that share memory, and loaders re-tie them.
-        ident = (t.device, t.data_ptr(), tuple(t.shape))
-        if t.numel() and ident in seen:
-            continue
-        seen.add(ident)
-        tensors[name] = t.contiguous()
     out = Path(out)
     with atomic_directory(out) as tmp:
+        shards = _Shards(tmp, max_shard_bytes, save_file)
+        for batch in [model.state_dict()] if state is None else state:
+            for name, t in _batch_tensors(
+                batch, linears, fp8_linears, layout, input_amax, fp8_spec, fp8_input_amax
+            ):
+                shards.add(name, t)
+        shards.close()
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         w4a4 = input_amax is not None
@@ -273,30 +267,73 @@ def save_quantized(
                 hq["quantization"].update(quant_algo="MIXED_PRECISION", quantized_layers=layers)
             (tmp / "hf_quant_config.json").write_text(json.dumps(hq, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        _write_shards(tensors, tmp, max_shard_bytes, save_file)
     return out
 
 
-def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int, save_file: Any) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
+def _batch_tensors(
+    batch: Mapping[str, torch.Tensor],
+    linears: set[str],
+    fp8_linears: set[str],
+    layout: str,
+    input_amax: float | None,
+    fp8_spec: FP8Spec,
+    fp8_input_amax: float,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors of one batch of weights, in order."""
+    seen: set[tuple[Any, int, tuple[int, ...]]] = set()
+    amax = fused_amax({p: batch[f"{p}.weight"] for p in linears if f"{p}.weight" in batch})
+    for name, t in batch.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix in fp8_linears and leaf == "weight":
+            yield from fp8_tensors(prefix, t, fp8_spec, layout, fp8_input_amax).items()
+            continue
+        if prefix in linears and leaf == "weight":
+            yield from quantized_tensors(prefix, t, layout, input_amax, amax[prefix]).items()
+            continue
+        # Tied weights (e.g. lm_head = embed_tokens) are written once, as save_pretrained does:
+        # safetensors refuses tensors that share memory, and loaders re-tie them.
+        ident = (t.device, t.data_ptr(), tuple(t.shape))
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        yield name, t.contiguous()
+
+
+class _Shards:
+    """Safetensors shards of at most ``max_bytes`` (a tensor never split), written as they fill; one
+    shard is ``model.safetensors``, more are ``model-0000i-of-0000n.safetensors`` with an index."""
+
+    def __init__(self, folder: Path, max_bytes: int, save_file: Any) -> None:
+        self.folder, self.max_bytes, self.save_file = folder, max_bytes, save_file
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.names: list[list[str]] = []
+
+    def add(self, name: str, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    index = {
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-        "weight_map": weight_map,
-    }
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if self.shard and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.shard[name] = t.detach().to("cpu")
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f"shard-{len(self.names) + 1:05d}.safetensors"
+        self.save_file(self.shard, str(path), metadata={"format": "pt"})
+        self.names.append(list(self.shard))
+        self.shard, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.shard or not self.names:
+            self._flush()
+        count = len(self.names)
+        if count == 1:
+            os.replace(self.folder / "shard-00001.safetensors", self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.names, 1):
+            fname = f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / f"shard-{i:05d}.safetensors", self.folder / fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
