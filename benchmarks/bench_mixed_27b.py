@@ -45,7 +45,10 @@ def config(layers: int, tiny: bool):  # noqa: ANN201
                           num_attention_heads=40, num_key_value_heads=8, head_dim=128,
                           max_position_embeddings=8192, tie_word_embeddings=False)
     cfg.architectures = ["Qwen3ForCausalLM"]
-    cfg.dtype = torch.bfloat16
+    if "dtype" in cfg.to_dict():  # transformers 5; 4.57 calls it torch_dtype
+        cfg.dtype = torch.bfloat16
+    else:
+        cfg.torch_dtype = torch.bfloat16
     return cfg
 
 
