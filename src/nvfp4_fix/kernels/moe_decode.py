@@ -3,9 +3,9 @@
 For T tokens routed to K experts each (``top_k_index`` [T, K], any integer dtype, read in place):
 
 1. ``_gate_up_act_kernel``, one program per (pair, BN columns of I): reads the pair's expert's gate
-   rows n and up rows I + n (``codes`` [E, 2I, H/2], ``scales`` [E, 2I, H/16] e4m3, ``mul`` [E, 2]:
-   gate and up multipliers, which may differ) and writes ``silu(gate) * up`` in fp32, rounded once to
-   x's dtype, as act [T*K, I].
+   rows n and up rows I + n as one [2 BN, BK] tile per step (``codes`` [E, 2I, H/2], ``scales``
+   [E, 2I, H/16] e4m3, ``mul`` [E, 2]: gate and up multipliers, which may differ) and writes
+   ``silu(gate) * up``, computed in fp32 and rounded once to x's dtype, as act [T*K, I].
 2. ``_down_kernel``, one program per (pair, BN columns of H): y [T*K, H] float32 = the down projection
    of act times the pair's routing weight.
 3. ``_sum_pairs_kernel``: out [T, H] (x's dtype) = the sum of each token's K rows of y.
@@ -39,7 +39,8 @@ class Tiles:
     warps: int
 
 
-#: each program reads 2 x 32 rows (gate and up): the bytes of the unfused gemv's 64-row program
+#: gate_up: BN columns of I = 2 BN rows (gate and up) per program: 32, the bytes of the unfused gemv's
+#: 64-row program
 GATE_UP_TILES = Tiles(bn=32, bk=128, warps=4)
 DOWN_TILES = Tiles(bn=64, bk=128, warps=4)
 SUM_BLOCK = 1024
@@ -90,15 +91,16 @@ def _gate_up_act_kernel(
     if (e < 0) | (e >= E):
         return
     e64 = e.to(tl.int64)
+    r = tl.arange(0, 2 * BN)
+    rows = tl.minimum(pid_n * BN + r // 2, N_I - 1) + (r % 2) * N_I  # gate and up rows interleaved
+    rows = rows.to(tl.int64)[:, None]
+    w_base = w_ptr + e64 * stride_we + rows * (H // 2) + tl.arange(0, BK // 2)[None, :]
+    s_base = s_ptr + e64 * stride_se + rows * (H // 16) + tl.arange(0, BK // 16)[None, :]
+    gate_up = _rows_dot(x_ptr + t.to(tl.int64) * stride_xm, w_base, s_base, H, 2 * BN, BK, ASM, WDT)
+    mul = tl.load(mul_ptr + e64 * stride_me + r % 2) * 128.0  # tiles carry value * scale * 2^-7
+    gate_up = gate_up * mul
+    gate, up = tl.split(tl.reshape(gate_up, (BN, 2)))
     rn = pid_n * BN + tl.arange(0, BN)
-    rn_c = tl.minimum(rn, N_I - 1).to(tl.int64)
-    w_gate = w_ptr + e64 * stride_we + rn_c[:, None] * (H // 2) + tl.arange(0, BK // 2)[None, :]
-    s_gate = s_ptr + e64 * stride_se + rn_c[:, None] * (H // 16) + tl.arange(0, BK // 16)[None, :]
-    x_row = x_ptr + t.to(tl.int64) * stride_xm
-    gate = _rows_dot(x_row, w_gate, s_gate, H, BN, BK, ASM, WDT)
-    up = _rows_dot(x_row, w_gate + N_I * (H // 2), s_gate + N_I * (H // 16), H, BN, BK, ASM, WDT)
-    gate = gate * (tl.load(mul_ptr + e64 * stride_me) * 128.0)  # tiles carry value * scale * 2^-7
-    up = up * (tl.load(mul_ptr + e64 * stride_me + 1) * 128.0)
     act = gate * tl.sigmoid(gate) * up
     tl.store(y_ptr + p.to(tl.int64) * stride_ym + rn, act.to(y_ptr.dtype.element_ty), mask=rn < N_I)
 
