@@ -72,7 +72,8 @@ class Settings:
     fp8_scaled_mm: bool = True
     #: fast generation: each captured decode linear (cuda_mma) asks L2 for the next linear's weight, so
     #: the small kernels between them overlap its first reads (kernels/cuda_mma.py, ``prefetching``).
-    l2_prefetch: bool = True
+    #: Off until a decode benchmark shows it faster (benchmarks/profile_decode.py --ab-prefetch).
+    l2_prefetch: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
