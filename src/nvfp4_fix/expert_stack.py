@@ -10,9 +10,10 @@ may differ) and [E, 1]. The experts' own parameters become views of those buffer
 ``kernels.moe_grouped.expert_mm`` for gate_up and for down: no ``torch.unique(...).tolist()`` host sync,
 the same launches for any routing (CUDA-graph capturable; under torch.compile an opaque custom op).
 The down kernel multiplies each pair's row by its routing weight in float32, and one launch sums each
-token's rows. Decode-sized routings of SiLU experts run ``kernels.moe_decode`` instead: gate, up and
-SiLU in one launch, then down and the sum (three launches in all). W4A4 experts quantize each pair's
-activations with that expert's own input scale (the torch ops).
+token's rows; SiLU experts get silu(gate) * up in the gate_up kernel's epilogue. Decode-sized routings
+of SiLU experts run ``kernels.moe_decode`` instead: gate, up and SiLU in one launch, then down and the
+sum (three launches in all). W4A4 experts quantize each pair's activations with that expert's own input
+scale (the torch ops).
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def grouped_forward(
 ) -> torch.Tensor:
     """sum_k w[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t)) over each token's routed experts e = idx[t, k];
     ``quantize_activations``: W4A4 experts quantize each pair's inputs with that expert's scales.
-    Decode-sized SiLU routings without activation quantization: ``kernels.moe_decode`` (3 launches)."""
+    SiLU experts without activation quantization: decode-sized routings run ``kernels.moe_decode``
+    (3 launches), larger ones apply silu(gate) * up in the gate_up kernel's epilogue."""
     from .kernels import moe_decode as md
     from .kernels import moe_grouped as mg
 
@@ -152,7 +154,8 @@ def grouped_forward(
     block_m = mg.block_m_for(t * k)
     compiling = torch.compiler.is_compiling()
     quantize = st.divisors is not None and quantize_activations
-    if block_m == 1 and not quantize and md.is_silu(act_fn):
+    silu = md.is_silu(act_fn)
+    if block_m == 1 and not quantize and silu:
         gate_up = (st.gate_up_codes, st.gate_up_scales, st.gate_up_mul)
         down = (st.down_codes, st.down_scales, st.down_mul)
         if compiling:
@@ -163,17 +166,21 @@ def grouped_forward(
     flat = top_k_index.reshape(-1)
 
     def mm(x: torch.Tensor, x_div: int, codes: torch.Tensor, scales: torch.Tensor, mul: torch.Tensor,
-           rows_per_part: int, pair_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+           rows_per_part: int, pair_weights: torch.Tensor | None = None,
+           glu: bool = False) -> torch.Tensor:  # fmt: skip
         if compiling:
             op = torch.ops.nvfp4_fix.moe_expert_mm
             p = plan
             return op(x, x_div, p.pairs, p.block_expert, p.num_pairs, p.block_m, codes, scales, mul,
-                      rows_per_part, pair_weights)  # fmt: skip
-        return mg.expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part, pair_weights=pair_weights)
+                      rows_per_part, pair_weights, glu)  # fmt: skip
+        return mg.expert_mm(x, x_div, plan, codes, scales, mul, rows_per_part, pair_weights=pair_weights,
+                            silu_glu=glu)  # fmt: skip
 
-    if not quantize:
+    if not quantize and silu and block_m > 1:  # silu(gate) * up in the gate_up kernel's epilogue
+        act = mm(hidden_states, k, st.gate_up_codes, st.gate_up_scales, st.gate_up_mul, rows, glu=True)
+    elif not quantize:
         gate_up = mm(hidden_states, k, st.gate_up_codes, st.gate_up_scales, st.gate_up_mul, rows)
-        gate, up = gate_up[:, :rows], gate_up[:, rows:]
+        act = act_fn(gate_up[:, :rows]) * gate_up[:, rows:]
     else:
         assert st.divisors is not None
         per_pair = hidden_states.repeat_interleave(k, dim=0)
@@ -181,10 +188,7 @@ def grouped_forward(
                   st.gate_up_scales[:, :rows], st.gate_up_mul[:, 0:1], rows)  # fmt: skip
         up = mm(_quantized(per_pair, st.divisors[1], flat), 1, st.gate_up_codes[:, rows:],
                 st.gate_up_scales[:, rows:], st.gate_up_mul[:, 1:2], rows)  # fmt: skip
-    act = act_fn(gate) * up
-    if quantize:
-        assert st.divisors is not None
-        act = _quantized(act, st.divisors[2], flat)
+        act = _quantized(act_fn(gate) * up, st.divisors[2], flat)
     # float32 rows, each times its pair's routing weight (the kernel's epilogue); one launch sums them
     down = mm(act, 1, st.down_codes, st.down_scales, st.down_mul, h, top_k_weights.reshape(-1))
     if compiling:
