@@ -39,18 +39,16 @@ def reference_moe(st, x, idx, w, act=lambda g: g / (1 + np.exp(-g))) -> np.ndarr
     e, two_i = st.gate_up_codes.shape[:2]
     i, h = two_i // 2, st.down_codes.shape[1]
     rows = idx.cpu().tolist()
-    hit = sorted({ex for row in rows for ex in row if 0 <= ex < e})  # dequantize only these
-    wg = {ex: reference_weights(st.gate_up_codes[ex : ex + 1], st.gate_up_scales[ex : ex + 1],
-                                st.gate_up_mul[ex : ex + 1], i)[0] for ex in hit}  # fmt: skip
-    wd = {ex: reference_weights(st.down_codes[ex : ex + 1], st.down_scales[ex : ex + 1],
-                                st.down_mul[ex : ex + 1], h)[0] for ex in hit}  # fmt: skip
     x64, w64 = x.double().cpu().numpy(), w.double().cpu().numpy()
     out = np.zeros((x.shape[0], h))
-    for t, row in enumerate(rows):
-        for k, ex in enumerate(row):
-            if 0 <= ex < e:
-                gu = wg[ex] @ x64[t]
-                out[t] += w64[t, k] * (wd[ex] @ (act(gu[:i]) * gu[i:]))
+    for ex in sorted({ex for row in rows for ex in row if 0 <= ex < e}):  # one expert's weights at a time
+        wg = reference_weights(st.gate_up_codes[ex : ex + 1], st.gate_up_scales[ex : ex + 1],
+                               st.gate_up_mul[ex : ex + 1], i)[0]  # fmt: skip
+        wd = reference_weights(st.down_codes[ex : ex + 1], st.down_scales[ex : ex + 1],
+                               st.down_mul[ex : ex + 1], h)[0]  # fmt: skip
+        for t, k in ((t, k) for t, row in enumerate(rows) for k, v in enumerate(row) if v == ex):
+            gu = wg @ x64[t]
+            out[t] += w64[t, k] * (wd @ (act(gu[:i]) * gu[i:]))
     return out
 
 
@@ -197,16 +195,17 @@ E30, H30, I30, TOPK30 = 128, 2048, 768, 8
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("t", [1, 8])
-def test_gpu_qwen3_30b_decode_experts_match_float64(t):
-    from nvfp4_fix.kernels.moe_decode import decode_experts
+@pytest.mark.parametrize("t", [1, 8, 16], ids=["T1", "T8", "T16-grouped"])
+def test_gpu_qwen3_30b_experts_match_float64(t):
+    """grouped_forward on the GPU (packed-PTX dequantization, bf16): the fused decode kernels at 8 and 64
+    pairs, the grouped tl.dot kernels with the SiLU and routing-weight epilogues at 128."""
+    from nvfp4_fix import expert_stack
 
     st = _experts(E30, H30, I30, seed=t, device="cuda")
-    idx, w = _routing(t, TOPK30, E30, seed=t, invalid=t == 8)
+    idx, w = _routing(t, TOPK30, E30, seed=t, invalid=t > 1)
     x = torch.randn(t, H30, device="cuda", dtype=torch.bfloat16)
     idx, w = idx.cuda(), w.to("cuda", torch.bfloat16)
-    gate_up = (st.gate_up_codes, st.gate_up_scales, st.gate_up_mul)
-    got = decode_experts(x, idx, w, gate_up, (st.down_codes, st.down_scales, st.down_mul))
+    got = expert_stack.grouped_forward(st, x, idx, w, torch.nn.SiLU(), False)
     assert rel(got, reference_moe(st, x, idx, w)) <= TOL[torch.bfloat16]
 
 
