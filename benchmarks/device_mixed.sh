@@ -5,7 +5,7 @@
 # Needs no compressed-tensors (its tests are not GPU-marked; the GPU tests compare with float references).
 # Usage on the device machine: bash benchmarks/device_mixed.sh   (files land in $OUT)
 set -u
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+export PYTHONPATH=${SRC:-$PWD/src} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; df -h /tmp | tail -1; free -g | sed -n 2p
 per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
