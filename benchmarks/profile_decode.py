@@ -53,7 +53,7 @@ def step_ms(runner, reps: int = 50) -> float:
     return a.elapsed_time(b) / reps
 
 
-def decode_profile(model, p: int, compile_step: bool, ab_prefetch: bool = False) -> None:
+def decode_profile(model, p: int, compile_step: bool) -> None:
     ids = torch.randint(1000, 100000, (1, p), device="cuda")
     t = time.perf_counter()
     stats: dict = {}
@@ -64,27 +64,6 @@ def decode_profile(model, p: int, compile_step: bool, ab_prefetch: bool = False)
         f"step {step_ms(runner):.3f} ms = {1000 / step_ms(runner):.1f} tok/s",
         flush=True,
     )
-    if ab_prefetch:  # the same runner recaptured per variant (L2 prefetch chain, dependent launches)
-        from nvfp4_fix import settings
-        from nvfp4_fix.kernels import cuda_mma
-
-        variants = {"plain": (False, 0), "l2 prefetch": (True, 0), "PDL": (False, 1), "both": (True, 1)}
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        saved = runner.save()  # each timing starts from here: 200 replays must not run past the cache
-        for _ in range(3):
-            for name, (prefetch, pdl) in variants.items():
-                cuda_mma.VARIANT["PDL"] = pdl
-                with settings.override(l2_prefetch=prefetch):
-                    runner.capture()
-                times[name].append(step_ms(runner, 200))
-                runner.restore(saved)
-        cuda_mma.VARIANT["PDL"] = 0
-        runner.capture()
-        base = sorted(times["plain"])[1]
-        for name, ts in times.items():
-            t = sorted(ts)[1]
-            print(f"  {name:12s} {t:.3f} ms/step ({1000 / t:.1f} tok/s) {base / t:.3f}x  runs {[round(x, 3) for x in ts]}",
-                  flush=True)  # fmt: skip
     steps = 10
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -134,7 +113,6 @@ def main() -> None:
     ap.add_argument("--prompts", default="128,2048")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--prefill", action="store_true")
-    ap.add_argument("--ab-prefetch", action="store_true", help="time each step with and without the L2 prefetch")
     args = ap.parse_args()
     print(f"{card_name()}; {versions()}", flush=True)
     cfg = llama8b_config(args.layers)
@@ -143,10 +121,9 @@ def main() -> None:
     if args.prefill:
         prefill_profile(model)
     for p in map(int, args.prompts.split(",")):
-        decode_profile(model, p, False, args.ab_prefetch)
+        decode_profile(model, p, False)
     if args.compile:
-        for p in map(int, args.prompts.split(",")):
-            decode_profile(model, p, True, args.ab_prefetch)
+        decode_profile(model, int(args.prompts.split(",")[0]), True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import pytest
 import torch
 from reference import hf_greedy
 
-from nvfp4_fix import settings
 from nvfp4_fix.generation import clear_cache, generate, make_sampler, warp_logits
 from nvfp4_fix.loading import from_pretrained
 from nvfp4_fix.writer import save_quantized
@@ -358,10 +357,6 @@ def test_cuda_graph_greedy_matches(checkpoints, arch):
     assert stats["path"] == "cuda-graph", stats
     eager = generate(model16, ids, 40, stop_token_ids=(), use_cuda_graph=False).cpu()
     assert graph.tolist() == eager.tolist()
-    clear_cache(model16)
-    with settings.override(l2_prefetch=True):  # the captured L2 prefetch of the next weight: no effect
-        chained = generate(model16, ids, 40, stop_token_ids=()).cpu()
-    assert chained.tolist() == graph.tolist()
     ref16 = hf_greedy(model16, ids, 40)
     same = (graph == ref16).all(0).float().mean().item()
     print(f"{arch} bf16 graph vs model.generate: {same:.0%} of positions equal")

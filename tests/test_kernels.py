@@ -429,61 +429,6 @@ def test_cuda_mma_gpu(m, n, k, dtype):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("pdl", [0, 1])
-def test_cuda_mma_l2_prefetch_chain_changes_no_output(pdl):
-    """A captured chain of linears, each prefetching the next one's weight (odd byte counts, a weight
-    larger than the prefetch cap): the same outputs as without the chain, in eager calls and in a graph;
-    also as programmatic dependent launches (``PDL``, sm_90+), each reading the previous one's output."""
-    from nvfp4_fix.kernels import cuda_mma
-
-    var = {"PDL": pdl}
-
-    shapes = [(97, 384), (6144, 4096), (4096, 14336), (1000, 1152)]
-    weights = [make_weight(n, k, "cuda") for n, k in shapes]
-    xs = [make_x(2, k, torch.bfloat16, "cuda") for _, k in shapes]
-    refs = [ref_linear_f64(x, *w) for x, w in zip(xs, weights, strict=True)]
-    with cuda_mma.recording() as order:
-        plain = [cuda_mma.linear(x, *w, variant=var) for x, w in zip(xs, weights, strict=True)]
-    assert [o[0].data_ptr() for o in order] == [w[0].data_ptr() for w in weights]
-    graph = torch.cuda.CUDAGraph()
-    outs = [_poisoned(2, n, torch.bfloat16, "cuda") for n, _ in shapes]
-    with cuda_mma.prefetching(order):
-        assert len(cuda_mma._prefetch_next) == len(shapes)
-        eager = [cuda_mma.linear(x, *w, variant=var) for x, w in zip(xs, weights, strict=True)]
-        with torch.cuda.graph(graph):
-            for x, w, out in zip(xs, weights, outs, strict=True):
-                cuda_mma.linear(x, *w, out=out, variant=var)
-    assert not cuda_mma._prefetch_next  # the chain lives only inside the block
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    for p, e, o, ref, (n, k) in zip(plain, eager, outs, refs, shapes, strict=True):
-        check(p, ref, torch.bfloat16, f"cuda_mma {n}x{k}")
-        assert torch.equal(p, e) and torch.equal(p, o), f"prefetch changed the {n}x{k} output"
-    # each launch reads what the one before it wrote (the dependency a dependent launch must honour)
-    wp, ws, mul = make_weight(4096, 4096, "cuda")
-    x0 = make_x(1, 4096, torch.bfloat16, "cuda")
-    mul = mul / (cuda_mma.linear(x0, wp, ws, mul).float().norm() / x0.float().norm())  # keeps |y| ~ |x|
-    ys = [x0]
-    for _ in range(6):
-        ys.append(cuda_mma.linear(ys[-1], wp, ws, mul))
-    assert all(torch.isfinite(y).all() and y.abs().amax() > 0 for y in ys)
-    chain = torch.cuda.CUDAGraph()
-    buf = [x0.clone()] + [torch.full_like(y, float("nan")) for y in ys[1:]]
-    with torch.cuda.graph(chain):
-        for i in range(6):
-            cuda_mma.linear(buf[i], wp, ws, mul, out=buf[i + 1], variant=var)
-    for _ in range(2):
-        for b in buf[1:]:
-            b.fill_(float("nan"))
-        chain.replay()
-        torch.cuda.synchronize()
-        for i in range(1, 7):
-            assert torch.equal(buf[i], ys[i]), f"dependent launch {i} read a stale input"
-
-
-@gpu
-@needs_cuda
 def test_cuda_mma_subnormal_scales_and_extremes():
     """e4m3 subnormal block scales, the largest scale and every code, exactly."""
     from nvfp4_fix.kernels import cuda_mma

@@ -70,10 +70,6 @@ class Settings:
     #: cores (torch._scaled_mm, sm_89+) where its scaling reproduces the checkpoint's (fp8_cuda.py);
     #: off: the emulation (fake-quantize, then W8A16).
     fp8_scaled_mm: bool = True
-    #: fast generation: each captured decode linear (cuda_mma) asks L2 for the next linear's weight, so
-    #: the small kernels between them overlap its first reads (kernels/cuda_mma.py, ``prefetching``).
-    #: Off until a decode benchmark shows it faster (benchmarks/profile_decode.py --ab-prefetch).
-    l2_prefetch: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -93,7 +89,6 @@ ENV_NAMES: dict[str, str] = {
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
     "kv_append": "NVFP4_FIX_KV_APPEND",
     "humming": "NVFP4_FIX_HUMMING",
-    "l2_prefetch": "NVFP4_FIX_L2_PREFETCH",
     "fp8_scaled_mm": "NVFP4_FIX_FP8_SCALED_MM",
 }
 
@@ -104,7 +99,6 @@ _BOOL_FIELDS = (
     "decode_attention",
     "kv_append",
     "humming",
-    "l2_prefetch",
     "fp8_scaled_mm",
 )
 _POSITIVE_INT_FIELDS = ("dequant_mm_min_m", "scratch_mb", "cpu_chunk_mb", "cpu_compile_min_weights")

@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import settings
-from ..kernels import cuda_mma
 from .cache import cache_lengths, forward_api, holds_prompt, make_static_cache, reset_cache
 from .sampling import argmax_first
 
@@ -203,12 +201,9 @@ class Runner:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS - 1):
-                self.decode_step()
-            with cuda_mma.recording() as linears:  # the decode step's linears, in order
+            for _ in range(WARMUP_STEPS):
                 self.decode_step()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        chain = linears if settings.current().l2_prefetch else []
         self.restore(saved)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:  # replays advance the caller's generator, not the default one
@@ -220,7 +215,7 @@ class Runner:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(graph), cuda_mma.prefetching(chain):
+            with torch.cuda.graph(graph):
                 self.decode_step()
         finally:
             if collecting:

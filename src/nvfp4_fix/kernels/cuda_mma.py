@@ -23,9 +23,7 @@ launch and no workspace.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 
@@ -33,11 +31,6 @@ from .. import settings
 from . import nvrtc
 
 _SOURCE = r"""
-#if PF_LAST
-#define PF_INSN "prefetch.global.L2::evict_last [%0];"
-#else
-#define PF_INSN "prefetch.global.L2 [%0];"
-#endif
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
@@ -144,7 +137,8 @@ __device__ __forceinline__ void load_x(u32 (*X)[16], int c, const u16* const* xr
   }
 }
 
-__device__ __forceinline__ void load_w(Slot& S, int c, const u8* const* wp, const u8* const* sp) {
+__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* const* wp, const u8* const* sp,
+                                          const u16* const* xr) {
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
 #pragma unroll
@@ -154,11 +148,6 @@ __device__ __forceinline__ void load_w(Slot& S, int c, const u8* const* wp, cons
       S.s[r][e] = ld_u16(sp[2 * r + e] + c * 8);
     }
   }
-}
-
-__device__ __forceinline__ void load_slot(Slot& S, int c, const u8* const* wp, const u8* const* sp,
-                                          const u16* const* xr) {
-  load_w(S, c, wp, sp);
 #if XPRE
   load_x(S.X, c, xr);
 #endif
@@ -217,8 +206,7 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
 extern "C" __global__ void __launch_bounds__(256, MINB)
 nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
           const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
-          u16* __restrict__ y, int ldy, int M, int N, int K,
-          const u8* __restrict__ pf_w, int pf_w_bytes, const u8* __restrict__ pf_s, int pf_s_bytes)
+          u16* __restrict__ y, int ldy, int M, int N, int K)
 {
   __shared__ float red[8][NT * 8][16 * RT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -245,26 +233,10 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   // never used) so the loads need no branches.
   const int last = c_hi - 1;
   Slot S[DEPTH + 1];
-#if PDL && __CUDA_ARCH__ >= 900
-  // Launched as a programmatic dependent: the weights are not the previous kernel's output, so their
-  // first chunks load while it finishes; x is read only after it completed.
-  if (c_lo < c_hi) {
-#pragma unroll
-    for (int i = 0; i < DEPTH; ++i) load_w(S[i], min(c_lo + i, last), wp, sp);
-  }
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#if XPRE
-  if (c_lo < c_hi) {
-#pragma unroll
-    for (int i = 0; i < DEPTH; ++i) load_x(S[i].X, min(c_lo + i, last), xr);
-  }
-#endif
-#else
   if (c_lo < c_hi) {
 #pragma unroll
     for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wp, sp, xr);
   }
-#endif
   for (int c = c_lo; c < c_hi; c += DEPTH + 1) {
 #pragma unroll
     for (int i = 0; i <= DEPTH; ++i) {
@@ -272,20 +244,6 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
       compute(S[i], acc, c + i, xr);
       if (c + i + 1 >= c_hi) break;
     }
-  }
-#if PDL && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-  // Ask L2 for this block's share of the next layer's weight (the decode step's next linear) while the
-  // small kernels between the two run: fire-and-forget, no result, no effect on this one's output.
-  if (pf_w_bytes > 0) {
-    const u64 nb = gridDim.x, b = blockIdx.x;
-    const u64 w_lo = (u64)pf_w_bytes * b / nb, w_hi = (u64)pf_w_bytes * (b + 1) / nb;
-    for (u64 o = (w_lo & ~127ull) + 128ull * threadIdx.x; o < w_hi; o += 128ull * blockDim.x)
-      asm volatile(PF_INSN :: "l"(pf_w + o));
-    const u64 s_lo = (u64)pf_s_bytes * b / nb, s_hi = (u64)pf_s_bytes * (b + 1) / nb;
-    for (u64 o = (s_lo & ~127ull) + 128ull * threadIdx.x; o < s_hi; o += 128ull * blockDim.x)
-      asm volatile(PF_INSN :: "l"(pf_s + o));
   }
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
@@ -338,7 +296,7 @@ _DEFINES = {
 
 #: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
 #: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
-VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "PF_LAST": 0, "PDL": 0}
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2}
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
@@ -451,58 +409,6 @@ def linear(
     if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
         bias = bias.to(x2.dtype).contiguous()
     dev = _device_index(x2.device)
-    var = _variant_key(variant)
-    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, var)
-    nxt = _prefetch_next.get(wp.data_ptr())
-    pf_w, pf_s = nxt if nxt is not None else (None, None)
-    pf_args = (pf_w, _prefetch_bytes(pf_w), pf_s, _prefetch_bytes(pf_s))
-    kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k,
-                *pf_args, dependent=_pdl(dev, var))  # fmt: skip
-    if _recorded is not None:
-        _recorded.append((wp, ws))
+    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, _variant_key(variant))
+    kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k)
     return y
-
-
-#: L2 prefetch of the next decode linear's weight (see ``prefetching``): packed-weight address -> that
-#: weight's (codes, scales). Filled only while a decode step is captured, so the graph holds the
-#: addresses and eager calls never pay for the lookup's effects.
-_prefetch_next: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-_recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-#: At most this many bytes of one weight are prefetched: about half the H100's 50 MB L2, so the lines
-#: fetched early are still there when the next linear reads them.
-PREFETCH_MAX_BYTES = 24 << 20
-
-
-@functools.cache
-def _pdl(device_index: int, variant: tuple) -> bool:
-    return dict(variant)["PDL"] == 1 and torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
-def _prefetch_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else min(t.numel() * t.element_size(), PREFETCH_MAX_BYTES)
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Collect the (codes, scales) of every weight this kernel runs, in call order."""
-    global _recorded
-    order: list[tuple[torch.Tensor, torch.Tensor]] = []
-    _recorded = order
-    try:
-        yield order
-    finally:
-        _recorded = None
-
-
-@contextlib.contextmanager
-def prefetching(order: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-    """While active, each weight of ``order`` run by this kernel also prefetches the next one's into L2
-    (the last one the first's: the next step starts there). Meant around a CUDA-graph capture of a decode
-    step whose linears ran in ``order``: the graph keeps the addresses."""
-    chain = {wp.data_ptr(): order[(i + 1) % len(order)] for i, (wp, _) in enumerate(order)} if order else {}
-    _prefetch_next.update(chain)
-    try:
-        yield
-    finally:
-        for key in chain:
-            _prefetch_next.pop(key, None)

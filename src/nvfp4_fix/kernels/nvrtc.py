@@ -90,24 +90,6 @@ def _check_cu(res: int, what: str) -> None:
         raise CudaError(f"CUDA {what}: {msg.value.decode() if msg.value else res}")
 
 
-class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value union (8-aligned)
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint8 * 64)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [
-        ("grid", ctypes.c_uint * 3),
-        ("block", ctypes.c_uint * 3),
-        ("shared_bytes", ctypes.c_uint),
-        ("stream", ctypes.c_void_p),
-        ("attrs", ctypes.POINTER(_LaunchAttr)),
-        ("num_attrs", ctypes.c_uint),
-    ]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-
-
 class Kernel:
     """A function of a loaded cubin; ``launch`` takes ints (as C int), tensors and None (as pointers)."""
 
@@ -123,14 +105,8 @@ class Kernel:
             )
         self.device = device
         self._launch = libcuda().cuLaunchKernel
-        self._launch_ex = libcuda().cuLaunchKernelEx
 
-    def launch(
-        self, grid: tuple[int, int, int], block: tuple[int, int, int], *args: object, dependent: bool = False
-    ) -> None:
-        """``dependent``: a programmatic dependent launch (sm_90+): the kernel may start before the
-        previous one in the stream finished and must itself wait (``griddepcontrol.wait``) before
-        reading what that one wrote."""
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], *args: object) -> None:
         held = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -146,13 +122,6 @@ class Kernel:
         # the driver launches in the current context: switch only when another device is current
         other = torch.cuda.current_device() != self.device.index
         with torch.cuda.device(self.device) if other else contextlib.nullcontext():
-            if dependent:
-                attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-                attr.value[0] = 1  # programmaticStreamSerializationAllowed
-                cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
-                                    ctypes.c_void_p(stream), ctypes.pointer(attr), 1)  # fmt: skip
-                res = self._launch_ex(ctypes.byref(cfg), self._fn, params, None)
-            else:
-                res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
+            res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
         if res:
             _check_cu(res, "launch")
