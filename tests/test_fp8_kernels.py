@@ -18,13 +18,12 @@ import torch
 from reference import e4m3_to_float, rel_err
 
 from nvfp4_fix import fp8_cuda, settings
-from nvfp4_fix.fp8 import FP8Linear, fake_quantize_fp8
+from nvfp4_fix.fp8 import FP8Linear, dequantize_fp8, fake_quantize_fp8
 from nvfp4_fix.schemes import FP8Spec
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
-_E4M3 = torch.from_numpy(np.nan_to_num(e4m3_to_float(np.arange(256))))
 
 
 def make_layer(n: int, k: int, spec: FP8Spec, device: str = DEVICE, seed: int = 0) -> FP8Linear:
@@ -54,16 +53,21 @@ def make_layer(n: int, k: int, spec: FP8Spec, device: str = DEVICE, seed: int = 
     return layer
 
 
-def reference(layer: FP8Linear, x: torch.Tensor) -> torch.Tensor:
-    """float64 x @ W.T on x's device (x already quantized where the reference wants that)."""
-    w = _E4M3.to(x.device)[layer.weight.view(torch.uint8).long()]
+def reference_weight(layer: FP8Linear) -> torch.Tensor:
+    """float64 W [N, K] on the layer's device (NaN where a code is NaN)."""
+    w = torch.from_numpy(e4m3_to_float(np.arange(256))).to(layer.weight.device)
+    w = w[layer.weight.view(torch.uint8).long()]
     s = layer.weight_scale.detach().double()
     n, k = w.shape
     if layer.spec.weights == "block":
         bn, bk = layer.spec.block or (128, 128)
         s = s.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
-    w = w * (s.reshape(()) if s.numel() == 1 else s.reshape(n, -1))
-    return x.double() @ w.T
+    return w * (s.reshape(()) if s.numel() == 1 else s.reshape(n, -1))
+
+
+def reference(layer: FP8Linear, x: torch.Tensor) -> torch.Tensor:
+    """float64 x @ W.T on x's device (x already quantized where the reference wants that)."""
+    return x.double() @ reference_weight(layer).to(x.device).T
 
 
 def _inputs(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
@@ -83,6 +87,73 @@ def test_triton_w8a16_small(spec: FP8Spec, m: int) -> None:
     y = fp8_cuda._triton.fp8_linear(x, layer.weight, layer.weight_scale, spec, None)
     assert y.dtype == torch.float16 and y.shape == (m, 77)
     assert rel_err(y, reference(layer, x)) < TOL[torch.float16]
+
+
+ODD_BLOCK = FP8Spec("block", block=(48, 80))  # dequantized in tiles 16 columns wide
+GATHER_BLOCK = FP8Spec("block", block=(8, 20))  # no power-of-two tile >= 16 fits a block: per-value scales
+DEQ_SPECS = [FP8Spec("tensor"), FP8Spec("channel"), BLOCK, ODD_BLOCK, GATHER_BLOCK]
+
+
+def _all_codes(layer: FP8Linear) -> FP8Linear:
+    """Every byte 0..255 (NaN, subnormals, both zeros) spread over the weight."""
+    n, k = layer.weight.shape
+    codes = (torch.arange(n * k, device=layer.weight.device) * 7 % 256).to(torch.uint8)
+    layer.weight.data.copy_(codes.reshape(n, k).view(torch.float8_e4m3fn))
+    return layer
+
+
+@pytest.mark.skipif(fp8_cuda._triton is None, reason="needs triton")
+@pytest.mark.parametrize("spec", DEQ_SPECS, ids=lambda s: f"{s.weights}{s.block or ''}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [(0, None), (5, 40), (70, 7)], ids=str)
+def test_dequantize_rows(spec: FP8Spec, dtype: torch.dtype, rows: tuple[int, int | None]) -> None:
+    """Rows of a 77 x 200 weight holding every e4m3 byte: float32 within 1e-6 of float64 (NaN where the
+    code is NaN), and bit-equal to the torch path's fp8.dequantize_fp8 (one rounding; Triton's CPU
+    interpreter truncates float32 -> bf16 where the GPU rounds to nearest: there within one bf16 step)."""
+    layer = _all_codes(make_layer(77, 200, spec))
+    r0, r = rows
+    r1 = 77 if r is None else r0 + r
+    got = fp8_cuda._triton.dequantize_rows(layer.weight, layer.weight_scale, spec, dtype, r0, r)
+    assert got.dtype == dtype and got.shape == (r1 - r0, 200)
+    ref = reference_weight(layer)[r0:r1]
+    nan = ref.isnan()
+    assert torch.equal(got.isnan(), nan) and nan.any()
+    if dtype == torch.float32:
+        assert rel_err(got.double()[~nan], ref[~nan]) < 1e-6
+    torch_path = dequantize_fp8(layer.weight, layer.weight_scale, spec, dtype, (r0, r1))
+    if dtype == torch.bfloat16 and not CUDA:
+        step = torch_path[~nan].float().abs() * 2.0**-7
+        assert bool(((got[~nan].float() - torch_path[~nan].float()).abs() <= step).all())
+    else:
+        assert torch.equal(got[~nan], torch_path[~nan])
+
+
+@pytest.mark.skipif(fp8_cuda._triton is None, reason="needs triton")
+@pytest.mark.parametrize("spec", DEQ_SPECS, ids=lambda s: f"{s.weights}{s.block or ''}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scratch", [None, 64 * 200 * 2], ids=["one-chunk", "chunks-of-64"])
+def test_dequant_mm(spec: FP8Spec, dtype: torch.dtype, scratch: int | None) -> None:
+    """77 x 200 (partial row and column blocks; chunks of 64 rows start inside a 48-row block), M=70,
+    with a bias, against float64."""
+    layer = make_layer(77, 200, spec, seed=3)
+    bias = torch.randn(77, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    x = _inputs(70, 200, dtype)
+    y = fp8_cuda._triton.dequant_mm(x, layer.weight, layer.weight_scale, spec, bias, scratch_bytes=scratch)
+    assert y.dtype == dtype and y.shape == (70, 77)
+    assert rel_err(y, reference(layer, x) + bias.double()) < TOL[dtype]
+
+
+@pytest.mark.skipif(fp8_cuda._triton is None, reason="needs triton")
+def test_w8a16_dispatch() -> None:
+    """M <= MAX_M takes the tl.dot kernel, larger M the dequantize + cuBLAS path; both agree."""
+    layer = make_layer(96, 256, BLOCK)
+    small, large = _inputs(fp8_cuda._triton.MAX_M, 256, torch.float16), _inputs(65, 256, torch.float16)
+    assert fp8_cuda.w8a16_path(small, BLOCK, 256) == "dot"
+    assert fp8_cuda.w8a16_path(large, BLOCK, 256) == "dequant"
+    for x in (small, large):
+        for path in ("dot", "dequant"):
+            y = fp8_cuda.w8a16_linear(x, layer.weight, layer.weight_scale, BLOCK, None, path)
+            assert y is not None and rel_err(y, reference(layer, x)) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize(
@@ -161,21 +232,22 @@ def _gpu_layer(spec: FP8Spec, n: int, k: int) -> FP8Linear:
     ids=[f"{s.weights}-{s.activations}-{n}x{k}-{str(d)[6:]}-M{m}" for s, (n, k), d, m in GPU_CASES],
 )
 def test_gpu_full_shapes(spec, shape, m, dtype, monkeypatch) -> None:  # noqa: ANN001
-    """Both modes of the layer at Llama-8B / 27B-like shapes: W8A16 (Triton for M <= 64, the chunked
-    cuBLAS path above) and the checkpoint's activation quantization (_scaled_mm where it reproduces
-    it, else the emulation), each against float64."""
+    """Both modes of the layer at Llama-8B / 27B-like shapes: W8A16 (Triton tl.dot for M <= 64, the
+    Triton dequantization + cuBLAS above) and the checkpoint's activation quantization (_scaled_mm where
+    it reproduces it, else the emulation), each against float64."""
     n, k = shape
     layer = _gpu_layer(spec, n, k)
     x = _inputs(m, k, dtype, seed=m)
     calls: list[str] = []
-    real_mm, real_tr = torch._scaled_mm, fp8_cuda._triton.fp8_linear
+    real_mm, real_tr, real_dq = torch._scaled_mm, fp8_cuda._triton.fp8_linear, fp8_cuda._triton.dequant_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: (calls.append("mm"), real_mm(*a, **kw))[1])
     monkeypatch.setattr(fp8_cuda._triton, "fp8_linear", lambda *a: (calls.append("tr"), real_tr(*a))[1])
+    monkeypatch.setattr(fp8_cuda._triton, "dequant_mm", lambda *a: (calls.append("dq"), real_dq(*a))[1])
     layer.activation_mode = "bf16"
     with torch.no_grad():
         y = layer(x)
     assert y.dtype == dtype and rel_err(y, reference(layer, x)) < TOL[dtype]
-    assert calls == (["tr"] if m <= 64 else []), calls
+    assert calls == (["tr"] if m <= 64 else ["dq"]), calls
     calls.clear()
     layer.activation_mode = "quantize"
     with torch.no_grad():
@@ -193,16 +265,59 @@ def test_gpu_full_shapes(spec, shape, m, dtype, monkeypatch) -> None:  # noqa: A
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("spec", [FP8Spec("channel", "dynamic-token"), BLOCK], ids=lambda s: s.weights)
-def test_gpu_layer_in_a_cuda_graph(spec: FP8Spec) -> None:
-    """Decode-shaped calls replay in a CUDA graph with new inputs (no host sync on either path)."""
+@pytest.mark.parametrize("mode", ["quantize", "bf16"])
+@pytest.mark.parametrize("m", [1, 128])
+def test_gpu_layer_in_a_cuda_graph(spec: FP8Spec, mode: str, m: int) -> None:
+    """Calls replay in a CUDA graph with new inputs (no host sync on any path: _scaled_mm, tl.dot,
+    dequantize + cuBLAS)."""
     layer = make_layer(1024, 2048, spec)
-    x = _inputs(1, 2048, torch.bfloat16)
+    layer.activation_mode = mode
+    x = _inputs(m, 2048, torch.bfloat16)
     with torch.no_grad():
         layer(x)  # compile the kernels outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = layer(x)
-        x.copy_(_inputs(1, 2048, torch.bfloat16, seed=7))
+        x.copy_(_inputs(m, 2048, torch.bfloat16, seed=7))
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, layer(x))
+
+
+DQ_GPU_SPECS = [GPU_SPECS[0], GPU_SPECS[2], GPU_SPECS[5]]  # per tensor, per channel, 128 x 128 blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", DQ_GPU_SPECS, ids=lambda s: s.weights)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_dequantize_rows_full(spec: FP8Spec, dtype: torch.dtype) -> None:
+    """The 8B gate_up (28672 x 4096) holding every e4m3 byte, and rows from an odd offset: bit-equal to
+    fp8.dequantize_fp8, and float32 within 1e-6 of float64."""
+    layer = _all_codes(make_layer(28672, 4096, spec, seed=5))
+    ref = reference_weight(layer)
+    for r0, r1 in ((0, 28672), (77, 28000)):
+        got = fp8_cuda._triton.dequantize_rows(layer.weight, layer.weight_scale, spec, dtype, r0, r1 - r0)
+        nan = ref[r0:r1].isnan()
+        assert torch.equal(got.isnan(), nan)
+        want = dequantize_fp8(layer.weight, layer.weight_scale, spec, dtype, (r0, r1))
+        assert torch.equal(got[~nan], want[~nan])
+        if dtype == torch.float32:
+            assert rel_err(got.double()[~nan], ref[r0:r1][~nan]) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", [*DQ_GPU_SPECS, ODD_BLOCK], ids=lambda s: f"{s.weights}{s.block or ''}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("scratch", [None, 1 << 20], ids=["one-chunk", "1MiB-chunks"])
+def test_gpu_dequant_mm_odd(spec: FP8Spec, dtype: torch.dtype, scratch: int | None) -> None:
+    """1000 x 1000 (partial 128 x 128 blocks; 1 MiB chunks of 256 / 512 rows), M = 300, bias, against
+    float64."""
+    layer = make_layer(1000, 1000, spec, seed=6)
+    bias = torch.randn(1000, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    x = _inputs(300, 1000, dtype)
+    y = fp8_cuda._triton.dequant_mm(x, layer.weight, layer.weight_scale, spec, bias, scratch_bytes=scratch)
+    assert y.dtype == dtype and y.shape == (300, 1000)
+    tol = TOL.get(dtype, 1e-5)
+    assert rel_err(y, reference(layer, x) + bias.double()) < tol

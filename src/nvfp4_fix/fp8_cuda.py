@@ -8,7 +8,8 @@
   dequantized operands to the activation dtype first. One scale a side needs sm_89+; per-token or
   per-channel scales (rowwise) need sm_90 / sm_100 and bf16 activations. ``settings.fp8_scaled_mm``
   (``NVFP4_FIX_FP8_SCALED_MM=0``) turns it off.
-* W8A16 for M <= ``triton_fp8.MAX_M``: the Triton kernel of ``kernels/triton_fp8.py``.
+* W8A16 (``kernels/triton_fp8.py``): for M <= ``triton_fp8.MAX_M`` on sm_89+ the Triton tl.dot kernel
+  reading the e4m3 codes; otherwise the Triton dequantization into a scratch + cuBLAS (``dequant_mm``).
 
 Each function returns None where it does not apply; the layer then takes its next path. Under
 torch.compile neither runs (the layer's torch path traces).
@@ -80,15 +81,26 @@ def scaled_mm_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x2 [M, K] quantized as the checkpoint asks, times W [N, K] e4m3, on FP8 tensor cores."""
+    q, sa, sw = scaled_mm_operands(x2, weight_scale, input_scale, spec, scaling, weight.shape[0])
+    y = torch._scaled_mm(q, weight.t(), scale_a=sa, scale_b=sw, out_dtype=x2.dtype)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def scaled_mm_operands(
+    x2: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    spec: FP8Spec,
+    scaling: Scaling,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(activation codes, scale_a, scale_b) for ``torch._scaled_mm`` in the shapes ``scaling`` needs."""
     q, s = quantize_activations(x2, spec, input_scale)
     sa, sw = s.to(torch.float32), weight_scale.to(torch.float32)
     if scaling == "tensor":
-        sa, sw = sa.reshape(()), sw.reshape(())
-    else:
-        sa = sa.reshape(-1, 1).expand(q.shape[0], 1).contiguous()
-        sw = sw.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
-    y = torch._scaled_mm(q, weight.t(), scale_a=sa, scale_b=sw, out_dtype=x2.dtype)
-    return y if bias is None else y + bias.to(y.dtype)
+        return q, sa.reshape(()), sw.reshape(())
+    sa = sa.reshape(-1, 1).expand(q.shape[0], 1).contiguous()
+    return q, sa, sw.reshape(1, -1).expand(1, n).contiguous()
 
 
 def layer_linear(layer, x: torch.Tensor, quantized_input: bool) -> torch.Tensor | None:  # noqa: ANN001
@@ -111,8 +123,35 @@ def layer_linear(layer, x: torch.Tensor, quantized_input: bool) -> torch.Tensor 
             x2, layer.weight, layer.weight_scale, layer.input_scale, spec, scaling, layer.bias
         )
         return y.reshape(*x.shape[:-1], n)
-    if _triton is None or not _triton.supports(x2, spec, k):
+    y = w8a16_linear(x2, layer.weight, layer.weight_scale, spec, layer.bias)
+    return None if y is None else y.reshape(*x.shape[:-1], n)
+
+
+W8A16Path = Literal["dot", "dequant"]
+
+
+def w8a16_path(x2: torch.Tensor, spec: FP8Spec, k: int) -> W8A16Path | None:
+    """Which Triton W8A16 path runs x2 [M, K]: the tl.dot kernel (small M, sm_89+), the dequantize +
+    cuBLAS one, or None (no Triton, or a case neither takes: the layer's torch path runs)."""
+    if _triton is None:
         return None
-    return _triton.fp8_linear(x2, layer.weight, layer.weight_scale, spec, layer.bias).reshape(
-        *x.shape[:-1], n
-    )
+    if _triton.supports(x2, spec, k):
+        return "dot"
+    return "dequant" if _triton.dequant_supports(x2, spec) else None
+
+
+def w8a16_linear(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    spec: FP8Spec,
+    bias: torch.Tensor | None,
+    path: W8A16Path | None = None,
+) -> torch.Tensor | None:
+    """x2 [M, K] @ (W e4m3 * scale).T through ``path`` (default: ``w8a16_path``'s choice), or None."""
+    path = path or w8a16_path(x2, spec, x2.shape[1])
+    if path == "dot":
+        return _triton.fp8_linear(x2, weight, weight_scale, spec, bias)
+    if path == "dequant":
+        return _triton.dequant_mm(x2, weight, weight_scale, spec, bias)
+    return None

@@ -1,11 +1,17 @@
-"""Triton W8A16 kernel for the FP8 layers: y = x @ (e4m3 W * scale).T straight from the 8-bit weight.
+"""Triton W8A16 kernels for the FP8 layers: y = x @ (e4m3 W * scale).T from the 8-bit weight.
 
-One ``tl.dot`` kernel for small M (decode and short prompts): each program loads a [BN, BK] tile of
-e4m3 codes, converts it to x's dtype (exact: every e4m3 value is a bf16 and an fp16 number) and
-multiplies with tensor cores in fp32. The checkpoint's scale is applied to the fp32 partial sums: once
-in the epilogue for per-tensor and per-channel scales, after every K tile for block scales (the tile
-then lies inside one block column, ``BK`` divides the block width). Split-K writes fp32 partials
-that one ``sum`` adds. Runs on the GPU, and on the CPU under ``TRITON_INTERPRET=1`` for the tests.
+* ``fp8_linear``, small M (decode and short prompts): one ``tl.dot`` kernel; each program loads a
+  [BN, BK] tile of e4m3 codes, converts it to x's dtype (exact: every e4m3 value is a bf16 and an fp16
+  number) and multiplies with tensor cores in fp32. The checkpoint's scale is applied to the fp32
+  partial sums: once in the epilogue for per-tensor and per-channel scales, after every K tile for
+  block scales (the tile then lies inside one block column, ``BK`` divides the block width). Split-K
+  writes fp32 partials that one ``sum`` adds. Needs Triton's e4m3 type (sm_89+).
+* ``dequant_mm``, larger M: ``dequantize_rows`` writes float32(code) * scale, rounded once to x's dtype
+  (the value ``fp8.dequantize_fp8`` gives), for a chunk of rows into a scratch of at most
+  ``settings.scratch_mb``; cuBLAS multiplies each chunk. The codes are decoded from their bits with
+  integer ops, so it runs on any CUDA card.
+
+Both run on the GPU, and on the CPU under ``TRITON_INTERPRET=1`` for the tests.
 """
 
 from __future__ import annotations
@@ -16,14 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from ..schemes import FP8Spec
 from .device import on_device_of
+from .triton_nvfp4 import _e4m3_to_f32
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-#: Largest M this kernel takes; above it, dequantizing into a bf16 scratch + cuBLAS wins
-#: (benchmarks/bench_fp8.py measures both).
+#: Largest M the tl.dot kernel takes; above it, dequantizing into a bf16 scratch + cuBLAS wins
+#: (benchmarks/bench_fp8.py times both: its ``alt`` column is the path the dispatch did not take).
 MAX_M = 64
+#: (BN, BK, num_warps) of the dequantize kernel (untuned; benchmarks/bench_fp8.py --sweep-dequant).
+DEQUANT_CFG: tuple[int, int, int] = (16, 512, 4)
 
 
 @triton.jit
@@ -84,6 +94,42 @@ def _fp8_mm_kernel(
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _fp8_dequant_kernel(
+    w_ptr,  # [N, K] e4m3 codes read as uint8
+    s_ptr,  # [R, C] float32
+    out_ptr,  # [rows, K]
+    row0,
+    rows,
+    K,
+    stride_wn,
+    stride_sr,
+    stride_on,
+    scale_rows,
+    scale_cols,
+    GATHER: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """out[r, :] = float32(W[row0 + r, :]) * scale, rounded once to out's dtype. Unless GATHER, the
+    tile lies inside one column of scales (BK divides scale_cols, or the scale is one column)."""
+    k0 = tl.program_id(1) * BK
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rk = k0 + tl.arange(0, BK)
+    ok = (rn < rows)[:, None] & (rk < K)[None, :]
+    wn = (row0 + rn).to(tl.int64)
+    b = tl.load(w_ptr + wn[:, None] * stride_wn + rk[None, :], mask=ok, other=0).to(tl.int32)
+    v = _e4m3_to_f32(b)
+    v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+    srow = s_ptr + (wn // scale_rows) * stride_sr
+    if GATHER:
+        s = tl.load(srow[:, None] + (rk // scale_cols)[None, :], mask=ok, other=0.0)
+    else:
+        s = tl.load(srow + k0 // scale_cols, mask=rn < rows, other=0.0)[:, None]
+    out = out_ptr + rn.to(tl.int64)[:, None] * stride_on + rk[None, :]
+    tl.store(out, (v * s).to(out_ptr.dtype.element_ty), mask=ok)
+
+
 def _geometry(spec: FP8Spec, n: int, k: int) -> tuple[int, int, bool] | None:
     """(rows, columns) one scale covers, and whether the scale changes along K; None if unsupported."""
     if spec.weights == "tensor":
@@ -134,13 +180,11 @@ def fp8_linear(
     """x2 [M, K] (fp16/bf16) @ (W [N, K] e4m3 * scale).T (+ bias) -> [M, N] in x2's dtype."""
     m, k = x2.shape
     n = weight.shape[0]
-    geo = _geometry(spec, n, k)
     bk = block_k(spec, k)
-    if geo is None or bk is None:
+    if bk is None:
         raise ValueError(f"the Triton FP8 kernel cannot run {spec.describe()} with K={k}")
-    rows, cols, per_k = geo
+    s, rows, cols, per_k = _scale_grid(scale, spec, n, k)
     x2 = x2.contiguous()
-    s = scale.detach().to(torch.float32).reshape(-(-n // rows), -1).contiguous()
     bm, bn = 16 if m <= 16 else (32 if m <= 32 else 64), 64
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     k_tiles = triton.cdiv(k, bk)
@@ -157,3 +201,92 @@ def fp8_linear(
         )  # fmt: skip
     y = (part[0] if split == 1 else part.sum(0)).to(x2.dtype)
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def _scale_grid(scale: torch.Tensor, spec: FP8Spec, n: int, k: int) -> tuple[torch.Tensor, int, int, bool]:
+    geo = _geometry(spec, n, k)
+    if geo is None:
+        raise ValueError(f"{spec.describe()}: block scales without a block size")
+    rows, cols, per_k = geo
+    s = scale.detach().to(torch.float32).reshape(-(-n // rows), -1).contiguous()
+    return s, rows, cols, per_k
+
+
+def dequantize_rows(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    spec: FP8Spec,
+    dtype: torch.dtype,
+    row0: int = 0,
+    rows: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    cfg: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Dense rows [row0, row0 + rows) of W [N, K] e4m3 in ``dtype``; ``out`` (contiguous rows) if given;
+    ``cfg``: (BN, BK, num_warps), default DEQUANT_CFG."""
+    n, k = weight.shape
+    rows = n - row0 if rows is None else rows
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    s, scale_rows, scale_cols, per_k = _scale_grid(scale, spec, n, k)
+    if out is None:
+        out = torch.empty((rows, k), dtype=dtype, device=weight.device)
+    bn, bk, warps = cfg or DEQUANT_CFG
+    while bk > 16 and bk // 2 >= k:
+        bk //= 2
+    gather = False
+    if per_k:  # a tile inside one block column: the widest power of two dividing the block width
+        fit = bk
+        while fit > 16 and scale_cols % fit:
+            fit //= 2
+        gather = scale_cols % fit != 0
+        if not gather:
+            bn, bk = bn * bk // fit, fit
+    with on_device_of(weight):
+        _fp8_dequant_kernel[(triton.cdiv(rows, bn), triton.cdiv(k, bk))](
+            weight.view(torch.uint8), s, out, row0, rows, k,
+            weight.stride(0), s.stride(0), out.stride(0), scale_rows, scale_cols,
+            GATHER=gather, BN=bn, BK=bk, num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
+def dequant_supports(x2: torch.Tensor, spec: FP8Spec) -> bool:
+    """Whether ``dequant_mm`` can run this call: fp16/bf16/fp32 x on CUDA or the CPU interpreter."""
+    return (
+        (x2.is_cuda or (_INTERPRET and x2.device.type == "cpu"))
+        and x2.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and x2.shape[0] > 0
+        and _geometry(spec, 1, 1) is not None
+    )
+
+
+def dequant_mm(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    spec: FP8Spec,
+    bias: torch.Tensor | None,
+    *,
+    scratch_bytes: int | None = None,
+) -> torch.Tensor:
+    """x2 [M, K] @ (W [N, K] e4m3 * scale).T (+ bias) -> [M, N] in x2's dtype: W dequantized into a
+    scratch of at most ``scratch_bytes`` (default settings.scratch_mb) a chunk of rows at a time, each
+    chunk multiplied by cuBLAS."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    dtype = x2.dtype
+    budget = settings.current().scratch_mb << 20 if scratch_bytes is None else scratch_bytes
+    esize = torch.finfo(dtype).bits // 8
+    step = n if n * k * esize <= budget else max(64, budget // (k * esize) // 64 * 64)
+    y = torch.empty((m, n), dtype=dtype, device=x2.device)
+    scratch = torch.empty((min(step, n), k), dtype=dtype, device=x2.device)
+    for r0 in range(0, n, step):
+        r = min(step, n - r0)
+        wd = dequantize_rows(weight, scale, spec, dtype, r0, r, out=scratch[:r])
+        if bias is not None:
+            torch.addmm(bias[r0 : r0 + r].to(dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
+        else:
+            torch.mm(x2, wd.t(), out=y[:, r0 : r0 + r])
+    return y
