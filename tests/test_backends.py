@@ -1,6 +1,9 @@
 """Every NVFP4 backend through the one dispatch, on a CUDA card, against the independent float64
 reference of test_kernels.py, at issue 18's shapes: odd N with K not a multiple of 128 (K = 2064, which
 Humming pads to a multiple of 128), full Llama-3-8B layers, M from decode to prefill, bf16 and fp16.
+Humming cannot run an N that is not a multiple of 8 (333): there the forced ``humming`` kernel must
+raise the refusal of ``humming.shape_refusal`` (and auto with Humming on must match the reference);
+2880 x 2064 is a shape Humming runs after padding N to 2944 and K to 2176.
 
 Before every call the block the output will land in is filled with NaN (the caching allocator hands a
 freed block of the same size to the next allocation of that size), and every output element must be
@@ -24,6 +27,7 @@ from test_kernels import TOL, make_weight, make_x, ref_linear_f64, rel_err
 
 import nvfp4_fix.kernels as K
 from nvfp4_fix import settings
+from nvfp4_fix.kernels import humming as H
 
 HAS_HUMMING = importlib.util.find_spec("humming") is not None
 pytestmark = [
@@ -42,6 +46,7 @@ CASES += [
     (m, n, k, BF16) for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)) for m in (1, 300)
 ]
 CASES += [(m, 4096, 4096, FP16) for m in (1, 300)]
+CASES += [(m, 2880, 2064, BF16) for m in (1, 300)]
 
 
 def weight(n: int, k: int, device: str = "cuda"):
@@ -81,17 +86,31 @@ def test_every_backend_matches_reference(m, n, k, dtype):
     wp, ws, mul = weight(n, k)
     x = make_x(m, k, dtype, "cuda")
     ref = ref_linear_f64(x, wp, ws, mul)
+    refusal = H.shape_refusal(n, k)
     errors: dict[str, float | str] = {}
+    refused: list[str] = []
     for label, opts in backends(m, k):
         try:
             y = run(x, wp, ws, mul, opts)
         except Exception as err:  # one backend's failure must not hide the others' results
-            errors[label] = f"{type(err).__name__}: {str(err)[:300]}"
+            if label == "humming" and isinstance(err, RuntimeError) and str(err) == refused_text(n, k):
+                refused.append(label)
+            else:
+                errors[label] = f"{type(err).__name__}: {str(err)[:300]}"
             continue
         assert y.shape == (m, n) and y.dtype == dtype, label
         errors[label] = rel_err(y, ref) if torch.isfinite(y).all() else "non-finite output"
+        if label == "humming" and refusal is not None:
+            errors[label] = f"ran a shape shape_refusal refuses ({refusal}): {errors[label]}"
     bad = {b: e for b, e in errors.items() if isinstance(e, str) or not e < TOL[dtype]}
     assert not bad, f"tolerance {TOL[dtype]}: failed {bad} (all: {errors})"
+    assert refused == (["humming"] if refusal is not None and HAS_HUMMING else []), errors
+
+
+def refused_text(n: int, k: int) -> str | None:
+    """The forced ``humming`` kernel's error for a shape Humming cannot run; None for other shapes."""
+    reason = H.shape_refusal(n, k)
+    return None if reason is None else f"kernel 'humming' cannot run this {n}x{k} weight: {reason}"
 
 
 @pytest.mark.parametrize("humming", [False, True] if HAS_HUMMING else [False])

@@ -81,6 +81,41 @@ def test_table_has_no_holes_on_the_h100():
             ), (m, cls)
 
 
+# ------------------------------------------------------------------------------ shapes, on CPU
+def test_shapes_humming_cannot_run_are_refused_with_the_reason():
+    """N not a multiple of 8: Humming pads N to a multiple of 128 and its kernels need the padding
+    rows in multiples of 8 (333 -> 384 pads 51 rows: its build raised a bare AssertionError on an
+    H200). The refusal names the shape, the padding and the rule."""
+    assert H.padded_shape(333, 2064) == (384, 2176)
+    assert H.shape_refusal(333, 2064) == (
+        "N = 333 is not a multiple of 8: Humming pads N to 384 and needs the 51 padding rows to be a"
+        " multiple of 8"
+    )
+    assert H.shape_refusal(33, 48) is not None and H.shape_refusal(4100, 4096) is not None
+    assert H.shape_refusal(1000, 40) == "K = 40 is not a multiple of 16 (one NVFP4 scale block)"
+    for n, k in ((1000, 1520), (336, 2064), (2880, 2880), (4096, 4096), (8, 16), (128256, 4096)):
+        assert H.shape_refusal(n, k) is None, (n, k)
+
+
+def test_padding_meets_hummings_shape_rules():
+    """What humming-kernels 0.1.20 checks before compiling (``HummingKernel.check_shape`` and its sm_90
+    tile seeds), for every N a multiple of 8 and K a multiple of 16 up to 4096: padded N and K whole
+    multiples of 128 (its smallest sm_90 N tile; K tiles of 32-128 divide them), the padding a
+    multiple of 8 and smaller than the padded size; N, K already multiples of 128 are not padded."""
+    for n in range(8, 4097, 8):
+        for k in (16, 48, 128, 1520, 2064, 2880, 4096):
+            pn, pk = H.padded_shape(n, k)
+            assert H.shape_refusal(n, k) is None
+            assert pn % 128 == 0 and pk % 128 == 0 and pn >= n and pk >= k
+            assert (pn - n) % 8 == 0 and (pk - k) % 8 == 0
+            assert pn - n < 128 and pk - k < 128
+    for k in range(16, 4097, 16):
+        assert H.padded_shape(256, k)[1] - k < 128 and H.shape_refusal(256, k) is None
+    assert H.padded_shape(4096, 14336) == (4096, 14336)
+    assert H.padded_shape(2880, 2064) == (2944, 2176)  # an odd multiple of 64: padded to 128, not 64
+    assert all(H.shape_refusal(n, 4096) is not None for n in range(1, 4097) if n % 8)
+
+
 # ------------------------------------------------------------------------------ fallbacks on CPU
 @pytest.mark.skipif(HAS_HUMMING, reason="checks the behaviour without humming-kernels")
 def test_missing_humming_is_reported_and_forced_kernel_errors():
@@ -156,11 +191,12 @@ needs_humming = pytest.mark.skipif(not (CUDA and HAS_HUMMING), reason="needs CUD
 @pytest.mark.gpu
 @needs_humming
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (16, 28672, 4096), (77, 1000, 1520), (300, 333, 2064)])
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (16, 28672, 4096), (77, 1000, 1520), (300, 2880, 2064)])
 def test_gpu_humming_matches_reference(m, n, k, dtype):
-    """Odd N, K not a multiple of 128 (K = 2064: Humming's build pads K to 2176); memory poisoned with
-    NaN first so an unwritten output shows. (The layer shapes are ones bench_humming.py compiles, so
-    Humming's disk cache serves them in benchmarks/device_humming.sh.)"""
+    """N and K that Humming pads (1000 x 1520 -> 1024 x 1536; 2880 x 2064 -> 2944 x 2176: N an odd
+    multiple of 64, K not a multiple of 128); memory poisoned with NaN first so an unwritten output
+    shows. (The other shapes are ones bench_humming.py compiles, so Humming's disk cache serves them
+    in benchmarks/device_humming.sh.)"""
     wp, ws, mul = make_weight(n, k, seed=m, device="cuda")
     x = torch.randn(m, k, dtype=dtype, device="cuda")
     poison = torch.full((64 << 20,), float("nan"), dtype=dtype, device="cuda")
@@ -168,6 +204,33 @@ def test_gpu_humming_matches_reference(m, n, k, dtype):
     y = K.nvfp4_linear(x, wp, ws, mul, kernel="humming")
     assert torch.isfinite(y).all()
     assert rel_err(y, ref_f64(x, wp, ws, mul)) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_humming
+def test_gpu_shape_humming_cannot_run(caplog):
+    """333 x 2064 (N not a multiple of 8): the forced kernel raises the refusal without calling
+    Humming, auto with Humming on takes our kernels (one log line) and matches the reference, and
+    Humming's own build does fail on it (so the refusal is not stricter than Humming)."""
+    n, k, m = 333, 2064, 64
+    wp, ws, mul = make_weight(n, k, seed=5, device="cuda")
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    reason = H.shape_refusal(n, k)
+    assert reason is not None
+    with pytest.raises(
+        RuntimeError, match=r"kernel 'humming' cannot run this 333x2064 weight: N = 333 is not"
+    ):
+        K.nvfp4_linear(x, wp, ws, mul, kernel="humming")
+    with settings.override(humming=True), caplog.at_level(logging.WARNING, logger="nvfp4_fix.kernels"):
+        assert K.select_kernel(x, n, k) == "triton_mm"
+        y = K.nvfp4_linear(x, wp, ws, mul)
+        y2 = K.nvfp4_linear(x, wp, ws, mul)
+    ref = ref_f64(x, wp, ws, mul)
+    assert rel_err(y, ref) < 1e-2 and rel_err(y2, ref) < 1e-2
+    assert sum(H.fallback_line(n, k, reason) in r.message for r in caplog.records) <= 1
+    assert any(H.fallback_line(n, k, reason) in line for line in H._logged)
+    with pytest.raises(AssertionError):  # humming-kernels 0.1.20: HummingKernel.check_shape
+        H.build(wp, ws, mul, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -75,6 +75,22 @@ def test_h100_with_humming_follows_the_table():
         assert S.ours(H100, BF16, m, *large, HUMMING) == S.choose(H100, BF16, m, *large, DEFAULT)
 
 
+def test_h100_with_humming_skips_shapes_humming_cannot_run():
+    """An N that is not a multiple of 8 goes to our kernels where the table gives the call to Humming,
+    and ``humming_refusal`` says why; N a multiple of 8 (padded to 128 by Humming) still goes to it."""
+    assert S.choose(H100, BF16, 64, 333, 2064, HUMMING) == "triton_mm"
+    assert S.choose(H100, BF16, 64, 333, 2064, HUMMING) == S.ours(H100, BF16, 64, 333, 2064, HUMMING)
+    reason = S.humming_refusal(H100, BF16, 64, 333, 2064, HUMMING)
+    assert reason is not None and reason.startswith("N = 333 is not a multiple of 8")
+    for n in (336, 2880, 1000):
+        assert S.choose(H100, BF16, 64, n, 2064, HUMMING) == "humming", n
+        assert S.humming_refusal(H100, BF16, 64, n, 2064, HUMMING) is None
+    # no refusal to report where the table would not have taken Humming anyway
+    assert S.humming_refusal(H100, BF16, 1, 333, 2064, HUMMING) is None
+    assert S.humming_refusal(H100, BF16, 64, 333, 2064, DEFAULT) is None
+    assert S.humming_refusal(None, BF16, 64, 333, 2064, HUMMING) is None
+
+
 def test_humming_only_where_measured():
     assert S.humming_allowed(H100, HUMMING)
     assert not S.humming_allowed(H100, DEFAULT)

@@ -17,7 +17,8 @@ Choice of kernel (``kernel=`` argument, else ``settings.current().kernel``, env 
                    fallback); M > 1 -> ``chunked`` (row chunks dequantized to float32 + matmul).
 * ``humming``       the optional Humming library (kernels/humming.py): ``auto`` takes it only with
                    ``settings.humming`` on, where kernels/table.py measured it faster, and falls back
-                   to the kernels above when it is missing, fails to compile or refuses a weight.
+                   to the kernels above when it is missing, fails to compile or refuses a weight
+                   (shapes it cannot run, ``humming.shape_refusal``, are never sent to it).
 * ``blackwell_fp4`` (sm >= 100, W4A4 only): activations quantized to NVFP4 with ``input_mul``, then
                    ``torch._scaled_mm`` on FP4 tensor cores. Only when ``input_mul`` is passed.
 
@@ -77,6 +78,9 @@ def _plan(
     if device_type != "cuda":
         return _selection.choose(None, dtype, m, n, k, s)
     card = _card(index, _humming_on(index, s.humming))
+    refusal = _selection.humming_refusal(card, dtype, m, n, k, s)
+    if refusal is not None:
+        _humming.log_once(_humming.fallback_line(n, k, refusal), logging.WARNING)
     return _nvrtc_checked(
         card, index, _selection.choose(card, dtype, m, n, k, s, _m1(n, k)), dtype, m, n, k, s
     )

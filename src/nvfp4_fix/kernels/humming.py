@@ -23,6 +23,16 @@ log = logging.getLogger("nvfp4_fix.kernels")
 #: compute capability Humming needs (it claims SM75+)
 MIN_CC = (7, 5)
 
+#: Humming pads N and K itself, up to these multiples (``HummingLayer``'s pad_n_to_multiple and
+#: pad_k_to_multiple; humming-kernels 0.1.20). N to 128: its sm_90 tiles are at least 128 wide in N,
+#: so an N padded only to an odd multiple of 64 (N = 1088 or 2880) has no tile that divides it. K to
+#: 128: K = 2064 padded only to 2080 gets a 16-deep K tile, below the 32 its 16-bit kernels need.
+PAD_N = 128
+PAD_K = 128
+#: Humming's kernels need the padding of N in whole multiples of 8 (``HummingKernel.check_shape``,
+#: humming-kernels 0.1.20): an N that is not a multiple of 8 cannot be padded for it.
+PAD_STEP = 8
+
 _import_error: str | None = None
 _module: Any = None
 _logged: set[str] = set()
@@ -60,6 +70,31 @@ def unavailable_reason(device: torch.device) -> str | None:
     if cc < MIN_CC:
         return f"Humming needs compute capability >= {MIN_CC[0]}.{MIN_CC[1]}, this card has {cc[0]}.{cc[1]}"
     return None
+
+
+def padded_shape(n: int, k: int) -> tuple[int, int]:
+    """The N x K Humming computes for an N x K weight (it pads both with zeros)."""
+    return -(-n // PAD_N) * PAD_N, -(-k // PAD_K) * PAD_K
+
+
+def shape_refusal(n: int, k: int) -> str | None:
+    """Why Humming cannot run an N x K NVFP4 weight, from the shape alone; None when the shape is fine.
+
+    These shapes make Humming's build fail with a bare ``AssertionError``; they are refused before
+    Humming is called."""
+    pn = padded_shape(n, k)[0]
+    if (pn - n) % PAD_STEP:
+        return (
+            f"N = {n} is not a multiple of {PAD_STEP}: Humming pads N to {pn} and needs the {pn - n}"
+            f" padding rows to be a multiple of {PAD_STEP}"
+        )
+    if k % 16:
+        return f"K = {k} is not a multiple of 16 (one NVFP4 scale block)"
+    return None
+
+
+def fallback_line(n: int, k: int, reason: str) -> str:
+    return f"nvfp4_fix: Humming cannot run a {n}x{k} weight ({reason}); using nvfp4-fix kernels"
 
 
 def weight_config() -> dict[str, Any]:
@@ -133,9 +168,8 @@ def build(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor, dtype: torch.dt
             shape_n=n,
             shape_k=k,
             weight_config=weight_config(),
-            pad_n_to_multiple=64,
-            # K padded to a whole 128: with K = 2064 padded to 2080 Humming's build asserted on an H100
-            pad_k_to_multiple=128,
+            pad_n_to_multiple=PAD_N,
+            pad_k_to_multiple=PAD_K,
             torch_dtype=dtype,
         )
         layer.load_from_tensors(
@@ -153,7 +187,9 @@ def build(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor, dtype: torch.dt
 
 
 def plan_for(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor, dtype: torch.dtype) -> Plan | str:
-    """This weight's plan, built on its first use, else why Humming cannot run it (logged once).
+    """This weight's plan, built on its first use, else why Humming cannot run it (logged once):
+    Humming missing or unusable on this device, a shape it cannot run (``shape_refusal``, checked
+    before Humming is called), or whatever its build raised.
 
     Plans are keyed by the packed bytes' address and layout; an entry counts only while the tensor it
     was built from is alive and unmodified, so a freed weight's address reused by another never
@@ -172,7 +208,8 @@ def plan_for(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor, dtype: torch
     if capturing:
         return "a plan cannot be built during a CUDA-graph capture (run the shape once before capturing)"
     result: Plan | str
-    reason = unavailable_reason(wp.device)
+    n, k = wp.shape[0], wp.shape[1] * 2
+    reason = unavailable_reason(wp.device) or shape_refusal(n, k)
     if reason is None:
         try:
             result = build(wp, ws, mul, dtype)
@@ -181,11 +218,7 @@ def plan_for(wp: torch.Tensor, ws: torch.Tensor, mul: torch.Tensor, dtype: torch
     else:
         result = reason
     if isinstance(result, str):
-        n, k = wp.shape[0], wp.shape[1] * 2
-        log_once(
-            f"nvfp4_fix: Humming cannot run a {n}x{k} weight ({result}); using nvfp4-fix kernels",
-            logging.WARNING,
-        )
+        log_once(fallback_line(n, k, result), logging.WARNING)
     _entries[key] = _Entry(
         weakref.ref(wp, lambda _r, key=key: _entries.pop(key, None)),
         wp._version,

@@ -9,7 +9,8 @@ Per card (benchmarks/KERNEL_NOTES.md, "Older GPUs"):
 
 * sm_80 and newer: ``cuda_mma`` for M <= 8 (fp16/bf16, K % 128 == 0, NVRTC present), else the Triton
   kernels (GEMV at M == 1, the tl.dot GEMM up to ``dequant_mm_min_m``, dequantize + cuBLAS beyond);
-  with ``settings.humming`` on, Humming where kernels/table.py has a measured row (sm_90 only).
+  with ``settings.humming`` on, Humming where kernels/table.py has a measured row (sm_90 only) and
+  the shape is one Humming can run (``humming.shape_refusal``: N a multiple of 8).
 * sm_75 to sm_79 (and older): ``chunked`` (torch ops: row chunks dequantized to float32, cuBLAS
   matmul). The Triton GEMM and dequantization decode with packed PTX that needs sm_80
   (``cvt.rn.f16x2.f32``, ``fma.rn.bf16x2``), ``cuda_mma`` uses sm_80 tensor-core instructions, and
@@ -28,6 +29,7 @@ from .. import settings
 from . import table
 from .cuda_mma import MAX_M as CUDA_MMA_MAX_M
 from .humming import MIN_CC as HUMMING_MIN_CC
+from .humming import shape_refusal as humming_shape_refusal
 
 #: the first compute capability our packed-PTX decoders (Triton) and cuda_mma's mma.sync code run on
 OURS_MIN_CC = (8, 0)
@@ -68,13 +70,29 @@ def choose(
     ``m1_kernel`` is the Triton tuning's "gemv" or "mm" for this shape at M == 1."""
     if card is None:
         return "cpu_gemv" if m == 1 else "chunked"
-    if (
+    if _table_picks_humming(card, dtype, m, n, k, s) and humming_shape_refusal(n, k) is None:
+        return "humming"
+    return ours(card, dtype, m, n, k, s, m1_kernel)
+
+
+def humming_refusal(
+    card: Card | None, dtype: torch.dtype, m: int, n: int, k: int, s: settings.Settings
+) -> str | None:
+    """Why ``choose`` did not take Humming for a call the table gives it: a shape Humming cannot run
+    (``humming.shape_refusal``); None otherwise."""
+    if card is None or not _table_picks_humming(card, dtype, m, n, k, s):
+        return None
+    return humming_shape_refusal(n, k)
+
+
+def _table_picks_humming(
+    card: Card, dtype: torch.dtype, m: int, n: int, k: int, s: settings.Settings
+) -> bool:
+    return (
         dtype in _HALF
         and humming_allowed(card, s)
         and table.backend_for(card.capability, m, n, k) == "humming"
-    ):
-        return "humming"
-    return ours(card, dtype, m, n, k, s, m1_kernel)
+    )
 
 
 def ours(
