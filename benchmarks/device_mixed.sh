@@ -14,7 +14,7 @@ timeout ${TEST_S:-120} python3 -m pytest -q -m gpu tests/test_fp8.py tests/test_
     -p no:cacheprovider $per_test > "$OUT/pytest.txt" 2>&1
 echo "tests: rc $? in $((SECONDS - t0)) s"; tail -2 "$OUT/pytest.txt"; grep -m8 "^FAILED\|^ERROR" "$OUT/pytest.txt"
 t0=$SECONDS
-timeout ${FP8_S:-90} python3 benchmarks/bench_fp8.py --reps ${FP8_REPS:-30} --out "$OUT/RESULTS-fp8.md" > "$OUT/fp8.log" 2>&1
+timeout ${FP8_S:-120} python3 benchmarks/bench_fp8.py --reps ${FP8_REPS:-15} --out "$OUT/RESULTS-fp8.md" > "$OUT/fp8.log" 2>&1
 echo "bench_fp8: rc $? in $((SECONDS - t0)) s"; grep -m8 "^FAILED\|Error" "$OUT/fp8.log"
 t0=$SECONDS
 timeout ${MIXED_S:-240} python3 benchmarks/bench_mixed_27b.py --layers ${LAYERS:-64} --cap-gib 24 \

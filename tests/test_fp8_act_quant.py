@@ -53,3 +53,23 @@ def test_codes_and_scales_equal_the_torch_ops(device, dtype, m, k, mode):
     err = (deq - xd).abs()
     assert (err <= xd.abs() * (2**-4 + 2**-7) + sd * 2**-10)[inside].all()
     assert torch.equal(deq[~inside].abs(), (448 * sd).expand_as(deq)[~inside])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scaled_mm_operands_quantize_in_one_launch(device):
+    """The per-token quantization before ``_scaled_mm`` is one Triton launch (about ten torch ops
+    before), with the same operands as the torch ops give."""
+    from launches import LaunchCounter
+
+    from nvfp4_fix.fp8_cuda import quantize_activations, scaled_mm_operands
+
+    x = _inputs(4, 256, torch.bfloat16, device)
+    spec = FP8Spec("channel", "dynamic-token")
+    weight_scale = torch.rand(64, 1, device=device) / 448
+    with LaunchCounter() as c:
+        q, sa, sw = scaled_mm_operands(x, weight_scale, None, spec, "row", 64)
+    quantizing = [n for n in c.names if n.startswith("triton:") or n in ("abs", "amax", "div", "where", "clamp")]
+    assert quantizing == ["triton:_quantize_rows_kernel"], c.names
+    want_q, want_s = quantize_activations(x, spec, None)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(sa, want_s.float()) and sa.shape == (4, 1) and sw.shape == (1, 64)

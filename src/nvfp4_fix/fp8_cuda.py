@@ -27,9 +27,10 @@ from .codec import FP8_MAX
 from .schemes import FP8Spec
 
 try:  # Triton is optional (the legacy environment has none): the torch path is exact too.
+    from .kernels import fp8_act_quant as _act
     from .kernels import triton_fp8 as _triton
 except Exception:  # pragma: no cover - depends on the environment
-    _triton = None
+    _act = _triton = None
 
 Scaling = Literal["tensor", "row"]
 
@@ -94,11 +95,17 @@ def scaled_mm_operands(
     scaling: Scaling,
     n: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(activation codes, scale_a, scale_b) for ``torch._scaled_mm`` in the shapes ``scaling`` needs."""
-    q, s = quantize_activations(x2, spec, input_scale)
-    sa, sw = s.to(torch.float32), weight_scale.to(torch.float32)
+    """(activation codes, scale_a, scale_b) for ``torch._scaled_mm`` in the shapes ``scaling`` needs.
+    Static and per-token activations are quantized in one launch (``kernels/fp8_act_quant.py``, the
+    same codes and scales as :func:`quantize_activations`) where it runs."""
+    if _act is not None and spec.activations in ("static", "dynamic-token") and _act.supports(x2):
+        q, sa = _act.quantize_rows(x2, input_scale if spec.activations == "static" else None)
+    else:
+        q, s = quantize_activations(x2, spec, input_scale)
+        sa = s.to(torch.float32)
+    sw = weight_scale.to(torch.float32)
     if scaling == "tensor":
-        return q, sa.reshape(()), sw.reshape(())
+        return q, sa.reshape(-1)[:1].reshape(()), sw.reshape(())
     sa = sa.reshape(-1, 1).expand(q.shape[0], 1).contiguous()
     return q, sa, sw.reshape(1, -1).expand(1, n).contiguous()
 
