@@ -68,7 +68,8 @@ def test_scaled_mm_operands_quantize_in_one_launch(device):
     weight_scale = torch.rand(64, 1, device=device) / 448
     with LaunchCounter() as c:
         q, sa, sw = scaled_mm_operands(x, weight_scale, None, spec, "row", 64)
-    quantizing = [n for n in c.names if n.startswith("triton:") or n in ("abs", "amax", "div", "where", "clamp")]
+    torch_ops = ("abs", "amax", "div", "where", "clamp")
+    quantizing = [n for n in c.names if n.startswith("triton:") or n in torch_ops]
     assert quantizing == ["triton:_quantize_rows_kernel"], c.names
     want_q, want_s = quantize_activations(x, spec, None)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
