@@ -118,7 +118,8 @@ def round_to_e2m1_codes(x: torch.Tensor) -> torch.Tensor:
 def quantize(
     weight: torch.Tensor, convention: str = "divisor", global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference quantizer (for tests): dense [N, K] -> (packed uint8, e4m3 block scales, global scale).
+    """NVFP4 quantizer (tests; the embedding and lm_head options): dense [N, K] -> (packed uint8, e4m3
+    block scales, global scale).
 
     The global scale follows ``convention``; by default it is computed from amax(W) as the producers do
     (divisor 448*6/amax, or multiplier amax/(6*448)).
