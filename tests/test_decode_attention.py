@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_graphs import captured
 
 pytest.importorskip("triton")
 
@@ -307,14 +308,7 @@ def test_gpu_cuda_graph_capture_and_replay():
     q, k, v = make_inputs(1, 32, 8, 128, 2432, torch.bfloat16)
     mask = torch.zeros(1, 1, 1, 2432, dtype=torch.bool, device=DEVICE)
     mask[..., :100] = True
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        da.decode_attention(q, k, v, mask, 0.1)  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = da.decode_attention(q, k, v, mask, 0.1)
+    graph, out = captured(lambda: da.decode_attention(q, k, v, mask, 0.1))
     for filled in (100, 1000, 2432):
         mask[..., :filled] = True
         q.copy_(torch.randn_like(q))

@@ -15,6 +15,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from cuda_graphs import captured
 from reference import dequantize_np
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -339,14 +340,7 @@ def test_gpu_graph_capture_replays_any_routing(block_m):
     def step():
         return expert_mm(x, TOPK30, route(idx, E30, block_m), codes, scales, mul, I30)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = captured(step)
     for seed in (1, 2, 3):
         new, _ = _routing(1, seed=seed)
         idx.copy_(new)

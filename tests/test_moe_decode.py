@@ -15,6 +15,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from cuda_graphs import captured
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 CUDA = torch.cuda.is_available()
@@ -225,14 +226,7 @@ def test_gpu_decode_experts_graph_replays_any_routing():
     def step():
         return expert_stack.grouped_forward(st, x, idx, w, silu, False)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = captured(step)
     for seed in (1, 2, 3):
         new_idx, new_w = _routing(1, TOPK30, E30, seed=seed, invalid=seed == 2)
         idx.copy_(new_idx)
