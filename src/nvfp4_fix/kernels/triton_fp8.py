@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import settings
 from ..schemes import FP8Spec
 from .device import on_device_of
 from .triton_nvfp4 import _e4m3_to_f32
+from .triton_ops import scratch_bytes_default, scratch_matmul
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -274,19 +274,9 @@ def dequant_mm(
     """x2 [M, K] @ (W [N, K] e4m3 * scale).T (+ bias) -> [M, N] in x2's dtype: W dequantized into a
     scratch of at most ``scratch_bytes`` (default settings.scratch_mb) a chunk of rows at a time, each
     chunk multiplied by cuBLAS."""
-    m, k = x2.shape
-    n = weight.shape[0]
-    dtype = x2.dtype
-    budget = settings.current().scratch_mb << 20 if scratch_bytes is None else scratch_bytes
-    esize = torch.finfo(dtype).bits // 8
-    step = n if n * k * esize <= budget else max(64, budget // (k * esize) // 64 * 64)
-    y = torch.empty((m, n), dtype=dtype, device=x2.device)
-    scratch = torch.empty((min(step, n), k), dtype=dtype, device=x2.device)
-    for r0 in range(0, n, step):
-        r = min(step, n - r0)
-        wd = dequantize_rows(weight, scale, spec, dtype, r0, r, out=scratch[:r])
-        if bias is not None:
-            torch.addmm(bias[r0 : r0 + r].to(dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
-        else:
-            torch.mm(x2, wd.t(), out=y[:, r0 : r0 + r])
-    return y
+    budget = scratch_bytes_default() if scratch_bytes is None else scratch_bytes
+
+    def rows(r0: int, r: int, scratch: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(weight, scale, spec, x2.dtype, r0, r, out=scratch)
+
+    return scratch_matmul(x2, weight.shape[0], rows, bias, budget, 64)

@@ -334,15 +334,28 @@ def dequant_mm(x2, wp, ws, mul, bias=None, *, out=None, scratch_bytes=None):
         raise ValueError(
             f"packed weight {tuple(wp.shape)} / scales {tuple(ws.shape)} do not match x [..., {k}]"
         )
-    dtype = x2.dtype
     budget = scratch_bytes_default() if scratch_bytes is None else scratch_bytes
+
+    def rows(r0: int, r: int, scratch: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(wp, ws, mul, x2.dtype, r0, r, out=scratch)
+
+    y = _alloc_out(out, m, n, x2.dtype, x2.device)
+    return scratch_matmul(x2, n, rows, bias, budget, 128, y)
+
+
+def scratch_matmul(x2, n, dequantize, bias, budget, align, y=None):
+    """y [M, N] = x2 @ W.T (+ bias) for a weight only ``dequantize(r0, r, scratch)`` can produce (rows
+    r0 .. r0+r into ``scratch`` [r, K], x2's dtype): W whole if it fits ``budget`` bytes, else chunks of
+    a multiple of ``align`` rows, each multiplied by cuBLAS into its columns of y."""
+    m, k = x2.shape
+    dtype = x2.dtype
     esize = torch.finfo(dtype).bits // 8
-    rows = n if n * k * esize <= budget else max(128, (budget // (k * esize)) // 128 * 128)
-    y = _alloc_out(out, m, n, dtype, x2.device)
-    scratch = torch.empty((min(rows, n), k), dtype=dtype, device=x2.device)
-    for r0 in range(0, n, rows):
-        r = min(rows, n - r0)
-        wd = dequantize_rows(wp, ws, mul, dtype, r0, r, out=scratch[:r])
+    step = n if n * k * esize <= budget else max(align, budget // (k * esize) // align * align)
+    y = torch.empty((m, n), dtype=dtype, device=x2.device) if y is None else y
+    scratch = torch.empty((min(step, n), k), dtype=dtype, device=x2.device)
+    for r0 in range(0, n, step):
+        r = min(step, n - r0)
+        wd = dequantize(r0, r, scratch[:r])
         if bias is not None:
             torch.addmm(bias[r0 : r0 + r].to(dtype), x2, wd.t(), out=y[:, r0 : r0 + r])
         else:
