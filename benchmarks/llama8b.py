@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,37 @@ def _flush(shard: dict[str, torch.Tensor], folder: Path, index: int, weight_map:
     shard.clear()
 
 
+def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Write (name, tensor) pairs into ``folder`` as safetensors shards of about SHARD_BYTES, each on
+    disk as soon as it fills, named model-XXXXX-of-YYYYY, plus the index; returns the total bytes."""
+    shard: dict[str, torch.Tensor] = {}
+    size, index, total = 0, 0, 0
+    weight_map: dict[str, str] = {}
+    with torch.no_grad():
+        for k, v in tensors:
+            nbytes = v.numel() * v.element_size()
+            if shard and size + nbytes > SHARD_BYTES:
+                index += 1
+                _flush(shard, folder, index, weight_map)
+                size = 0
+            shard[k] = v
+            size += nbytes
+            total += nbytes
+    if shard:
+        index += 1
+        _flush(shard, folder, index, weight_map)
+    final = {}
+    for i in range(1, index + 1):
+        src, dst = f"model-{i:05d}.safetensors", f"model-{i:05d}-of-{index:05d}.safetensors"
+        os.rename(folder / src, folder / dst)
+        final[src] = dst
+    weight_map = {k: final[v] for k, v in weight_map.items()}
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
+    return total
+
+
 def write_checkpoint(model: torch.nn.Module, out: Path, quantized: bool) -> dict[str, Any]:
     """Write ``model`` as a bf16 or an NVFP4 (compressed-tensors) checkpoint, shard by shard."""
     from nvfp4_fix.writer import ct_quantization_config, quantized_tensors
@@ -85,38 +117,17 @@ def write_checkpoint(model: torch.nn.Module, out: Path, quantized: bool) -> dict
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    shard: dict[str, torch.Tensor] = {}
-    size, index, total = 0, 0, 0
-    weight_map: dict[str, str] = {}
-    with torch.no_grad():
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in model.state_dict().items():
             prefix, _, leaf = name.rpartition(".")
             if quantized and prefix in linears and leaf == "weight":
-                parts = {k: v.cpu() for k, v in quantized_tensors(prefix, t, "compressed-tensors").items()}
+                parts = quantized_tensors(prefix, t, "compressed-tensors")
+                yield from ((k, v.cpu()) for k, v in parts.items())
             else:
-                parts = {name: t.detach().to("cpu", copy=True).contiguous()}
-            for k, v in parts.items():
-                nbytes = v.numel() * v.element_size()
-                if shard and size + nbytes > SHARD_BYTES:
-                    index += 1
-                    _flush(shard, tmp, index, weight_map)
-                    size = 0
-                shard[k] = v
-                size += nbytes
-                total += nbytes
-    if shard:
-        index += 1
-        _flush(shard, tmp, index, weight_map)
-    # rename to the usual -of- names
-    final_map = {}
-    for i in range(1, index + 1):
-        src, dst = f"model-{i:05d}.safetensors", f"model-{i:05d}-of-{index:05d}.safetensors"
-        os.rename(tmp / src, tmp / dst)
-        final_map[src] = dst
-    weight_map = {k: final_map[v] for k, v in weight_map.items()}
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-    )
+                yield name, t.detach().to("cpu", copy=True).contiguous()
+
+    total = write_shards(tmp, tensors())
     model.config.save_pretrained(tmp)
     if quantized:
         cfg = json.loads((tmp / "config.json").read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from llama8b import SHARD_BYTES, _flush
+from llama8b import write_shards
 
 __all__ = ["qwen3_moe_config", "write_moe_checkpoint"]
 
@@ -75,26 +75,8 @@ def write_moe_checkpoint(model: torch.nn.Module, out: Path) -> dict[str, Any]:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shard: dict[str, torch.Tensor] = {}
-    size, index, total = 0, 0, 0
-    weight_map: dict[str, str] = {}
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            for k, v in _nvfp4_tensors(name, t).items():
-                nbytes = v.numel() * v.element_size()
-                if shard and size + nbytes > SHARD_BYTES:
-                    index += 1
-                    _flush(shard, tmp, index, weight_map)
-                    size = 0
-                shard[k] = v
-                size += nbytes
-                total += nbytes
-    if shard:
-        index += 1
-        _flush(shard, tmp, index, weight_map)
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-    )
+    pairs = ((k, v) for name, t in model.state_dict().items() for k, v in _nvfp4_tensors(name, t).items())
+    total = write_shards(tmp, pairs)
     model.config.save_pretrained(tmp)
     cfg = json.loads((tmp / "config.json").read_text())
     ignore = ["lm_head", *[f"model.layers.{i}.mlp.gate" for i in range(model.config.num_hidden_layers)]]
