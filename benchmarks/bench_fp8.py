@@ -46,6 +46,7 @@ import torch
 from nvfp4_fix import fp8_cuda
 from nvfp4_fix.fp8 import FP8Linear
 from nvfp4_fix.schemes import FP8Spec
+from nvfp4_fix.tools import fp8_reference
 
 SHAPES = [
     ("8B qkv (fused)", 6144, 4096),
@@ -90,21 +91,9 @@ def make_layer(n: int, k: int, spec: FP8Spec, device: str) -> FP8Linear:
     return layer
 
 
-def e4m3_f64(t: torch.Tensor) -> torch.Tensor:
-    b = t.view(torch.uint8).to(torch.int64)
-    sign = 1.0 - 2.0 * ((b >> 7) & 1).double()
-    e, m = (b >> 3) & 15, (b & 7).double()
-    return sign * torch.where(e == 0, m / 8 * 2.0**-6, torch.pow(2.0, (e - 7).double()) * (1 + m / 8))
-
-
 def reference_weight(layer: FP8Linear) -> torch.Tensor:
-    w = e4m3_f64(layer.weight.detach())
-    s = layer.weight_scale.detach().double()
-    n, k = w.shape
-    if layer.spec.weights == "block":
-        bn, bk = layer.spec.block or (128, 128)
-        s = s.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
-    return w * (s.reshape(()) if s.numel() == 1 else s.reshape(n, -1))
+    """float64 W on the layer's device, from verify's reference (independent of nvfp4_fix.fp8)."""
+    return fp8_reference.reference_weight(layer.weight.detach(), layer.weight_scale.detach(), layer.spec)
 
 
 def layer_call(layer: FP8Linear, mode: str):  # noqa: ANN201

@@ -33,8 +33,8 @@ def reference_weight(weight: Any, scale: Any, spec: FP8Spec) -> Any:
     if spec.weights == "channel":
         return w * s.reshape(n, 1)
     assert spec.block is not None
-    rows = torch.arange(n) // spec.block[0]
-    cols = torch.arange(k) // spec.block[1]
+    rows = torch.arange(n, device=s.device) // spec.block[0]
+    cols = torch.arange(k, device=s.device) // spec.block[1]
     return w * s[rows[:, None], cols[None, :]]
 
 
