@@ -22,7 +22,7 @@ from .device import on_device_of
 __all__ = ["quantize_rows", "supports"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_FP8_MAX = 448.0
+_FP8_MAX = tl.constexpr(448.0)
 #: (mantissa bits, minimum normal exponent) of each activation dtype
 _FORMAT = {torch.bfloat16: (7, -126), torch.float16: (10, -14), torch.float32: (23, -126)}
 
