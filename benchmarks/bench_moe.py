@@ -12,7 +12,7 @@ loaded back with ``nvfp4_fix.from_pretrained(device_map="cuda")``. Per method an
 TTFT, decode tok/s = (N-1) / (T(N) - TTFT) (bench_generation.run_case), GPU memory with only the model
 loaded and the peak during the calls. ``--loop`` adds the NVFP4 experts through the per-expert Python
 loop (the path before the grouped kernel: a host sync per layer, so no graph); ``--compile`` adds
-``compile_step=True``. ``--tiny``: a 2-layer model on the CPU (smoke test; grouped kernel off there).
+``compile_step=True`` for both (each NVFP4 row's "vs bf16" is against bf16 on the same path). ``--tiny``: a 2-layer model on the CPU (smoke test; grouped kernel off there).
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ def table(args, rows: list[dict], notes: list[str]) -> str:
              "Greedy, no stop token. TTFT = a 1-token call; decode tok/s = (N-1)/(T(N) - TTFT). Weights = GPU memory with only the model loaded; peak = max_memory_allocated during the calls.", "",
              f"| method ({card}) | prompt | N | TTFT ms | decode tok/s | vs bf16 | weights GiB | peak GiB | path |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-    base = {r["prompt"]: r["decode_tok_s"] for r in rows if r["method"].startswith("bf16")}
+    # each row against bf16 on the same path (graph, or graph + compile_step)
+    base = {(r["prompt"], "compile_step" in r["method"]): r["decode_tok_s"] for r in rows if r["method"].startswith("bf16")}
     for r in rows:
-        ratio = r["decode_tok_s"] / base[r["prompt"]] if r["prompt"] in base else float("nan")
+        key = (r["prompt"], "compile_step" in r["method"])
+        ratio = r["decode_tok_s"] / base[key] if key in base else float("nan")
         lines.append(f"| {r['method']} | {r['prompt']} | {r['new_tokens']} | {1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | "
                      f"{ratio:.2f}x | {r.get('weights_gib', float('nan')):.2f} | {r['peak_gib']:.2f} | {r['path']} |")  # fmt: skip
     lines += ["", *[f"- {n}" for n in notes]]
@@ -60,7 +62,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--ckpt-root", default="/tmp/nvfp4fix-bench-moe")
     ap.add_argument("--loop", action="store_true", help="also NVFP4 through the per-expert loop (no graph)")
-    ap.add_argument("--compile", action="store_true", help="also NVFP4 with compile_step=True")
+    ap.add_argument("--compile", action="store_true", help="also bf16 and NVFP4 with compile_step=True")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--out", default="benchmarks/RESULTS-moe.md")
@@ -106,6 +108,9 @@ def main() -> int:
         notes.append(f"NVFP4 checkpoint written in {info['seconds']:.0f} s ({info['bytes'] / 1e9:.2f} GB)")
     bf16_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
     case("bf16, this path (graph)", dense, bf16_weights)
+    if args.compile:
+        clear_cache(dense)
+        case("bf16, this path, compile_step", dense, bf16_weights, compile_step=True)
     clear_cache(dense)
     dense = None
     gc.collect()
