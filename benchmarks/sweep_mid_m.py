@@ -63,10 +63,13 @@ def main() -> int:
     ap.add_argument("--m", default="32,64")
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--out", default="sweep_mid_m.json")
+    ap.add_argument("--only", default="", help="comma-separated name prefixes, e.g. '8B' or '8B,70B o'")
     args = ap.parse_args()
     t0 = time.time()
     print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
     shapes = SHAPES["8b"][:4] + EXPERT_SHAPES + SHAPES["70b"]
+    if args.only:
+        shapes = [s for s in shapes if any(s[0].startswith(p) for p in args.only.split(","))]
     found: dict[str, dict] = {}
     for m in (int(v) for v in args.m.split(",")):
         for name, n, k in shapes:
