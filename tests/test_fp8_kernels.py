@@ -147,7 +147,8 @@ def test_dequant_mm(spec: FP8Spec, dtype: torch.dtype, scratch: int | None) -> N
 def test_w8a16_dispatch() -> None:
     """M <= MAX_M takes the tl.dot kernel, larger M the dequantize + cuBLAS path; both agree."""
     layer = make_layer(96, 256, BLOCK)
-    small, large = _inputs(fp8_cuda._triton.MAX_M, 256, torch.float16), _inputs(65, 256, torch.float16)
+    max_m = fp8_cuda._triton.MAX_M
+    small, large = _inputs(max_m, 256, torch.float16), _inputs(max_m + 1, 256, torch.float16)
     assert fp8_cuda.w8a16_path(small, BLOCK, 256) == "dot"
     assert fp8_cuda.w8a16_path(large, BLOCK, 256) == "dequant"
     for x in (small, large):
@@ -215,7 +216,7 @@ GPU_CASES = [
     for spec in GPU_SPECS
     for shape in [(4096, 4096), (6144, 5120), (4096, 14336)]
     for dtype in (torch.bfloat16, torch.float16)
-    for m in (1, 16, 64, 300)
+    for m in (1, 16, 64, 128, 300)
 ]
 
 
@@ -232,7 +233,7 @@ def _gpu_layer(spec: FP8Spec, n: int, k: int) -> FP8Linear:
     ids=[f"{s.weights}-{s.activations}-{n}x{k}-{str(d)[6:]}-M{m}" for s, (n, k), d, m in GPU_CASES],
 )
 def test_gpu_full_shapes(spec, shape, m, dtype, monkeypatch) -> None:  # noqa: ANN001
-    """Both modes of the layer at Llama-8B / 27B-like shapes: W8A16 (Triton tl.dot for M <= 64, the
+    """Both modes of the layer at Llama-8B / 27B-like shapes: W8A16 (Triton tl.dot for M <= MAX_M, the
     Triton dequantization + cuBLAS above) and the checkpoint's activation quantization (_scaled_mm where
     it reproduces it, else the emulation), each against float64."""
     n, k = shape
@@ -247,7 +248,7 @@ def test_gpu_full_shapes(spec, shape, m, dtype, monkeypatch) -> None:  # noqa: A
     with torch.no_grad():
         y = layer(x)
     assert y.dtype == dtype and rel_err(y, reference(layer, x)) < TOL[dtype]
-    assert calls == (["tr"] if m <= 64 else ["dq"]), calls
+    assert calls == (["tr"] if m <= fp8_cuda._triton.MAX_M else ["dq"]), calls
     calls.clear()
     layer.activation_mode = "quantize"
     with torch.no_grad():

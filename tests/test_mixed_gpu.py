@@ -130,7 +130,7 @@ def _spy_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def _expected_on_sm90(layer: Any, m: int) -> set[str]:
     """The paths fp8_cuda's and expert_stack's docstrings promise on an H100 / H200 (bf16, default
     settings): FP8 with static / dynamic per-tensor or per-token activations and per-tensor or per-channel
-    weights on _scaled_mm; other FP8 through the Triton W8A16 tl.dot kernel for M <= 64, above it the
+    weights on _scaled_mm; other FP8 through the Triton W8A16 tl.dot kernel for M <= MAX_M, above it the
     dequantize + cuBLAS path; W4A4 NVFP4 activations through the fused act-quant kernel; experts grouped."""
     if isinstance(layer, NVFP4Experts):
         return {"grouped_experts"}
@@ -140,7 +140,7 @@ def _expected_on_sm90(layer: Any, m: int) -> set[str]:
     scaled = spec.activations in ("static", "dynamic-tensor", "dynamic-token") and spec.weights != "block"
     if scaled and settings.current().fp8_scaled_mm:
         return {"scaled_mm"}
-    if m <= 64:
+    if m <= fp8_cuda._triton.MAX_M:
         return {"w8a16_dot"}
     return {"w8a16_dequant"} if hasattr(fp8_cuda._triton, "dequant_mm") else set()
 
@@ -181,7 +181,7 @@ def check_layers(path: Path, device: str, monkeypatch: pytest.MonkeyPatch, **loa
     taken = _spy_paths(monkeypatch)
     on_sm90 = device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] == 9
     lines = []
-    for n in (9, 40):  # M = 18: the small-M kernels; M = 80: the large-M ones
+    for n in (9, 70):  # M = 18: the small-M kernels; M = 140: the large-M ones
         seen = _capture(emulated, n)
         assert {type(emulated.get_submodule(k)) for k in seen} >= {NVFP4Linear}
         for name, (args, want) in seen.items():
@@ -275,7 +275,7 @@ def check_moe_bf16(path: Path, device: str) -> tuple[float, int]:
 @needs_cuda
 @pytest.mark.parametrize("path", REAL, ids=[p.name for p in REAL])
 def test_gpu_weight_only_bf16_matches_reference(path: Path) -> None:
-    """Weight-only in bf16 on CUDA (FP8: Triton W8A16 at M = 18, dequantize + cuBLAS at M = 80; NVFP4:
+    """Weight-only in bf16 on CUDA (FP8: Triton W8A16 at M = 18, dequantize + cuBLAS at M = 140; NVFP4:
     the auto-selected kernels; experts: the grouped kernels) against the float reference, 3e-2 (the CPU
     in bf16: 0.007-0.008). MoE: tokens bf16 noise reroutes are left out (check_moe_bf16)."""
     _skip_moe_on_transformers4(path)
@@ -285,7 +285,7 @@ def test_gpu_weight_only_bf16_matches_reference(path: Path) -> None:
     ref = reference_model(path)
     model = from_pretrained(path, dtype=torch.bfloat16, activations="bf16", device_map="cuda")
     _assert_kinds(model, path)
-    for n in (9, 40):
+    for n in (9, 70):
         assert rel_err(_logits(model, n), _logits(ref, n)) < 3e-2
 
 

@@ -15,7 +15,7 @@ W = float(weight) * weight_scale (broadcast per tensor, row or block). Compute i
 dequantized a chunk of rows at a time into the activation dtype and multiplied there. On the CPU the
 chunk's dequantization is torch.compile'd into one pass, and one token (M = 1) runs a compiled GEMV
 that decodes the e4m3 codes inside its loop in float32 (``NVFP4_FIX_CPU_COMPILE=0``: eager ops, same
-math). On CUDA (``fp8_cuda.py``, ``kernels/triton_fp8.py``): M <= 64 runs the Triton W8A16 tl.dot
+math). On CUDA (``fp8_cuda.py``, ``kernels/triton_fp8.py``): M <= 128 runs the Triton W8A16 tl.dot
 kernel, larger M a Triton dequantization into a bf16 scratch + cuBLAS (the torch chunks remain for
 torch.compile and environments without Triton). Where the
 checkpoint quantizes activations to FP8, ``activation_mode="quantize"`` (the default) reproduces it

@@ -29,9 +29,10 @@ from .triton_ops import scratch_bytes_default, scratch_matmul
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-#: Largest M the tl.dot kernel takes; above it, dequantizing into a bf16 scratch + cuBLAS wins
-#: (benchmarks/bench_fp8.py times both: its ``alt`` column is the path the dispatch did not take).
-MAX_M = 64
+#: Largest M the tl.dot kernel takes; above it, dequantizing into a bf16 scratch + cuBLAS. On an H100
+#: (benchmarks/RESULTS-fp8.md, whose "other" column is the path the dispatch did not take) the tl.dot
+#: kernel won at M = 128 on every shape and FP8 kind (1.05-1.68x) and dequantize + cuBLAS at M = 2048.
+MAX_M = 128
 #: (BN, BK, num_warps) of the dequantize kernel (untuned; benchmarks/bench_fp8.py --sweep-dequant).
 DEQUANT_CFG: tuple[int, int, int] = (16, 512, 4)
 
