@@ -449,6 +449,7 @@ def main() -> int:
             r["weights_gib"] = nv_weights
             rows.append(r)
     clear_cache(model)
+    notes.append(f"peak GiB of the NVFP4 embedding / lm_head rows includes the plain NVFP4 model ({nv_weights:.2f} GiB), still loaded then")
     lq = attempt(f"{LMH} load", lambda: nvfp4_fix.from_pretrained(
         paths["nvfp4"], dtype=torch.bfloat16, device_map=device, quantize_lm_head=True), estimate_s=40)  # fmt: skip
     if lq is not None:  # opt-in, lossy: the dense lm_head quantized at load
