@@ -17,7 +17,7 @@ chunk's dequantization is torch.compile'd into one pass, and one token (M = 1) r
 that decodes the e4m3 codes inside its loop in float32 (``NVFP4_FIX_CPU_COMPILE=0``: eager ops, same
 math). On CUDA (``fp8_cuda.py``, ``kernels/triton_fp8.py``): M <= 128 runs the Triton W8A16 tl.dot
 kernel, larger M a Triton dequantization into a bf16 scratch + cuBLAS (the torch chunks remain for
-torch.compile and environments without Triton). Where the
+environments without Triton; under torch.compile these run as one custom op). Where the
 checkpoint quantizes activations to FP8, ``activation_mode="quantize"`` (the default) reproduces it
 as compressed-tensors' forward does (same dtypes, same order of operations); ``"bf16"`` skips it. On
 sm_89+ the quantized activations run on FP8 tensor cores (``torch._scaled_mm``) where its scaling
@@ -27,6 +27,7 @@ reproduces the checkpoint's (``settings.fp8_scaled_mm``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -124,6 +125,47 @@ def _dynamic_scale(amax: torch.Tensor) -> torch.Tensor:
 def _qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.to(x.dtype) * scale
+
+
+class StraightThrough(torch.autograd.Function):
+    """Training through a layer with FP8 activations: the forward quantizes them as inference does, the
+    backward passes the gradient unchanged (d fq(x)/dx := 1), as for NVFP4 activations
+    (``layer.StraightThrough``); differentiating the quantizer's own ops would send gradient through
+    the amax-derived scale."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: FP8Spec, input_scale: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        return fake_quantize_fp8(x, spec, input_scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        return grad, None, None
+
+
+def linear_in_row_chunks(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    spec: FP8Spec,
+    bias: torch.Tensor | None,
+    rows: Callable[[torch.Tensor, int, int], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """x @ W.T (+ bias) with W dequantized to x's dtype CHUNK_ELEMENTS at a time (torch ops, any device).
+    ``rows(x, r0, r1)``, where given, computes output rows [r0, r1) first; None from it falls back to the
+    torch ops for the rest."""
+    n, k = weight.shape
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    if step >= n and rows is None:
+        return nn.functional.linear(x, dequantize_fp8(weight, weight_scale, spec, x.dtype), bias)
+    out = x.new_empty((*x.shape[:-1], n))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        y = rows(x, r0, r1) if rows is not None else None
+        if y is None:
+            rows = None
+            y = nn.functional.linear(x, dequantize_fp8(weight, weight_scale, spec, x.dtype, (r0, r1)))
+        out[..., r0:r1] = y if bias is None else y + bias[r0:r1].to(x.dtype)
+    return out
 
 
 class FP8Linear(nn.Module):
@@ -243,38 +285,25 @@ class FP8Linear(nn.Module):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_mode == "quantize":
+            if torch.is_grad_enabled() and x.requires_grad:
+                return StraightThrough.apply(x, self.spec, self.input_scale)
             return fake_quantize_fp8(x, self.spec, self.input_scale)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_weight is None and x.is_cuda:
-            y = fp8_cuda.layer_linear(self, x, quantized_input=False)  # torch._scaled_mm
-            if y is not None:
-                return y
+            return fp8_cuda.layer_forward(self, x)  # _scaled_mm, Triton W8A16, else the torch path
         x = self.prepare_input(x)
         if self.dense_weight is not None:
             return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
-        y = fp8_cuda.layer_linear(self, x, quantized_input=True) if x.is_cuda else self._cpu_gemv(x)
+        y = self._cpu_gemv(x)
         if y is not None:
             return y
-        n, k = self.out_features, self.in_features
-        step = max(1, CHUNK_ELEMENTS // max(k, 1))
         compiled = (
             x.device.type == "cpu" and self._compile_pays() and not torch.compiler.is_compiling()
         )
-        if step >= n and not compiled:
-            return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
-        out = x.new_empty((*x.shape[:-1], n))
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            y = self._cpu_rows(x, r0, r1) if compiled else None
-            if y is None:
-                compiled = False
-                y = nn.functional.linear(
-                    x, dequantize_fp8(self.weight, self.weight_scale, self.spec, x.dtype, (r0, r1))
-                )
-            out[..., r0:r1] = y if self.bias is None else y + self.bias[r0:r1].to(x.dtype)
-        return out
+        rows = self._cpu_rows if compiled else None
+        return linear_in_row_chunks(x, self.weight, self.weight_scale, self.spec, self.bias, rows)
 
     def _cpu_rows(self, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor | None:
         """Rows [r0, r1) of the output through the compiled dequantize-and-multiply, or None if it fails."""

@@ -11,8 +11,9 @@
 * W8A16 (``kernels/triton_fp8.py``): for M <= ``triton_fp8.MAX_M`` on sm_89+ the Triton tl.dot kernel
   reading the e4m3 codes; otherwise the Triton dequantization into a scratch + cuBLAS (``dequant_mm``).
 
-Each function returns None where it does not apply; the layer then takes its next path. Under
-torch.compile neither runs (the layer's torch path traces).
+``forward`` takes the first that applies (the torch path, dequantized row chunks, last). While
+torch.compile traces, it runs as one custom op (``torch.ops.nvfp4_fix.fp8_linear``, opaque to dynamo):
+a compiled step keeps the 8-bit kernels instead of tracing a dequantizing torch path.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ except Exception:  # pragma: no cover - depends on the environment
     _act = _triton = None
 
 Scaling = Literal["tensor", "row"]
+W8A16Path = Literal["dot", "dequant"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -110,31 +112,72 @@ def scaled_mm_operands(
     return q, sa, sw.reshape(1, -1).expand(1, n).contiguous()
 
 
-def layer_linear(layer, x: torch.Tensor, quantized_input: bool) -> torch.Tensor | None:  # noqa: ANN001
-    """The layer's output through a GPU path, or None. ``quantized_input``: x already went through
-    the layer's activation quantization (then only the W8A16 kernel applies)."""
-    if not x.is_cuda or torch.compiler.is_compiling():
-        return None
-    k, n = layer.in_features, layer.out_features
+def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """FP8Linear's output for x on CUDA (``forward``); while torch.compile traces, the custom op
+    ``nvfp4_fix::fp8_linear`` runs it, so the choice of path happens at run time, not in the trace.
+    Where a gradient must flow (x or the bias requires one), the torch path: the kernels have none."""
+    k, n, spec = layer.in_features, layer.out_features, layer.spec
     x2 = x.reshape(-1, k)
-    spec = layer.spec
-    if not quantized_input:
-        if layer.activation_mode != "quantize" or spec.activations == "none":
-            return None
-        if not settings.current().fp8_scaled_mm:
-            return None
-        scaling = scaled_mm_scaling(spec, x2, n)
-        if scaling is None:
-            return None
-        y = scaled_mm_linear(
-            x2, layer.weight, layer.weight_scale, layer.input_scale, spec, scaling, layer.bias
+    quantize = layer.activation_mode == "quantize" and spec.activations != "none"
+    args = (x2, layer.weight, layer.weight_scale, layer.input_scale, layer.bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad)):
+        # training through the layer (LoRA on a mixed checkpoint): the differentiable torch path
+        from .fp8 import linear_in_row_chunks
+
+        y = linear_in_row_chunks(layer.prepare_input(x2), layer.weight, layer.weight_scale, spec, layer.bias)
+    elif torch.compiler.is_compiling():
+        block = list(spec.block) if spec.block else []
+        y = torch.ops.nvfp4_fix.fp8_linear(
+            *args, spec.weights, spec.activations, block, spec.group_size or 0, quantize
         )
-        return y.reshape(*x.shape[:-1], n)
-    y = w8a16_linear(x2, layer.weight, layer.weight_scale, spec, layer.bias)
-    return None if y is None else y.reshape(*x.shape[:-1], n)
+    else:  # eager: without the custom-op dispatch (host time)
+        y = forward(*args, spec, quantize)
+    return y.reshape(*x.shape[:-1], n)
 
 
-W8A16Path = Literal["dot", "dequant"]
+def forward(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    spec: FP8Spec,
+    quantize: bool,
+) -> torch.Tensor:
+    """x2 [M, K] @ W.T (+ bias) on x2's device, with x2 quantized as ``spec`` says if ``quantize``:
+    ``torch._scaled_mm`` where it reproduces that quantization, else the emulation's quantization and
+    then W8A16 (Triton), else the torch path (dequantized row chunks)."""
+    from .fp8 import fake_quantize_fp8, linear_in_row_chunks  # fp8 imports this module
+
+    if quantize:
+        scaling = scaled_mm_scaling(spec, x2, weight.shape[0]) if settings.current().fp8_scaled_mm else None
+        if scaling is not None:
+            return scaled_mm_linear(x2, weight, weight_scale, input_scale, spec, scaling, bias)
+        x2 = fake_quantize_fp8(x2, spec, input_scale)
+    y = w8a16_linear(x2, weight, weight_scale, spec, bias)
+    return y if y is not None else linear_in_row_chunks(x2, weight, weight_scale, spec, bias)
+
+
+@torch.library.custom_op("nvfp4_fix::fp8_linear", mutates_args=())
+def _fp8_linear_op(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    weights: str,
+    activations: str,
+    block: list[int],
+    group_size: int,
+    quantize: bool,
+) -> torch.Tensor:
+    spec = FP8Spec(weights, activations, tuple(block) if block else None, group_size or None)  # type: ignore[arg-type]
+    return forward(x2, weight, weight_scale, input_scale, bias, spec, quantize)
+
+
+@_fp8_linear_op.register_fake
+def _fp8_linear_fake(x2, weight, *_):  # noqa: ANN001, ANN002
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
 
 
 def w8a16_path(x2: torch.Tensor, spec: FP8Spec, k: int) -> W8A16Path | None:
