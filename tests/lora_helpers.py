@@ -1,6 +1,7 @@
 """Shared by the LoRA tests: the packed model, its dense float32 twin holding the float64-dequantized
-weights (AWQ pre-scale and W4A4 activation fake-quantization by a pre-hook, the latter with a
-straight-through gradient), identical adapters, one step's gradients."""
+weights (AWQ pre-scale and W4A4 / FP8 activation fake-quantization by a pre-hook, the latter with a
+straight-through gradient; FP8 layers of mixed checkpoints through tools.fp8_reference), identical
+adapters, one step's gradients."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from torch import nn
 
 import nvfp4_fix
 from nvfp4_fix.codec import dequantize
+from nvfp4_fix.fp8 import FP8Linear
 from nvfp4_fix.layer import NVFP4Linear, fake_quantize_activations
+from nvfp4_fix.tools.fp8_reference import reference_act_quant, reference_weight
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -21,13 +24,38 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def load(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return nvfp4_fix.from_pretrained(path, dtype=dtype)
+def load(path: Path, dtype: torch.dtype = torch.float32, **kw) -> nn.Module:  # noqa: ANN003
+    return nvfp4_fix.from_pretrained(path, dtype=dtype, **kw)
+
+
+def _dense_fp8(mod: FP8Linear) -> nn.Linear:
+    """A float32 nn.Linear with the float64 reference of an FP8 layer's weight, its activation
+    quantization (tools.fp8_reference) by a straight-through pre-hook."""
+    dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+    w64 = reference_weight(mod.weight, mod.weight_scale, mod.spec)
+    dense.weight = nn.Parameter(w64.float(), requires_grad=False)
+    if mod.bias is not None:
+        dense.bias = nn.Parameter(mod.bias.detach().float(), requires_grad=False)
+    if mod.activation_mode == "quantize" and mod.spec.activations != "none":
+        s_in = None if mod.input_scale is None else float(mod.input_scale.reshape(-1)[0])
+
+        def pre(_m: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            q = reference_act_quant(x.detach().double(), mod.spec, s_in, x.dtype).to(x.dtype)
+            return (x + (q - x).detach(), *args[1:])
+
+        dense.register_forward_pre_hook(pre)
+    return dense
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every NVFP4Linear by a float32 nn.Linear with its float64-dequantized weight."""
+    """Replace every NVFP4Linear (and FP8Linear) by a float32 nn.Linear with its float64-dequantized
+    weight."""
     for name, mod in list(model.named_modules()):
+        if isinstance(mod, FP8Linear):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, _dense_fp8(mod))
+            continue
         if not isinstance(mod, NVFP4Linear):
             continue
         dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
@@ -66,9 +94,9 @@ def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.05) -> di
     return values
 
 
-def adapted_pair(path: Path) -> tuple[nn.Module, nn.Module]:
-    packed = peft.get_peft_model(load(path), lora_config())
-    dense = peft.get_peft_model(densify(load(path)), lora_config())
+def adapted_pair(path: Path, **load_kw) -> tuple[nn.Module, nn.Module]:  # noqa: ANN003
+    packed = peft.get_peft_model(load(path, **load_kw), lora_config())
+    dense = peft.get_peft_model(densify(load(path, **load_kw)), lora_config())
     values = randomize_adapters(packed)
     missing = dense.load_state_dict(values, strict=False).unexpected_keys
     assert not missing and values, "the two models must carry the same adapters"

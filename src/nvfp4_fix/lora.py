@@ -1,4 +1,4 @@
-"""LoRA adapters on packed NVFP4 layers through peft (QLoRA for NVFP4).
+"""LoRA adapters on packed NVFP4 layers (and the FP8 layers of mixed checkpoints) through peft.
 
 ``NVFP4LoraLinear`` follows peft's convention for custom LoRA layers (the classes that
 ``LoraConfig._register_custom_module`` takes): the packed base layer stays frozen and packed, the
@@ -23,6 +23,9 @@ vanish. Measured on the demo model (scripts/train_lora_demo.py --steps 30 --batc
 update), adapter 108.84, merged 129.96.
 (W4A4: the merged update also goes through the activation fake-quantization.)
 
+Mixed checkpoints: the FP8 layers get :class:`FP8LoraLinear` the same way (base frozen in float8_e4m3fn,
+the checkpoint's FP8 activation quantization straight-through); merging into them is refused.
+
 Refused with a clear error: DoRA and the other LoRA variants, and initialisations that read or
 rewrite the base weight (PiSSA, OLoRA, LoftQ, ...). Packed MoE experts are one NVFP4Linear per expert
 and projection: they are adapted per expert through ``target_modules`` (``gate_proj``, ``up_proj``,
@@ -44,17 +47,26 @@ from torch import nn
 
 from .checkpoint import COMPRESSED_TENSORS
 from .codec import quantize
+from .fp8 import FP8Linear
 from .layer import NVFP4Linear
 from .moe import NVFP4Experts
 
 logger = logging.getLogger("nvfp4_fix")
 
-__all__ = ["NVFP4LoraLinear", "dispatch_nvfp4", "custom_modules", "install", "uninstall", "installed"]
+__all__ = [
+    "NVFP4LoraLinear",
+    "FP8LoraLinear",
+    "dispatch_nvfp4",
+    "custom_modules",
+    "install",
+    "uninstall",
+    "installed",
+]
 
 _PLAIN_INITS = (True, False, "gaussian")
 
 
-def _refuse_unsupported(config: Any, base: NVFP4Linear) -> None:
+def _refuse_unsupported(config: Any, base: nn.Module) -> None:
     """Variants and initialisations that need the dense base weight, checked before anything is built."""
     variants = [
         f.name
@@ -65,14 +77,14 @@ def _refuse_unsupported(config: Any, base: NVFP4Linear) -> None:
         variants.append("use_dora")
     if variants:
         raise ValueError(
-            f"nvfp4-fix: LoRA variant(s) {variants} are not supported on a packed NVFP4 layer ({base}):"
+            f"nvfp4-fix: LoRA variant(s) {variants} are not supported on a quantized layer ({base}):"
             " DoRA and the other variants need the dense base weight at every step. Plain LoRA is supported;"
             " for DoRA, load the base dense (nvfp4-fix dequantize) and train on that."
         )
     init = config.init_lora_weights
     if not any(init is p or (isinstance(init, str) and init == p) for p in _PLAIN_INITS):
         raise ValueError(
-            f"nvfp4-fix: init_lora_weights={init!r} reads or rewrites the base weight, which is packed NVFP4"
+            f"nvfp4-fix: init_lora_weights={init!r} reads or rewrites the base weight, which is quantized"
             f" here ({base}); use True (default), False or 'gaussian'"
         )
 
@@ -114,6 +126,8 @@ def _requantize(base: NVFP4Linear, w: torch.Tensor) -> None:
 class NVFP4LoraLinear(nn.Module, LoraLayer):
     """LoRA on a packed :class:`NVFP4Linear`: y = base(x) + scaling * B(A(dropout(x)))."""
 
+    base_type: type[nn.Module] = NVFP4Linear
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -124,8 +138,10 @@ class NVFP4LoraLinear(nn.Module, LoraLayer):
         **kwargs: Any,
     ) -> None:
         base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
-        if not isinstance(base, NVFP4Linear):
-            raise TypeError(f"NVFP4LoraLinear wraps an NVFP4Linear, got {type(base).__name__}")
+        if not isinstance(base, self.base_type):
+            raise TypeError(
+                f"{type(self).__name__} wraps an {self.base_type.__name__}, got {type(base).__name__}"
+            )
         _refuse_unsupported(config, base)
         super().__init__()
         LoraLayer.__init__(self, base_layer)
@@ -142,8 +158,9 @@ class NVFP4LoraLinear(nn.Module, LoraLayer):
         return base.in_features, base.out_features
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, None]:
-        # The packed codes are uint8: take their device, and leave the adapters' float dtype alone.
-        return self.get_base_layer().weight_packed.device, None
+        # The codes are uint8 / float8: take their device, and leave the adapters' float dtype alone.
+        base = self.get_base_layer()
+        return (base.weight_packed if isinstance(base, NVFP4Linear) else base.weight).device, None
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Re-quantize W + scaling * B @ A to NVFP4 in place (new block and global scales from the
@@ -227,8 +244,25 @@ class NVFP4LoraLinear(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+class FP8LoraLinear(NVFP4LoraLinear):
+    """LoRA on an FP8 layer of a mixed checkpoint (:class:`FP8Linear`): the base stays float8_e4m3fn and
+    frozen; the gradient reaches x through its differentiable path (fp8_cuda.layer_forward), with the
+    checkpoint's FP8 activation quantization straight-through. Merging is refused: it would need an FP8
+    re-quantization in the producer's scale scheme (per tensor, channel or block) that is not written."""
+
+    base_type = FP8Linear
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            f"nvfp4-fix: merging LoRA into an FP8 layer ({self.get_base_layer()}) is not supported; keep the"
+            " adapter separate (save_pretrained writes it), or merge into a dequantized model"
+            " (nvfp4-fix dequantize, then load it with peft)"
+        )
+
+
 def dispatch_nvfp4(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> nn.Module | None:
-    """peft's dispatcher protocol: the LoRA layer for ``target`` if it is a packed NVFP4 layer, else None."""
+    """peft's dispatcher protocol: the LoRA layer for ``target`` if it is a packed NVFP4 or an FP8 layer,
+    else None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if kwargs.get("parameter_name") is not None and isinstance(base, (NVFP4Linear, NVFP4Experts)):
         raise ValueError(
@@ -238,12 +272,14 @@ def dispatch_nvfp4(target: nn.Module, adapter_name: str, config: Any, **kwargs: 
         )
     if isinstance(base, NVFP4Linear):
         return NVFP4LoraLinear(target, adapter_name, config=config, **kwargs)
+    if isinstance(base, FP8Linear):
+        return FP8LoraLinear(target, adapter_name, config=config, **kwargs)
     return None
 
 
 def custom_modules() -> dict[type[nn.Module], type[nn.Module]]:
     """The mapping for peft's explicit route: ``config._register_custom_module(custom_modules())``."""
-    return {NVFP4Linear: NVFP4LoraLinear}
+    return {NVFP4Linear: NVFP4LoraLinear, FP8Linear: FP8LoraLinear}
 
 
 def _user_mapped(config: Any, base: nn.Module) -> bool:
@@ -281,7 +317,8 @@ def _wrap_all_linear(include: Any) -> Any:
                 for sub, _ in m.named_modules()
                 if sub
             }
-            packed = {n for n, m in model.named_modules() if isinstance(m, NVFP4Linear) and n not in inside}
+            quantized = (NVFP4Linear, FP8Linear)
+            packed = {n for n, m in model.named_modules() if isinstance(m, quantized) and n not in inside}
             peft_config.target_modules = set(peft_config.target_modules) | packed
         return peft_config
 
