@@ -158,9 +158,9 @@ class NVFP4LoraLinear(nn.Module, LoraLayer):
         return base.in_features, base.out_features
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, None]:
-        # The codes are uint8 / float8: take their device, and leave the adapters' float dtype alone.
-        base = self.get_base_layer()
-        return (base.weight_packed if isinstance(base, NVFP4Linear) else base.weight).device, None
+        # The codes are uint8 / float8: take the device of the (NVFP4 or FP8) scales beside them, and
+        # leave the adapters' float dtype alone.
+        return self.get_base_layer().weight_scale.device, None
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Re-quantize W + scaling * B @ A to NVFP4 in place (new block and global scales from the
@@ -270,16 +270,15 @@ def dispatch_nvfp4(target: nn.Module, adapter_name: str, config: Any, **kwargs: 
             " packed experts are one NVFP4Linear per expert: target them with target_modules"
             " (e.g. ['gate_proj', 'up_proj', 'down_proj'])"
         )
-    if isinstance(base, NVFP4Linear):
-        return NVFP4LoraLinear(target, adapter_name, config=config, **kwargs)
-    if isinstance(base, FP8Linear):
-        return FP8LoraLinear(target, adapter_name, config=config, **kwargs)
+    for layer in custom_modules().values():
+        if isinstance(base, layer.base_type):
+            return layer(target, adapter_name, config=config, **kwargs)
     return None
 
 
 def custom_modules() -> dict[type[nn.Module], type[nn.Module]]:
     """The mapping for peft's explicit route: ``config._register_custom_module(custom_modules())``."""
-    return {NVFP4Linear: NVFP4LoraLinear, FP8Linear: FP8LoraLinear}
+    return {layer.base_type: layer for layer in (NVFP4LoraLinear, FP8LoraLinear)}
 
 
 def _user_mapped(config: Any, base: nn.Module) -> bool:
@@ -317,7 +316,7 @@ def _wrap_all_linear(include: Any) -> Any:
                 for sub, _ in m.named_modules()
                 if sub
             }
-            quantized = (NVFP4Linear, FP8Linear)
+            quantized = tuple(custom_modules())
             packed = {n for n, m in model.named_modules() if isinstance(m, quantized) and n not in inside}
             peft_config.target_modules = set(peft_config.target_modules) | packed
         return peft_config
