@@ -55,6 +55,24 @@ def table(args, rows: list[dict], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_step(label: str, model, vocab: int, p: int, compile_step: bool) -> None:
+    """The kernels of one captured decode step by GPU time (profile_decode.py's table)."""
+    from profile_decode import kernel_table, step_ms
+
+    from nvfp4_fix.generation import RUNNERS_ATTR, generate
+
+    clear_cache(model)
+    generate(model, prompt_ids(vocab, p, "cuda"), 16, stop_token_ids=(), max_cache_len=p + 64, compile_step=compile_step)
+    runner = next(reversed(getattr(model, RUNNERS_ATTR).values()))
+    print(f"\n== {label} decode step, P={p}, compile_step={compile_step}: {step_ms(runner):.3f} ms", flush=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            runner.step()
+        torch.cuda.synchronize()
+    kernel_table(prof, 10, rows=25)
+    clear_cache(model)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default="128,2048")
@@ -64,6 +82,7 @@ def main() -> int:
     ap.add_argument("--loop", action="store_true", help="also NVFP4 through the per-expert loop (no graph)")
     ap.add_argument("--compile", action="store_true", help="also bf16 and NVFP4 with compile_step=True")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one decode step of each model (last path run)")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--out", default="benchmarks/RESULTS-moe.md")
     args = ap.parse_args()
@@ -111,6 +130,8 @@ def main() -> int:
     if args.compile:
         clear_cache(dense)
         case("bf16, this path, compile_step", dense, bf16_weights, compile_step=True)
+    if args.profile and device == "cuda":
+        profile_step("bf16", dense, cfg.vocab_size, prompts[0], args.compile)
     clear_cache(dense)
     dense = None
     gc.collect()
@@ -129,6 +150,8 @@ def main() -> int:
     if args.compile:
         clear_cache(model)
         case("NVFP4, grouped experts, compile_step", model, nv_weights, compile_step=True)
+    if args.profile and device == "cuda":
+        profile_step("NVFP4", model, cfg.vocab_size, prompts[0], args.compile)
     if args.loop:
         clear_cache(model)
         saved, expert_stack.GROUPED_DEVICES = expert_stack.GROUPED_DEVICES, ()

@@ -1,29 +1,45 @@
 #!/bin/bash
-# One device call for what issues 18 and 19 still lack after session 8 (at most ~9.5 minutes on one H100,
-# each step under its own time limit):
-#  1. sweep_mid_m.py: the tl.dot tiles at M = 32 / 64 for the 8B, 70B and Qwen3-30B-A3B expert shapes
-#     (paste the printed TUNED_M32 / TUNED_M64 into kernels/triton_ops.py, then rerun device_humming.sh);
-#  2. bench_moe.py --compile at 8 layers: bf16 with compile_step too, so the MoE ratio is like for like;
-#  3. the generation GPU tests (test_generation*.py) on the card;
-#  4. batched decode at batch 1 / 8 / 32 at the full 32 layers of the 8B shape.
-# Usage on the device machine: bash benchmarks/device_open_issues.sh   (files land in $OUT)
+# Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
+# limit (defaults: the first call of session 9, ~9 minutes on one H100).
+#  mma     sweep_mma_mid.py: cuda_mma at 16 / 32 / 64 token rows (NT = 2 / 4 / 8) against the tl.dot
+#          GEMM and cuBLAS, every spill-free variant, 8B / 70B / Qwen3-30B-A3B expert shapes
+#  mmatest the cuda_mma GPU tests (every variant, M up to 64, against float64)
+#  moe     bench_moe.py --compile --profile at 8 layers: bf16 and NVFP4 on the same paths, and the
+#          kernels of one decode step of each
+#  tldot   sweep_mid_m.py: the tl.dot tiles at M = 64 (fallback where cuda_mma does not win)
+#  gen     the generation GPU tests (test_generation*.py)
+#  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
+# Usage on the device machine: STEPS="mma mmatest moe" bash benchmarks/device_open_issues.sh   (files land in $OUT)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-mma mmatest moe tldot}
 nvidia-smi -L
-t0=$SECONDS
-(cd benchmarks && timeout ${SWEEP_S:-200} python3 sweep_mid_m.py --m 32,64 --budget-s $(( ${SWEEP_S:-200} - 40 )) \
-    --out "$OUT/sweep_mid_m.json" > "$OUT/sweep.log" 2>&1)
-echo "sweep: rc $? in $((SECONDS - t0)) s"; grep -v "^  failed\|WRONG" "$OUT/sweep.log" | tail -30
-t0=$SECONDS
-timeout ${MOE_S:-130} python3 benchmarks/bench_moe.py --layers 8 --new-tokens 64 --compile --budget-s $(( ${MOE_S:-130} - 15 )) \
-    --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1
-echo "bench_moe: rc $? in $((SECONDS - t0)) s"; grep "^|" "$OUT/moe.log" | tail -8
-t0=$SECONDS
-timeout ${TEST_S:-100} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py tests/test_generation_batch.py \
-    > "$OUT/pytest-generation.txt" 2>&1
-echo "generation tests: rc $? in $((SECONDS - t0)) s"; tail -1 "$OUT/pytest-generation.txt"; grep -m5 "^FAILED" "$OUT/pytest-generation.txt"
-t0=$SECONDS
-timeout ${BATCH_S:-120} python3 benchmarks/bench_generation.py --layers 32 --batches 1,8,32 --prompts 128 --new-tokens 64 \
-    --skip-hf --out "$OUT/RESULTS-batch.md" > "$OUT/batch.log" 2>&1
-echo "batch: rc $? in $((SECONDS - t0)) s"; grep "^|" "$OUT/batch.log" | tail -7
+step() { t0=$SECONDS; echo "== $1"; }
+done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
+for s in $STEPS; do case $s in
+mma) step mma
+    (cd benchmarks && timeout ${MMA_S:-210} python3 sweep_mma_mid.py --m 16,32,64 --budget-s $(( ${MMA_S:-210} - 30 )) \
+        --out "$OUT/sweep_mma_mid.json" > "$OUT/sweep_mma.log" 2>&1); done_ $?
+    grep "^|\|^CUDA_MMA\|^    (\|^}\|failed\|WRONG\|budget" "$OUT/sweep_mma.log" | tail -50 ;;
+mmatest) step mmatest
+    timeout ${MMATEST_S:-110} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k cuda_mma \
+        > "$OUT/pytest-mma.txt" 2>&1; done_ $?
+    tail -1 "$OUT/pytest-mma.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-mma.txt" ;;
+moe) step moe
+    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py --layers 8 --new-tokens 64 --compile --profile \
+        --budget-s $(( ${MOE_S:-170} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
+    grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
+tldot) step tldot
+    (cd benchmarks && timeout ${TLDOT_S:-80} python3 sweep_mid_m.py --m 64 --budget-s $(( ${TLDOT_S:-80} - 20 )) \
+        --out "$OUT/sweep_mid_m.json" > "$OUT/sweep_tldot.log" 2>&1); done_ $?
+    grep -v "^  failed\|WRONG" "$OUT/sweep_tldot.log" | tail -14 ;;
+gen) step gen
+    timeout ${GEN_S:-100} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py \
+        tests/test_generation_batch.py > "$OUT/pytest-generation.txt" 2>&1; done_ $?
+    tail -1 "$OUT/pytest-generation.txt"; grep -m5 "^FAILED" "$OUT/pytest-generation.txt" ;;
+batch) step batch
+    timeout ${BATCH_S:-120} python3 benchmarks/bench_generation.py --layers 32 --batches 1,8,32 --prompts 128 \
+        --new-tokens 64 --skip-hf --out "$OUT/RESULTS-batch.md" > "$OUT/batch.log" 2>&1; done_ $?
+    grep "^|" "$OUT/batch.log" | tail -7 ;;
+esac; done

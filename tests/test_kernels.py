@@ -406,7 +406,7 @@ MMA_NK = [(16, 128), (97, 384), (4097, 4096), (6144, 4096), (4096, 14336), (1000
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("n,k", MMA_NK)
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 33, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_mma_gpu(m, n, k, dtype):
     from nvfp4_fix.kernels import cuda_mma
@@ -425,6 +425,30 @@ def test_cuda_mma_gpu(m, n, k, dtype):
     y = cuda_mma.linear(x, wp, ws, row_mul, bias)
     check(y, ref_linear_f64(x, wp, ws, row_mul[:, None], bias), dtype, "cuda_mma per-row mul")
     assert (K.select_kernel(x, n, k) == "cuda_mma") == (m <= cuda_mma.MAX_M)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [9, 16, 24, 32, 40, 64])
+@pytest.mark.parametrize(
+    "rt,depth,xpre,minb", [(1, 1, 0, 1), (1, 3, 0, 2), (2, 2, 0, 1), (2, 1, 1, 1), (4, 1, 0, 1)]
+)
+def test_cuda_mma_variants_gpu(m, rt, depth, xpre, minb):
+    """Every compile variant the tuning may pick, at 9..64 token rows: row tiles per block (RT, with
+    the shared-memory reduction of NT * RT > 8), load depth, activations ahead or when used."""
+    from nvfp4_fix.kernels import cuda_mma
+
+    variant = {"RT": rt, "DEPTH": depth, "XPRE": xpre, "MINB": minb, "LOADONLY": 0}
+    for n, k in [(4097, 4096), (1000, 1152)]:
+        wp, ws, mul = make_weight(n, k, "cuda")
+        row_mul = mul * (torch.rand(n, device="cuda") + 0.5)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = make_x(m, k, dtype, "cuda")
+            ref = ref_linear_f64(x, wp, ws, row_mul[:, None])
+            for warps in (3, 8):
+                out = _poisoned(m, n, dtype, "cuda")
+                y = cuda_mma.linear(x, wp, ws, row_mul, warps=warps, out=out, variant=variant)
+                check(y, ref, dtype, f"cuda_mma {variant} warps={warps} m={m} n={n} k={k} {dtype}")
 
 
 @gpu

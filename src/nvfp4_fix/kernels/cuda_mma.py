@@ -1,4 +1,4 @@
-"""Decode GEMM for M <= 16 on tensor cores: packed NVFP4 codes are decoded straight into mma.sync
+"""Decode GEMM for M <= 64 on tensor cores: packed NVFP4 codes are decoded straight into mma.sync
 operand registers (sm_80+), compiled at first use with NVRTC.
 
 Why tensor cores for a GEMV: the weight tile is the 16x16 A operand of ``mma.m16n8k16`` and the
@@ -165,12 +165,6 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
   acc[0][0][0][0] += f;
   return;
 #endif
-#if XPRE
-  const u32 (*X)[16] = S.X;
-#else
-  u32 X[NT][16];
-  load_x(X, c, xr);
-#endif
   u32 sc[RT][2][2];  // [tile][row g / g+8][first / second block]
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
@@ -179,15 +173,29 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
   }
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
+    // the 8 activations of each token row for this quarter of the chunk: loaded ahead with the
+    // weights (XPRE) or here, 4 words per row (fewer live registers for many rows)
+#if XPRE
+#define XW(j, i) S.X[j][4 * q + (i)]
+#else
+    u32 Xq[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const U4 v = ld_x(xr[j] + c * 128 + q * 8);
+      Xq[j][0] = v.x; Xq[j][1] = v.y; Xq[j][2] = v.z; Xq[j][3] = v.w;
+    }
+#define XW(j, i) Xq[j][i]
+#endif
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       u32 b0[NT], b1[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const u32 lo = X[j][4 * q + 1 - h], hi = X[j][4 * q + 3 - h];
+        const u32 lo = XW(j, 1 - h), hi = XW(j, 3 - h);
         b0[j] = prmt(lo, hi, 0x7632u);
         b1[j] = prmt(lo, hi, 0x5410u);
       }
+#undef XW
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         const u32 sa = sc[r][0][q >> 1], sb = sc[r][1][q >> 1];
@@ -197,7 +205,7 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
         const u32 a1 = scl(dec(wb << (8 * h)), sb);
         const u32 a3 = scl(dec(wb << (8 * h + 4)), sb);
 #pragma unroll
-        for (int j = 0; j < NT; ++j) mma(acc[q][r][j], a0, a1, a2, a3, b0[j], b1[j]);
+        for (int j = 0; j < NT; ++j) mma(acc[q % QA][r][j], a0, a1, a2, a3, b0[j], b1[j]);
       }
     }
   }
@@ -208,7 +216,13 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
           const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
           u16* __restrict__ y, int ldy, int M, int N, int K)
 {
+#if RED_SHARED
+  __shared__ float red[NT * 8][16 * RT];  // warps add into one tile (too little shared memory for 8)
+  for (int i = threadIdx.x; i < NT * 8 * 16 * RT; i += blockDim.x) (&red[0][0])[i] = 0.f;
+  __syncthreads();
+#else
   __shared__ float red[8][NT * 8][16 * RT];
+#endif
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * 16 * RT;
@@ -226,7 +240,7 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   // Token rows past M repeat row M-1: their output columns are computed and never stored.
 #pragma unroll
   for (int j = 0; j < NT; ++j) xr[j] = x + (u64)min(8 * j + g, M - 1) * ldx + t * 32;
-  float acc[4][RT][NT][4] = {};
+  float acc[QA][RT][NT][4] = {};
 
   // DEPTH chunks in flight ahead of the one being computed, DEPTH + 1 slots in rotation, unrolled
   // so that no registers move between slots; past the end the last chunk is reloaded (cached,
@@ -249,22 +263,34 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   for (int r = 0; r < RT; ++r) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      float v[4];
+      float v[4] = {};
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        v[e] = acc[0][r][j][e] + acc[1][r][j][e] + acc[2][r][j][e] + acc[3][r][j][e];
+      for (int a = 0; a < QA; ++a)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] += acc[a][r][j][e];
+#if RED_SHARED
+      atomicAdd(&red[8 * j + 2 * t][16 * r + g], v[0]);
+      atomicAdd(&red[8 * j + 2 * t + 1][16 * r + g], v[1]);
+      atomicAdd(&red[8 * j + 2 * t][16 * r + g + 8], v[2]);
+      atomicAdd(&red[8 * j + 2 * t + 1][16 * r + g + 8], v[3]);
+#else
       red[warp][8 * j + 2 * t][16 * r + g] = v[0];
       red[warp][8 * j + 2 * t + 1][16 * r + g] = v[1];
       red[warp][8 * j + 2 * t][16 * r + g + 8] = v[2];
       red[warp][8 * j + 2 * t + 1][16 * r + g + 8] = v[3];
+#endif
     }
   }
   __syncthreads();
   for (int i = threadIdx.x; i < M * 16 * RT; i += blockDim.x) {
     const int m = i / (16 * RT), rr = i % (16 * RT), n = row0 + rr;
     if (n >= N) continue;
+#if RED_SHARED
+    float v = red[m][rr];
+#else
     float v = 0.f;
     for (int k = 0; k < warps; ++k) v += red[k][m][rr];
+#endif
     v *= mul[(u64)n * mul_stride] * 128.0f;
     if (bias) v += to_f32(bias[n]);
     u16 o;
@@ -294,19 +320,62 @@ _DEFINES = {
 }
 
 
-#: Chunks of loads in flight per warp, and whether activations are loaded ahead with the weights
-#: (XPRE=1) or when used (0, fewer registers: x is small and hits L1).
+#: Chunks of loads in flight per warp (DEPTH), whether activations are loaded ahead with the weights
+#: (XPRE=1) or when used (0, fewer registers: x is small and hits L1), 16-row tiles per block (RT),
+#: and the blocks per SM the registers are capped for (MINB).
 VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2}
+#: From 9 token rows (NT >= 2 column tiles) the activations of every row no longer fit beside the
+#: weights (XPRE=1 spills at NT = 2): loaded when used; from 17 (NT >= 3) with registers for one block
+#: per SM. Spill-free for sm_80 and sm_90 (tests/test_cuda_mma_compile.py).
+VARIANT_TWO_TILES = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1, "MINB": 2}
+VARIANT_MANY_ROWS = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1, "MINB": 1}
+
+
+def default_variant(nt: int) -> dict[str, int]:
+    return VARIANT if nt == 1 else VARIANT_TWO_TILES if nt == 2 else VARIANT_MANY_ROWS
+
+
+#: Token-row buckets of the measured table: M 9..16, 17..32, 33..64.
+BUCKETS = (16, 32, 64)
+
+#: (bucket, N, K) -> (variant, warps): the fastest spill-free variant measured at the bucket's top M
+#: (benchmarks/sweep_mma_mid.py); other shapes get ``default_variant`` and ``warps_for``.
+TUNED: dict[tuple[int, int, int], tuple[dict[str, int], int]] = {}
+
+
+def bucket(m: int) -> int | None:
+    return next((b for b in BUCKETS if m <= b), None) if m > 8 else None
+
+
+def bucket_nts(b: int) -> range:
+    """The column-tile counts NT whose calls take bucket ``b``'s tuned variant."""
+    lower = max((c for c in BUCKETS if c < b), default=8)
+    return range(lower // 8 + 1, b // 8 + 1)
+
+
+@functools.cache
+def tuned(m: int, n: int, k: int) -> tuple[dict[str, int] | None, int | None]:
+    entry = TUNED.get((bucket(m) or 0, n, k))
+    return entry if entry is not None else (None, None)
 
 
 def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
-    defs = {**_DEFINES[dtype], "NT": str(nt), **{k: str(v) for k, v in (variant or VARIANT).items()}}
+    var = {**default_variant(nt), **(variant or {})}
+    derived = {
+        # independent accumulators per mma column: 4 (one per quarter chunk) while few columns
+        # would otherwise chain on one accumulator
+        "QA": 4 if nt * var["RT"] <= 2 else 1,
+        # 8 warps' partial tiles fit 32 KiB of shared memory up to NT * RT = 8; beyond, warps add
+        # into one tile
+        "RED_SHARED": int(nt * var["RT"] > 8),
+    }
+    defs = {**_DEFINES[dtype], "NT": str(nt), **{k: str(v) for k, v in {**var, **derived}.items()}}
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _SOURCE
 
 
-def _variant_key(variant: dict[str, int] | None = None) -> tuple:
+def _variant_key(nt: int, variant: dict[str, int] | None = None) -> tuple:
     """The full variant (defaults filled in) as a hashable key: one compile per distinct kernel."""
-    return tuple(sorted({**VARIANT, **(variant or {})}.items()))
+    return tuple(sorted({**default_variant(nt), **(variant or {})}.items()))
 
 
 def _device_index(device: torch.device) -> int:
@@ -329,8 +398,8 @@ def _compiles(device_index: int) -> bool:
     if torch.cuda.get_device_capability(device_index) < (8, 0):
         return False
     try:
-        _kernel(torch.bfloat16, 1, device_index, _variant_key())
-        _kernel(torch.float16, 1, device_index, _variant_key())
+        _kernel(torch.bfloat16, 1, device_index, _variant_key(1))
+        _kernel(torch.float16, 1, device_index, _variant_key(1))
         return True
     except (nvrtc.CudaError, OSError) as err:  # no NVRTC / driver too old: Triton kernels instead
         import warnings
@@ -343,13 +412,16 @@ def _compiles(device_index: int) -> bool:
 #: measured as fast or faster on the H100.
 MAX_M = 8
 
+#: Most token rows one launch computes (NT = 8 column tiles of 8).
+MAX_ROWS = 64
+
 
 def supports(x2: torch.Tensor, n: int, k: int) -> bool:
     return x2.is_cuda and supports_shape(_device_index(x2.device), x2.dtype, x2.shape[0], k)
 
 
 def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> bool:
-    return dtype in _DEFINES and m <= 16 and k % 128 == 0 and _usable(device_index)
+    return dtype in _DEFINES and m <= MAX_ROWS and k % 128 == 0 and _usable(device_index)
 
 
 @functools.cache
@@ -375,7 +447,7 @@ def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, warps: int | Non
     w = warps or warps_for(n, k, torch.device("cuda", dev), rows)
     if not 1 <= w <= 8:
         raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
-    kern = _kernel(dtype, 1 if m <= 8 else 2, dev, variant)
+    kern = _kernel(dtype, -(-m // 8), dev, variant)
     return kern, (-(-n // rows), 1, 1), (32 * w, 1, 1)
 
 
@@ -390,12 +462,13 @@ def linear(
     out: torch.Tensor | None = None,
     variant: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """y[M, N] = x2[M, K] @ W.T * mul (+ bias) for M <= 16. ``mul`` has 1 or N float32 elements."""
+    """y[M, N] = x2[M, K] @ W.T * mul (+ bias) for M <= 64. ``mul`` has 1 or N float32 elements."""
     m, k = x2.shape
     n = wp.shape[0]
-    if not (m <= 16 and k % 128 == 0 and wp.shape[1] * 2 == k):
+    if not (1 <= m <= MAX_ROWS and k % 128 == 0 and wp.shape[1] * 2 == k):
         raise ValueError(
-            f"cuda_mma needs M <= 16 and K % 128 == 0, got M={m}, K={k}, weight {tuple(wp.shape)}"
+            f"cuda_mma needs 1 <= M <= {MAX_ROWS} and K % 128 == 0, "
+            f"got M={m}, K={k}, weight {tuple(wp.shape)}"
         )
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)
@@ -409,6 +482,8 @@ def linear(
     if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
         bias = bias.to(x2.dtype).contiguous()
     dev = _device_index(x2.device)
-    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, _variant_key(variant))
+    if variant is None and warps is None:
+        variant, warps = tuned(m, n, k)
+    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, _variant_key(-(-m // 8), variant))
     kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k)
     return y

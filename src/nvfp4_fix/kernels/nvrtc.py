@@ -40,9 +40,17 @@ def _load_nvrtc(first: str | None) -> ctypes.CDLL:
         if "builtins" in name or ".alt." in name:
             continue
         try:
-            return ctypes.CDLL(name)
+            lib = ctypes.CDLL(name)
         except OSError:
             continue
+        # libnvrtc opens its builtins library by name; a wheel's copy sits beside it, off the
+        # loader's path unless a CUDA torch has loaded it: load it first, globally
+        here = os.path.dirname(name)
+        for builtins in sorted(glob.glob(os.path.join(here, "libnvrtc-builtins.so*"))) if here else ():
+            if ".alt." not in builtins:
+                with contextlib.suppress(OSError):
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+        return lib
     raise CudaError("libnvrtc not found (install torch with CUDA, or set NVFP4_FIX_NVRTC to a libnvrtc path)")
 
 
@@ -59,6 +67,11 @@ def _check_nvrtc(lib: ctypes.CDLL, res: int, what: str) -> None:
 
 def compile_cubin(source: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
     """CUDA C source -> cubin for ``arch`` (e.g. "sm_90"). Needs no GPU."""
+    return compile_with_log(source, arch, options)[0]
+
+
+def compile_with_log(source: str, arch: str, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    """The cubin and NVRTC's log (with ``--ptxas-options=-v`` in ``options``: registers and spills)."""
     lib = nvrtc()
     prog = ctypes.c_void_p()
     _check_nvrtc(
@@ -75,10 +88,13 @@ def compile_cubin(source: str, arch: str, options: tuple[str, ...] = ()) -> byte
             lib.nvrtcGetProgramLog(prog, log)
             raise CudaError(f"NVRTC compile failed for {arch}:\n{log.value.decode(errors='replace')}")
         size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
         _check_nvrtc(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
         buf = ctypes.create_string_buffer(size.value)
         _check_nvrtc(lib, lib.nvrtcGetCUBIN(prog, buf), "cubin")
-        return buf.raw
+        return buf.raw, log.value.decode(errors="replace")
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
