@@ -19,7 +19,7 @@ step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
 for s in $STEPS; do case $s in
 mma) step mma
-    (cd benchmarks && timeout ${MMA_S:-210} python3 sweep_mma_mid.py --m 16,32,64 --budget-s $(( ${MMA_S:-210} - 30 )) \
+    (cd benchmarks && timeout ${MMA_S:-230} python3 sweep_mma_mid.py --m 1,16,32,64 --budget-s $(( ${MMA_S:-230} - 30 )) \
         --out "$OUT/sweep_mma_mid.json" > "$OUT/sweep_mma.log" 2>&1); done_ $?
     grep "^|\|^CUDA_MMA\|^    (\|^}\|failed\|WRONG\|budget" "$OUT/sweep_mma.log" | tail -50 ;;
 mmatest) step mmatest

@@ -335,22 +335,23 @@ def default_variant(nt: int) -> dict[str, int]:
     return VARIANT if nt == 1 else VARIANT_TWO_TILES if nt == 2 else VARIANT_MANY_ROWS
 
 
-#: Token-row buckets of the measured table: M 9..16, 17..32, 33..64.
-BUCKETS = (16, 32, 64)
+#: Token-row ranges of the measured table, named by their top M (the M measured): M 1, 9..16,
+#: 17..32, 33..64 (2..8 run the defaults).
+BUCKETS = ((1, 1), (9, 16), (17, 32), (33, 64))
 
-#: (bucket, N, K) -> (variant, warps): the fastest spill-free variant measured at the bucket's top M
+#: (bucket top M, N, K) -> (variant, warps): the fastest spill-free variant measured at the top M
 #: (benchmarks/sweep_mma_mid.py); other shapes get ``default_variant`` and ``warps_for``.
 TUNED: dict[tuple[int, int, int], tuple[dict[str, int], int]] = {}
 
 
 def bucket(m: int) -> int | None:
-    return next((b for b in BUCKETS if m <= b), None) if m > 8 else None
+    return next((hi for lo, hi in BUCKETS if lo <= m <= hi), None)
 
 
-def bucket_nts(b: int) -> range:
-    """The column-tile counts NT whose calls take bucket ``b``'s tuned variant."""
-    lower = max((c for c in BUCKETS if c < b), default=8)
-    return range(lower // 8 + 1, b // 8 + 1)
+def bucket_nts(top: int) -> range:
+    """The column-tile counts NT whose calls take bucket ``top``'s tuned variant."""
+    lo = next(lo for lo, hi in BUCKETS if hi == top)
+    return range(-(-lo // 8), -(-top // 8) + 1)
 
 
 @functools.cache
