@@ -8,6 +8,7 @@
 #          kernels of one decode step of each
 #  tldot   sweep_mid_m.py: the tl.dot tiles at M = 64 (fallback where cuda_mma does not win)
 #  gen     the generation GPU tests (test_generation*.py)
+#  fp8test the FP8 / mixed-precision GPU tests (the FP8 layer forward restructured in session 8)
 #  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
 # Usage on the device machine: STEPS="mma mmatest moe" bash benchmarks/device_open_issues.sh   (files land in $OUT)
 set -u
@@ -27,7 +28,7 @@ mmatest) step mmatest
         > "$OUT/pytest-mma.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-mma.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-mma.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py --layers 8 --new-tokens 64 --compile --profile \
+    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py --layers ${MOE_LAYERS:-8} --new-tokens 64 --compile --profile \
         --budget-s $(( ${MOE_S:-170} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot
@@ -38,6 +39,10 @@ gen) step gen
     timeout ${GEN_S:-100} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py \
         tests/test_generation_batch.py > "$OUT/pytest-generation.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-generation.txt"; grep -m5 "^FAILED" "$OUT/pytest-generation.txt" ;;
+fp8test) step fp8test
+    timeout ${FP8_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8.py tests/test_fp8_kernels.py \
+        tests/test_fp8_act_quant.py tests/test_mixed*.py > "$OUT/pytest-fp8.txt" 2>&1; done_ $?
+    tail -1 "$OUT/pytest-fp8.txt"; grep -m8 "^FAILED\|^ERROR" "$OUT/pytest-fp8.txt" ;;
 batch) step batch
     timeout ${BATCH_S:-120} python3 benchmarks/bench_generation.py --layers 32 --batches 1,8,32 --prompts 128 \
         --new-tokens 64 --skip-hf --out "$OUT/RESULTS-batch.md" > "$OUT/batch.log" 2>&1; done_ $?
