@@ -38,8 +38,8 @@ def test_cpu_dispatch_uses_the_same_function():
 def test_sm80_and_newer_without_humming(cc):
     c = card(cc)
     for s in (DEFAULT, settings.Settings(humming=True) if cc != (9, 0) else DEFAULT):
-        assert [S.choose(c, BF16, m, 4096, 4096, s) for m in (1, 8)] == ["cuda_mma"] * 2
-        assert S.choose(c, FP16, 9, 4096, 4096, s) == "triton_mm"
+        assert [S.choose(c, BF16, m, 4096, 4096, s) for m in (1, 8, 9, 32)] == ["cuda_mma"] * 4
+        assert S.choose(c, FP16, 33, 4096, 4096, s) == "triton_mm"
         assert S.choose(c, BF16, 255, 4096, 4096, s) == "triton_mm"
         assert S.choose(c, BF16, 256, 4096, 4096, s) == "dequant_mm"
         assert S.choose(c, FP32, 1, 4096, 4096, s) == "dequant_mm"
@@ -57,13 +57,14 @@ def test_h100_with_humming_follows_the_table():
     """kernels/table.py's sm_90 rows, through the selection function."""
     small, medium, large, tiny = (6144, 4096), (4096, 14336), (28672, 4096), (1536, 2048)
     assert S.choose(H100, BF16, 1, *small, HUMMING) == "cuda_mma"
-    assert S.choose(H100, BF16, 9, *small, HUMMING) == "humming"
+    assert S.choose(H100, BF16, 16, *small, HUMMING) == "cuda_mma"
+    assert S.choose(H100, BF16, 17, *small, HUMMING) == "humming"
     assert S.choose(H100, FP16, 512, *small, HUMMING) == "humming"
     assert S.choose(H100, BF16, 513, *small, HUMMING) == "dequant_mm"
     assert S.choose(H100, BF16, 2048, *medium, HUMMING) == "humming"
     assert S.choose(H100, BF16, 1, *large, HUMMING) == "humming"
     assert S.choose(H100, BF16, 4096, *large, HUMMING) == "dequant_mm"
-    assert S.choose(H100, BF16, 8, *tiny, HUMMING) == "cuda_mma"
+    assert S.choose(H100, BF16, 32, *tiny, HUMMING) == "cuda_mma"
     assert S.choose(H100, BF16, 64, *tiny, HUMMING) == "humming"
     assert S.choose(H100, BF16, 256, *tiny, HUMMING) == "dequant_mm"
     assert S.choose(H100, FP32, 64, *small, HUMMING) == "dequant_mm"  # Humming takes fp16/bf16 only
@@ -71,7 +72,7 @@ def test_h100_with_humming_follows_the_table():
     assert S.choose(H100, BF16, 64, *small, DEFAULT) == "triton_mm"
     assert S.choose(card((9, 0), humming=False), BF16, 64, *small, HUMMING) == "triton_mm"
     # Humming's fallback is ours(): the same answer as with Humming off
-    for m in (1, 9, 64, 300, 2048):
+    for m in (1, 9, 33, 64, 300, 2048):
         assert S.ours(H100, BF16, m, *large, HUMMING) == S.choose(H100, BF16, m, *large, DEFAULT)
 
 

@@ -7,7 +7,7 @@ nothing syncs the host and the call can be captured in a CUDA graph.
 Choice of kernel (``kernel=`` argument, else ``settings.current().kernel``, env ``NVFP4_FIX_KERNEL``):
 
 * ``reference``    dequantize to float32 and matmul (any device, slow, exact).
-* CUDA, auto:      M <= 8 -> ``cuda_mma`` (NVRTC-compiled tensor-core decode GEMM, sm_80+, K % 128
+* CUDA, auto:      M <= 32 -> ``cuda_mma`` (NVRTC-compiled tensor-core decode GEMM, sm_80+, K % 128
                    == 0); otherwise M == 1 -> ``triton_gemv``; 2 <= M <= 16 -> ``triton_mm`` (BM=16);
                    larger M -> ``triton_mm`` or ``dequant_mm`` (dequantize into a bf16 scratch in
                    row chunks + cuBLAS), by the thresholds measured in benchmarks/RESULTS.md.
@@ -168,7 +168,7 @@ def _run_here(kernel: str, x2, wp, ws, mul, bias):
     if kernel == "cuda_mma":
         if not _cuda_mma.supports(x2, n, k):
             raise RuntimeError(
-                "kernel 'cuda_mma' needs CUDA sm_80+, fp16/bf16, M <= 16 and K % 128 == 0"
+                "kernel 'cuda_mma' needs CUDA sm_80+, fp16/bf16, M <= 64 and K % 128 == 0"
                 f" (M={x2.shape[0]}, K={k})"
             )
         return _cuda_mma.linear(x2, wp, ws, mul, bias)

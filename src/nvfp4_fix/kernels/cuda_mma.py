@@ -341,7 +341,35 @@ BUCKETS = ((1, 1), (9, 16), (17, 32), (33, 64))
 
 #: (bucket top M, N, K) -> (variant, warps): the fastest spill-free variant measured at the top M
 #: (benchmarks/sweep_mma_mid.py); other shapes get ``default_variant`` and ``warps_for``.
-TUNED: dict[tuple[int, int, int], tuple[dict[str, int], int]] = {}
+#: Measured on an H100 80GB HBM3 (session 9, `benchmarks/device_open_issues.sh` step mma).
+TUNED: dict[tuple[int, int, int], tuple[dict[str, int], int]] = {
+    (1, 6144, 4096): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3}, 8),  # 8B qkv: 8.5 us
+    (1, 4096, 4096): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3}, 8),  # 8B o: 6.9 us
+    (1, 28672, 4096): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2}, 2),  # 8B gate_up: 29.1 us
+    (1, 4096, 14336): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2}, 8),  # 8B down: 15.8 us
+    (16, 6144, 4096): ({"RT": 4, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # 8B qkv: 13.1 us
+    (16, 4096, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 8),  # 8B o: 9.6 us
+    (16, 28672, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 4),  # 8B gate_up: 39.1 us
+    (16, 4096, 14336): ({"RT": 2, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 8),  # 8B down: 23.2 us
+    # 30B-A3B expert gate_up: 5.0 us
+    (16, 1536, 2048): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 1}, 8),
+    (16, 2048, 768): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 8),  # Qwen3-30B-A3B expert down: 3.6 us
+    (16, 10240, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 4),  # 70B qkv: 31.0 us
+    (16, 8192, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 8),  # 70B o: 22.0 us
+    (16, 57344, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 4),  # 70B gate_up: 144.4 us
+    (16, 8192, 28672): ({"RT": 2, "DEPTH": 2, "XPRE": 1, "MINB": 1}, 4),  # 70B down: 70.1 us
+    (32, 6144, 4096): ({"RT": 2, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 4),  # 8B qkv: 18.0 us
+    (32, 4096, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # 8B o: 12.2 us
+    (32, 28672, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 4),  # 8B gate_up: 65.8 us
+    (32, 4096, 14336): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # 8B down: 29.9 us
+    # 30B-A3B expert gate_up: 6.3 us
+    (32, 1536, 2048): ({"RT": 1, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 8),
+    (32, 2048, 768): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # Qwen3-30B-A3B expert down: 4.4 us
+    (32, 10240, 8192): ({"RT": 2, "DEPTH": 3, "XPRE": 0, "MINB": 1}, 8),  # 70B qkv: 50.8 us
+    (32, 8192, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 4),  # 70B o: 31.3 us
+    (32, 57344, 8192): ({"RT": 2, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 4),  # 70B gate_up: 202.1 us
+    (32, 8192, 28672): ({"RT": 4, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # 70B down: 94.2 us
+}
 
 
 def bucket(m: int) -> int | None:
@@ -409,9 +437,9 @@ def _compiles(device_index: int) -> bool:
         return False
 
 
-#: Largest M the dispatch sends here: at 9..16 (two mma column tiles) the Triton tl.dot kernel
-#: measured as fast or faster on the H100.
-MAX_M = 8
+#: Largest M the dispatch sends here: up to 32 rows the tuned variants beat the tl.dot GEMM on every
+#: measured shape (1.3-2.9x at M = 16 and 32, H100); at 64 the tuned tl.dot tiles win on every shape.
+MAX_M = 32
 
 #: Most token rows one launch computes (NT = 8 column tiles of 8).
 MAX_ROWS = 64

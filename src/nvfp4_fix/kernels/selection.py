@@ -7,7 +7,7 @@ the result per call shape.
 
 Per card (benchmarks/KERNEL_NOTES.md, "Older GPUs"):
 
-* sm_80 and newer: ``cuda_mma`` for M <= 8 (fp16/bf16, K % 128 == 0, NVRTC present), else the Triton
+* sm_80 and newer: ``cuda_mma`` for M <= 32 (fp16/bf16, K % 128 == 0, NVRTC present), else the Triton
   kernels (GEMV at M == 1, the tl.dot GEMM up to ``dequant_mm_min_m``, dequantize + cuBLAS beyond);
   with ``settings.humming`` on, Humming where kernels/table.py has a measured row (sm_90 only) and
   the shape is one Humming can run (``humming.shape_refusal``: N a multiple of 8).

@@ -59,6 +59,31 @@ TUNED_MID: dict[tuple[int, int], dict] = {
     (8192, 28672): {"BM": 128, "BN": 128, "BK": 64, "SPLIT": 4, "num_warps": 8, "num_stages": 3},
 }
 
+# TUNED_M64[(N, K)] = cfg of the tl.dot kernel measured at M=64 (used for 32 < M <= 64; M <= 32 runs
+# cuda_mma): benchmarks/sweep_mid_m.py --m 64 on an H100 80GB HBM3 (session 9, one device call).
+TUNED_M64: dict[tuple[int, int], dict] = {
+    # 8B qkv: 21.7 us (untuned 34.3)
+    (6144, 4096): {"BM": 64, "BN": 64, "BK": 128, "SPLIT": 4, "num_warps": 4, "num_stages": 3},
+    # 8B o: 18.0 us (untuned 23.8)
+    (4096, 4096): {"BM": 64, "BN": 128, "BK": 128, "SPLIT": 8, "num_warps": 8, "num_stages": 3},
+    # 8B gate_up: 76.9 us (untuned 136.8)
+    (28672, 4096): {"BM": 64, "BN": 128, "BK": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 3},
+    # 8B down: 43.3 us (untuned 72.7)
+    (4096, 14336): {"BM": 64, "BN": 128, "BK": 64, "SPLIT": 16, "num_warps": 4, "num_stages": 3},
+    # 30B-A3B expert gate_up: 7.8 us (untuned 11.3)
+    (1536, 2048): {"BM": 64, "BN": 64, "BK": 256, "SPLIT": 4, "num_warps": 4, "num_stages": 3},
+    # 30B-A3B expert down: 5.4 us (untuned 11.6)
+    (2048, 768): {"BM": 32, "BN": 32, "BK": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 3},
+    # 70B qkv: 59.8 us (untuned 102.9)
+    (10240, 8192): {"BM": 64, "BN": 128, "BK": 64, "SPLIT": 4, "num_warps": 4, "num_stages": 3},
+    # 70B o: 46.1 us (untuned 78.5)
+    (8192, 8192): {"BM": 64, "BN": 128, "BK": 64, "SPLIT": 8, "num_warps": 4, "num_stages": 3},
+    # 70B gate_up: 251.2 us (untuned 465.5)
+    (57344, 8192): {"BM": 64, "BN": 128, "BK": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 3},
+    # 70B down: 125.4 us (untuned 233.7)
+    (8192, 28672): {"BM": 64, "BN": 128, "BK": 64, "SPLIT": 8, "num_warps": 4, "num_stages": 3},
+}
+
 
 @functools.cache
 def _sm_count(index: int) -> int:
@@ -107,8 +132,10 @@ def mm_config(m: int, n: int, k: int, device: torch.device) -> dict:
         bm, bn, bk, warps, stages = 16, 64, 256, 4, 4
     elif m > 64 and m <= 256 and (n, k) in TUNED_MID:
         return dict(TUNED_MID[(n, k)])
-    elif m <= 64:
-        bm, bn, bk, warps, stages = 64, 128, 128, 4, 4
+    elif m > 32 and m <= 64 and (n, k) in TUNED_M64:
+        return dict(TUNED_M64[(n, k)])
+    elif m <= 64:  # the tile most often fastest at M = 64 (TUNED_M64)
+        bm, bn, bk, warps, stages = 64, 128, 64, 4, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     while bk > 32 and bk // 2 >= k:  # BK >= 32: no size-1 block dimension
