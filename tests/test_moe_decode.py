@@ -212,6 +212,39 @@ def test_gpu_qwen3_30b_experts_match_float64(t):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "t,e,h,i,ids_dtype,w_dtype",
+    [
+        (1, E30, H30, I30, torch.int64, None),  # Qwen3-30B-A3B decode; weights in x's dtype
+        (8, 16, 384, 256, torch.int32, torch.float32),  # 3 and 2 chunks of 128: uneven warp splits
+        (3, 6, 1024, 1408, torch.int64, torch.float32),  # I = 11 x 128
+    ],
+    ids=["30B-T1", "small-T8-int32", "odd-I-T3"],
+)
+def test_gpu_cuda_decode_experts_match_float64(dtype, t, e, h, i, ids_dtype, w_dtype):
+    """kernels/cuda_moe.py (backend "cuda") against the float64 MoE, with pairs routed to no expert,
+    int32 / int64 ids read through their strides, routing weights in float32 or x's dtype, each
+    expert's gate and up with their own multipliers; and the Triton kernels on the same inputs."""
+    from nvfp4_fix.kernels.moe_decode import decode_experts
+
+    st = _experts(e, h, i, seed=t + i, device="cuda")
+    topk = min(8, e)
+    idx, w = _routing(t, topk, e, seed=t, invalid=True)
+    idx = idx.to(ids_dtype).T.contiguous().T.cuda()  # column-major: strides (1, t)
+    w = w.to("cuda", w_dtype or dtype)
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    gate_up = (st.gate_up_codes, st.gate_up_scales, st.gate_up_mul)
+    down = (st.down_codes, st.down_scales, st.down_mul)
+    ref = reference_moe(st, x, idx.long(), w)
+    for backend in ("cuda", "triton", "auto"):
+        got = decode_experts(x, idx, w, gate_up, down, backend=backend)
+        assert got.dtype == dtype and got.shape == (t, h)
+        assert rel(got, ref) <= TOL[dtype], backend
+
+
+@gpu
+@needs_cuda
 def test_gpu_decode_experts_graph_replays_any_routing():
     """One captured call serves every routing (ids and weights copied into the captured inputs), also
     with pairs routed to no expert: replays equal eager calls bit for bit."""

@@ -211,40 +211,11 @@ __device__ __forceinline__ void compute(const Slot& S, float (*acc)[RT][NT][4], 
   }
 }
 
-extern "C" __global__ void __launch_bounds__(256, MINB)
-nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
-          const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
-          u16* __restrict__ y, int ldy, int M, int N, int K)
-{
-#if RED_SHARED
-  __shared__ float red[NT * 8][16 * RT];  // warps add into one tile (too little shared memory for 8)
-  for (int i = threadIdx.x; i < NT * 8 * 16 * RT; i += blockDim.x) (&red[0][0])[i] = 0.f;
-  __syncthreads();
-#else
-  __shared__ float red[8][NT * 8][16 * RT];
-#endif
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * 16 * RT;
-  const int chunks = K >> 7;
-  const int c_lo = chunks * warp / warps, c_hi = chunks * (warp + 1) / warps;
-  const u8* wp[2 * RT];
-  const u8* sp[2 * RT];
-#pragma unroll
-  for (int i = 0; i < 2 * RT; ++i) {  // rows g, g+8, g+16, g+24 of the block (clamped to N-1)
-    const int row = min(row0 + g + 8 * i, N - 1);
-    wp[i] = w + (u64)row * (K >> 1) + t * 16;
-    sp[i] = s + (u64)row * (K >> 4) + t * 2;
-  }
-  const u16* xr[NT];
-  // Token rows past M repeat row M-1: their output columns are computed and never stored.
-#pragma unroll
-  for (int j = 0; j < NT; ++j) xr[j] = x + (u64)min(8 * j + g, M - 1) * ldx + t * 32;
-  float acc[QA][RT][NT][4] = {};
-
-  // DEPTH chunks in flight ahead of the one being computed, DEPTH + 1 slots in rotation, unrolled
-  // so that no registers move between slots; past the end the last chunk is reloaded (cached,
-  // never used) so the loads need no branches.
+// The K loop of one warp over chunks [c_lo, c_hi): DEPTH chunks in flight ahead of the one being
+// computed, DEPTH + 1 slots in rotation, unrolled so that no registers move between slots; past the end
+// the last chunk is reloaded (cached, never used) so the loads need no branches.
+__device__ __forceinline__ void mainloop(float (*acc)[RT][NT][4], const u8* const* wp, const u8* const* sp,
+                                         const u16* const* xr, int c_lo, int c_hi) {
   const int last = c_hi - 1;
   Slot S[DEPTH + 1];
   if (c_lo < c_hi) {
@@ -259,6 +230,25 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
       if (c + i + 1 >= c_hi) break;
     }
   }
+}
+
+#if RED_SHARED
+typedef float Partials[NT * 8][16 * RT];  // warps add into one tile (too little shared memory for 8)
+#else
+typedef float Partials[8][NT * 8][16 * RT];
+#endif
+
+__device__ __forceinline__ void clear_partials(Partials& red) {
+#if RED_SHARED
+  for (int i = threadIdx.x; i < NT * 8 * 16 * RT; i += blockDim.x) (&red[0][0])[i] = 0.f;
+  __syncthreads();
+#endif
+}
+
+// Each warp's sums into shared memory, [token column][row of the block's tiles]; read back with
+// sum_partials after __syncthreads.
+__device__ __forceinline__ void store_partials(Partials& red, float (*acc)[RT][NT][4], int warp, int g,
+                                               int t) {
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
 #pragma unroll
@@ -281,17 +271,49 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
 #endif
     }
   }
+}
+
+__device__ __forceinline__ float sum_partials(const Partials& red, int warps, int m, int rr) {
+#if RED_SHARED
+  return red[m][rr];
+#else
+  float v = 0.f;
+  for (int k = 0; k < warps; ++k) v += red[k][m][rr];
+  return v;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256, MINB)
+nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
+          const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
+          u16* __restrict__ y, int ldy, int M, int N, int K)
+{
+  __shared__ Partials red;
+  clear_partials(red);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 16 * RT;
+  const int chunks = K >> 7;
+  const u8* wp[2 * RT];
+  const u8* sp[2 * RT];
+#pragma unroll
+  for (int i = 0; i < 2 * RT; ++i) {  // rows g, g+8, g+16, g+24 of the block (clamped to N-1)
+    const int row = min(row0 + g + 8 * i, N - 1);
+    wp[i] = w + (u64)row * (K >> 1) + t * 16;
+    sp[i] = s + (u64)row * (K >> 4) + t * 2;
+  }
+  const u16* xr[NT];
+  // Token rows past M repeat row M-1: their output columns are computed and never stored.
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xr[j] = x + (u64)min(8 * j + g, M - 1) * ldx + t * 32;
+  float acc[QA][RT][NT][4] = {};
+  mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
+  store_partials(red, acc, warp, g, t);
   __syncthreads();
   for (int i = threadIdx.x; i < M * 16 * RT; i += blockDim.x) {
     const int m = i / (16 * RT), rr = i % (16 * RT), n = row0 + rr;
     if (n >= N) continue;
-#if RED_SHARED
-    float v = red[m][rr];
-#else
-    float v = 0.f;
-    for (int k = 0; k < warps; ++k) v += red[k][m][rr];
-#endif
-    v *= mul[(u64)n * mul_stride] * 128.0f;
+    float v = sum_partials(red, warps, m, rr) * mul[(u64)n * mul_stride] * 128.0f;
     if (bias) v += to_f32(bias[n]);
     u16 o;
     asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(v));

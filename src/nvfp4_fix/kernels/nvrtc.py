@@ -107,7 +107,8 @@ def _check_cu(res: int, what: str) -> None:
 
 
 class Kernel:
-    """A function of a loaded cubin; ``launch`` takes ints (as C int), tensors and None (as pointers)."""
+    """A function of a loaded cubin; ``launch`` takes ints (as C int), ``ctypes.c_int64`` (as long long),
+    tensors and None (as pointers)."""
 
     def __init__(self, cubin: bytes, name: str, device: torch.device) -> None:
         with torch.cuda.device(device):
@@ -131,6 +132,8 @@ class Kernel:
                 held.append(ctypes.c_uint64(0))
             elif isinstance(a, int):
                 held.append(ctypes.c_int32(a))
+            elif isinstance(a, ctypes.c_int64):  # a `long long` parameter
+                held.append(a)
             else:
                 raise TypeError(f"unsupported kernel argument {type(a).__name__}")
         params = (ctypes.c_void_p * len(held))(*map(ctypes.addressof, held))

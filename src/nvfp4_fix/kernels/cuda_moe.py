@@ -1,0 +1,221 @@
+"""Decode-sized MoE experts on tensor cores: cuda_mma's K loop with the expert read per block.
+
+For decode (a few tokens, each routed to ``topk`` experts) every (token, expert) pair is one row of
+activations against one expert's weights, so the GEMM is cuda_mma's M = 1 case with the weight base
+chosen per block from ``top_k_index``:
+
+* ``gate_up_act``: grid (I / 16, pairs); a block's two 16-row tiles are rows n..n+15 of the expert's
+  gate and the same rows of its up projection (``codes`` [E, 2I, H/2]: gate rows then up rows), so its
+  epilogue writes ``silu(gate) * up`` (fp32, each with its own multiplier ``mul`` [E, 2], rounded once
+  to x's dtype) into act [pairs, I].
+* ``down``: grid (H / 16, pairs); y [pairs, H] float32 = the down projection of the pair's act row
+  times its multiplier and routing weight.
+
+``kernels/moe_decode.py`` sums each token's pair rows (one more launch, as after its Triton kernels).
+A pair whose id is outside [0, E) returns before any work: its rows of act and y are never written.
+Same grid for any routing: a CUDA graph replays it with new ids. Needs H and I multiples of 128
+(``supports``); the Triton kernels of moe_decode.py run otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import cuda_mma, nvrtc
+
+_SOURCE = r"""
+__device__ __forceinline__ long long pair_expert(const void* ids, int ids64, long long st, long long sk,
+                                                 int p, int topk) {
+  const int t = p / topk, j = p - t * topk;
+  const long long off = (long long)t * st + (long long)j * sk;
+  return ids64 ? ((const long long*)ids)[off] : (long long)((const int*)ids)[off];
+}
+__device__ __forceinline__ float routing_weight(const void* rw, int kind, long long st, long long sk,
+                                                int p, int topk) {
+  const int t = p / topk, j = p - t * topk;
+  const long long off = (long long)t * st + (long long)j * sk;
+  if (kind == 0) return ((const float*)rw)[off];
+  const u16 h = ((const u16*)rw)[off];
+  float f;
+  if (kind == 1) {
+    asm("mov.b32 %0, %1;" : "=f"(f) : "r"((u32)h << 16));  // bf16
+  } else {
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));  // fp16
+  }
+  return f;
+}
+
+// RT == 2: tile 0 = gate rows n0..n0+15, tile 1 = the same rows of up (I rows further).
+extern "C" __global__ void __launch_bounds__(256, MINB)
+nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
+                  long long w_se, long long s_se, const float* __restrict__ mul, int mul_se,
+                  const void* __restrict__ ids, int ids64, long long id_st, long long id_sk, int topk, int E,
+                  u16* __restrict__ act, int ld_act, int I, int H)
+{
+  const int p = blockIdx.y;
+  const long long e = pair_expert(ids, ids64, id_st, id_sk, p, topk);
+  if (e < 0 || e >= E) return;  // the whole block, before any barrier
+  __shared__ Partials red;
+  clear_partials(red);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int chunks = H >> 7;
+  const u8* wb = w + e * w_se;
+  const u8* sb = s + e * s_se;
+  const u8* wp[4];
+  const u8* sp[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // gate rows g, g+8; up rows g, g+8 (clamped to I-1)
+    const int row = min(n0 + g + 8 * (i & 1), I - 1) + (i >> 1) * I;
+    wp[i] = wb + (u64)row * (H >> 1) + t * 16;
+    sp[i] = sb + (u64)row * (H >> 4) + t * 2;
+  }
+  const u16* xr[1] = {x + (u64)(p / topk) * ldx + t * 32};
+  float acc[QA][RT][NT][4] = {};
+  mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
+  store_partials(red, acc, warp, g, t);
+  __syncthreads();
+  if (threadIdx.x < 16 && n0 + threadIdx.x < I) {
+    const int i = threadIdx.x;
+    const float gate = sum_partials(red, warps, 0, i) * mul[e * mul_se] * 128.0f;
+    const float up = sum_partials(red, warps, 0, 16 + i) * mul[e * mul_se + 1] * 128.0f;
+    const float a = gate / (1.0f + expf(-gate)) * up;
+    u16 o;
+    asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(a));
+    act[(u64)p * ld_act + n0 + i] = o;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256, MINB)
+nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w, const u8* __restrict__ s,
+               long long w_se, long long s_se, const float* __restrict__ mul, int mul_se,
+               const void* __restrict__ ids, int ids64, long long id_st, long long id_sk, int topk, int E,
+               const void* __restrict__ rw, int rw_kind, long long rw_st, long long rw_sk,
+               float* __restrict__ y, int ldy, int H, int I)
+{
+  const int p = blockIdx.y;
+  const long long e = pair_expert(ids, ids64, id_st, id_sk, p, topk);
+  if (e < 0 || e >= E) return;
+  __shared__ Partials red;
+  clear_partials(red);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16 * RT;
+  const int chunks = I >> 7;
+  const u8* wb = w + e * w_se;
+  const u8* sb = s + e * s_se;
+  const u8* wp[2 * RT];
+  const u8* sp[2 * RT];
+#pragma unroll
+  for (int i = 0; i < 2 * RT; ++i) {
+    const int row = min(n0 + g + 8 * i, H - 1);
+    wp[i] = wb + (u64)row * (I >> 1) + t * 16;
+    sp[i] = sb + (u64)row * (I >> 4) + t * 2;
+  }
+  const u16* xr[1] = {act + (u64)p * ld_act + t * 32};
+  float acc[QA][RT][NT][4] = {};
+  mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
+  store_partials(red, acc, warp, g, t);
+  __syncthreads();
+  const float scale = mul[e * mul_se] * 128.0f * routing_weight(rw, rw_kind, rw_st, rw_sk, p, topk);
+  for (int i = threadIdx.x; i < 16 * RT; i += blockDim.x) {
+    if (n0 + i < H) y[(u64)p * ldy + n0 + i] = sum_partials(red, warps, 0, i) * scale;
+  }
+}
+"""
+
+#: gate_up: two tiles (gate, up) of 16 rows per block, activations loaded when used (ahead, they
+#: spill); down: one tile, activations loaded ahead with the weights. Spill-free on sm_80 and sm_90
+#: (tests/test_cuda_mma_compile.py).
+GATE_UP_VARIANT = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2, "MINB": 1}
+DOWN_VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2}
+_RW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def source(dtype: torch.dtype, variant: dict[str, int]) -> str:
+    return cuda_mma.source(dtype, 1, variant) + _SOURCE
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype, name: str, device_index: int) -> nvrtc.Kernel:
+    variant = GATE_UP_VARIANT if name == "nvfp4_moe_gate_up" else DOWN_VARIANT
+    major, minor = torch.cuda.get_device_capability(device_index)
+    cubin = nvrtc.compile_cubin(source(dtype, variant), f"sm_{major}{minor}")
+    return nvrtc.Kernel(cubin, name, torch.device("cuda", device_index))
+
+
+def supports(x: torch.Tensor, h: int, i: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
+    """Whether this call can run here: CUDA sm_80+ with NVRTC (cuda_mma usable), fp16/bf16 x with
+    16-byte aligned rows, H and I multiples of 128, int32/int64 ids, float routing weights."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and h % 128 == 0
+        and i % 128 == 0
+        and x.stride(1) == 1
+        and x.stride(0) % 8 == 0
+        and x.data_ptr() % 16 == 0
+        and top_k_index.dtype in (torch.int32, torch.int64)
+        and top_k_weights.dtype in _RW_KINDS
+        and cuda_mma.supports_shape(cuda_mma._device_index(x.device), x.dtype, 1, h)
+    )
+
+
+def _i64(v: int) -> ctypes.c_int64:
+    return ctypes.c_int64(v)
+
+
+def _warps(chunks: int) -> int:
+    """Warps per block (they split K): at least 3 chunks of 128 each, at most 4 warps."""
+    return max(1, min(4, chunks // 3))
+
+
+def gate_up_act(
+    x: torch.Tensor, top_k_index: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mul: torch.Tensor
+) -> torch.Tensor:
+    """act [pairs, I] = silu(gate_e(x_t)) * up_e(x_t) for pair p = t * topk + k, e = top_k_index[t, k]."""
+    t, h = x.shape
+    e, two_i, _ = codes.shape
+    i = two_i // 2
+    topk = top_k_index.shape[1]
+    pairs = t * topk
+    act = torch.empty(pairs, i, dtype=x.dtype, device=x.device)
+    kern = _kernel(x.dtype, "nvfp4_moe_gate_up", cuda_mma._device_index(x.device))
+    kern.launch(
+        (i // 16, pairs, 1), (32 * _warps(h // 128), 1, 1),
+        x, x.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
+        mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
+        _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e, act, act.stride(0), i, h,
+    )  # fmt: skip
+    return act
+
+
+def down(
+    act: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mul: torch.Tensor,
+) -> torch.Tensor:
+    """y [pairs, H] float32 = down_e(act[p]) * top_k_weights[t, k] (rows of unrouted pairs unwritten)."""
+    pairs, i = act.shape
+    e, h, _ = codes.shape
+    topk = top_k_index.shape[1]
+    y = torch.empty(pairs, h, dtype=torch.float32, device=act.device)
+    kern = _kernel(act.dtype, "nvfp4_moe_down", cuda_mma._device_index(act.device))
+    rows = 16 * DOWN_VARIANT["RT"]
+    kern.launch(
+        (-(-h // rows), pairs, 1), (32 * _warps(i // 128), 1, 1),
+        act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
+        mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
+        _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e,
+        top_k_weights, _RW_KINDS[top_k_weights.dtype], _i64(top_k_weights.stride(0)),
+        _i64(top_k_weights.stride(1)),
+        y, y.stride(0), h, i,
+    )  # fmt: skip
+    return y
