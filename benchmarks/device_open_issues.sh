@@ -3,6 +3,7 @@
 # limit (defaults: the first call of session 9, ~9 minutes on one H100).
 #  mma     sweep_mma_mid.py: cuda_mma at 16 / 32 / 64 token rows (NT = 2 / 4 / 8) against the tl.dot
 #          GEMM and cuBLAS, every spill-free variant, 8B / 70B / Qwen3-30B-A3B expert shapes
+#  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head)
 #  mmatest the cuda_mma GPU tests (every variant, M up to 64, against float64)
 #  moe     bench_moe.py --compile --profile at 8 layers: bf16 and NVFP4 on the same paths, and the
 #          kernels of one decode step of each
@@ -20,13 +21,17 @@ step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
 for s in $STEPS; do case $s in
 mma) step mma
-    (cd benchmarks && timeout ${MMA_S:-230} python3 sweep_mma_mid.py --m 1,16,32,64 --budget-s $(( ${MMA_S:-230} - 30 )) \
+    (cd benchmarks && timeout ${MMA_S:-230} python3 sweep_mma_mid.py --m ${MMA_M:-16,32,64} --budget-s $(( ${MMA_S:-230} - 30 )) \
         --out "$OUT/sweep_mma_mid.json" > "$OUT/sweep_mma.log" 2>&1); done_ $?
     grep "^|\|^CUDA_MMA\|^    (\|^}\|failed\|WRONG\|budget" "$OUT/sweep_mma.log" | tail -50 ;;
 mmatest) step mmatest
     timeout ${MMATEST_S:-110} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k cuda_mma \
         > "$OUT/pytest-mma.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-mma.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-mma.txt" ;;
+moetest) step moetest
+    timeout ${MOETEST_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe.py tests/test_moe_decode.py \
+        tests/test_lm_head.py > "$OUT/pytest-moe.txt" 2>&1; done_ $?
+    tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
     timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py --layers ${MOE_LAYERS:-8} --new-tokens 64 --compile --profile \
         --budget-s $(( ${MOE_S:-170} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?

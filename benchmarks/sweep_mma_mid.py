@@ -5,7 +5,8 @@ against the dispatch's current kernel for that M (the tl.dot GEMM) and cuBLAS bf
     PYTHONPATH=src python3 benchmarks/sweep_mma_mid.py [--m 1,16,32,64] [--budget-s 240] [--out sweep.json]
 
 Variants are the (RT, DEPTH, XPRE, MINB) combinations that compile for sm_90 without register
-spills (NVRTC --ptxas-options=-v, checked on the CPU), each at 4 and 8 warps. Every variant is first
+spills (NVRTC --ptxas-options=-v, checked on the CPU), each with 1, 2 or 4 warps side by side over N
+(WN, from 9 rows) and 4 or 8 warps a block (2, 4, 8 at M = 1). Every variant is first
 checked against the float64 reference of the same packed weight (rel L2 < 1e-2), then timed as
 bench_kernels.py times (CUDA graph of 10 calls, cold L2 over weight copies, median of 15 replays).
 Prints a markdown table and the winners as CUDA_MMA_TUNED entries for kernels/cuda_mma.py.
@@ -37,11 +38,16 @@ SPILL_FREE = {
 }
 
 
+#: warps side by side over N (sharing each activation chunk through L1), tried from 9 rows
+WN_CHOICES = (1, 2, 4)
+
+
 def variants(m: int):
     nt = -(-m // 8)
     for rt, depth, xpre, minb in SPILL_FREE[nt]:
-        for warps in (2, 4, 8) if nt == 1 else (4, 8):
-            yield {"RT": rt, "DEPTH": depth, "XPRE": xpre, "MINB": minb, "LOADONLY": 0}, warps
+        for wn in (1,) if nt == 1 else WN_CHOICES:
+            for warps in (2, 4, 8) if nt == 1 else (4, 8):
+                yield {"RT": rt, "DEPTH": depth, "XPRE": xpre, "MINB": minb, "LOADONLY": 0, "WN": wn}, warps
 
 
 def main() -> int:
@@ -84,13 +90,13 @@ def main() -> int:
                 results.append((t, var, warps))
             results.sort(key=lambda r: r[0])
             best_t, best, best_w = results[0]
-            tag = "RT={RT} D={DEPTH} X={XPRE} B={MINB}".format(**best)
+            tag = "RT={RT} D={DEPTH} X={XPRE} B={MINB} WN={WN}".format(**best)
             print(
                 f"| {name} | {n}x{k} | {m} | {t_cublas:.1f} | {t_tldot:.1f} | {t_dispatch:.1f} | {best_t:.1f} | "
                 f"{t_tldot / best_t:.2f}x | {t_cublas / best_t:.2f}x | {tag} | {best_w} |",
                 flush=True,
             )
-            print("  " + " ".join(f"{t:.1f}@R{v['RT']}D{v['DEPTH']}X{v['XPRE']}B{v['MINB']}w{w}" for t, v, w in results), flush=True)
+            print("  " + " ".join(f"{t:.1f}@R{v['RT']}D{v['DEPTH']}X{v['XPRE']}B{v['MINB']}N{v['WN']}w{w}" for t, v, w in results[:12]), flush=True)
             found.append(
                 {"name": name, "m": m, "n": n, "k": k, "cublas_us": t_cublas, "tldot_us": t_tldot,
                  "dispatch_us": t_dispatch, "best_us": best_t, "best": best, "warps": best_w,
@@ -103,7 +109,8 @@ def main() -> int:
     print("CUDA_MMA_TUNED = {")
     for v in found:
         b = v["best"]
-        print(f"    ({v['m']}, {v['n']}, {v['k']}): ({b['RT']}, {b['DEPTH']}, {b['XPRE']}, {b['MINB']}, {v['warps']}),  # {v['name']} {v['best_us']:.1f} us, tl.dot {v['tldot_us']:.1f}")
+        var = {key: b[key] for key in ("RT", "DEPTH", "XPRE", "MINB", "WN")}
+        print(f"    ({v['m']}, {v['n']}, {v['k']}): ({var}, {v['warps']}),  # {v['name']} {v['best_us']:.1f} us, tl.dot {v['tldot_us']:.1f}")
     print("}")
     print(f"(total {time.time() - t0:.0f} s)")
     return 0

@@ -431,21 +431,24 @@ def test_cuda_mma_gpu(m, n, k, dtype):
 @needs_cuda
 @pytest.mark.parametrize("m", [9, 16, 24, 32, 40, 64])
 @pytest.mark.parametrize(
-    "rt,depth,xpre,minb", [(1, 1, 0, 1), (1, 3, 0, 2), (2, 2, 0, 1), (2, 1, 1, 1), (4, 1, 0, 1)]
+    "rt,depth,xpre,minb,wn",
+    [(1, 1, 0, 1, 1), (1, 3, 0, 2, 1), (2, 2, 0, 1, 1), (2, 1, 1, 1, 1), (4, 1, 0, 1, 1), (2, 1, 0, 2, 2),
+     (2, 2, 0, 1, 4), (4, 1, 0, 1, 2)],
 )
-def test_cuda_mma_variants_gpu(m, rt, depth, xpre, minb):
-    """Every compile variant the tuning may pick, at 9..64 token rows: row tiles per block (RT, with
-    the shared-memory reduction of NT * RT > 8), load depth, activations ahead or when used."""
+def test_cuda_mma_variants_gpu(m, rt, depth, xpre, minb, wn):
+    """Every compile variant the tuning may pick, at 9..64 token rows: row tiles per warp (RT, with
+    the shared-memory reduction of NT * RT > 8), load depth, activations ahead or when used, warps
+    side by side over N (WN) with the other warps splitting K."""
     from nvfp4_fix.kernels import cuda_mma
 
-    variant = {"RT": rt, "DEPTH": depth, "XPRE": xpre, "MINB": minb, "LOADONLY": 0}
+    variant = {"RT": rt, "DEPTH": depth, "XPRE": xpre, "MINB": minb, "LOADONLY": 0, "WN": wn}
     for n, k in [(4097, 4096), (1000, 1152)]:
         wp, ws, mul = make_weight(n, k, "cuda")
         row_mul = mul * (torch.rand(n, device="cuda") + 0.5)
         for dtype in (torch.bfloat16, torch.float16):
             x = make_x(m, k, dtype, "cuda")
             ref = ref_linear_f64(x, wp, ws, row_mul[:, None])
-            for warps in (3, 8):
+            for warps in (3 if wn == 1 else wn, 8):
                 out = _poisoned(m, n, dtype, "cuda")
                 y = cuda_mma.linear(x, wp, ws, row_mul, warps=warps, out=out, variant=variant)
                 check(y, ref, dtype, f"cuda_mma {variant} warps={warps} m={m} n={n} k={k} {dtype}")

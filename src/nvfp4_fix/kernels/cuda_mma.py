@@ -232,10 +232,11 @@ __device__ __forceinline__ void mainloop(float (*acc)[RT][NT][4], const u8* cons
   }
 }
 
+// [K group of warps][token column][row of the block: WN warps' 16 * RT rows side by side]
 #if RED_SHARED
-typedef float Partials[NT * 8][16 * RT];  // warps add into one tile (too little shared memory for 8)
+typedef float Partials[NT * 8][16 * RT * WN];  // warps add into one tile (too little shared memory for 8)
 #else
-typedef float Partials[8][NT * 8][16 * RT];
+typedef float Partials[8 / WN][NT * 8][16 * RT * WN];
 #endif
 
 __device__ __forceinline__ void clear_partials(Partials& red) {
@@ -245,10 +246,10 @@ __device__ __forceinline__ void clear_partials(Partials& red) {
 #endif
 }
 
-// Each warp's sums into shared memory, [token column][row of the block's tiles]; read back with
-// sum_partials after __syncthreads.
-__device__ __forceinline__ void store_partials(Partials& red, float (*acc)[RT][NT][4], int warp, int g,
-                                               int t) {
+// Each warp's sums into shared memory at its K group ``kg`` and first row ``r0`` of the block; read
+// back with sum_partials after __syncthreads.
+__device__ __forceinline__ void store_partials(Partials& red, float (*acc)[RT][NT][4], int kg, int r0,
+                                               int g, int t) {
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
 #pragma unroll
@@ -258,27 +259,28 @@ __device__ __forceinline__ void store_partials(Partials& red, float (*acc)[RT][N
       for (int a = 0; a < QA; ++a)
 #pragma unroll
         for (int e = 0; e < 4; ++e) v[e] += acc[a][r][j][e];
+      const int rr = r0 + 16 * r + g;
 #if RED_SHARED
-      atomicAdd(&red[8 * j + 2 * t][16 * r + g], v[0]);
-      atomicAdd(&red[8 * j + 2 * t + 1][16 * r + g], v[1]);
-      atomicAdd(&red[8 * j + 2 * t][16 * r + g + 8], v[2]);
-      atomicAdd(&red[8 * j + 2 * t + 1][16 * r + g + 8], v[3]);
+      atomicAdd(&red[8 * j + 2 * t][rr], v[0]);
+      atomicAdd(&red[8 * j + 2 * t + 1][rr], v[1]);
+      atomicAdd(&red[8 * j + 2 * t][rr + 8], v[2]);
+      atomicAdd(&red[8 * j + 2 * t + 1][rr + 8], v[3]);
 #else
-      red[warp][8 * j + 2 * t][16 * r + g] = v[0];
-      red[warp][8 * j + 2 * t + 1][16 * r + g] = v[1];
-      red[warp][8 * j + 2 * t][16 * r + g + 8] = v[2];
-      red[warp][8 * j + 2 * t + 1][16 * r + g + 8] = v[3];
+      red[kg][8 * j + 2 * t][rr] = v[0];
+      red[kg][8 * j + 2 * t + 1][rr] = v[1];
+      red[kg][8 * j + 2 * t][rr + 8] = v[2];
+      red[kg][8 * j + 2 * t + 1][rr + 8] = v[3];
 #endif
     }
   }
 }
 
-__device__ __forceinline__ float sum_partials(const Partials& red, int warps, int m, int rr) {
+__device__ __forceinline__ float sum_partials(const Partials& red, int k_groups, int m, int rr) {
 #if RED_SHARED
   return red[m][rr];
 #else
   float v = 0.f;
-  for (int k = 0; k < warps; ++k) v += red[k][m][rr];
+  for (int k = 0; k < k_groups; ++k) v += red[k][m][rr];
   return v;
 #endif
 }
@@ -292,12 +294,14 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
   clear_partials(red);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * 16 * RT;
+  // WN warps side by side over N share each activation chunk (L1); the warps / WN groups split K
+  const int wn = warp % WN, kg = warp / WN, k_groups = warps / WN;
+  const int rows = 16 * RT * WN, block0 = blockIdx.x * rows, row0 = block0 + wn * 16 * RT;
   const int chunks = K >> 7;
   const u8* wp[2 * RT];
   const u8* sp[2 * RT];
 #pragma unroll
-  for (int i = 0; i < 2 * RT; ++i) {  // rows g, g+8, g+16, g+24 of the block (clamped to N-1)
+  for (int i = 0; i < 2 * RT; ++i) {  // rows g, g+8, g+16, g+24 of the warp (clamped to N-1)
     const int row = min(row0 + g + 8 * i, N - 1);
     wp[i] = w + (u64)row * (K >> 1) + t * 16;
     sp[i] = s + (u64)row * (K >> 4) + t * 2;
@@ -307,13 +311,13 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
 #pragma unroll
   for (int j = 0; j < NT; ++j) xr[j] = x + (u64)min(8 * j + g, M - 1) * ldx + t * 32;
   float acc[QA][RT][NT][4] = {};
-  mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
-  store_partials(red, acc, warp, g, t);
+  mainloop(acc, wp, sp, xr, chunks * kg / k_groups, chunks * (kg + 1) / k_groups);
+  store_partials(red, acc, kg, wn * 16 * RT, g, t);
   __syncthreads();
-  for (int i = threadIdx.x; i < M * 16 * RT; i += blockDim.x) {
-    const int m = i / (16 * RT), rr = i % (16 * RT), n = row0 + rr;
+  for (int i = threadIdx.x; i < M * rows; i += blockDim.x) {
+    const int m = i / rows, rr = i % rows, n = block0 + rr;
     if (n >= N) continue;
-    float v = sum_partials(red, warps, m, rr) * mul[(u64)n * mul_stride] * 128.0f;
+    float v = sum_partials(red, k_groups, m, rr) * mul[(u64)n * mul_stride] * 128.0f;
     if (bias) v += to_f32(bias[n]);
     u16 o;
     asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(v));
@@ -343,14 +347,15 @@ _DEFINES = {
 
 
 #: Chunks of loads in flight per warp (DEPTH), whether activations are loaded ahead with the weights
-#: (XPRE=1) or when used (0, fewer registers: x is small and hits L1), 16-row tiles per block (RT),
-#: and the blocks per SM the registers are capped for (MINB).
-VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2}
+#: (XPRE=1) or when used (0, fewer registers: x is small and hits L1), 16-row tiles per warp (RT),
+#: the blocks per SM the registers are capped for (MINB), and the warps of a block side by side over N
+#: (WN: they share each activation chunk through L1; the rest of the block's warps split K).
+VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "WN": 1}
 #: From 9 token rows (NT >= 2 column tiles) the activations of every row no longer fit beside the
 #: weights (XPRE=1 spills at NT = 2): loaded when used; from 17 (NT >= 3) with registers for one block
 #: per SM. Spill-free for sm_80 and sm_90 (tests/test_cuda_mma_compile.py).
-VARIANT_TWO_TILES = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1, "MINB": 2}
-VARIANT_MANY_ROWS = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1, "MINB": 1}
+VARIANT_TWO_TILES = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1, "MINB": 2, "WN": 1}
+VARIANT_MANY_ROWS = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 1, "MINB": 1, "WN": 1}
 
 
 def default_variant(nt: int) -> dict[str, int]:
@@ -494,10 +499,11 @@ def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
 def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, warps: int | None, variant: tuple) -> tuple:
     """(kernel, grid, block) for one call shape: everything but the pointers, computed once."""
     var = dict(variant)
-    rows = 16 * var["RT"]
-    w = warps or warps_for(n, k, torch.device("cuda", dev), rows)
-    if not 1 <= w <= 8:
-        raise ValueError(f"cuda_mma runs 1 to 8 warps per block, got {w}")
+    wn = var["WN"]
+    rows = 16 * var["RT"] * wn
+    w = warps or max(wn, warps_for(n, k, torch.device("cuda", dev), rows) // wn * wn)
+    if not 1 <= w <= 8 or w % wn:
+        raise ValueError(f"cuda_mma runs 1 to 8 warps per block, a multiple of WN = {wn}; got {w}")
     kern = _kernel(dtype, -(-m // 8), dev, variant)
     return kern, (-(-n // rows), 1, 1), (32 * w, 1, 1)
 

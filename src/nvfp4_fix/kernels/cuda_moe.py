@@ -77,7 +77,7 @@ nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, 
   const u16* xr[1] = {x + (u64)(p / topk) * ldx + t * 32};
   float acc[QA][RT][NT][4] = {};
   mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
-  store_partials(red, acc, warp, g, t);
+  store_partials(red, acc, warp, 0, g, t);
   __syncthreads();
   if (threadIdx.x < 16 && n0 + threadIdx.x < I) {
     const int i = threadIdx.x;
@@ -119,7 +119,7 @@ nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w
   const u16* xr[1] = {act + (u64)p * ld_act + t * 32};
   float acc[QA][RT][NT][4] = {};
   mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
-  store_partials(red, acc, warp, g, t);
+  store_partials(red, acc, warp, 0, g, t);
   __syncthreads();
   const float scale = mul[e * mul_se] * 128.0f * routing_weight(rw, rw_kind, rw_st, rw_sk, p, topk);
   for (int i = threadIdx.x; i < 16 * RT; i += blockDim.x) {
@@ -131,8 +131,8 @@ nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w
 #: gate_up: two tiles (gate, up) of 16 rows per block, activations loaded when used (ahead, they
 #: spill); down: one tile, activations loaded ahead with the weights. Spill-free on sm_80 and sm_90
 #: (tests/test_cuda_mma_compile.py).
-GATE_UP_VARIANT = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2, "MINB": 1}
-DOWN_VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2}
+GATE_UP_VARIANT = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2, "MINB": 1, "WN": 1}
+DOWN_VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "WN": 1}
 _RW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
