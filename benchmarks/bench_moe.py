@@ -62,7 +62,7 @@ def profile_step(label: str, model, vocab: int, p: int, compile_step: bool) -> N
     from nvfp4_fix.generation import RUNNERS_ATTR, generate
 
     clear_cache(model)
-    generate(model, prompt_ids(vocab, p, "cuda"), 16, stop_token_ids=(), max_cache_len=p + 64, compile_step=compile_step)
+    generate(model, prompt_ids(vocab, p, "cuda"), 16, stop_token_ids=(), max_cache_len=p + 320, compile_step=compile_step)
     runner = next(reversed(getattr(model, RUNNERS_ATTR).values()))
     print(f"\n== {label} decode step, P={p}, compile_step={compile_step}: {step_ms(runner):.3f} ms", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
