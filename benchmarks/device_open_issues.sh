@@ -7,6 +7,9 @@
 #  mmatest the cuda_mma GPU tests (every variant, M up to 64, against float64)
 #  moe     bench_moe.py --compile --profile at 8 layers: bf16 and NVFP4 on the same paths, and the
 #          kernels of one decode step of each
+#  apply   apply_mma_sweep.py: the sweep's winners into cuda_mma.TUNED (on the device's copy)
+#  humming device_humming.sh (issue 18's side-by-side table, prefill, backend tests; carry .whl/humming)
+#  generation bench_generation.py --compile: batch-1 decode of the 8B shape, 32 layers (issue 19)
 #  tldot   sweep_mid_m.py: the tl.dot tiles at M = 64 (fallback where cuda_mma does not win)
 #  gen     the generation GPU tests (test_generation*.py)
 #  fp8test the FP8 / mixed-precision GPU tests (the FP8 layer forward restructured in session 8)
@@ -23,7 +26,16 @@ for s in $STEPS; do case $s in
 mma) step mma
     (cd benchmarks && timeout ${MMA_S:-230} python3 sweep_mma_mid.py --m ${MMA_M:-16,32,64} --budget-s $(( ${MMA_S:-230} - 30 )) \
         --out "$OUT/sweep_mma_mid.json" > "$OUT/sweep_mma.log" 2>&1); done_ $?
-    grep "^|\|^CUDA_MMA\|^    (\|^}\|failed\|WRONG\|budget" "$OUT/sweep_mma.log" | tail -50 ;;
+    grep "^|\|failed\|WRONG\|budget" "$OUT/sweep_mma.log" | tail -34 ;;
+apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after it time the new table
+    python3 benchmarks/apply_mma_sweep.py "$OUT/sweep_mma_mid.json" --buckets ${APPLY_BUCKETS:-16,32}; done_ $?
+    git diff --stat ;;
+humming) step humming  # needs carry [".whl/humming"]
+    OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
+generation) step generation
+    timeout ${GENB_S:-200} python3 benchmarks/bench_generation.py --compile --skip-hf --new-tokens 128 \
+        --out "$OUT/RESULTS-generation.md" > "$OUT/generation.log" 2>&1; done_ $?
+    grep "^|" "$OUT/generation.log" | tail -12 ;;
 mmatest) step mmatest
     timeout ${MMATEST_S:-110} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k cuda_mma \
         > "$OUT/pytest-mma.txt" 2>&1; done_ $?
