@@ -24,7 +24,7 @@ step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
 for s in $STEPS; do case $s in
 mma) step mma
-    (cd benchmarks && timeout ${MMA_S:-230} python3 sweep_mma_mid.py --m ${MMA_M:-16,32,64} --budget-s $(( ${MMA_S:-230} - 30 )) \
+    (cd benchmarks && timeout ${MMA_S:-230} python3 sweep_mma_mid.py --m ${MMA_M:-16,32,64} --only "${MMA_ONLY:-}" --budget-s $(( ${MMA_S:-230} - 30 )) \
         --out "$OUT/sweep_mma_mid.json" > "$OUT/sweep_mma.log" 2>&1); done_ $?
     grep "^|\|failed\|WRONG\|budget" "$OUT/sweep_mma.log" | tail -34 ;;
 apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after it time the new table

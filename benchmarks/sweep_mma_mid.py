@@ -55,10 +55,13 @@ def main() -> int:
     ap.add_argument("--m", default="1,16,32,64")
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--out", default="sweep_mma_mid.json")
+    ap.add_argument("--only", default="", help="comma-separated layer-name prefixes, e.g. '8B gate_up,70B'")
     args = ap.parse_args()
     t0 = time.time()
     print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
     shapes = SHAPES["8b"][:4] + EXPERT_SHAPES + SHAPES["70b"]
+    if args.only:
+        shapes = [s for s in shapes if any(s[0].startswith(p) for p in args.only.split(","))]
     found = []
     print("| layer | N x K | M | cuBLAS us | tl.dot us | dispatch us | cuda_mma best us | x tl.dot | x cuBLAS | variant | warps |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
