@@ -150,7 +150,8 @@ def _kernel(dtype: torch.dtype, name: str, device_index: int) -> nvrtc.Kernel:
 
 def supports(x: torch.Tensor, h: int, i: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
     """Whether this call can run here: CUDA sm_80+ with NVRTC (cuda_mma usable), fp16/bf16 x with
-    16-byte aligned rows, H and I multiples of 128, int32/int64 ids, float routing weights."""
+    16-byte aligned rows, H and I multiples of 128, int32/int64 ids, float routing weights, at most
+    65535 (token, expert) pairs."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
@@ -160,6 +161,7 @@ def supports(x: torch.Tensor, h: int, i: int, top_k_index: torch.Tensor, top_k_w
         and x.stride(0) % 8 == 0
         and x.data_ptr() % 16 == 0
         and top_k_index.dtype in (torch.int32, torch.int64)
+        and 0 < top_k_index.numel() <= 65535  # one grid row per pair
         and top_k_weights.dtype in _RW_KINDS
         and cuda_mma.supports_shape(cuda_mma._device_index(x.device), x.dtype, 1, h)
     )
