@@ -241,7 +241,7 @@ typedef float Partials[8 / WN][NT * 8][16 * RT * WN];
 
 __device__ __forceinline__ void clear_partials(Partials& red) {
 #if RED_SHARED
-  for (int i = threadIdx.x; i < NT * 8 * 16 * RT; i += blockDim.x) (&red[0][0])[i] = 0.f;
+  for (int i = threadIdx.x; i < NT * 8 * 16 * RT * WN; i += blockDim.x) (&red[0][0])[i] = 0.f;
   __syncthreads();
 #endif
 }
