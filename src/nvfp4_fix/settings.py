@@ -57,6 +57,10 @@ class Settings:
     cpu_compile_min_weights: int = 1 << 22
     #: The NVRTC-compiled tensor-core decode kernel for small M on sm_80+.
     cuda_mma: bool = True
+    #: MoE decode experts on tensor cores (kernels/cuda_moe.py) where they support the call; off: the
+    #: Triton decode kernels (kernels/moe_decode.py). Off by default until its GPU tests have run on a
+    #: card (session 9 could not get one after writing it).
+    cuda_moe: bool = False
     #: Path of a libnvrtc to load first; None searches the CUDA wheels and the loader path.
     nvrtc_library: str | None = None
     #: fast generation: the Triton split-KV decode attention (SDPA when off).
@@ -85,6 +89,7 @@ ENV_NAMES: dict[str, str] = {
     "cpu_compile": "NVFP4_FIX_CPU_COMPILE",
     "cpu_compile_min_weights": "NVFP4_FIX_CPU_COMPILE_MIN_WEIGHTS",
     "cuda_mma": "NVFP4_FIX_CUDA_MMA",
+    "cuda_moe": "NVFP4_FIX_CUDA_MOE",
     "nvrtc_library": "NVFP4_FIX_NVRTC",
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
     "kv_append": "NVFP4_FIX_KV_APPEND",
@@ -96,6 +101,7 @@ _BOOL_FIELDS = (
     "fuse",
     "cpu_compile",
     "cuda_mma",
+    "cuda_moe",
     "decode_attention",
     "kv_append",
     "humming",

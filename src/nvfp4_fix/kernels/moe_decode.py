@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from . import cuda_moe
 from .device import on_device_of
 from .moe_grouped import _INTERPRET
@@ -186,9 +187,8 @@ def decode_experts(
     then its up rows; ``down`` = (codes [E, H, I/2], scales [E, H, I/16], mul [E, 1]).
 
     ``backend``: "auto" runs the tensor-core kernels of kernels/cuda_moe.py where they support the call
-    (CUDA sm_80+, fp16/bf16, H and I multiples of 128; measured 2-4x faster than the Triton kernels on
-    the H100 for Qwen3-30B-A3B experts) and the Triton kernels here otherwise; "cuda" / "triton" force
-    one (tests, benchmarks)."""
+    (CUDA sm_80+, fp16/bf16, H and I multiples of 128) and ``settings.cuda_moe`` is on, the Triton
+    kernels here otherwise; "cuda" / "triton" force one (tests, benchmarks)."""
     (gcodes, gscales, gmul), (dcodes, dscales, dmul) = gate_up, down
     t, h = x.shape
     e, two_i, _ = gcodes.shape
@@ -209,7 +209,8 @@ def decode_experts(
         )
     if backend not in ("auto", "cuda", "triton"):
         raise ValueError(f"decode experts: backend must be 'auto', 'cuda' or 'triton', got {backend!r}")
-    on_cuda = backend != "triton" and cuda_moe.supports(x, h, i, top_k_index, top_k_weights)
+    wanted = backend == "cuda" or (backend == "auto" and settings.current().cuda_moe)
+    on_cuda = wanted and cuda_moe.supports(x, h, i, top_k_index, top_k_weights)
     if backend == "cuda" and not on_cuda:
         raise RuntimeError(
             f"decode experts: the CUDA kernels cannot run x {x.dtype} {tuple(x.shape)} on {x.device} with"
