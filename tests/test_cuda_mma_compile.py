@@ -79,3 +79,15 @@ def test_moe_decode_kernels_compile_without_spills(arch, dtype):
         assert {"nvfp4_moe_gate_up", "nvfp4_moe_down"} <= set(kernels), log
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
         assert len(spills) == len(kernels) and all(a == b == "0" for a, b in spills), (variant, log)
+
+
+@pytest.mark.parametrize("wn", [2, 4])
+def test_warps_side_by_side_over_n_compile(wn):
+    """The WN > 1 variants (swept, not yet in the measured table) compile for sm_90 without spills at
+    2, 4 and 8 column tiles, with both reductions (per-warp tiles; shared memory from NT * RT > 8)."""
+    for nt, rt in ((2, 2), (4, 2), (8, 1), (4, 4)):
+        variant = {"RT": rt, "DEPTH": 1, "XPRE": 0, "MINB": 1, "LOADONLY": 0, "WN": wn}
+        src = cuda_mma.source(torch.bfloat16, nt, variant)
+        _, log = nvrtc.compile_with_log(src, "sm_90", ("--ptxas-options=-v",))
+        regs, stores, loads = _report(log)
+        assert stores == 0 and loads == 0, (nt, variant, regs, stores, loads)
