@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--loop", action="store_true", help="also NVFP4 through the per-expert loop (no graph)")
     ap.add_argument("--compile", action="store_true", help="also bf16 and NVFP4 with compile_step=True")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--cuda-moe", action="store_true", help="also NVFP4 with settings.cuda_moe on (kernels/cuda_moe.py)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one decode step of each model (last path run)")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--out", default="benchmarks/RESULTS-moe.md")
@@ -152,6 +153,18 @@ def main() -> int:
         case("NVFP4, grouped experts, compile_step", model, nv_weights, compile_step=True)
     if args.profile and device == "cuda":
         profile_step("NVFP4", model, cfg.vocab_size, prompts[0], args.compile)
+    if args.cuda_moe and device == "cuda":
+        from nvfp4_fix import settings
+
+        with settings.override(cuda_moe=True):
+            clear_cache(model)
+            case("NVFP4, tensor-core decode experts (cuda_moe, graph)", model, nv_weights)
+            if args.compile:
+                clear_cache(model)
+                case("NVFP4, tensor-core decode experts (cuda_moe), compile_step", model, nv_weights,
+                     compile_step=True)  # fmt: skip
+            if args.profile:
+                profile_step("NVFP4 + cuda_moe", model, cfg.vocab_size, prompts[0], args.compile)
     if args.loop:
         clear_cache(model)
         saved, expert_stack.GROUPED_DEVICES = expert_stack.GROUPED_DEVICES, ()

@@ -18,7 +18,7 @@
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-mma mmatest moe tldot}
+STEPS=${STEPS:-mmatest moetest moe humming batch generation}  # the next call: what session 9 could not run
 nvidia-smi -L
 step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
@@ -45,7 +45,7 @@ moetest) step moetest
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py --layers ${MOE_LAYERS:-8} --new-tokens 64 --compile --profile \
+    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py --layers ${MOE_LAYERS:-8} --new-tokens 64 --compile --profile --cuda-moe \
         --budget-s $(( ${MOE_S:-170} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot
