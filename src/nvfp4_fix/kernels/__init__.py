@@ -8,8 +8,9 @@ Choice of kernel (``kernel=`` argument, else ``settings.current().kernel``, env 
 
 * ``reference``    dequantize to float32 and matmul (any device, slow, exact).
 * CUDA, auto:      M <= 32 -> ``cuda_mma`` (NVRTC-compiled tensor-core decode GEMM, sm_80+, K % 128
-                   == 0); otherwise M == 1 -> ``triton_gemv``; 2 <= M <= 16 -> ``triton_mm`` (BM=16);
-                   larger M -> ``triton_mm`` or ``dequant_mm`` (dequantize into a bf16 scratch in
+                   == 0; the variant measured fastest per shape); otherwise M == 1 -> ``triton_gemv``;
+                   2 <= M <= 16 -> ``triton_mm`` (BM=16); larger M (and M <= 32 that cuda_mma cannot
+                   run) -> ``triton_mm`` or ``dequant_mm`` (dequantize into a bf16 scratch in
                    row chunks + cuBLAS), by the thresholds measured in benchmarks/RESULTS.md.
                    fp32 activations -> ``dequant_mm``. Without Triton, or below sm_80 -> ``chunked``.
                    The choice is ``selection.choose``, a pure function of the card and the settings.

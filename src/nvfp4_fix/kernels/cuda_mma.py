@@ -80,7 +80,6 @@ def bucket_nts(top: int) -> range:
     return range(-(-lo // 8), -(-top // 8) + 1)
 
 
-@functools.cache
 def tuned(m: int, n: int, k: int) -> tuple[dict[str, int] | None, int | None]:
     entry = TUNED.get((bucket(m) or 0, n, k))
     return entry if entry is not None else (None, None)
@@ -153,15 +152,22 @@ def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
 
 
 @functools.cache
-def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, warps: int | None, variant: tuple) -> tuple:
-    """(kernel, grid, block) for one call shape: everything but the pointers, computed once."""
-    var = dict(variant)
+def _plan(
+    dtype: torch.dtype, m: int, n: int, k: int, dev: int, warps: int | None, override: tuple | None
+) -> tuple:
+    """(kernel, grid, block) for one call shape: everything but the pointers, computed once. Without
+    an ``override`` (the caller's variant as sorted items) or ``warps``: the measured ``tuned`` entry."""
+    variant = dict(override) if override is not None else None
+    if variant is None and warps is None:
+        variant, warps = tuned(m, n, k)
+    key = _variant_key(-(-m // 8), variant)
+    var = dict(key)
     wn = var["WN"]
     rows = 16 * var["RT"] * wn
     w = warps or max(wn, warps_for(n, k, torch.device("cuda", dev), rows) // wn * wn)
     if not 1 <= w <= 8 or w % wn:
         raise ValueError(f"cuda_mma runs 1 to 8 warps per block, a multiple of WN = {wn}; got {w}")
-    kern = _kernel(dtype, -(-m // 8), dev, variant)
+    kern = _kernel(dtype, -(-m // 8), dev, key)
     return kern, (-(-n // rows), 1, 1), (32 * w, 1, 1)
 
 
@@ -195,9 +201,7 @@ def linear(
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
         bias = bias.to(x2.dtype).contiguous()
-    dev = _device_index(x2.device)
-    if variant is None and warps is None:
-        variant, warps = tuned(m, n, k)
-    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, _variant_key(-(-m // 8), variant))
+    override = tuple(sorted(variant.items())) if variant is not None else None
+    kern, grid, block = _plan(x2.dtype, m, n, k, _device_index(x2.device), warps, override)
     kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k)
     return y

@@ -171,11 +171,6 @@ def _i64(v: int) -> ctypes.c_int64:
     return ctypes.c_int64(v)
 
 
-def _warps(chunks: int) -> int:
-    """Warps per block (they split K): at least 3 chunks of 128 each, at most 4 warps."""
-    return max(1, min(4, chunks // 3))
-
-
 def gate_up_act(
     x: torch.Tensor, top_k_index: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mul: torch.Tensor
 ) -> torch.Tensor:
@@ -188,7 +183,7 @@ def gate_up_act(
     act = torch.empty(pairs, i, dtype=x.dtype, device=x.device)
     kern = _kernel(x.dtype, "nvfp4_moe_gate_up", cuda_mma._device_index(x.device))
     kern.launch(
-        (i // 16, pairs, 1), (32 * _warps(h // 128), 1, 1),
+        (i // 16, pairs, 1), (32 * cuda_mma.warps_for(i * pairs, h, x.device), 1, 1),
         x, x.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
         mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
         _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e, act, act.stride(0), i, h,
@@ -212,7 +207,7 @@ def down(
     kern = _kernel(act.dtype, "nvfp4_moe_down", cuda_mma._device_index(act.device))
     rows = 16 * DOWN_VARIANT["RT"]
     kern.launch(
-        (-(-h // rows), pairs, 1), (32 * _warps(i // 128), 1, 1),
+        (-(-h // rows), pairs, 1), (32 * cuda_mma.warps_for(h * pairs, i, act.device, rows), 1, 1),
         act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
         mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
         _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e,
