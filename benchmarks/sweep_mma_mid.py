@@ -1,5 +1,5 @@
 # ruff: noqa: B023, E501  (lambdas are called at once, inside the loop that binds them)
-"""Sweep of the cuda_mma decode GEMM at M = 1 (8B shapes) and 9..64 (NT = ceil(M / 8) mma column tiles of 8 tokens),
+"""Sweep of the cuda_mma decode GEMM at M = 1 (8B and Qwen3-30B-A3B attention shapes) and 9..64 (NT = ceil(M / 8) mma column tiles of 8 tokens),
 against the dispatch's current kernel for that M (the tl.dot GEMM) and cuBLAS bf16, same run.
 
     PYTHONPATH=src python3 benchmarks/sweep_mma_mid.py [--m 1,16,32,64] [--budget-s 240] [--out sweep.json]
@@ -27,6 +27,8 @@ from nvfp4_fix.kernels import cuda_mma
 from nvfp4_fix.kernels import triton_ops as T
 
 EXPERT_SHAPES = [("Qwen3-30B-A3B expert gate_up", 1536, 2048), ("Qwen3-30B-A3B expert down", 2048, 768)]
+#: Qwen3-30B-A3B attention (32 query heads, 4 KV heads of 128, hidden 2048): run by cuda_mma at decode
+MOE_ATTENTION_SHAPES = [("Qwen3-30B-A3B qkv", 5120, 2048), ("Qwen3-30B-A3B o", 2048, 4096)]
 
 #: (RT, DEPTH, XPRE, MINB) per NT that compile without spills for sm_90 (bf16)
 SPILL_FREE = {
@@ -59,7 +61,7 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.time()
     print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
-    shapes = SHAPES["8b"][:4] + EXPERT_SHAPES + SHAPES["70b"]
+    shapes = SHAPES["8b"][:4] + EXPERT_SHAPES + MOE_ATTENTION_SHAPES + SHAPES["70b"]
     if args.only:
         shapes = [s for s in shapes if any(s[0].startswith(p) for p in args.only.split(","))]
     found = []
@@ -67,8 +69,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in (int(v) for v in args.m.split(",")):
         for name, n, k in shapes:
-            if m == 1 and not name.startswith("8B"):
-                continue  # M = 1 is swept for the 8B target (issue 18: >= 2.8x cuBLAS on every 8B layer)
+            if m == 1 and "expert" in name:
+                continue  # decode experts run kernels/moe_decode.py or cuda_moe.py, not cuda_mma
             if time.time() - t0 > args.budget_s:
                 print(f"budget spent: stopped before {name} M={m}", flush=True)
                 break
@@ -80,7 +82,11 @@ def main() -> int:
             t_tldot = bench_graph(lambda i: T.mm(*lay.qargs(i)))
             t_dispatch = bench_graph(lambda i: K.nvfp4_linear(*lay.qargs(i)))
             results = []
+            complete = True
             for var, warps in variants(m):
+                if time.time() - t0 > args.budget_s:
+                    complete = False  # the variants tried so far are reported; apply_mma_sweep skips them
+                    break
                 try:
                     err = rel_err(cuda_mma.linear(x, wp, ws, mul, warps=warps, variant=var), ref)
                 except Exception as e:  # noqa: BLE001 - a variant that does not launch is reported, not fatal
@@ -91,6 +97,8 @@ def main() -> int:
                     continue
                 t = bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i), warps=warps, variant=var))
                 results.append((t, var, warps))
+            if not results:
+                break
             results.sort(key=lambda r: r[0])
             best_t, best, best_w = results[0]
             tag = "RT={RT} D={DEPTH} X={XPRE} B={MINB} WN={WN}".format(**best)
@@ -102,13 +110,13 @@ def main() -> int:
             print("  " + " ".join(f"{t:.1f}@R{v['RT']}D{v['DEPTH']}X{v['XPRE']}B{v['MINB']}N{v['WN']}w{w}" for t, v, w in results[:12]), flush=True)
             found.append(
                 {"name": name, "m": m, "n": n, "k": k, "cublas_us": t_cublas, "tldot_us": t_tldot,
-                 "dispatch_us": t_dispatch, "best_us": best_t, "best": best, "warps": best_w,
+                 "dispatch_us": t_dispatch, "best_us": best_t, "best": best, "warps": best_w, "complete": complete,
                  "all": [(t, v, w) for t, v, w in results]}
             )
             lay = None
             torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(found, f, indent=1)
+            with open(args.out, "w") as f:
+                json.dump(found, f, indent=1)
     print("CUDA_MMA_TUNED = {")
     for v in found:
         b = v["best"]
