@@ -41,7 +41,7 @@ mmatest) step mmatest
         > "$OUT/pytest-mma.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-mma.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-mma.txt" ;;
 moetest) step moetest
-    timeout ${MOETEST_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider ${MOETEST_FILES:-tests/test_moe.py tests/test_moe_decode.py \
+    timeout ${MOETEST_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider ${MOETEST_FILES:-tests/test_moe.py tests/test_moe_decode.py tests/test_moe_router.py \
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe

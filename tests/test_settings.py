@@ -39,6 +39,7 @@ def test_defaults_when_unset_or_empty():
         True,
     )
     assert d.humming is False  # opt-in: it keeps a second copy of the weights it runs
+    assert d.moe_router is True
 
 
 @pytest.mark.parametrize(
@@ -54,7 +55,16 @@ def test_defaults_when_unset_or_empty():
     ],
 )
 def test_bool_variables(text, value):
-    for name in ("fuse", "cpu_compile", "cuda_mma", "cuda_moe", "decode_attention", "kv_append", "humming"):
+    for name in (
+        "fuse",
+        "cpu_compile",
+        "cuda_mma",
+        "cuda_moe",
+        "decode_attention",
+        "kv_append",
+        "moe_router",
+        "humming",
+    ):
         got = getattr(from_environ({ENV_NAMES[name]: text}), name)
         assert got is value, f"{ENV_NAMES[name]}={text!r} gave {got!r}"
 

@@ -14,9 +14,9 @@ empty Triton cache, 5 s with a warm one). Skipped without triton, or where it ca
 target (no CUDA backend or ptxas).
 
 Covered: triton_nvfp4 through triton_ops (gemv, mm, dequantize_rows, split-K reduce), triton_fp8,
-fp8_act_quant, act_quant, kv_cache, decode_attention, moe_grouped, moe_decode: every ``*_kernel`` of
-nvfp4_fix.kernels (checked: a kernel none of the calls below launches fails the test), with the
-``@triton.jit`` helpers they call. Not covered: branches chosen by ``x.is_cuda`` (act_quant's
+fp8_act_quant, act_quant, kv_cache, decode_attention, moe_grouped, moe_decode, moe_router: every
+``*_kernel`` of nvfp4_fix.kernels (checked: a kernel none of the calls below launches fails the
+test), with the ``@triton.jit`` helpers they call. Not covered: branches chosen by ``x.is_cuda`` (act_quant's
 ``RECIP=True``; decode_attention's CUDA block sizes 32/128 and split counts), the gemv's ``DEQ=1`` (no
 config picks it); cuda_mma (NVRTC CUDA C++) and humming (an external library) are not Triton.
 """
@@ -108,7 +108,13 @@ def _attention_launches() -> None:
 
 
 def _moe_launches() -> None:
-    from nvfp4_fix.kernels import moe_decode, moe_grouped
+    from nvfp4_fix.kernels import moe_decode, moe_grouped, moe_router
+
+    # router logits (experts, k, renormalize, dtype): 60 experts pad to 64, k = 6 to 8; 512 takes 4 warps
+    for experts, k, normalize, dtype in [
+        (128, 8, True, torch.bfloat16), (60, 6, False, torch.float32), (512, 10, True, torch.float16),
+    ]:  # fmt: skip
+        moe_router.softmax_topk(torch.zeros(3, experts, dtype=dtype), k, normalize)
 
     e, h, i, topk = 4, 128, 64, 2
 

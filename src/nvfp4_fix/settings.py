@@ -67,6 +67,9 @@ class Settings:
     decode_attention: bool = True
     #: fast generation: one-launch K/V append into the static cache (transformers' ops when off).
     kv_append: bool = True
+    #: fast generation: softmax top-k MoE routers (Qwen3-MoE, Mixtral, OLMoE, ...) in one launch
+    #: (generation/router.py; transformers' softmax + torch.topk when off).
+    moe_router: bool = True
     #: Let "auto" run Humming (optional humming-kernels) where the table in kernels/table.py says it is
     #: faster. Off by default: it keeps a second, Humming-layout copy of each weight it runs.
     humming: bool = False
@@ -93,6 +96,7 @@ ENV_NAMES: dict[str, str] = {
     "nvrtc_library": "NVFP4_FIX_NVRTC",
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
     "kv_append": "NVFP4_FIX_KV_APPEND",
+    "moe_router": "NVFP4_FIX_MOE_ROUTER",
     "humming": "NVFP4_FIX_HUMMING",
     "fp8_scaled_mm": "NVFP4_FIX_FP8_SCALED_MM",
 }
@@ -104,6 +108,7 @@ _BOOL_FIELDS = (
     "cuda_moe",
     "decode_attention",
     "kv_append",
+    "moe_router",
     "humming",
     "fp8_scaled_mm",
 )

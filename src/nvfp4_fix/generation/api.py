@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import settings
 from . import fallback as fb
 from .attention import decode_attention
+from .router import fused_routers
 from .runner import WARMUP_STEPS, Runner
 from .sampling import RowParam, make_sampler, sampling_params
 
@@ -164,7 +166,8 @@ def generate(
         runners = OrderedDict()
         object.__setattr__(model, RUNNERS_ATTR, runners)
     runner = runners.pop(key, None)
-    with torch.no_grad(), decode_attention(model, pack_gqa):
+    routers = fused_routers(model, settings.current().moe_router)
+    with torch.no_grad(), decode_attention(model, pack_gqa), routers:
         if runner is None:
             while len(runners) >= _MAX_RUNNERS:
                 _drop(runners.popitem(last=False)[1])
