@@ -3,7 +3,8 @@
 kernel, kernels/moe_grouped.py) against the same model in bf16 (transformers' ``grouped_mm`` experts), both
 through ``nvfp4_fix.generate`` (static cache + CUDA graph), in one run, one markdown table naming the card.
 
-    PYTHONPATH=src python benchmarks/bench_moe.py [--prompts 128,2048] [--new-tokens 128] [--loop] [--compile]
+    PYTHONPATH=src python benchmarks/bench_moe.py [--layers 48] [--prompts 128,2048] [--new-tokens 128] [--loop]
+        [--compile [--compile-prompts 128]] [--cuda-moe] [--profile]
         [--budget-s 540] [--out benchmarks/RESULTS-moe.md]
 
 The bf16 model is drawn on the GPU (benchmarks/moe30b.py), measured, written as an NVFP4 checkpoint
@@ -81,6 +82,7 @@ def main() -> int:
     ap.add_argument("--ckpt-root", default="/tmp/nvfp4fix-bench-moe")
     ap.add_argument("--loop", action="store_true", help="also NVFP4 through the per-expert loop (no graph)")
     ap.add_argument("--compile", action="store_true", help="also bf16 and NVFP4 with compile_step=True")
+    ap.add_argument("--compile-prompts", default="", help="prompt lengths of the compile_step rows (default: --prompts)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cuda-moe", action="store_true", help="also NVFP4 with settings.cuda_moe on (kernels/cuda_moe.py)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one decode step of each model (last path run)")
@@ -98,8 +100,10 @@ def main() -> int:
     notes: list[str] = []
     print(f"card: {card_name()}; {versions()}", flush=True)
 
+    compile_prompts = [int(p) for p in args.compile_prompts.split(",")] if args.compile_prompts else prompts
+
     def case(label: str, model, weights: float, **kw) -> None:
-        for p in prompts:
+        for p in compile_prompts if kw.get("compile_step") else prompts:
             if time.perf_counter() - T0 > args.budget_s:
                 notes.append(f"{label} P={p} skipped (time budget {args.budget_s:.0f} s)")
                 continue

@@ -45,7 +45,7 @@ moetest) step moetest
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py --layers ${MOE_LAYERS:-8} --new-tokens 64 --compile --profile --cuda-moe \
+    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 8 --new-tokens 64 --compile --profile --cuda-moe} \
         --budget-s $(( ${MOE_S:-170} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot
