@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("triton")
+
 from nvfp4_fix.generation.router import ROUTERS, fused_routers
 from nvfp4_fix.kernels.moe_router import softmax_topk
 

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.moe_router import softmax_topk
+try:
+    from ..kernels.moe_router import softmax_topk
+except ImportError:  # no triton (CPU-only installs): transformers' own routers stay
+    softmax_topk = None
 
 __all__ = ["ROUTERS", "RouterMath", "fused_routers"]
 
@@ -76,7 +79,7 @@ def fused_routers(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Within the block, the model's known routers run the one-launch softmax top-k (on CUDA; the same
     torch math on the CPU) and the block yields how many; their forward is restored on exit, also on an
     exception."""
-    routers = _routers(model) if enabled else []
+    routers = _routers(model) if enabled and softmax_topk is not None else []
     for m, math in routers:
         m.forward = _forward(m, math)
     try:
