@@ -68,8 +68,9 @@ class Settings:
     #: fast generation: one-launch K/V append into the static cache (transformers' ops when off).
     kv_append: bool = True
     #: fast generation: softmax top-k MoE routers (Qwen3-MoE, Mixtral, OLMoE, ...) in one launch
-    #: (generation/router.py; transformers' softmax + torch.topk when off).
-    moe_router: bool = True
+    #: (generation/router.py; transformers' softmax + torch.topk when off). Off by default until its
+    #: GPU tests have run on a card (checked in the interpreter and compiled for sm_90 only).
+    moe_router: bool = False
     #: Let "auto" run Humming (optional humming-kernels) where the table in kernels/table.py says it is
     #: faster. Off by default: it keeps a second, Humming-layout copy of each weight it runs.
     humming: bool = False
