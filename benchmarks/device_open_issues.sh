@@ -37,7 +37,7 @@ generation) step generation
         --out "$OUT/RESULTS-generation.md" > "$OUT/generation.log" 2>&1; done_ $?
     grep "^|" "$OUT/generation.log" | tail -12 ;;
 mmatest) step mmatest
-    timeout ${MMATEST_S:-110} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k cuda_mma \
+    timeout ${MMATEST_S:-110} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MMATEST_K:-cuda_mma}" \
         > "$OUT/pytest-mma.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-mma.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-mma.txt" ;;
 moetest) step moetest
