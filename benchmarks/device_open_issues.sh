@@ -1,24 +1,31 @@
 #!/bin/bash
 # Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
-# limit (defaults: the first call of session 9, ~9 minutes on one H100).
-#  mma     sweep_mma_mid.py: cuda_mma at 16 / 32 / 64 token rows (NT = 2 / 4 / 8) against the tl.dot
-#          GEMM and cuBLAS, every spill-free variant, 8B / 70B / Qwen3-30B-A3B expert shapes
-#  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head)
-#  mmatest the cuda_mma GPU tests (every variant, M up to 64, against float64)
-#  moe     bench_moe.py --compile --profile at 8 layers: bf16 and NVFP4 on the same paths, and the
-#          kernels of one decode step of each
+# limit. The default is the first call the next session should make (~9.5 minutes on one H100; session
+# 10 got no machine, session 9 ran only its sweeps): carry [".whl/humming"], timeout_s 590.
+#   call 1 (default): moetest router mmatest moe humming
+#   call 2: STEPS="mma apply batch generation" MMA_M=1,16,32 MMA_ONLY="8B,Qwen3-30B-A3B qkv,Qwen3-30B-A3B o,70B"
+#           APPLY_BUCKETS=1,16,32  (then fetch sweep_mma_mid.json and apply it here, deterministic)
+# Steps:
+#  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
+#  router  NVFP4_FIX_MOE_ROUTER=1 for the steps after it, if the router's GPU tests passed in moetest
+#  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
+#          cuda_mma = every variant family too, ~2 minutes)
+#  moe     bench_moe.py (MOE_ARGS; default all 48 layers, CUDA graph, P = 128 / 2048, Triton and
+#          tensor-core decode experts, kernel profile): bf16 and NVFP4 on the same path
+#  humming device_humming.sh (issue 18's side-by-side table; HSTEPS picks bench / prefill / pytest)
+#  mma     sweep_mma_mid.py: cuda_mma at MMA_M rows, every spill-free variant and WN, against the tl.dot
+#          GEMM and cuBLAS; writes its JSON after every shape
 #  apply   apply_mma_sweep.py: the sweep's winners into cuda_mma.TUNED (on the device's copy)
-#  humming device_humming.sh (issue 18's side-by-side table, prefill, backend tests; carry .whl/humming)
 #  generation bench_generation.py --compile: batch-1 decode of the 8B shape, 32 layers (issue 19)
+#  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
 #  tldot   sweep_mid_m.py: the tl.dot tiles at M = 64 (fallback where cuda_mma does not win)
 #  gen     the generation GPU tests (test_generation*.py)
-#  fp8test the FP8 / mixed-precision GPU tests (the FP8 layer forward restructured in session 8)
-#  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
+#  fp8test the FP8 / mixed-precision GPU tests
 # Usage on the device machine: STEPS="mma mmatest moe" bash benchmarks/device_open_issues.sh   (files land in $OUT)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-mmatest moetest moe humming batch generation}  # the next call: what session 9 could not run
+STEPS=${STEPS:-moetest router mmatest moe humming}
 nvidia-smi -L
 step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
@@ -31,21 +38,26 @@ apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after
     python3 benchmarks/apply_mma_sweep.py "$OUT/sweep_mma_mid.json" --buckets ${APPLY_BUCKETS:-16,32}; done_ $?
     git diff --stat ;;
 humming) step humming  # needs carry [".whl/humming"]
-    OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
+    HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-230} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
+router) step router
+    if grep -q " passed" "$OUT/pytest-moe.txt" 2>/dev/null && ! grep -q "FAILED.*test_moe_router\|^ERROR.*test_moe_router" "$OUT/pytest-moe.txt"; then
+        export NVFP4_FIX_MOE_ROUTER=1
+    fi
+    echo "NVFP4_FIX_MOE_ROUTER=${NVFP4_FIX_MOE_ROUTER:-0}"; done_ 0 ;;
 generation) step generation
     timeout ${GENB_S:-200} python3 benchmarks/bench_generation.py --compile --skip-hf --new-tokens 128 \
         --out "$OUT/RESULTS-generation.md" > "$OUT/generation.log" 2>&1; done_ $?
     grep "^|" "$OUT/generation.log" | tail -12 ;;
 mmatest) step mmatest
-    timeout ${MMATEST_S:-110} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MMATEST_K:-cuda_mma}" \
+    timeout ${MMATEST_S:-70} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MMATEST_K:-test_cuda_mma_gpu}" \
         > "$OUT/pytest-mma.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-mma.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-mma.txt" ;;
 moetest) step moetest
-    timeout ${MOETEST_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider ${MOETEST_FILES:-tests/test_moe.py tests/test_moe_decode.py tests/test_moe_router.py \
+    timeout ${MOETEST_S:-80} python3 -m pytest -q -m gpu -p no:cacheprovider ${MOETEST_FILES:-tests/test_moe.py tests/test_moe_decode.py tests/test_moe_router.py \
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 8 --new-tokens 64 --compile --profile --cuda-moe} \
+    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --profile --cuda-moe} \
         --budget-s $(( ${MOE_S:-170} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot
