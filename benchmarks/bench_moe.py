@@ -4,7 +4,7 @@ kernel, kernels/moe_grouped.py) against the same model in bf16 (transformers' ``
 through ``nvfp4_fix.generate`` (static cache + CUDA graph), in one run, one markdown table naming the card.
 
     PYTHONPATH=src python benchmarks/bench_moe.py [--layers 48] [--prompts 128,2048] [--new-tokens 128] [--loop]
-        [--compile [--compile-prompts 128]] [--cuda-moe] [--profile]
+        [--compile [--compile-prompts 128]] [--cuda-moe] [--router] [--profile]
         [--budget-s 540] [--out benchmarks/RESULTS-moe.md]
 
 The bf16 model is drawn on the GPU (benchmarks/moe30b.py), measured, written as an NVFP4 checkpoint
@@ -35,6 +35,7 @@ from moe30b import qwen3_moe_config, write_moe_checkpoint  # noqa: E402
 from nvfp4_fix.generation import clear_cache  # noqa: E402
 
 T0 = time.perf_counter()
+ROUTER = "router kernel"
 
 
 def table(args, rows: list[dict], notes: list[str]) -> str:
@@ -45,10 +46,13 @@ def table(args, rows: list[dict], notes: list[str]) -> str:
              "Greedy, no stop token. TTFT = a 1-token call; decode tok/s = (N-1)/(T(N) - TTFT). Weights = GPU memory with only the model loaded; peak = max_memory_allocated during the calls.", "",
              f"| method ({card}) | prompt | N | TTFT ms | decode tok/s | vs bf16 | weights GiB | peak GiB | path |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-    # each row against bf16 on the same path (graph, or graph + compile_step)
-    base = {(r["prompt"], "compile_step" in r["method"]): r["decode_tok_s"] for r in rows if r["method"].startswith("bf16")}
+    # each row against bf16 on the same path (graph, or graph + compile_step; router kernel or not)
+    def path(r: dict) -> tuple:
+        return r["prompt"], "compile_step" in r["method"], ROUTER in r["method"]
+
+    base = {path(r): r["decode_tok_s"] for r in rows if r["method"].startswith("bf16")}
     for r in rows:
-        key = (r["prompt"], "compile_step" in r["method"])
+        key = path(r)
         ratio = r["decode_tok_s"] / base[key] if key in base else float("nan")
         lines.append(f"| {r['method']} | {r['prompt']} | {r['new_tokens']} | {1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | "
                      f"{ratio:.2f}x | {r.get('weights_gib', float('nan')):.2f} | {r['peak_gib']:.2f} | {r['path']} |")  # fmt: skip
@@ -85,6 +89,7 @@ def main() -> int:
     ap.add_argument("--compile-prompts", default="", help="prompt lengths of the compile_step rows (default: --prompts)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cuda-moe", action="store_true", help="also NVFP4 with settings.cuda_moe on (kernels/cuda_moe.py)")
+    ap.add_argument("--router", action="store_true", help="every row also with settings.moe_router on (kernels/moe_router.py)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one decode step of each model (last path run)")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--out", default="benchmarks/RESULTS-moe.md")
@@ -103,6 +108,16 @@ def main() -> int:
     compile_prompts = [int(p) for p in args.compile_prompts.split(",")] if args.compile_prompts else prompts
 
     def case(label: str, model, weights: float, **kw) -> None:
+        rows_of(label, model, weights, **kw)
+        if args.router:  # the same rows with the one-launch router (a fresh runner: graphs are cached per model)
+            from nvfp4_fix import settings
+
+            clear_cache(model)
+            with settings.override(moe_router=True):
+                rows_of(f"{label}, {ROUTER}", model, weights, **kw)
+            clear_cache(model)
+
+    def rows_of(label: str, model, weights: float, **kw) -> None:
         for p in compile_prompts if kw.get("compile_step") else prompts:
             if time.perf_counter() - T0 > args.budget_s:
                 notes.append(f"{label} P={p} skipped (time budget {args.budget_s:.0f} s)")

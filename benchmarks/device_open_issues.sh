@@ -7,7 +7,7 @@
 #           APPLY_BUCKETS=1,16,32  (then fetch sweep_mma_mid.json and apply it here, deterministic)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
-#  router  NVFP4_FIX_MOE_ROUTER=1 for the steps after it, if the router's GPU tests passed in moetest
+#  router  bench_moe --router (every MoE row also with the one-launch router) if its GPU tests passed
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
 #          cuda_mma = every variant family too, ~2 minutes)
 #  moe     bench_moe.py (MOE_ARGS; default all 48 layers, CUDA graph, P = 128 / 2048, Triton and
@@ -38,12 +38,12 @@ apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after
     python3 benchmarks/apply_mma_sweep.py "$OUT/sweep_mma_mid.json" --buckets ${APPLY_BUCKETS:-16,32}; done_ $?
     git diff --stat ;;
 humming) step humming  # needs carry [".whl/humming"]
-    HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-230} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
+    HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-200} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
 router) step router
     if grep -q " passed" "$OUT/pytest-moe.txt" 2>/dev/null && ! grep -q "FAILED.*test_moe_router\|^ERROR.*test_moe_router" "$OUT/pytest-moe.txt"; then
-        export NVFP4_FIX_MOE_ROUTER=1
+        ROUTER_ARG=--router
     fi
-    echo "NVFP4_FIX_MOE_ROUTER=${NVFP4_FIX_MOE_ROUTER:-0}"; done_ 0 ;;
+    echo "bench_moe ${ROUTER_ARG:-without --router}"; done_ 0 ;;
 generation) step generation
     timeout ${GENB_S:-200} python3 benchmarks/bench_generation.py --compile --skip-hf --new-tokens 128 \
         --out "$OUT/RESULTS-generation.md" > "$OUT/generation.log" 2>&1; done_ $?
@@ -57,8 +57,8 @@ moetest) step moetest
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-170} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --profile --cuda-moe} \
-        --budget-s $(( ${MOE_S:-170} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
+    timeout ${MOE_S:-200} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --profile --cuda-moe} ${ROUTER_ARG:-} \
+        --budget-s $(( ${MOE_S:-200} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot
     (cd benchmarks && timeout ${TLDOT_S:-80} python3 sweep_mid_m.py --m 64 --budget-s $(( ${TLDOT_S:-80} - 20 )) \
