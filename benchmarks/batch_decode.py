@@ -54,8 +54,11 @@ def batch_rows(label: str, model, vocab: int, batches: list[int], prompt: int, n
         rows.append({"method": label, "batch": b, "prompt": prompt, "new_tokens": n, "ttft_s": ttft,
                      "tok_s": tok_s, "ms_per_step": 1000 * (total - ttft) / (n - 1), "peak_gib": peak,
                      "path": stats.get("path", "?"), "setup_s": setup})  # fmt: skip
-        print(f"  {label:<28} B={b:<3} P={prompt:<5} N={n:<4} TTFT {1000 * ttft:8.1f} ms  decode {tok_s:8.1f} tok/s "
-              f"({rows[-1]['ms_per_step']:.2f} ms/step)  peak {peak:.2f} GiB  [{rows[-1]['path']}]", flush=True)
+        print(
+            f"  {label:<28} B={b:<3} P={prompt:<5} N={n:<4} TTFT {1000 * ttft:8.1f} ms  decode {tok_s:8.1f} tok/s "
+            f"({rows[-1]['ms_per_step']:.2f} ms/step)  peak {peak:.2f} GiB  [{rows[-1]['path']}]",
+            flush=True,
+        )
         clear_cache(model)
     return rows
 

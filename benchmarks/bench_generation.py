@@ -449,12 +449,16 @@ def main() -> int:
             r["weights_gib"] = nv_weights
             rows.append(r)
     clear_cache(model)
-    notes.append(f"peak GiB of the NVFP4 embedding / lm_head rows includes the plain NVFP4 model ({nv_weights:.2f} GiB), still loaded then")
+    notes.append(
+        f"peak GiB of the NVFP4 embedding / lm_head rows includes the plain NVFP4 model ({nv_weights:.2f} GiB), still loaded then"
+    )
     lq = attempt(f"{LMH} load", lambda: nvfp4_fix.from_pretrained(
         paths["nvfp4"], dtype=torch.bfloat16, device_map=device, quantize_lm_head=True), estimate_s=40)  # fmt: skip
     if lq is not None:  # opt-in, lossy: the dense lm_head quantized at load
         lq_weights = gib(sum(t.numel() * t.element_size() for t in [*lq.parameters(), *lq.buffers()]))
-        arms = [("this path (graph)", {}, 15)] + [("this path + torch.compile", {"compile_step": True}, 95)] * args.compile
+        arms = [("this path (graph)", {}, 15)] + [
+            ("this path + torch.compile", {"compile_step": True}, 95)
+        ] * args.compile
         for label, kw, est in arms:  # as the NVFP4 arms: graph, and compile_step=True with --compile
             for p in prompts:
                 ids = prompt_ids(cfg.vocab_size, p, device)
@@ -462,7 +466,9 @@ def main() -> int:
                 if r:
                     r["weights_gib"] = lq_weights
                     rows.append(r)
-                    base = next((x for x in rows if x["method"] == f"NVFP4, {label}" and x["prompt"] == p), None)
+                    base = next(
+                        (x for x in rows if x["method"] == f"NVFP4, {label}" and x["prompt"] == p), None
+                    )
                     agree(f"{LMH} P={p}, {label}: vs the dense lm_head", r, base)
             clear_cache(lq)
         b = attempt(f"{LMH} breakdown", lambda: breakdown(lq, device))
@@ -471,7 +477,9 @@ def main() -> int:
         acc_ids = prompt_ids(cfg.vocab_size, 512, device)
         acc = attempt(f"{LMH} accuracy", lambda: compare(model, lq, acc_ids))
         if acc:
-            notes.append(line(f"{LMH} accuracy, this random model vs its dense lm_head (bf16, {device})", acc))
+            notes.append(
+                line(f"{LMH} accuracy, this random model vs its dense lm_head (bf16, {device})", acc)
+            )
         del lq
         gc.collect()
         if device == "cuda":
@@ -519,8 +527,14 @@ def batch_mode(args, cfg, dense, nvfp4_path, prompt: int, n: int, device: str, r
     model = nvfp4_fix.from_pretrained(nvfp4_path, dtype=torch.bfloat16, device_map=device)
     rows += batch_rows("NVFP4", model, cfg.vocab_size, batches, prompt, n, device, reps)
     card = card_name()
-    cmd = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_generation.py", *sys.argv[1:]])
-    shape = "tiny 2-layer smoke-test model" if args.tiny else f"random-weight Llama-3-8B shape ({args.layers} layers)"
+    cmd = "PYTHONPATH=src python " + " ".join(
+        shlex.quote(a) for a in ["benchmarks/bench_generation.py", *sys.argv[1:]]
+    )
+    shape = (
+        "tiny 2-layer smoke-test model"
+        if args.tiny
+        else f"random-weight Llama-3-8B shape ({args.layers} layers)"
+    )
     text = "\n".join([f"# Batched decode on {card}: {shape}", "", f"Card: **{card}**; {versions()}.", "",
                       f"Command: `{cmd}`", "", "Greedy, no stop token, no padding; decode tok/s counts every row's tokens: "
                       "B * (N-1) / (T(N) - TTFT).", "", *batch_table(rows, card)]) + "\n"  # fmt: skip

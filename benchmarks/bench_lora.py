@@ -77,10 +77,14 @@ def run_case(args: argparse.Namespace) -> dict:
         res["resident"] = torch.cuda.memory_allocated()
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=KINDS))
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=KINDS)
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     res["lora_params"] = sum(p.numel() for p in params)
-    res["lora_layers"] = sum(1 for n, m in model.named_modules() if n.endswith(tuple(KINDS)) and hasattr(m, "lora_A"))
+    res["lora_layers"] = sum(
+        1 for n, m in model.named_modules() if n.endswith(tuple(KINDS)) and hasattr(m, "lora_A")
+    )
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -144,7 +148,9 @@ def main() -> int:
 
     if args.quick:
         args.arms, args.shapes, args.steps, args.warmup = "nvfp4,bf16", "64x2,32x4", 2, 1
-        args.ckpt_root = args.ckpt_root.rstrip("/") + "-tiny" if args.ckpt_root.endswith("l32") else args.ckpt_root
+        args.ckpt_root = (
+            args.ckpt_root.rstrip("/") + "-tiny" if args.ckpt_root.endswith("l32") else args.ckpt_root
+        )
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     cfg = llama8b_config(args.layers, tiny=args.quick)
     t0 = time.perf_counter()
@@ -164,7 +170,9 @@ def main() -> int:
                 cmd.append("--quick")
             t = time.perf_counter()
             try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=dict(os.environ))
+                p = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=args.timeout, env=dict(os.environ)
+                )
             except subprocess.TimeoutExpired:
                 notes.append(f"{arm} {seq}x{batch}: timed out after {args.timeout:.0f} s")
                 continue
@@ -178,8 +186,14 @@ def main() -> int:
             results[(arm, seq, batch)] = r
             print(f"{arm} {seq}x{batch}: {time.perf_counter() - t:.0f} s {json.dumps(r)}", flush=True)
 
-    cmdline = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_lora.py", *sys.argv[1:]])
-    model = "tiny 2-layer smoke-test model on the CPU" if args.quick else f"random-weight Llama-3-8B shape ({args.layers} layers)"
+    cmdline = "PYTHONPATH=src python " + " ".join(
+        shlex.quote(a) for a in ["benchmarks/bench_lora.py", *sys.argv[1:]]
+    )
+    model = (
+        "tiny 2-layer smoke-test model on the CPU"
+        if args.quick
+        else f"random-weight Llama-3-8B shape ({args.layers} layers)"
+    )
     lines = [f"# LoRA fine-tuning step: {model}", "", f"Card: **{card_name() if device == 'cuda' else 'CPU'}**; {versions()}.", "",
              f"Command: `{cmdline}`", "",
              "LoRA r=16 on all seven linear kinds, gradient checkpointing, AdamW on the adapters; median of "

@@ -38,12 +38,28 @@ def config(layers: int, tiny: bool):  # noqa: ANN201
     from transformers import Qwen3Config
 
     if tiny:
-        cfg = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+        cfg = Qwen3Config(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            tie_word_embeddings=False,
+        )
     else:
-        cfg = Qwen3Config(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=layers,
-                          num_attention_heads=40, num_key_value_heads=8, head_dim=128,
-                          max_position_embeddings=8192, tie_word_embeddings=False)
+        cfg = Qwen3Config(
+            vocab_size=151936,
+            hidden_size=5120,
+            intermediate_size=17408,
+            num_hidden_layers=layers,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=8192,
+            tie_word_embeddings=False,
+        )
     cfg.architectures = ["Qwen3ForCausalLM"]
     if "dtype" in cfg.to_dict():  # transformers 5; 4.57 calls it torch_dtype
         cfg.dtype = torch.bfloat16
@@ -78,8 +94,13 @@ def make_checkpoint(out: Path, layers: int, tiny: bool, device: str) -> float:
     t = time.perf_counter()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config(layers, tiny))
-    save_quantized(model, out, fp8=["re:.*self_attn\\.(q|k|v|o)_proj$"],
-                   fp8_spec=FP8Spec("channel", "dynamic-token"), state=layer_batches(model, device))
+    save_quantized(
+        model,
+        out,
+        fp8=["re:.*self_attn\\.(q|k|v|o)_proj$"],
+        fp8_spec=FP8Spec("channel", "dynamic-token"),
+        state=layer_batches(model, device),
+    )
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return time.perf_counter() - t
@@ -90,8 +111,9 @@ def load(ckpt: Path, device: str, cap_gib: float):  # noqa: ANN201
 
     if device != "cuda":
         return nvfp4_fix.from_pretrained(ckpt, dtype=torch.bfloat16)
-    return nvfp4_fix.from_pretrained(ckpt, dtype=torch.bfloat16, device_map="auto",
-                                     max_memory={0: int(cap_gib * 2**30)})
+    return nvfp4_fix.from_pretrained(
+        ckpt, dtype=torch.bfloat16, device_map="auto", max_memory={0: int(cap_gib * 2**30)}
+    )
 
 
 def main() -> int:
@@ -116,23 +138,35 @@ def main() -> int:
         return 2
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     ckpt = Path(args.ckpt)
-    made_s = make_checkpoint(ckpt, args.layers, args.tiny, device) if not (ckpt / "config.json").exists() else 0.0
+    made_s = (
+        make_checkpoint(ckpt, args.layers, args.tiny, device) if not (ckpt / "config.json").exists() else 0.0
+    )
     info = inspect_checkpoint(ckpt)
     ckpt_bytes = sum(f.stat().st_size for f in {t.file for t in info.tensors.values()})
     kinds = {q.scheme for q in info.quantized.values()}
-    print(f"checkpoint {ckpt_bytes / 2**30:.2f} GiB" + (f", written in {made_s:.1f} s" if made_s else ""), flush=True)
-    lines = [f"# Mixed NVFP4 + FP8 checkpoint under a {args.cap_gib:g} GiB cap ({card})", "",
-             f"Command: `PYTHONPATH=src python {shlex.join(['benchmarks/bench_mixed_27b.py', *sys.argv[1:]])}`; "
-             f"torch {torch.__version__}", "",
-             f"Checkpoint: {len(info.quantized)} quantized layers ({', '.join(sorted(kinds))}), "
-             f"{ckpt_bytes / 2**30:.2f} GiB on disk" + (f", written in {made_s:.0f} s" if made_s else ""), ""]
+    print(
+        f"checkpoint {ckpt_bytes / 2**30:.2f} GiB" + (f", written in {made_s:.1f} s" if made_s else ""),
+        flush=True,
+    )
+    lines = [
+        f"# Mixed NVFP4 + FP8 checkpoint under a {args.cap_gib:g} GiB cap ({card})",
+        "",
+        f"Command: `PYTHONPATH=src python {shlex.join(['benchmarks/bench_mixed_27b.py', *sys.argv[1:]])}`; "
+        f"torch {torch.__version__}",
+        "",
+        f"Checkpoint: {len(info.quantized)} quantized layers ({', '.join(sorted(kinds))}), "
+        f"{ckpt_bytes / 2**30:.2f} GiB on disk" + (f", written in {made_s:.0f} s" if made_s else ""),
+        "",
+    ]
 
     def finish(code: int) -> int:
         Path(args.out).write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return code
 
-    if device == "cuda":  # the cap binds: half the checkpoint's size must be refused, before any weight is read
+    if (
+        device == "cuda"
+    ):  # the cap binds: half the checkpoint's size must be refused, before any weight is read
         small = ckpt_bytes / 2 / 2**30
         t = time.perf_counter()
         try:
@@ -140,8 +174,11 @@ def main() -> int:
             lines += [f"**A load under {small:.1f} GiB was not refused**: the cap does not bind.", ""]
         except Exception as e:
             msg = " ".join(str(e).split())[:160]
-            lines += [f"Under a {small:.1f} GiB cap the load is refused in {time.perf_counter() - t:.1f} s "
-                      f"({type(e).__name__}: {msg}).", ""]
+            lines += [
+                f"Under a {small:.1f} GiB cap the load is refused in {time.perf_counter() - t:.1f} s "
+                f"({type(e).__name__}: {msg}).",
+                "",
+            ]
         gc.collect()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
@@ -155,7 +192,10 @@ def main() -> int:
     load_s = time.perf_counter() - t
     packed = sum(isinstance(m, NVFP4Linear) for m in model.modules())
     fp8 = [m for m in model.modules() if isinstance(m, FP8Linear) and m.weight.dtype == torch.float8_e4m3fn]
-    lines += [f"Loaded in {load_s:.1f} s: {packed} NVFP4 layers packed, {len(fp8)} FP8 layers in float8_e4m3fn.", ""]
+    lines += [
+        f"Loaded in {load_s:.1f} s: {packed} NVFP4 layers packed, {len(fp8)} FP8 layers in float8_e4m3fn.",
+        "",
+    ]
     print(lines[-2], flush=True)
     if device == "cuda":
         resident = torch.cuda.memory_allocated() - base
@@ -163,18 +203,31 @@ def main() -> int:
         placed = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
         x1 = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16, device=device)
         path = fp8_cuda.scaled_mm_scaling(fp8[0].spec, x1, fp8[0].out_features) if fp8 else None
-        lines += [f"Resident (measured) {gib(resident):.2f} GiB = {resident / ckpt_bytes:.3f}x the checkpoint's "
-                  f"bytes; load peak {gib(load_peak):.2f} GiB ({load_peak / resident:.3f}x resident); every tensor on "
-                  f"{', '.join(placed)}. FP8 layers: {fp8[0].spec.describe() if fp8 else '-'}, run through "
-                  f"{'torch._scaled_mm (' + path + ' scaling)' if path else 'the emulation + W8A16'}.", ""]
+        lines += [
+            f"Resident (measured) {gib(resident):.2f} GiB = {resident / ckpt_bytes:.3f}x the checkpoint's "
+            f"bytes; load peak {gib(load_peak):.2f} GiB ({load_peak / resident:.3f}x resident); every tensor on "
+            f"{', '.join(placed)}. FP8 layers: {fp8[0].spec.describe() if fp8 else '-'}, run through "
+            f"{'torch._scaled_mm (' + path + ' scaling)' if path else 'the emulation + W8A16'}.",
+            "",
+        ]
     lines += ["| prompt | N | TTFT ms | decode tok/s | peak GiB | path |", "|---:|---:|---:|---:|---:|---|"]
     vocab = model.config.vocab_size
     for compile_step in (False, True)[: 1 + args.compile]:
         for p in (int(x) for x in args.prompts.split(",")):
-            r = run_case("NVFP4 + FP8", model, prompt_ids(vocab, p, device), args.new_tokens, True, device, reps=1,
-                         compile_step=compile_step)
-            lines.append(f"| {p} | {args.new_tokens} | {1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                         f"{r['peak_gib']:.2f} | {r['path']}{' + compile_step' if compile_step else ''} |")
+            r = run_case(
+                "NVFP4 + FP8",
+                model,
+                prompt_ids(vocab, p, device),
+                args.new_tokens,
+                True,
+                device,
+                reps=1,
+                compile_step=compile_step,
+            )
+            lines.append(
+                f"| {p} | {args.new_tokens} | {1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                f"{r['peak_gib']:.2f} | {r['path']}{' + compile_step' if compile_step else ''} |"
+            )
         Path(args.out).write_text("\n".join(lines) + "\n")  # what is done survives a timeout
     return finish(0)
 

@@ -40,12 +40,19 @@ ROUTER = "router kernel"
 
 def table(args, rows: list[dict], notes: list[str]) -> str:
     card = card_name()
-    cmd = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_moe.py", *sys.argv[1:]])
-    shape = "tiny 2-layer smoke-test model" if args.tiny else f"random-weight Qwen3-30B-A3B shape ({args.layers} layers, 128 experts, top-8)"
+    cmd = "PYTHONPATH=src python " + " ".join(
+        shlex.quote(a) for a in ["benchmarks/bench_moe.py", *sys.argv[1:]]
+    )
+    shape = (
+        "tiny 2-layer smoke-test model"
+        if args.tiny
+        else f"random-weight Qwen3-30B-A3B shape ({args.layers} layers, 128 experts, top-8)"
+    )
     lines = [f"# MoE decode on {card}: batch 1, {shape}", "", f"Card: **{card}**; {versions()}.", "", f"Command: `{cmd}`", "",
              "Greedy, no stop token. TTFT = a 1-token call; decode tok/s = (N-1)/(T(N) - TTFT). Weights = GPU memory with only the model loaded; peak = max_memory_allocated during the calls.", "",
              f"| method ({card}) | prompt | N | TTFT ms | decode tok/s | vs bf16 | weights GiB | peak GiB | path |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+
     # each row against bf16 on the same path (graph, or graph + compile_step; router kernel or not)
     def path(r: dict) -> tuple:
         return r["prompt"], "compile_step" in r["method"], ROUTER in r["method"]
@@ -67,9 +74,18 @@ def profile_step(label: str, model, vocab: int, p: int, compile_step: bool) -> N
     from nvfp4_fix.generation import RUNNERS_ATTR, generate
 
     clear_cache(model)
-    generate(model, prompt_ids(vocab, p, "cuda"), 16, stop_token_ids=(), max_cache_len=p + 320, compile_step=compile_step)
+    generate(
+        model,
+        prompt_ids(vocab, p, "cuda"),
+        16,
+        stop_token_ids=(),
+        max_cache_len=p + 320,
+        compile_step=compile_step,
+    )
     runner = next(reversed(getattr(model, RUNNERS_ATTR).values()))
-    print(f"\n== {label} decode step, P={p}, compile_step={compile_step}: {step_ms(runner):.3f} ms", flush=True)
+    print(
+        f"\n== {label} decode step, P={p}, compile_step={compile_step}: {step_ms(runner):.3f} ms", flush=True
+    )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             runner.step()
@@ -86,11 +102,23 @@ def main() -> int:
     ap.add_argument("--ckpt-root", default="/tmp/nvfp4fix-bench-moe")
     ap.add_argument("--loop", action="store_true", help="also NVFP4 through the per-expert loop (no graph)")
     ap.add_argument("--compile", action="store_true", help="also bf16 and NVFP4 with compile_step=True")
-    ap.add_argument("--compile-prompts", default="", help="prompt lengths of the compile_step rows (default: --prompts)")
+    ap.add_argument(
+        "--compile-prompts", default="", help="prompt lengths of the compile_step rows (default: --prompts)"
+    )
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--cuda-moe", action="store_true", help="also NVFP4 with settings.cuda_moe on (kernels/cuda_moe.py)")
-    ap.add_argument("--router", action="store_true", help="every row also with settings.moe_router on (kernels/moe_router.py)")
-    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one decode step of each model (last path run)")
+    ap.add_argument(
+        "--cuda-moe", action="store_true", help="also NVFP4 with settings.cuda_moe on (kernels/cuda_moe.py)"
+    )
+    ap.add_argument(
+        "--router",
+        action="store_true",
+        help="every row also with settings.moe_router on (kernels/moe_router.py)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the GPU kernels of one decode step of each model (last path run)",
+    )
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--out", default="benchmarks/RESULTS-moe.md")
     args = ap.parse_args()
@@ -109,7 +137,9 @@ def main() -> int:
 
     def case(label: str, model, weights: float, **kw) -> None:
         rows_of(label, model, weights, **kw)
-        if args.router:  # the same rows with the one-launch router (a fresh runner: graphs are cached per model)
+        if (
+            args.router
+        ):  # the same rows with the one-launch router (a fresh runner: graphs are cached per model)
             from nvfp4_fix import settings
 
             clear_cache(model)

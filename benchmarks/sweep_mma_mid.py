@@ -33,9 +33,39 @@ MOE_ATTENTION_SHAPES = [("Qwen3-30B-A3B qkv", 5120, 2048), ("Qwen3-30B-A3B o", 2
 #: (RT, DEPTH, XPRE, MINB) per NT that compile without spills for sm_90 (bf16)
 SPILL_FREE = {
     # M = 1 (the decode GEMV): more rows per block and deeper loads for the small 8B layers
-    1: [(1, 2, 1, 2), (1, 3, 0, 2), (1, 4, 0, 2), (1, 1, 0, 3), (2, 1, 0, 2), (2, 2, 0, 1), (2, 3, 0, 1), (4, 1, 0, 1), (4, 2, 0, 1)],
-    2: [(1, 2, 0, 2), (1, 3, 0, 2), (1, 1, 0, 2), (2, 1, 0, 2), (2, 2, 0, 1), (2, 3, 0, 1), (1, 2, 1, 1), (2, 2, 1, 1), (4, 1, 0, 1)],
-    4: [(1, 1, 0, 1), (1, 2, 0, 1), (1, 3, 0, 1), (2, 1, 0, 1), (2, 2, 0, 1), (2, 3, 0, 1), (4, 1, 0, 1), (1, 1, 1, 1), (2, 1, 1, 1)],
+    1: [
+        (1, 2, 1, 2),
+        (1, 3, 0, 2),
+        (1, 4, 0, 2),
+        (1, 1, 0, 3),
+        (2, 1, 0, 2),
+        (2, 2, 0, 1),
+        (2, 3, 0, 1),
+        (4, 1, 0, 1),
+        (4, 2, 0, 1),
+    ],
+    2: [
+        (1, 2, 0, 2),
+        (1, 3, 0, 2),
+        (1, 1, 0, 2),
+        (2, 1, 0, 2),
+        (2, 2, 0, 1),
+        (2, 3, 0, 1),
+        (1, 2, 1, 1),
+        (2, 2, 1, 1),
+        (4, 1, 0, 1),
+    ],
+    4: [
+        (1, 1, 0, 1),
+        (1, 2, 0, 1),
+        (1, 3, 0, 1),
+        (2, 1, 0, 1),
+        (2, 2, 0, 1),
+        (2, 3, 0, 1),
+        (4, 1, 0, 1),
+        (1, 1, 1, 1),
+        (2, 1, 1, 1),
+    ],
     8: [(1, 1, 0, 1), (1, 2, 0, 1), (1, 3, 0, 1), (2, 1, 0, 1), (2, 2, 0, 1)],
 }
 
@@ -65,7 +95,9 @@ def main() -> int:
     if args.only:
         shapes = [s for s in shapes if any(s[0].startswith(p) for p in args.only.split(","))]
     found = []
-    print("| layer | N x K | M | cuBLAS us | tl.dot us | dispatch us | cuda_mma best us | x tl.dot | x cuBLAS | variant | warps |")
+    print(
+        "| layer | N x K | M | cuBLAS us | tl.dot us | dispatch us | cuda_mma best us | x tl.dot | x cuBLAS | variant | warps |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in (int(v) for v in args.m.split(",")):
         for name, n, k in shapes:
@@ -107,11 +139,29 @@ def main() -> int:
                 f"{t_tldot / best_t:.2f}x | {t_cublas / best_t:.2f}x | {tag} | {best_w} |",
                 flush=True,
             )
-            print("  " + " ".join(f"{t:.1f}@R{v['RT']}D{v['DEPTH']}X{v['XPRE']}B{v['MINB']}N{v['WN']}w{w}" for t, v, w in results[:12]), flush=True)
+            print(
+                "  "
+                + " ".join(
+                    f"{t:.1f}@R{v['RT']}D{v['DEPTH']}X{v['XPRE']}B{v['MINB']}N{v['WN']}w{w}"
+                    for t, v, w in results[:12]
+                ),
+                flush=True,
+            )
             found.append(
-                {"name": name, "m": m, "n": n, "k": k, "cublas_us": t_cublas, "tldot_us": t_tldot,
-                 "dispatch_us": t_dispatch, "best_us": best_t, "best": best, "warps": best_w, "complete": complete,
-                 "all": [(t, v, w) for t, v, w in results]}
+                {
+                    "name": name,
+                    "m": m,
+                    "n": n,
+                    "k": k,
+                    "cublas_us": t_cublas,
+                    "tldot_us": t_tldot,
+                    "dispatch_us": t_dispatch,
+                    "best_us": best_t,
+                    "best": best,
+                    "warps": best_w,
+                    "complete": complete,
+                    "all": [(t, v, w) for t, v, w in results],
+                }
             )
             lay = None
             torch.cuda.empty_cache()
@@ -121,7 +171,9 @@ def main() -> int:
     for v in found:
         b = v["best"]
         var = {key: b[key] for key in ("RT", "DEPTH", "XPRE", "MINB", "WN")}
-        print(f"    ({v['m']}, {v['n']}, {v['k']}): ({var}, {v['warps']}),  # {v['name']} {v['best_us']:.1f} us, tl.dot {v['tldot_us']:.1f}")
+        print(
+            f"    ({v['m']}, {v['n']}, {v['k']}): ({var}, {v['warps']}),  # {v['name']} {v['best_us']:.1f} us, tl.dot {v['tldot_us']:.1f}"
+        )
     print("}")
     print(f"(total {time.time() - t0:.0f} s)")
     return 0

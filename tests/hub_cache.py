@@ -1,8 +1,8 @@
 """A real Hugging Face hub cache layout, as huggingface_hub writes it, built from local folders:
 
-    models--ORG--NAME/blobs/<sha256 of the file>
-    models--ORG--NAME/snapshots/<commit>/<path>  -> relative symlink to ../../blobs/<sha256>
-    models--ORG--NAME/refs/<branch>              the commit hash
+models--ORG--NAME/blobs/<sha256 of the file>
+models--ORG--NAME/snapshots/<commit>/<path>  -> relative symlink to ../../blobs/<sha256>
+models--ORG--NAME/refs/<branch>              the commit hash
 """
 
 from __future__ import annotations

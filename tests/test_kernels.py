@@ -432,8 +432,16 @@ def test_cuda_mma_gpu(m, n, k, dtype):
 @pytest.mark.parametrize("m", [9, 16, 24, 32, 40, 64])
 @pytest.mark.parametrize(
     "rt,depth,xpre,minb,wn",
-    [(1, 1, 0, 1, 1), (1, 3, 0, 2, 1), (2, 2, 0, 1, 1), (2, 1, 1, 1, 1), (4, 1, 0, 1, 1), (2, 1, 0, 2, 2),
-     (2, 2, 0, 1, 4), (4, 1, 0, 1, 2)],
+    [
+        (1, 1, 0, 1, 1),
+        (1, 3, 0, 2, 1),
+        (2, 2, 0, 1, 1),
+        (2, 1, 1, 1, 1),
+        (4, 1, 0, 1, 1),
+        (2, 1, 0, 2, 2),
+        (2, 2, 0, 1, 4),
+        (4, 1, 0, 1, 2),
+    ],
 )
 def test_cuda_mma_variants_gpu(m, rt, depth, xpre, minb, wn):
     """Every compile variant the tuning may pick, at 9..64 token rows: row tiles per warp (RT, with

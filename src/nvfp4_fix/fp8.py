@@ -299,9 +299,7 @@ class FP8Linear(nn.Module):
         y = self._cpu_gemv(x)
         if y is not None:
             return y
-        compiled = (
-            x.device.type == "cpu" and self._compile_pays() and not torch.compiler.is_compiling()
-        )
+        compiled = x.device.type == "cpu" and self._compile_pays() and not torch.compiler.is_compiling()
         rows = self._cpu_rows if compiled else None
         return linear_in_row_chunks(x, self.weight, self.weight_scale, self.spec, self.bias, rows)
 

@@ -146,4 +146,3 @@ def _config(path_or_id: str | os.PathLike[str], kwargs: dict[str, Any]) -> Any:
         )
     except OSError as e:  # not a folder, not in the cache offline, no such repository: one line
         raise CheckpointError(" ".join(str(e).split())[:500]) from None
-

@@ -141,6 +141,7 @@ def make_sampler(
     ``batch`` is their length unless given) set each row's own. Temperature 0 is greedy for that row
     (the first maximum). Sampled rows: :func:`warp_logits`, then the exponential race with
     ``generator``. The returned function has ``.greedy`` True when every row is greedy."""
+
     def rows(v: RowParam) -> bool:
         return isinstance(v, Sequence) or (isinstance(v, torch.Tensor) and v.dim() > 0)
 
