@@ -14,4 +14,5 @@ for env in legacy current; do
 done
 echo "=== ruff ==="
 .venvs/current/bin/ruff check src tests scripts benchmarks || status=1
+.venvs/current/bin/ruff format --check src tests scripts benchmarks || status=1
 exit $status
