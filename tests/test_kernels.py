@@ -462,6 +462,24 @@ def test_cuda_mma_variants_gpu(m, rt, depth, xpre, minb, wn):
                 check(y, ref, dtype, f"cuda_mma {variant} warps={warps} m={m} n={n} k={k} {dtype}")
 
 
+def test_cuda_mma_refuses_an_out_it_cannot_write():
+    """``out`` is written with row stride only: a column-strided, wrongly shaped or typed buffer is an
+    error before any launch (checked on the CPU)."""
+    from nvfp4_fix.kernels import cuda_mma
+
+    wp, ws, mul = make_weight(32, 128)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    for out in (
+        torch.empty(32, 2, dtype=torch.bfloat16).T,  # [2, 32], column stride 2
+        torch.empty(2, 16, dtype=torch.bfloat16),
+        torch.empty(2, 32, dtype=torch.float16),
+    ):
+        with pytest.raises(
+            ValueError, match="out must be \\[2, 32\\] torch.bfloat16 with unit column stride"
+        ):
+            cuda_mma.linear(x, wp, ws, mul, out=out)
+
+
 @gpu
 @needs_cuda
 def test_cuda_mma_subnormal_scales_and_extremes():

@@ -217,7 +217,7 @@ def test_gpu_qwen3_30b_experts_match_float64(t):
     "t,e,h,i,ids_dtype,w_dtype",
     [
         (1, E30, H30, I30, torch.int64, None),  # Qwen3-30B-A3B decode; weights in x's dtype
-        (8, 16, 384, 256, torch.int32, torch.float32),  # 3 and 2 chunks of 128: uneven warp splits
+        (8, 16, 384, 256, torch.int32, torch.float32),  # 3 and 2 chunks of 128 (warps_for: 1 warp here)
         (3, 6, 1024, 1408, torch.int64, torch.float32),  # I = 11 x 128
     ],
     ids=["30B-T1", "small-T8-int32", "odd-I-T3"],

@@ -192,12 +192,15 @@ def linear(
         )
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    if not wp.is_contiguous():
-        wp = wp.contiguous()
-    if not ws.is_contiguous():
-        ws = ws.contiguous()
+    # the kernel reads weights with 16-byte vector loads: a misaligned view (rare) is copied
+    if not wp.is_contiguous() or wp.data_ptr() % 16:
+        wp = wp.clone(memory_format=torch.contiguous_format)
+    if not ws.is_contiguous() or ws.data_ptr() % 16:
+        ws = ws.clone(memory_format=torch.contiguous_format)
     if mul.dtype != torch.float32:
         mul = mul.to(torch.float32)
+    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.stride(1) != 1):
+        raise ValueError(f"cuda_mma: out must be [{m}, {n}] {x2.dtype} with unit column stride")
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
         bias = bias.to(x2.dtype).contiguous()

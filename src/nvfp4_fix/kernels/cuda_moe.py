@@ -48,7 +48,9 @@ __device__ __forceinline__ float routing_weight(const void* rw, int kind, long l
   return f;
 }
 
-// RT == 2: tile 0 = gate rows n0..n0+15, tile 1 = the same rows of up (I rows further).
+// RT == 2: tile 0 = gate rows n0..n0+15, tile 1 = the same rows of up (I rows further). Only the
+// GATE_UP_VARIANT module has it (the down module's RT = 1 Partials hold no up rows).
+#if RT == 2
 extern "C" __global__ void __launch_bounds__(256, MINB)
 nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
                   long long w_se, long long s_se, const float* __restrict__ mul, int mul_se,
@@ -89,6 +91,7 @@ nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, 
     act[(u64)p * ld_act + n0 + i] = o;
   }
 }
+#endif
 
 extern "C" __global__ void __launch_bounds__(256, MINB)
 nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w, const u8* __restrict__ s,
