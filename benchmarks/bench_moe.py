@@ -32,6 +32,7 @@ from bench_generation import gib, prompt_ids, run_case, sync  # noqa: E402
 from llama8b import card_name, random_model, versions  # noqa: E402
 from moe30b import qwen3_moe_config, write_moe_checkpoint  # noqa: E402
 
+from nvfp4_fix import settings  # noqa: E402
 from nvfp4_fix.generation import clear_cache  # noqa: E402
 
 T0 = time.perf_counter()
@@ -137,11 +138,8 @@ def main() -> int:
 
     def case(label: str, model, weights: float, **kw) -> None:
         rows_of(label, model, weights, **kw)
-        if (
-            args.router
-        ):  # the same rows with the one-launch router (a fresh runner: graphs are cached per model)
-            from nvfp4_fix import settings
-
+        if args.router:
+            # the same rows with the one-launch router (a fresh runner: graphs are cached per model)
             clear_cache(model)
             with settings.override(moe_router=True):
                 rows_of(f"{label}, {ROUTER}", model, weights, **kw)
@@ -203,8 +201,6 @@ def main() -> int:
     if args.profile and device == "cuda":
         profile_step("NVFP4", model, cfg.vocab_size, prompts[0], args.compile)
     if args.cuda_moe and device == "cuda":
-        from nvfp4_fix import settings
-
         with settings.override(cuda_moe=True):
             clear_cache(model)
             case("NVFP4, tensor-core decode experts (cuda_moe, graph)", model, nv_weights)

@@ -129,8 +129,8 @@ def main() -> int:
                     continue
                 t = bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i), warps=warps, variant=var))
                 results.append((t, var, warps))
-            if not results:
-                break
+            if not results:  # out of budget before the first variant, or none launched (printed above)
+                continue
             results.sort(key=lambda r: r[0])
             best_t, best, best_w = results[0]
             tag = "RT={RT} D={DEPTH} X={XPRE} B={MINB} WN={WN}".format(**best)

@@ -151,10 +151,18 @@ def _kernel(dtype: torch.dtype, name: str, device_index: int) -> nvrtc.Kernel:
     return nvrtc.Kernel(cubin, name, torch.device("cuda", device_index))
 
 
-def supports(x: torch.Tensor, h: int, i: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
+def supports(
+    x: torch.Tensor,
+    h: int,
+    i: int,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+) -> bool:
     """Whether this call can run here: CUDA sm_80+ with NVRTC (cuda_mma usable), fp16/bf16 x with
     16-byte aligned rows, H and I multiples of 128, int32/int64 ids, float routing weights, at most
-    65535 (token, expert) pairs."""
+    65535 (token, expert) pairs, and 16-byte aligned expert ``weights`` (codes and scales: the kernels
+    read them with 16-byte vector loads)."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
@@ -166,6 +174,7 @@ def supports(x: torch.Tensor, h: int, i: int, top_k_index: torch.Tensor, top_k_w
         and top_k_index.dtype in (torch.int32, torch.int64)
         and 0 < top_k_index.numel() <= 65535  # one grid row per pair
         and top_k_weights.dtype in _RW_KINDS
+        and all(w.data_ptr() % 16 == 0 for w in weights)
         and cuda_mma.supports_shape(cuda_mma._device_index(x.device), x.dtype, 1, h)
     )
 

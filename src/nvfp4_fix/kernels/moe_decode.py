@@ -210,8 +210,8 @@ def decode_experts(
     if backend not in ("auto", "cuda", "triton"):
         raise ValueError(f"decode experts: backend must be 'auto', 'cuda' or 'triton', got {backend!r}")
     wanted = backend == "cuda" or (backend == "auto" and settings.current().cuda_moe)
-    aligned = all(w.data_ptr() % 16 == 0 for w in (gcodes, gscales, dcodes, dscales))  # 16-byte loads
-    on_cuda = wanted and aligned and cuda_moe.supports(x, h, i, top_k_index, top_k_weights)
+    weights = (gcodes, gscales, dcodes, dscales)
+    on_cuda = wanted and cuda_moe.supports(x, h, i, top_k_index, top_k_weights, weights)
     if backend == "cuda" and not on_cuda:
         raise RuntimeError(
             f"decode experts: the CUDA kernels cannot run x {x.dtype} {tuple(x.shape)} on {x.device} with"
