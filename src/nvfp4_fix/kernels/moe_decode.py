@@ -29,7 +29,7 @@ from .. import settings
 from . import cuda_moe
 from .device import on_device_of
 from .moe_grouped import _INTERPRET
-from .triton_nvfp4 import _dequant_tile
+from .triton_dequant import _dequant_tile
 
 __all__ = ["Tiles", "GATE_UP_TILES", "DOWN_TILES", "SUM_BLOCK", "decode_experts", "sum_pairs", "is_silu"]
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .device import on_device_of
-from .triton_nvfp4 import _dequant_tile
+from .triton_dequant import _dequant_tile
 
 __all__ = ["RoutePlan", "expert_mm", "route", "supports"]
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..schemes import FP8Spec
 from .device import on_device_of
-from .triton_nvfp4 import _e4m3_to_f32
+from .triton_dequant import _e4m3_to_f32
 from .triton_ops import scratch_bytes_default, scratch_matmul
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
