@@ -138,6 +138,10 @@ def _moe_launches() -> None:
         moe_decode.decode_experts(
             torch.zeros(2, h, dtype=dtype), idx, torch.ones(2, 2), experts(2 * i, h, 2), experts(h, i, 1)
         )
+        moe_decode.sum_pairs(torch.zeros(4, h), idx, e, dtype)
+    idx = torch.arange(20).reshape(1, 20) % e  # top-k 20: three passes of the down kernel
+    x = torch.zeros(1, h, dtype=torch.bfloat16)
+    moe_decode.decode_experts(x, idx, torch.ones(1, 20), experts(2 * i, h, 2), experts(h, i, 1))
 
 
 _LAUNCHERS = (_nvfp4_launches, _fp8_launches, _activation_launches, _attention_launches, _moe_launches)

@@ -1,4 +1,4 @@
-"""Decode-sized MoE experts (up to 64 routed pairs, SiLU) in three Triton launches, no other op.
+"""Decode-sized MoE experts (up to 64 routed pairs, SiLU) in two Triton launches, no other op.
 
 For T tokens routed to K experts each (``top_k_index`` [T, K], any integer dtype, read in place):
 
@@ -6,15 +6,16 @@ For T tokens routed to K experts each (``top_k_index`` [T, K], any integer dtype
    rows n and up rows I + n as one [2 BN, BK] tile per step (``codes`` [E, 2I, H/2], ``scales``
    [E, 2I, H/16] e4m3, ``mul`` [E, 2]: gate and up multipliers, which may differ) and writes
    ``silu(gate) * up``, computed in fp32 and rounded once to x's dtype, as act [T*K, I].
-2. ``_down_kernel``, one program per (pair, BN columns of H): y [T*K, H] float32 = the down projection
-   of act times the pair's routing weight.
-3. ``_sum_pairs_kernel``: out [T, H] (x's dtype) = the sum of each token's K rows of y.
+2. ``_down_sum_kernel``, one program per (token, BN columns of H): the down projections of all the
+   token's pairs (up to MAX_SLOTS experts in one weight tile), each times its multiplier and routing
+   weight, summed in fp32 and rounded once: out [T, H] in x's dtype.
 
-Pairs routed to no expert (an id outside [0, E)) are skipped by all three (their rows of act and y are
-never written nor read), so nothing is zero-filled. Every buffer is ``torch.empty`` and every launch has
-the same grid for any routing: a CUDA graph replays it with new ids. torch.compile sees the opaque ops
-``torch.ops.nvfp4_fix.moe_decode_experts`` and ``moe_sum_pairs``. Tile sizes are the module constants
-(benchmarks/sweep_moe_tiles.py sweeps them).
+Pairs routed to no expert (an id outside [0, E)) are skipped by both (their rows of act are never
+written nor read, their weights never loaded), so nothing is zero-filled. Every buffer is
+``torch.empty`` and every launch has the same grid for any routing: a CUDA graph replays it with new
+ids. torch.compile sees the opaque ops ``torch.ops.nvfp4_fix.moe_decode_experts`` and
+``moe_sum_pairs`` (``sum_pairs``: the pair sum after the CUDA and grouped expert kernels). Tile sizes
+are the module constants (benchmarks/sweep_moe_tiles.py sweeps them).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ class Tiles:
 
 
 #: gate_up: BN columns of I = 2 BN rows (gate and up) per program: 32, the bytes of the unfused gemv's
-#: 64-row program
+#: 64-row program. down: BN rows per program = pair slots x columns of H (64 = 8 experts x 8 columns).
 GATE_UP_TILES = Tiles(bn=32, bk=128, warps=4)
 DOWN_TILES = Tiles(bn=64, bk=128, warps=4)
+MAX_SLOTS = 8  # pairs of one token per pass of the down kernel (more: several passes; 16 spill on sm_90)
 SUM_BLOCK = 1024
 
 
@@ -108,27 +110,47 @@ def _gate_up_act_kernel(
 
 
 @triton.jit
-def _down_kernel(
-    a_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, mul_ptr, y_ptr,
-    TOPK, N, K, E, stride_am, stride_it, stride_ik, stride_rt, stride_rk, stride_ym, stride_we, stride_se,
-    stride_me, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, WDT: tl.constexpr,
+def _down_sum_kernel(
+    a_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, mul_ptr, out_ptr,
+    TOPK, N, K, E, stride_am, stride_it, stride_ik, stride_rt, stride_rk, stride_om, stride_we, stride_se,
+    stride_me, KP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, WDT: tl.constexpr,
 ):  # fmt: skip
-    p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    t = p // TOPK
-    j = p % TOPK
-    e = tl.load(ids_ptr + t * stride_it + j * stride_ik)
-    if (e < 0) | (e >= E):
-        return
-    e64 = e.to(tl.int64)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
-    w_base = w_ptr + e64 * stride_we + rn_c[:, None] * (K // 2) + tl.arange(0, BK // 2)[None, :]
-    s_base = s_ptr + e64 * stride_se + rn_c[:, None] * (K // 16) + tl.arange(0, BK // 16)[None, :]
-    y = _rows_dot(a_ptr + p.to(tl.int64) * stride_am, w_base, s_base, K, BN, BK, ASM, WDT)
-    weight = tl.load(rw_ptr + t * stride_rt + j * stride_rk).to(tl.float32)
-    y = y * (tl.load(mul_ptr + e64 * stride_me) * 128.0 * weight)
-    tl.store(y_ptr + p.to(tl.int64) * stride_ym + rn, y, mask=rn < N)
+    """out[t, BN columns] = sum over the token's pairs of down_e(act row) * mul_e * routing weight, KP
+    pair slots at a time: row r of the [KP * BN, BK] weight tile is column r % BN of slot r // BN."""
+    t = tl.program_id(0)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    r = tl.arange(0, KP * BN)
+    col_r = tl.minimum(tl.program_id(1) * BN + r % BN, N - 1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rk2 = tl.arange(0, BK // 2)
+    rkb = tl.arange(0, BK // 16)
+    out = tl.zeros([BN], dtype=tl.float32)
+    for j0 in range(0, TOPK, KP):
+        j = j0 + tl.arange(0, KP)
+        e = tl.load(ids_ptr + t * stride_it + j * stride_ik, mask=j < TOPK, other=-1)
+        routed = (j < TOPK) & (e >= 0) & (e < E)  # other slots read nothing and add nothing
+        j_r = j0 + r // BN
+        e_r = tl.load(ids_ptr + t * stride_it + j_r * stride_ik, mask=j_r < TOPK, other=-1)
+        routed_r = (j_r < TOPK) & (e_r >= 0) & (e_r < E)
+        e_r64 = tl.where(routed_r, e_r, 0).to(tl.int64)
+        w_rows = w_ptr + e_r64 * stride_we + col_r * (K // 2)
+        s_rows = s_ptr + e_r64 * stride_se + col_r * (K // 16)
+        a_rows = a_ptr + (t * TOPK + j).to(tl.int64) * stride_am
+        acc = tl.zeros([KP, BN, BK], dtype=tl.float32)
+        for k in range(0, K, BK):
+            a = tl.load(a_rows[:, None] + k + rk[None, :],
+                        mask=routed[:, None] & (k + rk < K)[None, :], other=0.0)  # fmt: skip
+            wb = tl.load(w_rows[:, None] + k // 2 + rk2[None, :],
+                         mask=routed_r[:, None] & (k + 2 * rk2 < K)[None, :], other=0)  # fmt: skip
+            sb = tl.load(s_rows[:, None] + k // 16 + rkb[None, :],
+                         mask=routed_r[:, None] & (k + 16 * rkb < K)[None, :], other=0)  # fmt: skip
+            w = tl.reshape(_dequant_tile(wb, sb, WDT, KP * BN, BK, ASM), (KP, BN, BK)).to(tl.float32)
+            acc += w * a.to(tl.float32)[:, None, :]
+        weight = tl.load(rw_ptr + t * stride_rt + j * stride_rk, mask=routed, other=0.0).to(tl.float32)
+        mul = tl.load(mul_ptr + tl.where(routed, e, 0).to(tl.int64) * stride_me, mask=routed, other=0.0)
+        scale = tl.where(routed, mul * 128.0 * weight, 0.0)  # tiles carry value * scale * 2^-7
+        out += tl.sum(tl.sum(acc, 2) * scale[:, None], 0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -226,8 +248,10 @@ def decode_experts(
     asm, wdt = _modes(x.dtype)
     pairs = t * topk
     act = torch.empty(pairs, i, dtype=x.dtype, device=x.device)
-    y = torch.empty(pairs, h, dtype=torch.float32, device=x.device)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     gt, dt = GATE_UP_TILES, DOWN_TILES
+    slots = min(triton.next_power_of_2(topk), MAX_SLOTS)
+    columns = max(1, dt.bn // slots)
     with on_device_of(x):
         _gate_up_act_kernel[(pairs, triton.cdiv(i, gt.bn))](
             x, top_k_index, gcodes, gscales.view(torch.uint8), gmul, act,
@@ -235,14 +259,14 @@ def decode_experts(
             gcodes.stride(0), gscales.stride(0), gmul.stride(0),
             BN=gt.bn, BK=_bk(gt, h), ASM=asm, WDT=wdt, num_warps=gt.warps,
         )  # fmt: skip
-        _down_kernel[(pairs, triton.cdiv(h, dt.bn))](
-            act, top_k_index, top_k_weights, dcodes, dscales.view(torch.uint8), dmul, y,
+        _down_sum_kernel[(t, triton.cdiv(h, columns))](
+            act, top_k_index, top_k_weights, dcodes, dscales.view(torch.uint8), dmul, out,
             topk, h, i, e, act.stride(0), top_k_index.stride(0), top_k_index.stride(1),
-            top_k_weights.stride(0), top_k_weights.stride(1), y.stride(0),
+            top_k_weights.stride(0), top_k_weights.stride(1), out.stride(0),
             dcodes.stride(0), dscales.stride(0), dmul.stride(0),
-            BN=dt.bn, BK=_bk(dt, i), ASM=asm, WDT=wdt, num_warps=dt.warps,
+            KP=slots, BN=columns, BK=_bk(dt, i), ASM=asm, WDT=wdt, num_warps=dt.warps,
         )  # fmt: skip
-    return sum_pairs(y, top_k_index, e, x.dtype)
+    return out
 
 
 @torch.library.custom_op("nvfp4_fix::moe_decode_experts", mutates_args=())
