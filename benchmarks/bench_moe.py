@@ -4,16 +4,19 @@ kernel, kernels/moe_grouped.py) against the same model in bf16 (transformers' ``
 through ``nvfp4_fix.generate`` (static cache + CUDA graph), in one run, one markdown table naming the card.
 
     PYTHONPATH=src python benchmarks/bench_moe.py [--layers 48] [--prompts 128,2048] [--new-tokens 128] [--loop]
-        [--compile [--compile-prompts 128]] [--cuda-moe] [--router] [--profile]
-        [--budget-s 540] [--out benchmarks/RESULTS-moe.md]
+        [--paths graph,compile [--compile-prompts 128]] [--experts cuda,triton] [--router off|on|both]
+        [--profile] [--budget-s 540] [--out benchmarks/RESULTS-moe.md]
 
 The bf16 model is drawn on the GPU (benchmarks/moe30b.py), measured, written as an NVFP4 checkpoint
 (made once under --ckpt-root; each expert projection its own global scale), freed, and the checkpoint
 loaded back with ``nvfp4_fix.from_pretrained(device_map="cuda")``. Per method and prompt length:
 TTFT, decode tok/s = (N-1) / (T(N) - TTFT) (bench_generation.run_case), GPU memory with only the model
 loaded and the peak during the calls. ``--loop`` adds the NVFP4 experts through the per-expert Python
-loop (the path before the grouped kernel: a host sync per layer, so no graph); ``--compile`` adds
-``compile_step=True`` for both (each NVFP4 row's "vs bf16" is against bf16 on the same path). ``--tiny``: a 2-layer model on the CPU (smoke test; grouped kernel off there).
+loop (the path before the grouped kernel: a host sync per layer, so no graph); ``--paths compile``
+runs ``compile_step=True`` for both; ``--experts`` picks the NVFP4 decode experts (``cuda``: tensor cores,
+kernels/cuda_moe.py; ``triton``: kernels/moe_decode.py); ``--router`` the MoE router (``on``: the one-launch
+kernel of kernels/moe_router.py, ``off``: transformers' own). Every setting is set per row, whatever the
+defaults; each NVFP4 row's "vs bf16" is against bf16 on the same path and router. ``--tiny``: a 2-layer model on the CPU (smoke test; grouped kernel off there).
 """
 
 from __future__ import annotations
@@ -102,18 +105,16 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--ckpt-root", default="/tmp/nvfp4fix-bench-moe")
     ap.add_argument("--loop", action="store_true", help="also NVFP4 through the per-expert loop (no graph)")
-    ap.add_argument("--compile", action="store_true", help="also bf16 and NVFP4 with compile_step=True")
+    ap.add_argument(
+        "--paths", default="graph", help="graph and/or compile (compile_step=True), comma-separated"
+    )
     ap.add_argument(
         "--compile-prompts", default="", help="prompt lengths of the compile_step rows (default: --prompts)"
     )
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--experts", default="cuda,triton", help="NVFP4 decode experts: cuda and/or triton")
     ap.add_argument(
-        "--cuda-moe", action="store_true", help="also NVFP4 with settings.cuda_moe on (kernels/cuda_moe.py)"
-    )
-    ap.add_argument(
-        "--router",
-        action="store_true",
-        help="every row also with settings.moe_router on (kernels/moe_router.py)",
+        "--router", choices=("off", "on", "both"), default="both", help="settings.moe_router per row"
     )
     ap.add_argument(
         "--profile",
@@ -136,14 +137,18 @@ def main() -> int:
 
     compile_prompts = [int(p) for p in args.compile_prompts.split(",")] if args.compile_prompts else prompts
 
-    def case(label: str, model, weights: float, **kw) -> None:
-        rows_of(label, model, weights, **kw)
-        if args.router:
-            # the same rows with the one-launch router (a fresh runner: graphs are cached per model)
-            clear_cache(model)
-            with settings.override(moe_router=True):
-                rows_of(f"{label}, {ROUTER}", model, weights, **kw)
-            clear_cache(model)
+    paths = args.paths.split(",")
+    routers = {"off": [False], "on": [True], "both": [False, True]}[args.router]
+
+    def case(label: str, model, weights: float) -> None:
+        for path in paths:
+            kw = {"compile_step": True} if path == "compile" else {}
+            for router in routers:  # a fresh runner each: graphs are cached per model
+                clear_cache(model)
+                with settings.override(moe_router=router):
+                    name = f"{label}{', compile_step' if kw else ''}{f', {ROUTER}' if router else ''}"
+                    rows_of(name, model, weights, **kw)
+        clear_cache(model)
 
     def rows_of(label: str, model, weights: float, **kw) -> None:
         for p in compile_prompts if kw.get("compile_step") else prompts:
@@ -175,11 +180,8 @@ def main() -> int:
         notes.append(f"NVFP4 checkpoint written in {info['seconds']:.0f} s ({info['bytes'] / 1e9:.2f} GB)")
     bf16_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
     case("bf16, this path (graph)", dense, bf16_weights)
-    if args.compile:
-        clear_cache(dense)
-        case("bf16, this path, compile_step", dense, bf16_weights, compile_step=True)
     if args.profile and device == "cuda":
-        profile_step("bf16", dense, cfg.vocab_size, prompts[0], args.compile)
+        profile_step("bf16", dense, cfg.vocab_size, prompts[0], paths[-1] == "compile")
     clear_cache(dense)
     dense = None
     gc.collect()
@@ -194,22 +196,16 @@ def main() -> int:
     sync()
     nv_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
     notes.append(f"NVFP4 checkpoint loaded in {time.perf_counter() - t:.1f} s")
-    case("NVFP4, grouped experts (graph)", model, nv_weights)
-    if args.compile:
-        clear_cache(model)
-        case("NVFP4, grouped experts, compile_step", model, nv_weights, compile_step=True)
-    if args.profile and device == "cuda":
-        profile_step("NVFP4", model, cfg.vocab_size, prompts[0], args.compile)
-    if args.cuda_moe and device == "cuda":
-        with settings.override(cuda_moe=True):
-            clear_cache(model)
-            case("NVFP4, tensor-core decode experts (cuda_moe, graph)", model, nv_weights)
-            if args.compile:
-                clear_cache(model)
-                case("NVFP4, tensor-core decode experts (cuda_moe), compile_step", model, nv_weights,
-                     compile_step=True)  # fmt: skip
-            if args.profile:
-                profile_step("NVFP4 + cuda_moe", model, cfg.vocab_size, prompts[0], args.compile)
+    labels = {"triton": "NVFP4, Triton decode experts (graph)",
+              "cuda": "NVFP4, tensor-core decode experts (cuda_moe, graph)"}  # fmt: skip
+    for experts in args.experts.split(","):
+        if experts == "cuda" and device != "cuda":
+            continue
+        with settings.override(cuda_moe=experts == "cuda"):
+            case(labels[experts], model, nv_weights)
+            if args.profile and device == "cuda":
+                profile_step(f"NVFP4 ({experts} experts)", model, cfg.vocab_size, prompts[0],
+                             paths[-1] == "compile")  # fmt: skip
     if args.loop:
         clear_cache(model)
         saved, expert_stack.GROUPED_DEVICES = expert_stack.GROUPED_DEVICES, ()

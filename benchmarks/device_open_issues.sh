@@ -2,12 +2,11 @@
 # Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
 # limit. The default is the first call the next session should make (~9.5 minutes on one H100; session
 # 10 got no machine, session 9 ran only its sweeps): carry [".whl/humming"], timeout_s 590.
-#   call 1 (default): moetest router mmatest moe humming
+#   call 1 (default): moetest mmatest moe humming
 #   call 2: STEPS="mma apply batch generation" MMA_M=1,16,32 MMA_ONLY="8B,Qwen3-30B-A3B qkv,Qwen3-30B-A3B o,70B"
 #           APPLY_BUCKETS=1,16,32  (then fetch sweep_mma_mid.json and apply it here, deterministic)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
-#  router  bench_moe --router (every MoE row also with the one-launch router) if its GPU tests passed
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
 #          cuda_mma = every variant family too, ~2 minutes)
 #  moe     bench_moe.py (MOE_ARGS; default all 48 layers, CUDA graph, P = 128 / 2048, Triton and
@@ -25,7 +24,7 @@
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-moetest router mmatest moe humming}
+STEPS=${STEPS:-moetest mmatest moe humming}
 nvidia-smi -L
 step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
@@ -39,11 +38,6 @@ apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after
     git diff --stat ;;
 humming) step humming  # needs carry [".whl/humming"]
     HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-200} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
-router) step router
-    if grep -q " passed" "$OUT/pytest-moe.txt" 2>/dev/null && ! grep -q "FAILED.*test_moe_router\|^ERROR.*test_moe_router" "$OUT/pytest-moe.txt"; then
-        ROUTER_ARG=--router
-    fi
-    echo "bench_moe ${ROUTER_ARG:-without --router}"; done_ 0 ;;
 generation) step generation
     timeout ${GENB_S:-200} python3 benchmarks/bench_generation.py --compile --skip-hf --new-tokens 128 \
         --out "$OUT/RESULTS-generation.md" > "$OUT/generation.log" 2>&1; done_ $?
@@ -57,7 +51,7 @@ moetest) step moetest
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-200} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --profile --cuda-moe} ${ROUTER_ARG:-} \
+    timeout ${MOE_S:-200} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --profile} \
         --budget-s $(( ${MOE_S:-200} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot

@@ -39,7 +39,7 @@ def test_defaults_when_unset_or_empty():
         True,
     )
     assert d.humming is False  # opt-in: it keeps a second copy of the weights it runs
-    assert d.moe_router is False  # opt-in until its GPU tests have run
+    assert d.cuda_moe is True and d.moe_router is True
 
 
 @pytest.mark.parametrize(

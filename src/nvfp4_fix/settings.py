@@ -58,9 +58,9 @@ class Settings:
     #: The NVRTC-compiled tensor-core decode kernel for small M on sm_80+.
     cuda_mma: bool = True
     #: MoE decode experts on tensor cores (kernels/cuda_moe.py) where they support the call; off: the
-    #: Triton decode kernels (kernels/moe_decode.py). Off by default until its GPU tests have run on a
-    #: card (session 9 could not get one after writing it).
-    cuda_moe: bool = False
+    #: Triton decode kernels (kernels/moe_decode.py). On: 23 against 37 us a layer for Qwen3-30B-A3B's
+    #: experts on an H100 (benchmarks/RESULTS-moe.md).
+    cuda_moe: bool = True
     #: Path of a libnvrtc to load first; None searches the CUDA wheels and the loader path.
     nvrtc_library: str | None = None
     #: fast generation: the Triton split-KV decode attention (SDPA when off).
@@ -68,9 +68,8 @@ class Settings:
     #: fast generation: one-launch K/V append into the static cache (transformers' ops when off).
     kv_append: bool = True
     #: fast generation: softmax top-k MoE routers (Qwen3-MoE, Mixtral, OLMoE, ...) in one launch
-    #: (generation/router.py; transformers' softmax + torch.topk when off). Off by default until its
-    #: GPU tests have run on a card (checked in the interpreter and compiled for sm_90 only).
-    moe_router: bool = False
+    #: (generation/router.py; transformers' softmax + torch.topk when off).
+    moe_router: bool = True
     #: Let "auto" run Humming (optional humming-kernels) where the table in kernels/table.py says it is
     #: faster. Off by default: it keeps a second, Humming-layout copy of each weight it runs.
     humming: bool = False

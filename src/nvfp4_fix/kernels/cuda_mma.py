@@ -41,32 +41,40 @@ BUCKETS = ((1, 1), (9, 16), (17, 32), (33, 64))
 #: (benchmarks/sweep_mma_mid.py); other shapes get ``default_variant`` and ``warps_for``.
 #: Measured on an H100 80GB HBM3 (session 9, `benchmarks/device_open_issues.sh` step mma).
 TUNED: dict[tuple[int, int, int], tuple[dict[str, int], int]] = {
-    (1, 6144, 4096): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3}, 8),  # 8B qkv: 8.5 us
-    (1, 4096, 4096): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3}, 8),  # 8B o: 6.9 us
-    (1, 28672, 4096): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2}, 2),  # 8B gate_up: 29.1 us
-    (1, 4096, 14336): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2}, 8),  # 8B down: 15.8 us
-    (16, 6144, 4096): ({"RT": 4, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # 8B qkv: 13.1 us
-    (16, 4096, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 8),  # 8B o: 9.6 us
-    (16, 28672, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 4),  # 8B gate_up: 39.1 us
-    (16, 4096, 14336): ({"RT": 2, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 8),  # 8B down: 23.2 us
-    # 30B-A3B expert gate_up: 5.0 us
-    (16, 1536, 2048): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 1}, 8),
+    (1, 2048, 4096): ({"RT": 1, "DEPTH": 3, "XPRE": 0, "MINB": 2, "WN": 1}, 8),  # 30B-A3B o: 5.2 us
+    (1, 4096, 4096): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3, "WN": 1}, 8),  # 8B o: 6.9 us
+    (1, 4096, 14336): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2, "WN": 1}, 8),  # 8B down: 15.7 us
+    (1, 5120, 2048): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3, "WN": 1}, 8),  # 30B-A3B qkv: 5.4 us
+    (1, 6144, 4096): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3, "WN": 1}, 8),  # 8B qkv: 8.5 us
+    (1, 8192, 8192): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2, "WN": 1}, 4),  # 70B o: 16.9 us
+    (1, 8192, 28672): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2, "WN": 1}, 4),  # 70B down: 53.6 us
+    (1, 10240, 8192): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3, "WN": 1}, 4),  # 70B qkv: 20.5 us
+    (1, 28672, 4096): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2, "WN": 1}, 2),  # 8B gate_up: 29.2 us
+    (1, 57344, 8192): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 2, "WN": 1}, 4),  # 70B gate_up: 100.8 us
+    (16, 1536, 2048): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 1}, 8),  # 30B-A3B expert gate_up: 5.0 us
     (16, 2048, 768): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 8),  # Qwen3-30B-A3B expert down: 3.6 us
-    (16, 10240, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 4),  # 70B qkv: 31.0 us
-    (16, 8192, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 8),  # 70B o: 22.0 us
-    (16, 57344, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2}, 4),  # 70B gate_up: 144.4 us
-    (16, 8192, 28672): ({"RT": 2, "DEPTH": 2, "XPRE": 1, "MINB": 1}, 4),  # 70B down: 70.1 us
-    (32, 6144, 4096): ({"RT": 2, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 4),  # 8B qkv: 18.0 us
-    (32, 4096, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # 8B o: 12.2 us
-    (32, 28672, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 4),  # 8B gate_up: 65.8 us
-    (32, 4096, 14336): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # 8B down: 29.9 us
-    # 30B-A3B expert gate_up: 6.3 us
-    (32, 1536, 2048): ({"RT": 1, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 8),
+    (16, 2048, 4096): ({"RT": 1, "DEPTH": 2, "XPRE": 1, "MINB": 1, "WN": 1}, 8),  # 30B-A3B o: 7.1 us
+    (16, 4096, 4096): ({"RT": 1, "DEPTH": 2, "XPRE": 0, "MINB": 2, "WN": 1}, 8),  # 8B o: 9.7 us
+    (16, 4096, 14336): ({"RT": 2, "DEPTH": 2, "XPRE": 0, "MINB": 1, "WN": 1}, 8),  # 8B down: 23.3 us
+    (16, 5120, 2048): ({"RT": 1, "DEPTH": 2, "XPRE": 0, "MINB": 2, "WN": 1}, 4),  # 30B-A3B qkv: 8.2 us
+    (16, 6144, 4096): ({"RT": 4, "DEPTH": 1, "XPRE": 0, "MINB": 1, "WN": 1}, 8),  # 8B qkv: 13.0 us
+    (16, 8192, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2, "WN": 1}, 8),  # 70B o: 22.1 us
+    (16, 8192, 28672): ({"RT": 2, "DEPTH": 2, "XPRE": 1, "MINB": 1, "WN": 1}, 4),  # 70B down: 70.4 us
+    (16, 10240, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2, "WN": 1}, 4),  # 70B qkv: 31.2 us
+    (16, 28672, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2, "WN": 4}, 8),  # 8B gate_up: 38.1 us
+    (16, 57344, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 2, "WN": 2}, 8),  # 70B gate_up: 135.9 us
+    (32, 1536, 2048): ({"RT": 1, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 8),  # 30B-A3B expert gate_up: 6.3 us
     (32, 2048, 768): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # Qwen3-30B-A3B expert down: 4.4 us
-    (32, 10240, 8192): ({"RT": 2, "DEPTH": 3, "XPRE": 0, "MINB": 1}, 8),  # 70B qkv: 50.8 us
-    (32, 8192, 8192): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 4),  # 70B o: 31.3 us
-    (32, 57344, 8192): ({"RT": 2, "DEPTH": 2, "XPRE": 0, "MINB": 1}, 4),  # 70B gate_up: 202.1 us
-    (32, 8192, 28672): ({"RT": 4, "DEPTH": 1, "XPRE": 0, "MINB": 1}, 8),  # 70B down: 94.2 us
+    (32, 2048, 4096): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 1, "WN": 1}, 8),  # 30B-A3B o: 9.6 us
+    (32, 4096, 4096): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1, "WN": 1}, 8),  # 8B o: 12.2 us
+    (32, 4096, 14336): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1, "WN": 1}, 8),  # 8B down: 29.9 us
+    (32, 5120, 2048): ({"RT": 2, "DEPTH": 1, "XPRE": 0, "MINB": 1, "WN": 1}, 4),  # 30B-A3B qkv: 11.4 us
+    (32, 6144, 4096): ({"RT": 2, "DEPTH": 2, "XPRE": 0, "MINB": 1, "WN": 1}, 4),  # 8B qkv: 17.9 us
+    (32, 8192, 8192): ({"RT": 2, "DEPTH": 3, "XPRE": 0, "MINB": 1, "WN": 1}, 4),  # 70B o: 31.3 us
+    (32, 8192, 28672): ({"RT": 4, "DEPTH": 1, "XPRE": 0, "MINB": 1, "WN": 1}, 8),  # 70B down: 96.0 us
+    (32, 10240, 8192): ({"RT": 2, "DEPTH": 3, "XPRE": 0, "MINB": 1, "WN": 1}, 8),  # 70B qkv: 50.8 us
+    (32, 28672, 4096): ({"RT": 4, "DEPTH": 1, "XPRE": 0, "MINB": 1, "WN": 2}, 4),  # 8B gate_up: 58.1 us
+    (32, 57344, 8192): ({"RT": 4, "DEPTH": 1, "XPRE": 0, "MINB": 1, "WN": 4}, 4),  # 70B gate_up: 188.0 us
 }
 
 
