@@ -112,7 +112,11 @@ def main() -> int:
         "--compile-prompts", default="", help="prompt lengths of the compile_step rows (default: --prompts)"
     )
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--experts", default="cuda,triton", help="NVFP4 decode experts: cuda and/or triton")
+    ap.add_argument(
+        "--experts",
+        default="cuda,triton",
+        help="NVFP4 decode experts: cuda, cuda-sum (cuda_moe.DOWN_SUM), triton",
+    )
     ap.add_argument(
         "--router", choices=("off", "on", "both"), default="both", help="settings.moe_router per row"
     )
@@ -196,16 +200,23 @@ def main() -> int:
     sync()
     nv_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
     notes.append(f"NVFP4 checkpoint loaded in {time.perf_counter() - t:.1f} s")
+    from nvfp4_fix.kernels import cuda_moe
+
     labels = {"triton": "NVFP4, Triton decode experts (graph)",
-              "cuda": "NVFP4, tensor-core decode experts (cuda_moe, graph)"}  # fmt: skip
+              "cuda": "NVFP4, tensor-core decode experts (cuda_moe, graph)",
+              "cuda-sum": "NVFP4, tensor-core decode experts, pair sum in the down kernel (graph)"}  # fmt: skip
     for experts in args.experts.split(","):
-        if experts == "cuda" and device != "cuda":
+        if experts.startswith("cuda") and device != "cuda":
             continue
-        with settings.override(cuda_moe=experts == "cuda"):
-            case(labels[experts], model, nv_weights)
-            if args.profile and device == "cuda":
-                profile_step(f"NVFP4 ({experts} experts)", model, cfg.vocab_size, prompts[0],
-                             paths[-1] == "compile")  # fmt: skip
+        cuda_moe.DOWN_SUM = experts == "cuda-sum"
+        try:
+            with settings.override(cuda_moe=experts.startswith("cuda")):
+                case(labels[experts], model, nv_weights)
+                if args.profile and device == "cuda":
+                    profile_step(f"NVFP4 ({experts} experts)", model, cfg.vocab_size, prompts[0],
+                                 paths[-1] == "compile")  # fmt: skip
+        finally:
+            cuda_moe.DOWN_SUM = False
     if args.loop:
         clear_cache(model)
         saved, expert_stack.GROUPED_DEVICES = expert_stack.GROUPED_DEVICES, ()

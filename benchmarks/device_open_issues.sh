@@ -1,16 +1,21 @@
 #!/bin/bash
 # Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
 # limit. The default is the first call the next session should make (~9.5 minutes on one H100; session
-# 10 got no machine, session 9 ran only its sweeps): carry [".whl/humming"], timeout_s 590.
-#   call 1 (default): moetest mmatest moe humming
-#   call 2: STEPS="mma apply batch generation" MMA_M=1,16,32 MMA_ONLY="8B,Qwen3-30B-A3B qkv,Qwen3-30B-A3B o,70B"
-#           APPLY_BUCKETS=1,16,32  (then fetch sweep_mma_mid.json and apply it here, deterministic)
+# 11 ran the MoE / router / cuda_mma GPU tests, the 48-layer MoE bench, the M = 1/16/32 sweep, batch and
+# generation): carry [".whl/humming"], timeout_s 590.
+#   call 1 (default): moetest moe humming  = the GPU tests of the pair sum inside cuda_moe's down kernel
+#           (cuda_moe.DOWN_SUM), the compiled 48-layer MoE with and without it (flip DOWN_SUM if it wins
+#           and its tests pass), and issue 18's side-by-side table over all 11 shapes with the retuned
+#           cuda_mma table
+#   call 2: STEPS="mma apply batch generation" MMA_M=64 MMA_ONLY="8B,70B"  (M = 64 was last swept in
+#           session 9, before the WN variants; then fetch sweep_mma_mid.json and apply it here)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
 #          cuda_mma = every variant family too, ~2 minutes)
-#  moe     bench_moe.py (MOE_ARGS; default all 48 layers, CUDA graph, P = 128 / 2048, Triton and
-#          tensor-core decode experts, kernel profile): bf16 and NVFP4 on the same path
+#  moe     bench_moe.py (MOE_ARGS; default all 48 layers, compile_step, P = 128, the one-launch router,
+#          tensor-core decode experts with and without DOWN_SUM, kernel profile): bf16 and NVFP4 on the
+#          same path
 #  humming device_humming.sh (issue 18's side-by-side table; HSTEPS picks bench / prefill / pytest)
 #  mma     sweep_mma_mid.py: cuda_mma at MMA_M rows, every spill-free variant and WN, against the tl.dot
 #          GEMM and cuBLAS; writes its JSON after every shape
@@ -24,7 +29,7 @@
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-moetest mmatest moe humming}
+STEPS=${STEPS:-moetest moe humming}
 nvidia-smi -L
 step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
@@ -37,7 +42,7 @@ apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after
     python3 benchmarks/apply_mma_sweep.py "$OUT/sweep_mma_mid.json" --buckets ${APPLY_BUCKETS:-16,32}; done_ $?
     git diff --stat ;;
 humming) step humming  # needs carry [".whl/humming"]
-    HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-200} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
+    HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-230} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
 generation) step generation
     timeout ${GENB_S:-200} python3 benchmarks/bench_generation.py --compile --skip-hf --new-tokens 128 \
         --out "$OUT/RESULTS-generation.md" > "$OUT/generation.log" 2>&1; done_ $?
@@ -51,8 +56,8 @@ moetest) step moetest
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-200} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --profile} \
-        --budget-s $(( ${MOE_S:-200} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
+    timeout ${MOE_S:-250} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --prompts 128 --paths compile --experts cuda,cuda-sum --router on --profile} \
+        --budget-s $(( ${MOE_S:-250} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot
     (cd benchmarks && timeout ${TLDOT_S:-80} python3 sweep_mid_m.py --m 64 --budget-s $(( ${TLDOT_S:-80} - 20 )) \

@@ -217,22 +217,29 @@ def test_gpu_qwen3_30b_experts_match_float64(t):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
-    "t,e,h,i,ids_dtype,w_dtype",
+    "t,e,topk,h,i,ids_dtype,w_dtype",
     [
-        (1, E30, H30, I30, torch.int64, None),  # Qwen3-30B-A3B decode; weights in x's dtype
-        (8, 16, 384, 256, torch.int32, torch.float32),  # 3 and 2 chunks of 128 (warps_for: 1 warp here)
-        (3, 6, 1024, 1408, torch.int64, torch.float32),  # I = 11 x 128
+        (1, E30, 8, H30, I30, torch.int64, None),  # Qwen3-30B-A3B decode; weights in x's dtype
+        (8, 16, 8, 384, 256, torch.int32, torch.float32),  # 3 and 2 chunks of 128 (warps_for: 1 warp here)
+        (3, 6, 6, 1024, 1408, torch.int64, torch.float32),  # I = 11 x 128; 6 of down_sum's 8 warps
+        (2, 8, 2, 512, 384, torch.int64, None),  # top-2: down_sum's warps split each pair's K in 4
+        (4, 16, 10, 256, 256, torch.int32, torch.float32),  # top-10: two pair slots for some warps
     ],
-    ids=["30B-T1", "small-T8-int32", "odd-I-T3"],
+    ids=["30B-T1", "small-T8-int32", "odd-I-T3", "top2", "top10"],
 )
-def test_gpu_cuda_decode_experts_match_float64(dtype, t, e, h, i, ids_dtype, w_dtype):
+@pytest.mark.parametrize("down_sum", [False, True], ids=["down+sum_pairs", "down_sum"])
+def test_gpu_cuda_decode_experts_match_float64(
+    dtype, t, e, topk, h, i, ids_dtype, w_dtype, down_sum, monkeypatch
+):
     """kernels/cuda_moe.py (backend "cuda") against the float64 MoE, with pairs routed to no expert,
     int32 / int64 ids read through their strides, routing weights in float32 or x's dtype, each
-    expert's gate and up with their own multipliers; and the Triton kernels on the same inputs."""
+    expert's gate and up with their own multipliers, the pair sum as its own launch or inside the down
+    kernel (``cuda_moe.DOWN_SUM``); and the Triton kernels on the same inputs."""
+    from nvfp4_fix.kernels import cuda_moe
     from nvfp4_fix.kernels.moe_decode import decode_experts
 
+    monkeypatch.setattr(cuda_moe, "DOWN_SUM", down_sum)
     st = _experts(e, h, i, seed=t + i, device="cuda")
-    topk = min(8, e)
     idx, w = _routing(t, topk, e, seed=t, invalid=True)
     idx = idx.to(ids_dtype).T.contiguous().T.cuda()  # column-major: strides (1, t)
     w = w.to("cuda", w_dtype or dtype)

@@ -11,7 +11,9 @@ chosen per block from ``top_k_index``:
 * ``down``: grid (H / 16, pairs); y [pairs, H] float32 = the down projection of the pair's act row
   times its multiplier and routing weight.
 
-``kernels/moe_decode.py`` sums each token's pair rows (one more launch, as after its Triton kernels).
+``kernels/moe_decode.py`` sums each token's pair rows (one more launch). ``down_sum`` (grid H / 16 x
+tokens, a warp per pair slot, taken when ``DOWN_SUM`` is set) does the down projections and that sum in
+one launch; it is compile-checked but has not yet run on a card.
 A pair whose id is outside [0, E) returns before any work: its rows of act and y are never written.
 Same grid for any routing: a CUDA graph replays it with new ids. Needs H and I multiples of 128
 (``supports``); the Triton kernels of moe_decode.py run otherwise.
@@ -129,6 +131,67 @@ nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w
     if (n0 + i < H) y[(u64)p * ldy + n0 + i] = sum_partials(red, warps, 0, i) * scale;
   }
 }
+
+// The down projections of all of one token's pairs and their sum, in one block per 16 * RT columns of
+// H: warp w takes pair slot w % topk (and more slots w + warps, ... when topk > warps); with fewer
+// slots than warps, the warps of a slot split its K chunks. Each warp scales its partial sums by its
+// pair's multiplier and routing weight before the block's shared-memory reduction, so out [T, H] (x's
+// dtype) is sum_k w_k * down_{e_k}(act_k), summed in fp32 and rounded once. Only in the
+// DOWN_SUM_VARIANT module (its two accumulator sets need one block's registers per SM).
+#ifdef PAIR_SUM
+extern "C" __global__ void __launch_bounds__(256, MINB)
+nvfp4_moe_down_sum(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w,
+                   const u8* __restrict__ s, long long w_se, long long s_se, const float* __restrict__ mul,
+                   int mul_se, const void* __restrict__ ids, int ids64, long long id_st, long long id_sk,
+                   int topk, int E, const void* __restrict__ rw, int rw_kind, long long rw_st,
+                   long long rw_sk, u16* __restrict__ out, int ld_out, int H, int I)
+{
+  const int tok = blockIdx.y;
+  __shared__ Partials red;
+  clear_partials(red);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16 * RT;
+  const int chunks = I >> 7;
+  const int parts = topk < warps ? warps / topk : 1;  // warps per slot, splitting its K chunks
+  const int part = warp / topk;
+  float total[QA][RT][NT][4] = {};
+  for (int j = warp % topk; part < parts && j < topk; j += warps) {
+    const int p = tok * topk + j;
+    const long long e = pair_expert(ids, ids64, id_st, id_sk, p, topk);
+    if (e < 0 || e >= E) continue;
+    const u8* wb = w + e * w_se;
+    const u8* sb = s + e * s_se;
+    const u8* wp[2 * RT];
+    const u8* sp[2 * RT];
+#pragma unroll
+    for (int i = 0; i < 2 * RT; ++i) {
+      const int row = min(n0 + g + 8 * i, H - 1);
+      wp[i] = wb + (u64)row * (I >> 1) + t * 16;
+      sp[i] = sb + (u64)row * (I >> 4) + t * 2;
+    }
+    const u16* xr[1] = {act + (u64)p * ld_act + t * 32};
+    float acc[QA][RT][NT][4] = {};
+    mainloop(acc, wp, sp, xr, chunks * part / parts, chunks * (part + 1) / parts);
+    const float scale = mul[e * mul_se] * routing_weight(rw, rw_kind, rw_st, rw_sk, p, topk);
+#pragma unroll
+    for (int a = 0; a < QA; ++a)
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) total[a][r][0][v] += acc[a][r][0][v] * scale;
+    if (topk < warps) break;  // one slot per warp
+  }
+  store_partials(red, total, warp, 0, g, t);
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * RT; i += blockDim.x) {
+    if (n0 + i >= H) continue;
+    u16 o;
+    asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(sum_partials(red, warps, 0, i) * 128.0f));
+    out[(u64)tok * ld_out + n0 + i] = o;
+  }
+}
+#endif
 """
 
 #: gate_up: two tiles (gate, up) of 16 rows per block, activations loaded when used (ahead, they
@@ -136,6 +199,16 @@ nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w
 #: (tests/test_cuda_mma_compile.py).
 GATE_UP_VARIANT = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2, "MINB": 1, "WN": 1}
 DOWN_VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "WN": 1}
+#: Sum each token's pairs inside the down kernel (``down_sum``: one launch, no fp32 pair rows) instead of
+#: ``down`` + moe_decode.sum_pairs. Off until its GPU test and a timing have run on a card (written in
+#: session 11 after the device time was spent; compile-checked for sm_80 / sm_90 only).
+DOWN_SUM = False
+DOWN_SUM_WARPS = 8  # the pair slots of one token (top-8) side by side; fewer slots split K
+#: One block per 16 columns of H and token (~1 per SM at decode): registers for one block per SM (the
+#: two accumulator sets spill under the down variant's two-block cap on sm_90).
+DOWN_SUM_VARIANT = {**DOWN_VARIANT, "MINB": 1, "PAIR_SUM": 1}
+_VARIANTS = {"nvfp4_moe_gate_up": GATE_UP_VARIANT, "nvfp4_moe_down": DOWN_VARIANT,
+             "nvfp4_moe_down_sum": DOWN_SUM_VARIANT}  # fmt: skip
 _RW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -145,7 +218,7 @@ def source(dtype: torch.dtype, variant: dict[str, int]) -> str:
 
 @functools.cache
 def _kernel(dtype: torch.dtype, name: str, device_index: int) -> nvrtc.Kernel:
-    variant = GATE_UP_VARIANT if name == "nvfp4_moe_gate_up" else DOWN_VARIANT
+    variant = _VARIANTS[name]
     major, minor = torch.cuda.get_device_capability(device_index)
     cubin = nvrtc.compile_cubin(source(dtype, variant), f"sm_{major}{minor}")
     return nvrtc.Kernel(cubin, name, torch.device("cuda", device_index))
@@ -228,3 +301,31 @@ def down(
         y, y.stride(0), h, i,
     )  # fmt: skip
     return y
+
+
+def down_sum(
+    act: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mul: torch.Tensor,
+) -> torch.Tensor:
+    """out [T, H] in act's dtype = sum over k of down_e(act[t * topk + k]) * top_k_weights[t, k]
+    (pairs routed to no expert add nothing), one launch."""
+    pairs, i = act.shape
+    e, h, _ = codes.shape
+    t, topk = top_k_index.shape
+    out = torch.empty(t, h, dtype=act.dtype, device=act.device)
+    kern = _kernel(act.dtype, "nvfp4_moe_down_sum", cuda_mma._device_index(act.device))
+    rows = 16 * DOWN_VARIANT["RT"]
+    kern.launch(
+        (-(-h // rows), t, 1), (32 * DOWN_SUM_WARPS, 1, 1),
+        act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
+        mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
+        _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e,
+        top_k_weights, _RW_KINDS[top_k_weights.dtype], _i64(top_k_weights.stride(0)),
+        _i64(top_k_weights.stride(1)),
+        out, out.stride(0), h, i,
+    )  # fmt: skip
+    return out
