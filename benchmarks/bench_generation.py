@@ -227,8 +227,8 @@ def breakdown(model, device: str) -> dict:
     }
 
 
-def write_report(args, prompts, n, rows, brk, notes, prefill=(), echo: bool = False) -> None:
-    card = card_name()
+def command_and_shape(args) -> tuple[str, str]:
+    """This run's command line and the model it measured, for the report's header."""
     cmd = "PYTHONPATH=src python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/bench_generation.py", *sys.argv[1:]]
     )
@@ -237,6 +237,12 @@ def write_report(args, prompts, n, rows, brk, notes, prefill=(), echo: bool = Fa
         if args.tiny
         else f"random-weight Llama-3-8B shape ({args.layers} layers)"
     )
+    return cmd, shape
+
+
+def write_report(args, prompts, n, rows, brk, notes, prefill=(), echo: bool = False) -> None:
+    card = card_name()
+    cmd, shape = command_and_shape(args)
     lines = [f"# Generation benchmark on {card}: batch 1, {shape}", "",
              f"Card: **{card}**; {versions()}.", "", f"Command: `{cmd}`", "",
              f"Greedy, no stop token; N new tokens per call ({n} for the fast path, {args.hf_new_tokens} for eager `model.generate`). "
@@ -527,14 +533,7 @@ def batch_mode(args, cfg, dense, nvfp4_path, prompt: int, n: int, device: str, r
     model = nvfp4_fix.from_pretrained(nvfp4_path, dtype=torch.bfloat16, device_map=device)
     rows += batch_rows("NVFP4", model, cfg.vocab_size, batches, prompt, n, device, reps)
     card = card_name()
-    cmd = "PYTHONPATH=src python " + " ".join(
-        shlex.quote(a) for a in ["benchmarks/bench_generation.py", *sys.argv[1:]]
-    )
-    shape = (
-        "tiny 2-layer smoke-test model"
-        if args.tiny
-        else f"random-weight Llama-3-8B shape ({args.layers} layers)"
-    )
+    cmd, shape = command_and_shape(args)
     text = "\n".join([f"# Batched decode on {card}: {shape}", "", f"Card: **{card}**; {versions()}.", "",
                       f"Command: `{cmd}`", "", "Greedy, no stop token, no padding; decode tok/s counts every row's tokens: "
                       "B * (N-1) / (T(N) - TTFT).", "", *batch_table(rows, card)]) + "\n"  # fmt: skip
