@@ -39,7 +39,8 @@ BUCKETS = ((1, 1), (9, 16), (17, 32), (33, 64))
 
 #: (bucket top M, N, K) -> (variant, warps): the fastest spill-free variant measured at the top M
 #: (benchmarks/sweep_mma_mid.py); other shapes get ``default_variant`` and ``warps_for``.
-#: Measured on an H100 80GB HBM3 (session 9, `benchmarks/device_open_issues.sh` step mma).
+#: Measured on an H100 80GB HBM3 (sessions 9 and 11, `benchmarks/device_open_issues.sh` steps mma + apply;
+#: benchmarks/RESULTS-kernels-mid-m.md).
 TUNED: dict[tuple[int, int, int], tuple[dict[str, int], int]] = {
     (1, 2048, 4096): ({"RT": 1, "DEPTH": 3, "XPRE": 0, "MINB": 2, "WN": 1}, 8),  # 30B-A3B o: 5.2 us
     (1, 4096, 4096): ({"RT": 1, "DEPTH": 1, "XPRE": 0, "MINB": 3, "WN": 1}, 8),  # 8B o: 6.9 us
