@@ -7,8 +7,10 @@
 #           (cuda_moe.DOWN_SUM), the compiled 48-layer MoE with and without it (flip DOWN_SUM if it wins
 #           and its tests pass), and issue 18's side-by-side table over all 11 shapes with the retuned
 #           cuda_mma table
-#   call 2: STEPS="mma apply batch generation" MMA_M=64 MMA_ONLY="8B,70B"  (M = 64 was last swept in
-#           session 9, before the WN variants; then fetch sweep_mma_mid.json and apply it here)
+#   call 2: STEPS="moesweep mma apply" MMA_M=64 MMA_ONLY="8B,70B"  (cuda_moe's variants and warps at the
+#           Qwen3-30B-A3B expert shape: the experts run at ~0.9 TB/s; M = 64 was last swept in session 9,
+#           before the WN variants; then fetch sweep_mma_mid.json and apply it here)
+#   call 3: STEPS="batch generation"  (after applying what calls 1-2 found)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
@@ -17,6 +19,8 @@
 #          tensor-core decode experts with and without DOWN_SUM, kernel profile): bf16 and NVFP4 on the
 #          same path
 #  humming device_humming.sh (issue 18's side-by-side table; HSTEPS picks bench / prefill / pytest)
+#  moesweep sweep_moe_tiles.py --cuda: cuda_moe's compile variants and warps per kernel (gate_up, down,
+#          down_sum) at T = 1 and 8, spill-free ones only, each checked against the Triton kernels
 #  mma     sweep_mma_mid.py: cuda_mma at MMA_M rows, every spill-free variant and WN, against the tl.dot
 #          GEMM and cuBLAS; writes its JSON after every shape
 #  apply   apply_mma_sweep.py: the sweep's winners into cuda_mma.TUNED (on the device's copy)
@@ -38,6 +42,9 @@ mma) step mma
     (cd benchmarks && timeout ${MMA_S:-230} python3 sweep_mma_mid.py --m ${MMA_M:-16,32,64} --only "${MMA_ONLY:-}" --budget-s $(( ${MMA_S:-230} - 30 )) \
         --out "$OUT/sweep_mma_mid.json" > "$OUT/sweep_mma.log" 2>&1); done_ $?
     grep "^|\|failed\|WRONG\|budget" "$OUT/sweep_mma.log" | tail -34 ;;
+moesweep) step moesweep
+    timeout ${MOESWEEP_S:-200} python3 benchmarks/sweep_moe_tiles.py --cuda --t 1,8 --layers 8 > "$OUT/moesweep.log" 2>&1; done_ $?
+    grep "^|\|defaults" "$OUT/moesweep.log" | tail -50 ;;
 apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after it time the new table
     python3 benchmarks/apply_mma_sweep.py "$OUT/sweep_mma_mid.json" --buckets ${APPLY_BUCKETS:-16,32}; done_ $?
     git diff --stat ;;

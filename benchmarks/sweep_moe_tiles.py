@@ -1,9 +1,15 @@
 # ruff: noqa: E501
-"""Tile sweep of the fused MoE decode kernels (kernels/moe_decode.py) on Qwen3-30B-A3B expert shapes
-(128 experts, hidden 2048, expert intermediate 768, top-8), and their launch counts.
+"""Tile sweep of the fused MoE decode kernels (kernels/moe_decode.py, Triton; ``--cuda``: the tensor-core
+kernels of kernels/cuda_moe.py) on Qwen3-30B-A3B expert shapes (128 experts, hidden 2048, expert
+intermediate 768, top-8), and their launch counts.
 
     PYTHONPATH=src python benchmarks/sweep_moe_tiles.py [--t 1,8] [--bn 16,32,64] [--bk 64,128,256]
-        [--warps 4,8] [--layers 8] [--quick]
+        [--warps 4,8] [--layers 8] [--quick] [--cuda]
+
+``--cuda`` sweeps cuda_moe's compile variants (DEPTH, XPRE, MINB, RT) and warps per kernel instead:
+gate_up, down (with the separate pair sum) and down_sum (``DOWN_SUM``), each with the others at their
+defaults; variants that spill registers for this card are skipped (ptxas report through NVRTC), and every
+variant's output is checked against the Triton kernels' on the same layer (rel L2 < 2e-2) before timing.
 
 Timing: per configuration, one experts call per layer (each layer its own random weights, routing and
 activations) captured in one CUDA graph, replayed 20 times (CUDA events) after 30 ms of warm-up replays;
@@ -20,13 +26,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 import time
 
 import torch
 import triton
 
-from nvfp4_fix import expert_stack
+from nvfp4_fix import expert_stack, settings
+from nvfp4_fix.kernels import cuda_moe, nvrtc
 from nvfp4_fix.kernels import moe_decode as md
 
 E, H, INTER, TOPK = 128, 2048, 768, 8
@@ -107,6 +115,7 @@ def main() -> int:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="BN 32,64 x BK 128 x warps 4 only")
+    ap.add_argument("--cuda", action="store_true", help="sweep kernels/cuda_moe.py's variants and warps")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -114,13 +123,20 @@ def main() -> int:
     ts = [int(v) for v in args.t.split(",")]
     if args.quick:
         args.bn, args.bk, args.warps = "32,64", "128", "4"
-    grid = list(itertools.product(*([int(v) for v in s.split(",")] for s in (args.bn, args.bk, args.warps))))
     silu = torch.nn.SiLU()
     unfused = lambda g: torch.nn.functional.silu(g)  # noqa: E731  (not recognised as SiLU: general path)
     layers = {t: make_layers(args.layers, t, seed=t) for t in ts}
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
     print(f"Qwen3-30B-A3B experts: E={E} H={H} I={INTER} top-{TOPK}; {args.layers} layers cycled per graph\n")
 
+    if args.cuda:
+        return sweep_cuda(layers, ts, silu)
+    with settings.override(cuda_moe=False):
+        return sweep_triton(args, layers, ts, silu, unfused)
+
+
+def sweep_triton(args, layers: dict, ts: list[int], silu, unfused) -> int:
+    grid = list(itertools.product(*([int(v) for v in s.split(",")] for s in (args.bn, args.bk, args.warps))))
     for t in ts:
         for label, act in (("fused", silu), ("unfused", unfused)):
             names = count_kernels(layers[t][0], act)
@@ -154,6 +170,82 @@ def main() -> int:
         tiles = " | ".join(f"{x.bn}/{x.bk}/{x.warps}" if x else "-" for x in (gu, down))
         print(f"| {label} | {tiles} | " + " | ".join(cells) + " |", flush=True)
     print(f"\ndefaults: GATE_UP_TILES={default_gu}, DOWN_TILES={default_down} (kernels/moe_decode.py)")
+    return 0
+
+
+#: (DEPTH, XPRE, MINB) of gate_up (RT = 2: gate and up tiles), (RT, DEPTH, XPRE, MINB) of down,
+#: (DEPTH, XPRE) of down_sum (MINB = 1); each with these warps per block
+CUDA_GATE_UP = [(1, 0, 1), (2, 0, 1), (3, 0, 1), (2, 1, 1), (1, 0, 2), (2, 0, 2)], (2, 4, 8)
+CUDA_DOWN = [(1, 1, 0, 2), (1, 2, 1, 2), (1, 2, 0, 2), (1, 3, 0, 2), (2, 1, 0, 1), (2, 2, 0, 1)], (1, 2, 4)
+CUDA_DOWN_SUM = [(1, 0), (2, 0), (2, 1), (3, 0)], (4, 8)
+_CUDA_KNOBS = ("GATE_UP_VARIANT", "GATE_UP_WARPS", "DOWN_VARIANT", "DOWN_WARPS", "DOWN_SUM",
+               "DOWN_SUM_VARIANT", "DOWN_SUM_WARPS")  # fmt: skip
+
+
+def _spills(variant: dict[str, int], kernel: str) -> bool:
+    """Whether ``kernel`` of cuda_moe's module compiled with ``variant`` spills registers on this card."""
+    major, minor = torch.cuda.get_device_capability()
+    _, log = nvrtc.compile_with_log(
+        cuda_moe.source(torch.bfloat16, variant), f"sm_{major}{minor}", ("--ptxas-options=-v",)
+    )
+    report = next(part for part in log.split("Function properties for ")[1:] if part.startswith(kernel))
+    return any(
+        a != "0" or b != "0"
+        for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    )
+
+
+def sweep_cuda(layers: dict, ts: list[int], silu) -> int:
+    defaults = {k: getattr(cuda_moe, k) for k in _CUDA_KNOBS}
+    with settings.override(cuda_moe=False):
+        want = {t: expert_stack.grouped_forward(*layers[t][0], silu, False).float() for t in ts}
+    rows: list[tuple[str, dict]] = [
+        ("defaults (down + sum_pairs)", {}),
+        ("defaults, DOWN_SUM", {"DOWN_SUM": True}),
+    ]
+    for (depth, xpre, minb), warps in itertools.product(*CUDA_GATE_UP):
+        v = {**defaults["GATE_UP_VARIANT"], "DEPTH": depth, "XPRE": xpre, "MINB": minb}
+        rows.append(
+            (f"gate_up D={depth} X={xpre} B={minb} w={warps}", {"GATE_UP_VARIANT": v, "GATE_UP_WARPS": warps})
+        )
+    for (rt, depth, xpre, minb), warps in itertools.product(*CUDA_DOWN):
+        v = {**defaults["DOWN_VARIANT"], "RT": rt, "DEPTH": depth, "XPRE": xpre, "MINB": minb}
+        rows.append(
+            (f"down RT={rt} D={depth} X={xpre} B={minb} w={warps}", {"DOWN_VARIANT": v, "DOWN_WARPS": warps})
+        )
+    for (depth, xpre), warps in itertools.product(*CUDA_DOWN_SUM):
+        v = {**defaults["DOWN_SUM_VARIANT"], "DEPTH": depth, "XPRE": xpre}
+        rows.append((f"down_sum D={depth} X={xpre} w={warps}",
+                     {"DOWN_SUM": True, "DOWN_SUM_VARIANT": v, "DOWN_SUM_WARPS": warps}))  # fmt: skip
+    print("| cuda_moe swept | " + " | ".join(f"us T={t} | GB/s T={t}" for t in ts) + " |")
+    print("|" + "---|" * (1 + 2 * len(ts)))
+    for label, knobs in rows:
+        swept = next((k for k in knobs if k.endswith("_VARIANT")), None)
+        kernel = {"GATE_UP_VARIANT": "nvfp4_moe_gate_up", "DOWN_VARIANT": "nvfp4_moe_down",
+                  "DOWN_SUM_VARIANT": "nvfp4_moe_down_sum"}.get(swept)  # fmt: skip
+        if kernel is not None and _spills(knobs[swept], kernel):
+            print(f"| {label} | spills: skipped |", flush=True)
+            continue
+        cells = []
+        for t in ts:
+            for k, v in knobs.items():
+                setattr(cuda_moe, k, v)
+            try:
+                with settings.override(cuda_moe=True):
+                    got = expert_stack.grouped_forward(*layers[t][0], silu, False).float()
+                    err = float((got - want[t]).norm() / want[t].norm())
+                    if not err < 2e-2:
+                        cells.append(f"WRONG (rel {err:.2e}) | ")
+                        continue
+                    us = time_call(layers[t], silu)
+                cells.append(f"{us:.1f} | {routed_bytes(layers[t]) / us / 1e3:.0f}")
+            except Exception as e:  # noqa: BLE001 - keep sweeping
+                cells.append(f"failed: {type(e).__name__} | ")
+            finally:
+                for k, v in defaults.items():
+                    setattr(cuda_moe, k, v)
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\ndefaults: {defaults} (kernels/cuda_moe.py)")
     return 0
 
 

@@ -196,9 +196,12 @@ nvfp4_moe_down_sum(const u16* __restrict__ act, int ld_act, const u8* __restrict
 
 #: gate_up: two tiles (gate, up) of 16 rows per block, activations loaded when used (ahead, they
 #: spill); down: one tile, activations loaded ahead with the weights. Spill-free on sm_80 and sm_90
-#: (tests/test_cuda_mma_compile.py).
+#: (tests/test_cuda_mma_compile.py). benchmarks/sweep_moe_tiles.py --cuda sweeps these and the warps
+#: (None: cuda_mma.warps_for), read at each launch.
 GATE_UP_VARIANT = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2, "MINB": 1, "WN": 1}
 DOWN_VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "WN": 1}
+GATE_UP_WARPS: int | None = None
+DOWN_WARPS: int | None = None
 #: Sum each token's pairs inside the down kernel (``down_sum``: one launch, no fp32 pair rows) instead of
 #: ``down`` + moe_decode.sum_pairs. Off until its GPU test and a timing have run on a card (written in
 #: session 11 after the device time was spent; compile-checked for sm_80 / sm_90 only).
@@ -207,8 +210,6 @@ DOWN_SUM_WARPS = 8  # the pair slots of one token (top-8) side by side; fewer sl
 #: One block per 16 columns of H and token (~1 per SM at decode): registers for one block per SM (the
 #: two accumulator sets spill under the down variant's two-block cap on sm_90).
 DOWN_SUM_VARIANT = {**DOWN_VARIANT, "MINB": 1, "PAIR_SUM": 1}
-_VARIANTS = {"nvfp4_moe_gate_up": GATE_UP_VARIANT, "nvfp4_moe_down": DOWN_VARIANT,
-             "nvfp4_moe_down_sum": DOWN_SUM_VARIANT}  # fmt: skip
 _RW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -216,11 +217,14 @@ def source(dtype: torch.dtype, variant: dict[str, int]) -> str:
     return cuda_mma.source(dtype, 1, variant) + _SOURCE
 
 
+def _kernel(dtype: torch.dtype, name: str, device: torch.device, variant: dict[str, int]) -> nvrtc.Kernel:
+    return _compiled(dtype, name, cuda_mma._device_index(device), tuple(sorted(variant.items())))
+
+
 @functools.cache
-def _kernel(dtype: torch.dtype, name: str, device_index: int) -> nvrtc.Kernel:
-    variant = _VARIANTS[name]
+def _compiled(dtype: torch.dtype, name: str, device_index: int, variant: tuple) -> nvrtc.Kernel:
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin = nvrtc.compile_cubin(source(dtype, variant), f"sm_{major}{minor}")
+    cubin = nvrtc.compile_cubin(source(dtype, dict(variant)), f"sm_{major}{minor}")
     return nvrtc.Kernel(cubin, name, torch.device("cuda", device_index))
 
 
@@ -266,9 +270,10 @@ def gate_up_act(
     topk = top_k_index.shape[1]
     pairs = t * topk
     act = torch.empty(pairs, i, dtype=x.dtype, device=x.device)
-    kern = _kernel(x.dtype, "nvfp4_moe_gate_up", cuda_mma._device_index(x.device))
+    kern = _kernel(x.dtype, "nvfp4_moe_gate_up", x.device, GATE_UP_VARIANT)
+    warps = GATE_UP_WARPS or cuda_mma.warps_for(i * pairs, h, x.device)
     kern.launch(
-        (i // 16, pairs, 1), (32 * cuda_mma.warps_for(i * pairs, h, x.device), 1, 1),
+        (i // 16, pairs, 1), (32 * warps, 1, 1),
         x, x.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
         mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
         _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e, act, act.stride(0), i, h,
@@ -289,10 +294,11 @@ def down(
     e, h, _ = codes.shape
     topk = top_k_index.shape[1]
     y = torch.empty(pairs, h, dtype=torch.float32, device=act.device)
-    kern = _kernel(act.dtype, "nvfp4_moe_down", cuda_mma._device_index(act.device))
+    kern = _kernel(act.dtype, "nvfp4_moe_down", act.device, DOWN_VARIANT)
     rows = 16 * DOWN_VARIANT["RT"]
+    warps = DOWN_WARPS or cuda_mma.warps_for(h * pairs, i, act.device, rows)
     kern.launch(
-        (-(-h // rows), pairs, 1), (32 * cuda_mma.warps_for(h * pairs, i, act.device, rows), 1, 1),
+        (-(-h // rows), pairs, 1), (32 * warps, 1, 1),
         act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
         mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
         _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e,
@@ -317,8 +323,8 @@ def down_sum(
     e, h, _ = codes.shape
     t, topk = top_k_index.shape
     out = torch.empty(t, h, dtype=act.dtype, device=act.device)
-    kern = _kernel(act.dtype, "nvfp4_moe_down_sum", cuda_mma._device_index(act.device))
-    rows = 16 * DOWN_VARIANT["RT"]
+    kern = _kernel(act.dtype, "nvfp4_moe_down_sum", act.device, DOWN_SUM_VARIANT)
+    rows = 16 * DOWN_SUM_VARIANT["RT"]
     kern.launch(
         (-(-h // rows), t, 1), (32 * DOWN_SUM_WARPS, 1, 1),
         act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
