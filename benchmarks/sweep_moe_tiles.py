@@ -16,7 +16,7 @@ activations) captured in one CUDA graph, replayed 20 times (CUDA events) after 3
 microseconds per experts call = replay time / layers. ``--layers`` layers touch ~21 MB of expert weights
 each at T=1, so with 8 the 50 MB L2 holds at most a fifth of what the next call reads (cold-ish, as in a
 decode step). The gate_up tiles are swept with the down tiles at their defaults, then the down tiles with
-gate_up at its defaults; every row is the whole 3-launch call. GB/s = NVFP4 bytes of the experts routed
+gate_up at its defaults; every row is the whole 2-launch call. GB/s = NVFP4 bytes of the experts routed
 (codes + e4m3 scales, each distinct expert once) / time. The first rows are the defaults and the
 general (unfused) path of expert_stack.grouped_forward (gate_up, SiLU, mul, down, sum: 6 launches).
 Launch counts come from torch.profiler (CUDA kernels of one eager call).

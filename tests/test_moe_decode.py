@@ -1,7 +1,8 @@
-"""The fused decode experts (``kernels/moe_decode.py``: gate + up + SiLU, down times the routing weight,
-the sum over each token's pairs, three launches) and the routing-weight epilogue of the grouped path,
-against an independent float64 MoE (tests/reference.py decodes the experts; the loop below routes),
-on the CPU through Triton's interpreter; Qwen3-30B-A3B shapes and CUDA-graph replay on a GPU.
+"""The fused decode experts (``kernels/moe_decode.py``: gate + up + SiLU, then down times the routing
+weight summed over each token's pairs, two Triton launches; ``kernels/cuda_moe.py`` on a GPU) and the
+routing-weight epilogue of the grouped path, against an independent float64 MoE (tests/reference.py
+decodes the experts; the loop below routes), on the CPU through Triton's interpreter; Qwen3-30B-A3B
+shapes and CUDA-graph replay on a GPU.
 
 Tolerance: weights are dequantized exactly and every sum is float32; against float64 the error is
 summation order plus the rounding of act (gate/up/SiLU, once) and of the output to x's dtype: relative

@@ -11,9 +11,10 @@ may differ) and [E, 1]. The experts' own parameters become views of those buffer
 the same launches for any routing (CUDA-graph capturable; under torch.compile an opaque custom op).
 The down kernel multiplies each pair's row by its routing weight in float32, and one launch sums each
 token's rows; SiLU experts get silu(gate) * up in the gate_up kernel's epilogue. Decode-sized routings
-of SiLU experts run ``kernels.moe_decode`` instead: gate, up and SiLU in one launch, then down and the
-sum (three launches in all). W4A4 experts quantize each pair's activations with that expert's own input
-scale (the torch ops).
+of SiLU experts run ``kernels.moe_decode`` instead: on tensor cores (``kernels.cuda_moe``: gate, up
+and SiLU in one launch, down, the pair sum) where they support the call, else two Triton launches
+(gate, up and SiLU; down and the pair sum). W4A4 experts quantize each pair's activations with that
+expert's own input scale (the torch ops).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def grouped_forward(
     """sum_k w[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t)) over each token's routed experts e = idx[t, k];
     ``quantize_activations``: W4A4 experts quantize each pair's inputs with that expert's scales.
     SiLU experts without activation quantization: decode-sized routings run ``kernels.moe_decode``
-    (3 launches), larger ones apply silu(gate) * up in the gate_up kernel's epilogue."""
+    (2 or 3 launches), larger ones apply silu(gate) * up in the gate_up kernel's epilogue."""
     from .kernels import moe_decode as md
     from .kernels import moe_grouped as mg
 
