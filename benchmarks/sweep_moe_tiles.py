@@ -188,7 +188,7 @@ def _spills(variant: dict[str, int], kernel: str) -> bool:
     _, log = nvrtc.compile_with_log(
         cuda_moe.source(torch.bfloat16, variant), f"sm_{major}{minor}", ("--ptxas-options=-v",)
     )
-    report = next(part for part in log.split("Function properties for ")[1:] if part.startswith(kernel))
+    report = next(p for p in log.split("Function properties for ")[1:] if p.split(None, 1)[0] == kernel)
     return any(
         a != "0" or b != "0"
         for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)

@@ -139,6 +139,7 @@ nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w
 // dtype) is sum_k w_k * down_{e_k}(act_k), summed in fp32 and rounded once. Only in the
 // DOWN_SUM_VARIANT module (its two accumulator sets need one block's registers per SM).
 #ifdef PAIR_SUM
+static_assert(NT == 1 && WN == 1, "down_sum: one activation row per pair, warps split K (k-group = warp)");
 extern "C" __global__ void __launch_bounds__(256, MINB)
 nvfp4_moe_down_sum(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w,
                    const u8* __restrict__ s, long long w_se, long long s_se, const float* __restrict__ mul,
@@ -322,6 +323,10 @@ def down_sum(
     pairs, i = act.shape
     e, h, _ = codes.shape
     t, topk = top_k_index.shape
+    if pairs != t * topk or not 1 <= DOWN_SUM_WARPS <= 8:
+        raise ValueError(
+            f"down_sum: act {tuple(act.shape)} for {t} x {topk} pairs, {DOWN_SUM_WARPS} warps (1 to 8)"
+        )
     out = torch.empty(t, h, dtype=act.dtype, device=act.device)
     kern = _kernel(act.dtype, "nvfp4_moe_down_sum", act.device, DOWN_SUM_VARIANT)
     rows = 16 * DOWN_SUM_VARIANT["RT"]
