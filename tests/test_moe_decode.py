@@ -190,6 +190,21 @@ def test_decode_experts_refuse_mismatched_shapes():
         )
 
 
+def test_cuda_down_sum_refuses_act_rows_that_are_not_the_pairs(monkeypatch):
+    """kernels/cuda_moe.down_sum reads act row t * topk + k for every pair: fewer rows than the pairs, or
+    more warps than its shared-memory reduction holds, are refused before anything is launched."""
+    from nvfp4_fix.kernels import cuda_moe
+
+    st = _experts(4, 128, 128, seed=0)
+    idx, w = _routing(2, 2, 4, seed=0, invalid=False)
+    down = (st.down_codes, st.down_scales, st.down_mul)
+    with pytest.raises(ValueError, match="down_sum: act"):
+        cuda_moe.down_sum(torch.randn(3, 128).bfloat16(), idx, w, *down)
+    monkeypatch.setattr(cuda_moe, "DOWN_SUM_WARPS", 16)
+    with pytest.raises(ValueError, match="16 warps"):
+        cuda_moe.down_sum(torch.randn(4, 128).bfloat16(), idx, w, *down)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: Qwen3-30B-A3B shapes, CUDA-graph replay with new routings
 # --------------------------------------------------------------------------------------------------
