@@ -1,16 +1,16 @@
 #!/bin/bash
 # Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
-# limit. The default is the first call the next session should make (~9.5 minutes on one H100; session
-# 11 ran the MoE / router / cuda_mma GPU tests, the 48-layer MoE bench, the M = 1/16/32 sweep, batch and
-# generation): carry [".whl/humming"], timeout_s 590.
-#   call 1 (default): moetest moe humming  = the GPU tests of the pair sum inside cuda_moe's down kernel
-#           (cuda_moe.DOWN_SUM), the compiled 48-layer MoE with and without it (flip DOWN_SUM if it wins
-#           and its tests pass), and issue 18's side-by-side table over all 11 shapes with the retuned
-#           cuda_mma table
-#   call 2: STEPS="moesweep mma apply" MMA_M=64 MMA_ONLY="8B,70B"  (cuda_moe's variants and warps at the
-#           Qwen3-30B-A3B expert shape: the experts run at ~0.9 TB/s; M = 64 was last swept in session 9,
-#           before the WN variants; then fetch sweep_mma_mid.json and apply it here)
-#   call 3: STEPS="batch generation"  (after applying what calls 1-2 found)
+# limit. The default is the first call the next session should make (~9 minutes on one H100; session 11
+# ran the MoE / router / cuda_mma GPU tests, the 48-layer MoE bench, the M = 1/16/32 sweep, batch and
+# generation): timeout_s 590 (the humming step needs carry [".whl/humming"]).
+#   call 1 (default): moetest moe  = the GPU tests of the pair sum inside cuda_moe's down kernel
+#           (cuda_moe.DOWN_SUM, never run yet) and the compiled 48-layer MoE with and without it, each
+#           with a kernel profile of the compiled step (flip DOWN_SUM if it wins and its tests pass)
+#   call 2: STEPS="humming moesweep"  (issue 18's side-by-side table over all 11 shapes with session 11's
+#           retuned cuda_mma table; cuda_moe's variants and warps at the Qwen3-30B-A3B expert shape:
+#           its experts run at ~0.9 TB/s)
+#   call 3: STEPS="mma apply batch generation" MMA_M=64 MMA_ONLY="8B,70B"  (M = 64 was last swept in
+#           session 9, before the WN variants; then fetch sweep_mma_mid.json and apply it here)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
@@ -33,7 +33,7 @@
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-moetest moe humming}
+STEPS=${STEPS:-moetest moe}
 nvidia-smi -L
 step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
@@ -49,7 +49,7 @@ apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after
     python3 benchmarks/apply_mma_sweep.py "$OUT/sweep_mma_mid.json" --buckets ${APPLY_BUCKETS:-16,32}; done_ $?
     git diff --stat ;;
 humming) step humming  # needs carry [".whl/humming"]
-    HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-230} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
+    HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-300} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
 generation) step generation
     timeout ${GENB_S:-200} python3 benchmarks/bench_generation.py --compile --skip-hf --new-tokens 128 \
         --out "$OUT/RESULTS-generation.md" > "$OUT/generation.log" 2>&1; done_ $?
@@ -59,12 +59,12 @@ mmatest) step mmatest
         > "$OUT/pytest-mma.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-mma.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-mma.txt" ;;
 moetest) step moetest
-    timeout ${MOETEST_S:-80} python3 -m pytest -q -m gpu -p no:cacheprovider ${MOETEST_FILES:-tests/test_moe.py tests/test_moe_decode.py tests/test_moe_router.py \
+    timeout ${MOETEST_S:-140} python3 -m pytest -q -m gpu -p no:cacheprovider ${MOETEST_FILES:-tests/test_moe.py tests/test_moe_decode.py tests/test_moe_router.py \
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-250} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --prompts 128 --paths compile --experts cuda,cuda-sum --router on --profile} \
-        --budget-s $(( ${MOE_S:-250} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
+    timeout ${MOE_S:-400} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --prompts 128 --paths compile --experts cuda,cuda-sum --router on --profile} \
+        --budget-s $(( ${MOE_S:-400} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot
     (cd benchmarks && timeout ${TLDOT_S:-80} python3 sweep_mid_m.py --m 64 --budget-s $(( ${TLDOT_S:-80} - 20 )) \
