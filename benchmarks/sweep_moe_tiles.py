@@ -178,6 +178,8 @@ def sweep_triton(args, layers: dict, ts: list[int], silu, unfused) -> int:
 CUDA_GATE_UP = [(1, 0, 1), (2, 0, 1), (3, 0, 1), (2, 1, 1), (1, 0, 2), (2, 0, 2)], (2, 4, 8)
 CUDA_DOWN = [(1, 1, 0, 2), (1, 2, 1, 2), (1, 2, 0, 2), (1, 3, 0, 2), (2, 1, 0, 1), (2, 2, 0, 1)], (1, 2, 4)
 CUDA_DOWN_SUM = [(1, 0), (2, 0), (2, 1), (3, 0)], (4, 8)
+_KERNEL_OF = {"GATE_UP_VARIANT": "nvfp4_moe_gate_up", "DOWN_VARIANT": "nvfp4_moe_down",
+              "DOWN_SUM_VARIANT": "nvfp4_moe_down_sum"}  # fmt: skip
 _CUDA_KNOBS = ("GATE_UP_VARIANT", "GATE_UP_WARPS", "DOWN_VARIANT", "DOWN_WARPS", "DOWN_SUM",
                "DOWN_SUM_VARIANT", "DOWN_SUM_WARPS")  # fmt: skip
 
@@ -220,10 +222,8 @@ def sweep_cuda(layers: dict, ts: list[int], silu) -> int:
     print("| cuda_moe swept | " + " | ".join(f"us T={t} | GB/s T={t}" for t in ts) + " |")
     print("|" + "---|" * (1 + 2 * len(ts)))
     for label, knobs in rows:
-        swept = next((k for k in knobs if k.endswith("_VARIANT")), None)
-        kernel = {"GATE_UP_VARIANT": "nvfp4_moe_gate_up", "DOWN_VARIANT": "nvfp4_moe_down",
-                  "DOWN_SUM_VARIANT": "nvfp4_moe_down_sum"}.get(swept)  # fmt: skip
-        if kernel is not None and _spills(knobs[swept], kernel):
+        swept = next((k for k in knobs if k in _KERNEL_OF), None)
+        if swept is not None and _spills(knobs[swept], _KERNEL_OF[swept]):
             print(f"| {label} | spills: skipped |", flush=True)
             continue
         cells = []

@@ -95,6 +95,25 @@ nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, 
 }
 #endif
 
+// acc += rows n0 .. n0 + 16 * RT - 1 (clamped to H - 1) of expert e's down projection [H, I] times the
+// activation row ``act_row``, over the K chunks [c_lo, c_hi)
+__device__ __forceinline__ void down_rows(float (*acc)[RT][NT][4], const u8* w, const u8* s, long long e,
+                                          long long w_se, long long s_se, const u16* act_row, int n0,
+                                          int g, int t, int H, int I, int c_lo, int c_hi) {
+  const u8* wb = w + e * w_se;
+  const u8* sb = s + e * s_se;
+  const u8* wp[2 * RT];
+  const u8* sp[2 * RT];
+#pragma unroll
+  for (int i = 0; i < 2 * RT; ++i) {
+    const int row = min(n0 + g + 8 * i, H - 1);
+    wp[i] = wb + (u64)row * (I >> 1) + t * 16;
+    sp[i] = sb + (u64)row * (I >> 4) + t * 2;
+  }
+  const u16* xr[1] = {act_row + t * 32};
+  mainloop(acc, wp, sp, xr, c_lo, c_hi);
+}
+
 extern "C" __global__ void __launch_bounds__(256, MINB)
 nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w, const u8* __restrict__ s,
                long long w_se, long long s_se, const float* __restrict__ mul, int mul_se,
@@ -111,19 +130,9 @@ nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16 * RT;
   const int chunks = I >> 7;
-  const u8* wb = w + e * w_se;
-  const u8* sb = s + e * s_se;
-  const u8* wp[2 * RT];
-  const u8* sp[2 * RT];
-#pragma unroll
-  for (int i = 0; i < 2 * RT; ++i) {
-    const int row = min(n0 + g + 8 * i, H - 1);
-    wp[i] = wb + (u64)row * (I >> 1) + t * 16;
-    sp[i] = sb + (u64)row * (I >> 4) + t * 2;
-  }
-  const u16* xr[1] = {act + (u64)p * ld_act + t * 32};
   float acc[QA][RT][NT][4] = {};
-  mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
+  down_rows(acc, w, s, e, w_se, s_se, act + (u64)p * ld_act, n0, g, t, H, I, chunks * warp / warps,
+            chunks * (warp + 1) / warps);
   store_partials(red, acc, warp, 0, g, t);
   __syncthreads();
   const float scale = mul[e * mul_se] * 128.0f * routing_weight(rw, rw_kind, rw_st, rw_sk, p, topk);
@@ -161,19 +170,9 @@ nvfp4_moe_down_sum(const u16* __restrict__ act, int ld_act, const u8* __restrict
     const int p = tok * topk + j;
     const long long e = pair_expert(ids, ids64, id_st, id_sk, p, topk);
     if (e < 0 || e >= E) continue;
-    const u8* wb = w + e * w_se;
-    const u8* sb = s + e * s_se;
-    const u8* wp[2 * RT];
-    const u8* sp[2 * RT];
-#pragma unroll
-    for (int i = 0; i < 2 * RT; ++i) {
-      const int row = min(n0 + g + 8 * i, H - 1);
-      wp[i] = wb + (u64)row * (I >> 1) + t * 16;
-      sp[i] = sb + (u64)row * (I >> 4) + t * 2;
-    }
-    const u16* xr[1] = {act + (u64)p * ld_act + t * 32};
     float acc[QA][RT][NT][4] = {};
-    mainloop(acc, wp, sp, xr, chunks * part / parts, chunks * (part + 1) / parts);
+    down_rows(acc, w, s, e, w_se, s_se, act + (u64)p * ld_act, n0, g, t, H, I, chunks * part / parts,
+              chunks * (part + 1) / parts);
     const float scale = mul[e * mul_se] * routing_weight(rw, rw_kind, rw_st, rw_sk, p, topk);
 #pragma unroll
     for (int a = 0; a < QA; ++a)
