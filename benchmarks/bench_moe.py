@@ -10,7 +10,7 @@ through ``nvfp4_fix.generate`` (static cache + CUDA graph), in one run, one mark
 The bf16 model is drawn on the GPU (benchmarks/moe30b.py), measured, written as an NVFP4 checkpoint
 (made once under --ckpt-root; each expert projection its own global scale), freed, and the checkpoint
 loaded back with ``nvfp4_fix.from_pretrained(device_map="cuda")``. Per method and prompt length:
-TTFT, decode tok/s = (N-1) / (T(N) - TTFT) (bench_generation.run_case), GPU memory with only the model
+TTFT, decode tok/s = (N-1) / the N-1 decode steps' time (bench_generation.run_case), GPU memory with only the model
 loaded and the peak during the calls. ``--loop`` adds the NVFP4 experts through the per-expert Python
 loop (the path before the grouped kernel: a host sync per layer, so no graph); ``--paths compile``
 runs ``compile_step=True`` for both; ``--experts`` picks the NVFP4 decode experts (``cuda``: tensor cores,
@@ -53,7 +53,7 @@ def table(args, rows: list[dict], notes: list[str]) -> str:
         else f"random-weight Qwen3-30B-A3B shape ({args.layers} layers, 128 experts, top-8)"
     )
     lines = [f"# MoE decode on {card}: batch 1, {shape}", "", f"Card: **{card}**; {versions()}.", "", f"Command: `{cmd}`", "",
-             "Greedy, no stop token. TTFT = a 1-token call; decode tok/s = (N-1)/(T(N) - TTFT). Weights = GPU memory with only the model loaded; peak = max_memory_allocated during the calls.", "",
+             "Greedy, no stop token. TTFT = a 1-token call; decode tok/s = (N-1) / the time of the N-1 steps after the first token (generate's stats['decode_s']). Weights = GPU memory with only the model loaded; peak = max_memory_allocated during the calls.", "",
              f"| method ({card}) | prompt | N | TTFT ms | decode tok/s | vs bf16 | weights GiB | peak GiB | path |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
 
@@ -115,7 +115,7 @@ def main() -> int:
     ap.add_argument(
         "--experts",
         default="cuda,triton",
-        help="NVFP4 decode experts: cuda, cuda-sum (cuda_moe.DOWN_SUM), triton",
+        help="NVFP4 decode experts: cuda (down + pair sum launches), cuda-sum (pair sum in the down kernel), triton",
     )
     ap.add_argument(
         "--router", choices=("off", "on", "both"), default="both", help="settings.moe_router per row"
@@ -205,10 +205,11 @@ def main() -> int:
     labels = {"triton": "NVFP4, Triton decode experts (graph)",
               "cuda": "NVFP4, tensor-core decode experts (cuda_moe, graph)",
               "cuda-sum": "NVFP4, tensor-core decode experts, pair sum in the down kernel (graph)"}  # fmt: skip
+    down_sum_default = cuda_moe.DOWN_SUM_MAX_TOKENS
     for experts in args.experts.split(","):
         if experts.startswith("cuda") and device != "cuda":
             continue
-        cuda_moe.DOWN_SUM = experts == "cuda-sum"
+        cuda_moe.DOWN_SUM_MAX_TOKENS = 1 << 30 if experts == "cuda-sum" else 0
         try:
             with settings.override(cuda_moe=experts.startswith("cuda")):
                 case(labels[experts], model, nv_weights)
@@ -216,7 +217,7 @@ def main() -> int:
                     profile_step(f"NVFP4 ({experts} experts)", model, cfg.vocab_size, prompts[0],
                                  paths[-1] == "compile")  # fmt: skip
         finally:
-            cuda_moe.DOWN_SUM = False
+            cuda_moe.DOWN_SUM_MAX_TOKENS = down_sum_default
     if args.loop:
         clear_cache(model)
         saved, expert_stack.GROUPED_DEVICES = expert_stack.GROUPED_DEVICES, ()

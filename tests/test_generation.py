@@ -129,6 +129,7 @@ def test_greedy_static_loop_matches_generate(checkpoints, arch):
     got = generate(model, ids, 24, use_cuda_graph=False, stop_token_ids=(), stats=stats)
     assert stats["path"] == "static-loop"
     assert stats["prefill_mode"] == "dynamic"  # the model's own path, K/V copied into the static cache
+    assert stats["decode_steps"] == 23 and stats["decode_s"] > 0 and stats["prefill_s"] > 0
     assert got.tolist() == ref.tolist()
     # chunked prefill (3 chunks of 5, 5, 3 tokens) computes the same function
     got = generate(model, ids, 24, use_cuda_graph=False, stop_token_ids=(), prefill_chunk=5)

@@ -49,8 +49,8 @@ def rel_err(y, ref):
 # ------------------------------------------------------------------------------------- the table
 def test_table_rows():
     """The H100 rows of benchmarks/RESULTS-kernels-humming.md: ours for decode on all but the largest
-    layers (to M = 16 on q/k/v and o, 32 on the experts), Humming above (experts only to 128), ours
-    again for large M."""
+    layers (to M = 16 on q/k/v and o, 8 on the 8B down and 70B o, 64 on the experts), Humming above
+    (experts only 65-128), ours again for large M."""
     assert T.shape_class(2048, 768) == "tiny" and T.shape_class(6144, 4096) == "small"
     assert T.shape_class(4096, 14336) == "medium" and T.shape_class(28672, 4096) == "large"
     h100 = (9, 0)
@@ -60,11 +60,14 @@ def test_table_rows():
     assert T.backend_for(h100, 9, 4096, 14336) == "humming"
     assert T.backend_for(h100, 16, 6144, 4096) == "nvfp4"
     assert T.backend_for(h100, 17, 6144, 4096) == "humming"
-    assert T.backend_for(h100, 32, 1536, 2048) == "nvfp4"
-    assert T.backend_for(h100, 33, 1536, 2048) == "humming"
-    assert T.backend_for(h100, 256, 1536, 2048) == "nvfp4"
+    assert T.backend_for(h100, 64, 1536, 2048) == "nvfp4"
+    assert T.backend_for(h100, 65, 1536, 2048) == "humming"
+    assert T.backend_for(h100, 128, 2048, 768) == "humming"
+    assert T.backend_for(h100, 129, 1536, 2048) == "nvfp4"
     assert T.backend_for(h100, 512, 4096, 4096) == "humming"
     assert T.backend_for(h100, 1024, 4096, 4096) == "nvfp4"
+    assert T.backend_for(h100, 1024, 4096, 14336) == "humming"
+    assert T.backend_for(h100, 1025, 4096, 14336) == "nvfp4"
     assert T.backend_for(h100, 2048, 57344, 8192) == "humming"
     assert T.backend_for(h100, 4096, 57344, 8192) == "nvfp4"
     for cc in ((7, 5), (8, 0), (8, 9), (10, 0), (12, 0)):  # unmeasured cards: our kernels

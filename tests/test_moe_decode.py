@@ -250,11 +250,11 @@ def test_gpu_cuda_decode_experts_match_float64(
     """kernels/cuda_moe.py (backend "cuda") against the float64 MoE, with pairs routed to no expert,
     int32 / int64 ids read through their strides, routing weights in float32 or x's dtype, each
     expert's gate and up with their own multipliers, the pair sum as its own launch or inside the down
-    kernel (``cuda_moe.DOWN_SUM``); and the Triton kernels on the same inputs."""
+    kernel (``cuda_moe.DOWN_SUM_MAX_TOKENS``); and the Triton kernels on the same inputs."""
     from nvfp4_fix.kernels import cuda_moe
     from nvfp4_fix.kernels.moe_decode import decode_experts
 
-    monkeypatch.setattr(cuda_moe, "DOWN_SUM", down_sum)
+    monkeypatch.setattr(cuda_moe, "DOWN_SUM_MAX_TOKENS", t if down_sum else 0)
     st = _experts(e, h, i, seed=t + i, device="cuda")
     idx, w = _routing(t, topk, e, seed=t, invalid=True)
     idx = idx.to(ids_dtype).T.contiguous().T.cuda()  # column-major: strides (1, t)

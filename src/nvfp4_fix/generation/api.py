@@ -100,7 +100,8 @@ def generate(
     ``max_cache_len``: the static cache size (default: prompt + new tokens, rounded up to 128).
     ``compile_step`` additionally wraps the decode forward in ``torch.compile`` before capture.
     ``pack_gqa`` (default on): decode attention through ``nvfp4_fix.generation.attention`` (sdpa
-    models only). ``stats``, if given a dict, receives timings and the path taken.
+    models only). ``stats``, if given a dict, receives the path taken and timings (``prefill_s``;
+    ``decode_s`` for the ``decode_steps`` steps after the first token; each waits for the device once).
     """
     if num_beams != 1:
         raise ValueError(
@@ -120,6 +121,7 @@ def generate(
         return input_ids
     mask = _check_mask(input_ids, attention_mask)
     sync_every = max(1, int(sync_every))
+    timed = stats is not None  # prefill_s / decode_s wait for the device (one host sync each)
     stats = stats if stats is not None else {}
     stop = fb.stop_ids(model, stop_token_ids)
     pad = fb.pad_id(model, stop, pad_token_id)
@@ -182,11 +184,15 @@ def generate(
             streamer.put(input_ids.cpu())
         t0 = time.perf_counter()
         stats["prefill_mode"] = runner.prefill(input_ids, mask, prefill_chunk)
+        _wait(device, timed)
         stats["prefill_s"] = time.perf_counter() - t0
         if use_cuda_graph and runner.graph is None and not runner.capture_failed and max_new_tokens > 1:
             _capture(runner, device, stats)
         stats["path"] = "cuda-graph" if runner.graph is not None else "static-loop"
+        t0 = time.perf_counter()
         new, flushed = _decode(runner, plen, max_new_tokens, sync_every, bool(stop), streamer)
+        _wait(device, timed)
+        stats["decode_s"] = time.perf_counter() - t0
         stats["decode_steps"] = new.shape[1] - 1
     if stop:
         new = _cut_after_last_stop(new, stop)
@@ -195,6 +201,11 @@ def generate(
             streamer.put(new[:, flushed:].cpu())
         streamer.end()
     return torch.cat([input_ids, new], dim=1)
+
+
+def _wait(device: torch.device, timed: bool) -> None:
+    if timed and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _capture(runner: Runner, device: torch.device, stats: dict[str, Any]) -> None:

@@ -12,8 +12,8 @@ chosen per block from ``top_k_index``:
   times its multiplier and routing weight.
 
 ``kernels/moe_decode.py`` sums each token's pair rows (one more launch). ``down_sum`` (grid H / 16 x
-tokens, a warp per pair slot, taken when ``DOWN_SUM`` is set) does the down projections and that sum in
-one launch; it is compile-checked but has not yet run on a card.
+tokens, a warp per pair slot, taken up to ``DOWN_SUM_MAX_TOKENS`` tokens) does the down projections and
+that sum in one launch.
 A pair whose id is outside [0, E) returns before any work: its rows of act and y are never written.
 Same grid for any routing: a CUDA graph replays it with new ids. Needs H and I multiples of 128
 (``supports``); the Triton kernels of moe_decode.py run otherwise.
@@ -202,10 +202,10 @@ GATE_UP_VARIANT = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2, "MINB": 1, "WN
 DOWN_VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "WN": 1}
 GATE_UP_WARPS: int | None = None
 DOWN_WARPS: int | None = None
-#: Sum each token's pairs inside the down kernel (``down_sum``: one launch, no fp32 pair rows) instead of
-#: ``down`` + moe_decode.sum_pairs. Off until its GPU test and a timing have run on a card (written in
-#: session 11 after the device time was spent; compile-checked for sm_80 / sm_90 only).
-DOWN_SUM = False
+#: Up to this many tokens, sum each token's pairs inside the down kernel (``down_sum``: one launch, no
+#: fp32 pair rows) instead of ``down`` + moe_decode.sum_pairs. H100, Qwen3-30B-A3B experts, 8 layers
+#: (benchmarks/RESULTS-moe.md): T = 1 19.7 against 22.7 us a layer, T = 8 108.4 against 97.2.
+DOWN_SUM_MAX_TOKENS = 1
 DOWN_SUM_WARPS = 8  # the pair slots of one token (top-8) side by side; fewer slots split K
 #: One block per 16 columns of H and token (~1 per SM at decode): registers for one block per SM (the
 #: two accumulator sets spill under the down variant's two-block cap on sm_90).

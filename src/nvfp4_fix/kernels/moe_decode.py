@@ -243,7 +243,7 @@ def decode_experts(
     if on_cuda:
         with on_device_of(x):
             act = cuda_moe.gate_up_act(x, top_k_index, gcodes, gscales, gmul.float())
-            if cuda_moe.DOWN_SUM:
+            if t <= cuda_moe.DOWN_SUM_MAX_TOKENS:
                 return cuda_moe.down_sum(act, top_k_index, top_k_weights, dcodes, dscales, dmul.float())
             y = cuda_moe.down(act, top_k_index, top_k_weights, dcodes, dscales, dmul.float())
         return sum_pairs(y, top_k_index, e, x.dtype)

@@ -40,11 +40,13 @@ INF = 1 << 62
 H100 = ((9, 0), (9, 0))
 
 TABLE: tuple[Row, ...] = (
-    # cuda_mma up to 32 rows on the experts and 16 on the 8B q/k/v and o (session 9's sweep against
-    # session 8's Humming column: 5.0 / 3.6 us vs 7.9 / 6.0 at M = 16; 13.1 / 9.6 vs 13.5 / 11.1)
-    Row(*H100, 33, 128, "tiny", "humming"),
+    # session 12's run (143 points, ours / Humming time): tiny 0.55-0.87 up to M = 64, 1.00-1.12 at
+    # 128, 0.49-0.80 from 256 (dequantize + cuBLAS); small 0.93-1.02 at 16, 1.05-1.49 at 32-256,
+    # 0.98-1.13 at 512, 0.94-1.00 at 1024; medium 0.95-1.00 at 8, 1.07-1.94 at 16-1024, 0.98 at 2048;
+    # large 0.90-1.10 at M = 1 (70B q/k/v 0.90, 70B down 1.10), 1.01-2.21 up to 1024, 0.98-1.06 at 2048
+    Row(*H100, 65, 128, "tiny", "humming"),
     Row(*H100, 17, 512, "small", "humming"),
-    Row(*H100, 9, 2048, "medium", "humming"),
+    Row(*H100, 9, 1024, "medium", "humming"),
     Row(*H100, 1, 2048, "large", "humming"),
     Row(*H100, 1, INF, None, "nvfp4"),
 )
