@@ -195,16 +195,18 @@ nvfp4_moe_down_sum(const u16* __restrict__ act, int ld_act, const u8* __restrict
 """
 
 #: gate_up: two tiles (gate, up) of 16 rows per block, activations loaded when used (ahead, they
-#: spill); down: one tile, activations loaded ahead with the weights. Spill-free on sm_80 and sm_90
-#: (tests/test_cuda_mma_compile.py). benchmarks/sweep_moe_tiles.py --cuda sweeps these and the warps
-#: (None: cuda_mma.warps_for), read at each launch.
-GATE_UP_VARIANT = {"DEPTH": 2, "XPRE": 0, "LOADONLY": 0, "RT": 2, "MINB": 1, "WN": 1}
+#: spill), single-buffered, two blocks of 4 warps per SM (H100 sweep, benchmarks/RESULTS-moe.md: 16.0
+#: against 19.7 us a layer at T = 1 for double-buffered, one block); down: one tile, activations loaded
+#: ahead with the weights. Spill-free on sm_80 and sm_90 (tests/test_cuda_mma_compile.py).
+#: benchmarks/sweep_moe_tiles.py --cuda sweeps these and the warps (None: cuda_mma.warps_for), read at
+#: each launch.
+GATE_UP_VARIANT = {"DEPTH": 1, "XPRE": 0, "LOADONLY": 0, "RT": 2, "MINB": 2, "WN": 1}
 DOWN_VARIANT = {"DEPTH": 2, "XPRE": 1, "LOADONLY": 0, "RT": 1, "MINB": 2, "WN": 1}
-GATE_UP_WARPS: int | None = None
+GATE_UP_WARPS: int | None = 4
 DOWN_WARPS: int | None = None
 #: Up to this many tokens, sum each token's pairs inside the down kernel (``down_sum``: one launch, no
 #: fp32 pair rows) instead of ``down`` + moe_decode.sum_pairs. H100, Qwen3-30B-A3B experts, 8 layers
-#: (benchmarks/RESULTS-moe.md): T = 1 19.7 against 22.7 us a layer, T = 8 108.4 against 97.2.
+#: (benchmarks/RESULTS-moe.md): 19.6 against 22.4 us a layer at T = 1, equal at 2, slower from 4.
 DOWN_SUM_MAX_TOKENS = 1
 DOWN_SUM_WARPS = 8  # the pair slots of one token (top-8) side by side; fewer slots split K
 #: One block per 16 columns of H and token (~1 per SM at decode): registers for one block per SM (the
