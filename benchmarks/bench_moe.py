@@ -98,6 +98,31 @@ def profile_step(label: str, model, vocab: int, p: int, compile_step: bool) -> N
     clear_cache(model)
 
 
+def profile_prefill(label: str, model, vocab: int, p: int, device: str) -> None:
+    """Where a 1-token call (the TTFT: prefill + first token) spends its time: wall time, the device
+    kernels by time, and the host ops by their own CPU time."""
+    from profile_decode import kernel_table
+
+    from nvfp4_fix.generation import generate
+
+    ids = prompt_ids(vocab, p, device)
+    for _ in range(2):  # warm: Triton JIT, the runner's static cache
+        generate(model, ids, 1, stop_token_ids=())
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        generate(model, ids, 1, stop_token_ids=())
+        sync()
+    print(f"\n== {label} 1-token call (prefill), P={p}: {1000 * (time.perf_counter() - t):.1f} ms under the profiler",
+          flush=True)  # fmt: skip
+    if device == "cuda":
+        kernel_table(prof, 1, rows=15)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default="128,2048")
@@ -124,6 +149,9 @@ def main() -> int:
         "--profile",
         action="store_true",
         help="print the GPU kernels of one decode step of each model (last path run)",
+    )
+    ap.add_argument(
+        "--profile-prefill", action="store_true", help="profile a 1-token call (TTFT) of bf16 and NVFP4 first"
     )
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--out", default="benchmarks/RESULTS-moe.md")
@@ -183,6 +211,8 @@ def main() -> int:
     if not info["reused"]:
         notes.append(f"NVFP4 checkpoint written in {info['seconds']:.0f} s ({info['bytes'] / 1e9:.2f} GB)")
     bf16_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
+    if args.profile_prefill:
+        profile_prefill("bf16", dense, cfg.vocab_size, prompts[0], device)
     case("bf16, this path (graph)", dense, bf16_weights)
     if args.profile and device == "cuda":
         profile_step("bf16", dense, cfg.vocab_size, prompts[0], paths[-1] == "compile")
@@ -200,6 +230,8 @@ def main() -> int:
     sync()
     nv_weights = gib(torch.cuda.memory_allocated()) if device == "cuda" else float("nan")
     notes.append(f"NVFP4 checkpoint loaded in {time.perf_counter() - t:.1f} s")
+    if args.profile_prefill:
+        profile_prefill("NVFP4", model, cfg.vocab_size, prompts[0], device)
     from nvfp4_fix.kernels import cuda_moe
 
     labels = {"triton": "NVFP4, Triton decode experts (graph)",
