@@ -116,8 +116,8 @@ def refused_text(n: int, k: int) -> str | None:
 @pytest.mark.parametrize("humming", [False, True] if HAS_HUMMING else [False])
 @pytest.mark.parametrize("m", [4, 64])
 def test_auto_in_cuda_graph_and_compiled(m, humming):
-    """1000 x 1520 (tiny class): with Humming on the table sends M = 64 to it, M = 4 to Triton."""
-    n, k = 1000, 1520
+    """2880 x 1520 (small class): with Humming on the table sends M = 64 to it, M = 4 to Triton."""
+    n, k = 2880, 1520
     wp, ws, mul = weight(n, k)
     x = make_x(m, k, torch.bfloat16, "cuda")
     with settings.override(humming=humming):
@@ -144,7 +144,7 @@ def test_auto_in_cuda_graph_and_compiled(m, humming):
 def test_refused_weight_falls_back(caplog):
     """Humming takes one per-tensor multiplier: a weight with per-row multipliers that differ is
     refused when its plan is built, logged once, and auto computes it with our kernels."""
-    n, k, m = 1000, 1520, 64
+    n, k, m = 2880, 1520, 64
     wp, ws, mul = weight(n, k)
     rows = mul * (torch.rand(n, device="cuda") + 0.5)
     x = make_x(m, k, torch.bfloat16, "cuda")

@@ -49,8 +49,8 @@ def rel_err(y, ref):
 # ------------------------------------------------------------------------------------- the table
 def test_table_rows():
     """The H100 rows of benchmarks/RESULTS-kernels-humming.md: ours for decode on all but the largest
-    layers (to M = 16 on q/k/v and o, 8 on the 8B down and 70B o, 64 on the experts), Humming above
-    (experts only 65-128), ours again for large M."""
+    layers (to M = 16 on q/k/v and o, 8 on the 8B down and 70B o), Humming above, ours again for large
+    M; ours at every M on the experts."""
     assert T.shape_class(2048, 768) == "tiny" and T.shape_class(6144, 4096) == "small"
     assert T.shape_class(4096, 14336) == "medium" and T.shape_class(28672, 4096) == "large"
     h100 = (9, 0)
@@ -60,10 +60,8 @@ def test_table_rows():
     assert T.backend_for(h100, 9, 4096, 14336) == "humming"
     assert T.backend_for(h100, 16, 6144, 4096) == "nvfp4"
     assert T.backend_for(h100, 17, 6144, 4096) == "humming"
-    assert T.backend_for(h100, 64, 1536, 2048) == "nvfp4"
-    assert T.backend_for(h100, 65, 1536, 2048) == "humming"
-    assert T.backend_for(h100, 128, 2048, 768) == "humming"
-    assert T.backend_for(h100, 129, 1536, 2048) == "nvfp4"
+    for m in (1, 32, 64, 65, 128, 129, 1024):  # the experts: ours at every M
+        assert T.backend_for(h100, m, 1536, 2048) == T.backend_for(h100, m, 2048, 768) == "nvfp4", m
     assert T.backend_for(h100, 512, 4096, 4096) == "humming"
     assert T.backend_for(h100, 1024, 4096, 4096) == "nvfp4"
     assert T.backend_for(h100, 1024, 4096, 14336) == "humming"

@@ -53,6 +53,18 @@ def test_sm80_and_newer_without_humming(cc):
     assert S.choose(c, BF16, 300, 4096, 4096, settings.Settings(dequant_mm_min_m=512)) == "triton_mm"
 
 
+def test_tiny_layers_dequantize_from_96_rows():
+    """Tiny layers (N*K < 4M, the MoE experts) take dequantize + cuBLAS from M = 96, unless
+    ``dequant_mm_min_m`` asks for it earlier; the next class up keeps ``dequant_mm_min_m``."""
+    tiny, small = (1000, 1520), (1024, 4096)
+    assert S.TINY_DEQUANT_MM_MIN_M == 96
+    tri, deq = "triton_mm", "dequant_mm"
+    assert [S.choose(H100, BF16, m, *tiny, DEFAULT) for m in (95, 96, 300)] == [tri, deq, deq]
+    assert [S.choose(H100, BF16, m, *small, DEFAULT) for m in (96, 255, 256)] == [tri, tri, deq]
+    assert S.choose(H100, BF16, 40, *tiny, settings.Settings(dequant_mm_min_m=40)) == "dequant_mm"
+    assert S.choose(H100, BF16, 16, *tiny, settings.Settings(dequant_mm_min_m=1)) == "triton_mm"
+
+
 def test_h100_with_humming_follows_the_table():
     """kernels/table.py's sm_90 rows, through the selection function."""
     small, medium, large, tiny = (6144, 4096), (4096, 14336), (28672, 4096), (1536, 2048)
@@ -61,12 +73,13 @@ def test_h100_with_humming_follows_the_table():
     assert S.choose(H100, BF16, 17, *small, HUMMING) == "humming"
     assert S.choose(H100, FP16, 512, *small, HUMMING) == "humming"
     assert S.choose(H100, BF16, 513, *small, HUMMING) == "dequant_mm"
-    assert S.choose(H100, BF16, 2048, *medium, HUMMING) == "humming"
+    assert S.choose(H100, BF16, 1024, *medium, HUMMING) == "humming"
+    assert S.choose(H100, BF16, 2048, *medium, HUMMING) == "dequant_mm"
     assert S.choose(H100, BF16, 1, *large, HUMMING) == "humming"
     assert S.choose(H100, BF16, 4096, *large, HUMMING) == "dequant_mm"
     assert S.choose(H100, BF16, 32, *tiny, HUMMING) == "cuda_mma"
-    assert S.choose(H100, BF16, 64, *tiny, HUMMING) == "humming"
-    assert S.choose(H100, BF16, 256, *tiny, HUMMING) == "dequant_mm"
+    assert S.choose(H100, BF16, 64, *tiny, HUMMING) == "triton_mm"
+    assert S.choose(H100, BF16, 128, *tiny, HUMMING) == "dequant_mm"
     assert S.choose(H100, FP32, 64, *small, HUMMING) == "dequant_mm"  # Humming takes fp16/bf16 only
     # off by default, or not installed: our kernels everywhere
     assert S.choose(H100, BF16, 64, *small, DEFAULT) == "triton_mm"
@@ -79,17 +92,17 @@ def test_h100_with_humming_follows_the_table():
 def test_h100_with_humming_skips_shapes_humming_cannot_run():
     """An N that is not a multiple of 8 goes to our kernels where the table gives the call to Humming,
     and ``humming_refusal`` says why; N a multiple of 8 (padded to 128 by Humming) still goes to it."""
-    assert S.choose(H100, BF16, 64, 333, 2064, HUMMING) == "triton_mm"
-    assert S.choose(H100, BF16, 64, 333, 2064, HUMMING) == S.ours(H100, BF16, 64, 333, 2064, HUMMING)
-    reason = S.humming_refusal(H100, BF16, 64, 333, 2064, HUMMING)
+    assert S.choose(H100, BF16, 64, 333, 16384, HUMMING) == "triton_mm"
+    assert S.choose(H100, BF16, 64, 333, 16384, HUMMING) == S.ours(H100, BF16, 64, 333, 16384, HUMMING)
+    reason = S.humming_refusal(H100, BF16, 64, 333, 16384, HUMMING)
     assert reason is not None and reason.startswith("N = 333 is not a multiple of 8")
     for n in (336, 2880, 1000):
-        assert S.choose(H100, BF16, 64, n, 2064, HUMMING) == "humming", n
-        assert S.humming_refusal(H100, BF16, 64, n, 2064, HUMMING) is None
+        assert S.choose(H100, BF16, 64, n, 16384, HUMMING) == "humming", n
+        assert S.humming_refusal(H100, BF16, 64, n, 16384, HUMMING) is None
     # no refusal to report where the table would not have taken Humming anyway
-    assert S.humming_refusal(H100, BF16, 1, 333, 2064, HUMMING) is None
-    assert S.humming_refusal(H100, BF16, 64, 333, 2064, DEFAULT) is None
-    assert S.humming_refusal(None, BF16, 64, 333, 2064, HUMMING) is None
+    assert S.humming_refusal(H100, BF16, 1, 333, 16384, HUMMING) is None
+    assert S.humming_refusal(H100, BF16, 64, 333, 16384, DEFAULT) is None
+    assert S.humming_refusal(None, BF16, 64, 333, 16384, HUMMING) is None
 
 
 def test_humming_only_where_measured():

@@ -8,7 +8,8 @@ the result per call shape.
 Per card (benchmarks/KERNEL_NOTES.md, "Older GPUs"):
 
 * sm_80 and newer: ``cuda_mma`` for M <= 32 (fp16/bf16, K % 128 == 0, NVRTC present), else the Triton
-  kernels (GEMV at M == 1, the tl.dot GEMM up to ``dequant_mm_min_m``, dequantize + cuBLAS beyond);
+  kernels (GEMV at M == 1, the tl.dot GEMM up to ``dequant_mm_min_m`` (``TINY_DEQUANT_MM_MIN_M`` on
+  tiny layers), dequantize + cuBLAS beyond);
   with ``settings.humming`` on, Humming where kernels/table.py has a measured row (sm_90 only) and
   the shape is one Humming can run (``humming.shape_refusal``: N a multiple of 8).
 * sm_75 to sm_79 (and older): ``chunked`` (torch ops: row chunks dequantized to float32, cuBLAS
@@ -33,6 +34,11 @@ from .humming import shape_refusal as humming_shape_refusal
 
 #: the first compute capability our packed-PTX decoders (Triton) and cuda_mma's mma.sync code run on
 OURS_MIN_CC = (8, 0)
+#: tiny layers (table.shape_class, e.g. MoE experts) dequantize + cuBLAS from this M when
+#: ``dequant_mm_min_m`` is larger: H100, Qwen3-30B-A3B expert gate_up / down
+#: (benchmarks/RESULTS-kernels-humming.md, session 12): the tl.dot GEMM takes 8.3 / 5.8 us at M = 64 and
+#: 12.3 / 12.0 at 128, dequantize + cuBLAS ~10.3 / ~7.3 at both; the lines cross near M = 96 / 80.
+TINY_DEQUANT_MM_MIN_M = 96
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -114,6 +120,9 @@ def ours(
     if m == 1:
         return "triton_gemv" if m1_kernel == "gemv" else "triton_mm"
     # dequant_mm_min_m: where dequantize + cuBLAS overtakes the tl.dot GEMM (H100, RESULTS.md)
-    if m <= 16 or m < s.dequant_mm_min_m:
+    min_m = s.dequant_mm_min_m
+    if table.shape_class(n, k) == "tiny":
+        min_m = min(min_m, TINY_DEQUANT_MM_MIN_M)
+    if m <= 16 or m < min_m:
         return "triton_mm"
     return "dequant_mm"

@@ -41,10 +41,10 @@ H100 = ((9, 0), (9, 0))
 
 TABLE: tuple[Row, ...] = (
     # session 12's run (143 points, ours / Humming time): tiny 0.55-0.87 up to M = 64, 1.00-1.12 at
-    # 128, 0.49-0.80 from 256 (dequantize + cuBLAS); small 0.93-1.02 at 16, 1.05-1.49 at 32-256,
-    # 0.98-1.13 at 512, 0.94-1.00 at 1024; medium 0.95-1.00 at 8, 1.07-1.94 at 16-1024, 0.98 at 2048;
-    # large 0.90-1.10 at M = 1 (70B q/k/v 0.90, 70B down 1.10), 1.01-2.21 up to 1024, 0.98-1.06 at 2048
-    Row(*H100, 65, 128, "tiny", "humming"),
+    # 128 with the tl.dot GEMM (dequantize + cuBLAS there: 0.69-0.87, selection.TINY_DEQUANT_MM_MIN_M),
+    # 0.49-0.80 from 256, so no tiny row; small 0.93-1.02 at 16, 1.05-1.49 at 32-256, 0.98-1.13 at 512,
+    # 0.94-1.00 at 1024; medium 0.95-1.00 at 8, 1.07-1.94 at 16-1024, 0.98 at 2048; large 0.90-1.10 at
+    # M = 1 (70B q/k/v 0.90, 70B down 1.10), 1.01-2.21 up to 1024, 0.98-1.06 at 2048
     Row(*H100, 17, 512, "small", "humming"),
     Row(*H100, 9, 1024, "medium", "humming"),
     Row(*H100, 1, 2048, "large", "humming"),
