@@ -293,21 +293,12 @@ def down(
 ) -> torch.Tensor:
     """y [pairs, H] float32 = down_e(act[p]) * top_k_weights[t, k] (rows of unrouted pairs unwritten)."""
     pairs, i = act.shape
-    e, h, _ = codes.shape
-    topk = top_k_index.shape[1]
+    h = codes.shape[1]
     y = torch.empty(pairs, h, dtype=torch.float32, device=act.device)
-    kern = _kernel(act.dtype, "nvfp4_moe_down", act.device, DOWN_VARIANT)
     rows = 16 * DOWN_VARIANT["RT"]
     warps = DOWN_WARPS or cuda_mma.warps_for(h * pairs, i, act.device, rows)
-    kern.launch(
-        (-(-h // rows), pairs, 1), (32 * warps, 1, 1),
-        act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
-        mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
-        _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e,
-        top_k_weights, _RW_KINDS[top_k_weights.dtype], _i64(top_k_weights.stride(0)),
-        _i64(top_k_weights.stride(1)),
-        y, y.stride(0), h, i,
-    )  # fmt: skip
+    _launch_down("nvfp4_moe_down", DOWN_VARIANT, pairs, warps, act, top_k_index, top_k_weights, codes, scales,
+                 mul, y)  # fmt: skip
     return y
 
 
@@ -321,23 +312,42 @@ def down_sum(
 ) -> torch.Tensor:
     """out [T, H] in act's dtype = sum over k of down_e(act[t * topk + k]) * top_k_weights[t, k]
     (pairs routed to no expert add nothing), one launch."""
-    pairs, i = act.shape
-    e, h, _ = codes.shape
+    pairs, h = act.shape[0], codes.shape[1]
     t, topk = top_k_index.shape
     if pairs != t * topk or not 1 <= DOWN_SUM_WARPS <= 8:
         raise ValueError(
             f"down_sum: act {tuple(act.shape)} for {t} x {topk} pairs, {DOWN_SUM_WARPS} warps (1 to 8)"
         )
     out = torch.empty(t, h, dtype=act.dtype, device=act.device)
-    kern = _kernel(act.dtype, "nvfp4_moe_down_sum", act.device, DOWN_SUM_VARIANT)
-    rows = 16 * DOWN_SUM_VARIANT["RT"]
-    kern.launch(
-        (-(-h // rows), t, 1), (32 * DOWN_SUM_WARPS, 1, 1),
+    _launch_down("nvfp4_moe_down_sum", DOWN_SUM_VARIANT, t, DOWN_SUM_WARPS, act, top_k_index, top_k_weights,
+                 codes, scales, mul, out)  # fmt: skip
+    return out
+
+
+def _launch_down(
+    name: str,
+    variant: dict[str, int],
+    grid_y: int,
+    warps: int,
+    act: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mul: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """down and down_sum take the same arguments (both read their weights through ``down_rows``);
+    grid (H / rows, ``grid_y``): one block row per pair (down) or per token (down_sum)."""
+    i = act.shape[1]
+    e, h, _ = codes.shape
+    rows = 16 * variant["RT"]
+    _kernel(act.dtype, name, act.device, variant).launch(
+        (-(-h // rows), grid_y, 1), (32 * warps, 1, 1),
         act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
         mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
-        _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e,
+        _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), top_k_index.shape[1], e,
         top_k_weights, _RW_KINDS[top_k_weights.dtype], _i64(top_k_weights.stride(0)),
         _i64(top_k_weights.stride(1)),
         out, out.stride(0), h, i,
     )  # fmt: skip
-    return out
