@@ -77,6 +77,10 @@ class Settings:
     #: cores (torch._scaled_mm, sm_89+) where its scaling reproduces the checkpoint's (fp8_cuda.py);
     #: off: the emulation (fake-quantize, then W8A16).
     fp8_scaled_mm: bool = True
+    #: Programmatic dependent launch on sm_90+: cuda_mma and cuda_moe launch so that they start while
+    #: the kernel before them finishes (each waits for it inside, after prefetching weights), and
+    #: ``compile_step`` compiles with inductor's PDL code (``triton.enable_pdl``).
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -99,6 +103,7 @@ ENV_NAMES: dict[str, str] = {
     "moe_router": "NVFP4_FIX_MOE_ROUTER",
     "humming": "NVFP4_FIX_HUMMING",
     "fp8_scaled_mm": "NVFP4_FIX_FP8_SCALED_MM",
+    "pdl": "NVFP4_FIX_PDL",
 }
 
 _BOOL_FIELDS = (
@@ -111,6 +116,7 @@ _BOOL_FIELDS = (
     "moe_router",
     "humming",
     "fp8_scaled_mm",
+    "pdl",
 )
 _POSITIVE_INT_FIELDS = ("dequant_mm_min_m", "scratch_mb", "cpu_chunk_mb", "cpu_compile_min_weights")
 _TRUE = ("1", "true", "yes", "on")

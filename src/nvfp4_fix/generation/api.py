@@ -162,7 +162,7 @@ def generate(
         )
 
     key = (batch, cache_len, str(device), params.key(), generator, stop, pad, mask is not None,
-           bool(use_cuda_graph), bool(compile_step), bool(pack_gqa))  # fmt: skip
+           bool(use_cuda_graph), bool(compile_step), bool(pack_gqa), settings.current())  # fmt: skip
     runners: OrderedDict | None = getattr(model, RUNNERS_ATTR, None)
     if runners is None:  # (an emptied cache is falsy: test for None, not truth)
         runners = OrderedDict()

@@ -29,6 +29,21 @@ __all__ = ["Runner", "WARMUP_STEPS"]
 WARMUP_STEPS = 2
 
 
+def _inductor_options(device: torch.device) -> dict[str, Any] | None:
+    """``settings.pdl`` on sm_90+: inductor's kernels wait for their predecessor inside themselves and
+    launch as programmatic dependent launches, like cuda_mma and cuda_moe (where this torch has it)."""
+    from .. import settings
+    from ..kernels.device import PDL_MIN_CC
+
+    if not (settings.current().pdl and device.type == "cuda"):
+        return None
+    if torch.cuda.get_device_capability(device) < PDL_MIN_CC:
+        return None
+    import torch._inductor.config as inductor
+
+    return {"triton.enable_pdl": True} if hasattr(inductor.triton, "enable_pdl") else None
+
+
 class Runner:
     def __init__(
         self,
@@ -64,11 +79,14 @@ class Runner:
         self.capture_s = 0.0
         self.forward = self.decode_forward
         self.tokens = self.sample
+        compile_ = functools.partial(
+            torch.compile, dynamic=False, fullgraph=False, options=_inductor_options(device)
+        )
         if compile_step and getattr(sampler, "greedy", False):
             # the argmax (two parallel stages) compiled with the forward
-            self.tokens = torch.compile(self.greedy_tokens, dynamic=False, fullgraph=False)
+            self.tokens = compile_(self.greedy_tokens)
         elif compile_step:
-            self.forward = torch.compile(self.decode_forward, dynamic=False, fullgraph=False)
+            self.forward = compile_(self.decode_forward)
 
     def uncompile(self) -> None:
         """Eager from now on (after a failed capture: a torch.compile failure must not recur)."""
