@@ -121,6 +121,18 @@ def profile_prefill(label: str, model, vocab: int, p: int, device: str) -> None:
     if device == "cuda":
         kernel_table(prof, 1, rows=15)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    import cProfile
+    import pstats
+
+    py = cProfile.Profile()  # the Python side, which the profiler's op table does not show
+    t = time.perf_counter()
+    py.enable()
+    generate(model, ids, 1, stop_token_ids=())
+    sync()
+    py.disable()
+    print(f"\n== {label} 1-token call under cProfile: {1000 * (time.perf_counter() - t):.1f} ms", flush=True)
+    pstats.Stats(py, stream=sys.stdout).sort_stats("tottime").print_stats(20)
+    sys.stdout.flush()
 
 
 def main() -> int:

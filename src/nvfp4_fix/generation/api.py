@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import settings
 from . import fallback as fb
+from . import scan
 from .attention import decode_attention
 from .router import fused_routers
 from .runner import WARMUP_STEPS, Runner
@@ -30,10 +31,12 @@ _CACHE_ALIGN = 128
 
 
 def clear_cache(model: nn.Module) -> None:
-    """Drop the captured graphs and static caches kept on ``model`` by :func:`generate`."""
+    """Drop the captured graphs and static caches kept on ``model`` by :func:`generate`, and what it
+    found in the module tree (call this after changing the tree in place, e.g. adding adapters)."""
     runners = getattr(model, RUNNERS_ATTR, None)
     while runners:
         _drop(runners.popitem()[1])
+    scan.forget(model)
 
 
 def _drop(runner: Runner) -> None:

@@ -127,17 +127,9 @@ def register() -> bool:
 
 def _sdpa_configs(model: nn.Module) -> list[Any]:
     """Every config object of the model (top level, sub-configs, those modules hold) set to sdpa."""
-    from transformers import PretrainedConfig
+    from .scan import scan
 
-    seen: dict[int, Any] = {}
-    todo = [getattr(m, "config", None) for m in model.modules()]
-    while todo:
-        cfg = todo.pop()
-        if not isinstance(cfg, PretrainedConfig) or id(cfg) in seen:
-            continue
-        seen[id(cfg)] = cfg
-        todo.extend(getattr(cfg, k, None) for k in getattr(cfg, "sub_configs", {}) or {})
-    return [c for c in seen.values() if c.__dict__.get("_attn_implementation_internal") == "sdpa"]
+    return [c for c in scan(model).configs if c.__dict__.get("_attn_implementation_internal") == "sdpa"]
 
 
 @contextlib.contextmanager

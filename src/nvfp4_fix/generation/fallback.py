@@ -32,8 +32,9 @@ def check_model(model: nn.Module) -> None:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
-    devices.discard(torch.device("meta"))
+    from .scan import scan
+
+    devices = set(scan(model).devices)
     if len(devices) != 1:
         raise Unsupported(f"the model spans several devices ({sorted(map(str, devices))})")
     return devices.pop()

@@ -61,10 +61,12 @@ def _forward(module: nn.Module, math: RouterMath) -> Any:
 
 
 def _routers(model: nn.Module) -> list[tuple[nn.Module, RouterMath]]:
+    from .scan import scan
+
     out = []
-    for m in model.modules():
-        math = ROUTERS.get(type(m).__name__)
-        if math is None or "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
+    for m in scan(model).modules_of(ROUTERS):
+        math = ROUTERS[type(m).__name__]
+        if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
             continue  # a replaced forward or a hook: not the math this module's class was checked for
         if getattr(m, "bias", None) is not None or not isinstance(getattr(m, "weight", None), torch.Tensor):
             continue
