@@ -16,8 +16,9 @@ from nvfp4_fix.generation.fallback import model_device  # noqa: E402
 
 def _moe(layers: int = 2):
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4,
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16,
+        num_experts_per_tok=4,
     )  # fmt: skip
     torch.manual_seed(0)
     return transformers.Qwen3MoeForCausalLM(cfg).eval()

@@ -50,21 +50,6 @@ def test_setting_reads_the_environment():
         settings.from_environ({"NVFP4_FIX_PDL": "sometimes"})
 
 
-def test_compile_step_asks_inductor_for_pdl_only_on_hopper_cuda():
-    from nvfp4_fix.generation.runner import _inductor_options
-
-    with settings.override(pdl=True):
-        assert _inductor_options(torch.device("cpu")) is None
-    with settings.override(pdl=False):
-        assert _inductor_options(torch.device("cpu")) is None
-    if HOPPER:
-        with settings.override(pdl=True):
-            import torch._inductor.config as inductor
-
-            want = {"triton.enable_pdl": True} if hasattr(inductor.triton, "enable_pdl") else None
-            assert _inductor_options(torch.device("cuda")) == want
-
-
 @pytest.mark.skipif(not _nvrtc_available(), reason="libnvrtc not found")
 def test_prologue_is_compiled_in_for_sm90_only():
     """The PDL source differs from the plain one only on sm_90+ (``griddepcontrol`` is Hopper's); both

@@ -77,9 +77,11 @@ class Settings:
     #: cores (torch._scaled_mm, sm_89+) where its scaling reproduces the checkpoint's (fp8_cuda.py);
     #: off: the emulation (fake-quantize, then W8A16).
     fp8_scaled_mm: bool = True
-    #: Programmatic dependent launch on sm_90+: cuda_mma and cuda_moe launch so that they start while
-    #: the kernel before them finishes (each waits for it inside, after prefetching weights), and
-    #: ``compile_step`` compiles with inductor's PDL code (``triton.enable_pdl``).
+    #: Programmatic dependent launch on sm_90+ (kernels/device.py): cuda_mma, cuda_moe and the decode
+    #: attention, K/V append and router kernels start while the kernel before them finishes and wait for
+    #: it inside (cuda_mma after prefetching its first weight chunks to L2). Inductor's own kernels have
+    #: their switch (``TORCHINDUCTOR_ENABLE_PDL=1``). Off: with inductor's too it was slower on an H100
+    #: (benchmarks/RESULTS-generation.md, session 13).
     pdl: bool = False
 
     def __post_init__(self) -> None:

@@ -29,21 +29,6 @@ __all__ = ["Runner", "WARMUP_STEPS"]
 WARMUP_STEPS = 2
 
 
-def _inductor_options(device: torch.device) -> dict[str, Any] | None:
-    """``settings.pdl`` on sm_90+: inductor's kernels wait for their predecessor inside themselves and
-    launch as programmatic dependent launches, like cuda_mma and cuda_moe (where this torch has it)."""
-    from .. import settings
-    from ..kernels.device import PDL_MIN_CC
-
-    if not (settings.current().pdl and device.type == "cuda"):
-        return None
-    if torch.cuda.get_device_capability(device) < PDL_MIN_CC:
-        return None
-    import torch._inductor.config as inductor
-
-    return {"triton.enable_pdl": True} if hasattr(inductor.triton, "enable_pdl") else None
-
-
 class Runner:
     def __init__(
         self,
@@ -79,9 +64,7 @@ class Runner:
         self.capture_s = 0.0
         self.forward = self.decode_forward
         self.tokens = self.sample
-        compile_ = functools.partial(
-            torch.compile, dynamic=False, fullgraph=False, options=_inductor_options(device)
-        )
+        compile_ = functools.partial(torch.compile, dynamic=False, fullgraph=False)
         if compile_step and getattr(sampler, "greedy", False):
             # the argmax (two parallel stages) compiled with the forward
             self.tokens = compile_(self.greedy_tokens)

@@ -209,7 +209,8 @@ __device__ __forceinline__ void mainloop(float (*acc)[RT][NT][4], const u8* cons
   }
 }
 
-// Programmatic dependent launch (PDL 1, sm_90+): start this warp's first weight chunks towards L2, wait
+// Programmatic dependent launch (PDL 1, sm_90+): start the weight chunks this warp's pipeline loads
+// first (DEPTH + 1) towards L2, wait
 // until the kernels before this one have finished (the activations are theirs; also a no-op when the
 // launch was not a dependent one), then let the next kernel launch. Every block waits before it reads
 // x or writes y, and triggers only after its wait, so a kernel launched early behind this one starts
@@ -217,7 +218,7 @@ __device__ __forceinline__ void mainloop(float (*acc)[RT][NT][4], const u8* cons
 __device__ __forceinline__ void pdl_prologue(const u8* const* wp, const u8* const* sp, int rows, int c_lo,
                                              int c_hi) {
 #if PDL && __CUDA_ARCH__ >= 900
-  const int n = min(c_hi - c_lo, 16);
+  const int n = min(c_hi - c_lo, DEPTH + 1);
   for (int i = 0; i < rows; ++i) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(sp[i] + (u64)c_lo * 8));
     for (int c = 0; c < n; ++c) asm volatile("prefetch.global.L2 [%0];" ::"l"(wp[i] + (u64)(c_lo + c) * 64));
