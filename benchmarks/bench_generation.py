@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama8b import card_name, ensure_checkpoints, llama8b_config, random_model, versions  # noqa: E402
 from lmhead_accuracy import compare, demo_lines, line  # noqa: E402
 
-from nvfp4_fix import settings  # noqa: E402
 from nvfp4_fix.generation import clear_cache, generate  # noqa: E402
 from nvfp4_fix.generation.cache import forward_api  # noqa: E402
 
@@ -305,10 +304,6 @@ def main() -> int:
         action="store_true",
         help="also time compile_step=True (torch.compile'd step in the graph), if the budget allows",
     )
-    ap.add_argument(
-        "--pdl", action="store_true",
-        help="with --compile: also the compile_step rows under settings.pdl (programmatic dependent launch)",
-    )  # fmt: skip
     ap.add_argument("--skip-hf", action="store_true", help="skip eager model.generate")
     ap.add_argument(
         "--quick", action="store_true", help="time each fast-path N-token call once, not best of 2"
@@ -449,17 +444,17 @@ def main() -> int:
             rows.append(r)
         clear_cache(lm)
 
-    for pdl in (False, True)[: 1 + args.pdl] if args.compile else ():
+    if args.compile:
         clear_cache(model)
-        label = "NVFP4, this path + torch.compile" + (" + PDL" if pdl else "")
         for p in prompts:
             ids = prompt_ids(cfg.vocab_size, p, device)
-            with settings.override(pdl=pdl):
-                r = attempt(
-                    f"{label} P={p}",
-                    lambda: run_case(label, model, ids, n, True, device, reps, compile_step=True),
-                    estimate_s=95,
-                )
+            r = attempt(
+                f"NVFP4 + torch.compile P={p}",
+                lambda: run_case(
+                    "NVFP4, this path + torch.compile", model, ids, n, True, device, reps, compile_step=True
+                ),
+                estimate_s=95,
+            )
             if not r:
                 break
             r["weights_gib"] = nv_weights

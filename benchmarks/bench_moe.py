@@ -158,10 +158,6 @@ def main() -> int:
         "--router", choices=("off", "on", "both"), default="both", help="settings.moe_router per row"
     )
     ap.add_argument(
-        "--pdl", choices=("off", "on", "both"), default="off",
-        help="settings.pdl per row (programmatic dependent launch: our CUDA kernels and, with compile_step, inductor's)",
-    )  # fmt: skip
-    ap.add_argument(
         "--profile",
         action="store_true",
         help="print the GPU kernels of one decode step of each model (last path run)",
@@ -186,18 +182,16 @@ def main() -> int:
     compile_prompts = [int(p) for p in args.compile_prompts.split(",")] if args.compile_prompts else prompts
 
     paths = args.paths.split(",")
-    both = {"off": [False], "on": [True], "both": [False, True]}
-    routers, pdls = both[args.router], both[args.pdl]
+    routers = {"off": [False], "on": [True], "both": [False, True]}[args.router]
 
     def case(label: str, model, weights: float) -> None:
         for path in paths:
             kw = {"compile_step": True} if path == "compile" else {}
             for router in routers:  # a fresh runner each: graphs are cached per model
-                for pdl in pdls:
-                    clear_cache(model)
-                    with settings.override(moe_router=router, pdl=pdl):
-                        name = f"{label}{', compile_step' if kw else ''}{f', {ROUTER}' if router else ''}"
-                        rows_of(name + (", PDL" if pdl else ""), model, weights, **kw)
+                clear_cache(model)
+                with settings.override(moe_router=router):
+                    name = f"{label}{', compile_step' if kw else ''}{f', {ROUTER}' if router else ''}"
+                    rows_of(name, model, weights, **kw)
         clear_cache(model)
 
     def rows_of(label: str, model, weights: float, **kw) -> None:

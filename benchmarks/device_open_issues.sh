@@ -79,17 +79,6 @@ fp8test) step fp8test
     timeout ${FP8_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8.py tests/test_fp8_kernels.py \
         tests/test_fp8_act_quant.py tests/test_mixed*.py > "$OUT/pytest-fp8.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-fp8.txt"; grep -m8 "^FAILED\|^ERROR" "$OUT/pytest-fp8.txt" ;;
-pdltest) step pdltest  # programmatic dependent launch: its own GPU tests, then the generation and MoE ones under it
-    timeout ${PDLTEST_S:-90} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py > "$OUT/pytest-pdl.txt" 2>&1; done_ $?
-    tail -1 "$OUT/pytest-pdl.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-pdl.txt"
-    step pdlgen
-    NVFP4_FIX_PDL=1 timeout ${PDLGEN_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py \
-        tests/test_moe_router.py tests/test_decode_attention.py tests/test_kv_cache.py > "$OUT/pytest-pdl-gen.txt" 2>&1; done_ $?
-    tail -1 "$OUT/pytest-pdl-gen.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-pdl-gen.txt" ;;
-pdlgen) step pdlgeneration  # batch-1 8B: compile_step with and without PDL, same run
-    timeout ${PDLB_S:-300} python3 benchmarks/bench_generation.py --compile --pdl --skip-hf --new-tokens 128 \
-        --prompts ${PDL_PROMPTS:-128,2048} --budget-s $(( ${PDLB_S:-300} - 20 )) --out "$OUT/RESULTS-generation.md" > "$OUT/pdlgen.log" 2>&1; done_ $?
-    grep "^|" "$OUT/pdlgen.log" | tail -12 ;;
 batch) step batch
     timeout ${BATCH_S:-120} python3 benchmarks/bench_generation.py --layers 32 --batches 1,8,32 --prompts 128 \
         --new-tokens 64 --skip-hf --out "$OUT/RESULTS-batch.md" > "$OUT/batch.log" 2>&1; done_ $?

@@ -77,12 +77,6 @@ class Settings:
     #: cores (torch._scaled_mm, sm_89+) where its scaling reproduces the checkpoint's (fp8_cuda.py);
     #: off: the emulation (fake-quantize, then W8A16).
     fp8_scaled_mm: bool = True
-    #: Programmatic dependent launch on sm_90+ (kernels/device.py): cuda_mma, cuda_moe and the decode
-    #: attention, K/V append and router kernels start while the kernel before them finishes and wait for
-    #: it inside (cuda_mma after prefetching its first weight chunks to L2). Inductor's own kernels have
-    #: their switch (``TORCHINDUCTOR_ENABLE_PDL=1``). Off: with inductor's too it was slower on an H100
-    #: (benchmarks/RESULTS-generation.md, session 13).
-    pdl: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -105,7 +99,6 @@ ENV_NAMES: dict[str, str] = {
     "moe_router": "NVFP4_FIX_MOE_ROUTER",
     "humming": "NVFP4_FIX_HUMMING",
     "fp8_scaled_mm": "NVFP4_FIX_FP8_SCALED_MM",
-    "pdl": "NVFP4_FIX_PDL",
 }
 
 _BOOL_FIELDS = (
@@ -118,7 +111,6 @@ _BOOL_FIELDS = (
     "moe_router",
     "humming",
     "fp8_scaled_mm",
-    "pdl",
 )
 _POSITIVE_INT_FIELDS = ("dequant_mm_min_m", "scratch_mb", "cpu_chunk_mb", "cpu_compile_min_weights")
 _TRUE = ("1", "true", "yes", "on")

@@ -64,12 +64,11 @@ class Runner:
         self.capture_s = 0.0
         self.forward = self.decode_forward
         self.tokens = self.sample
-        compile_ = functools.partial(torch.compile, dynamic=False, fullgraph=False)
         if compile_step and getattr(sampler, "greedy", False):
             # the argmax (two parallel stages) compiled with the forward
-            self.tokens = compile_(self.greedy_tokens)
+            self.tokens = torch.compile(self.greedy_tokens, dynamic=False, fullgraph=False)
         elif compile_step:
-            self.forward = compile_(self.decode_forward)
+            self.forward = torch.compile(self.decode_forward, dynamic=False, fullgraph=False)
 
     def uncompile(self) -> None:
         """Eager from now on (after a failed capture: a torch.compile failure must not recur)."""

@@ -30,7 +30,6 @@ import torch
 from .. import settings
 from . import nvrtc
 from .cuda_mma_src import DTYPES, VARIANT, default_variant, source
-from .device import pdl_for
 
 __all__ = ["VARIANT", "default_variant", "source", "linear", "supports", "supports_shape", "TUNED", "MAX_M"]
 
@@ -105,11 +104,9 @@ def _device_index(device: torch.device) -> int:
 
 
 @functools.cache
-def _kernel(
-    dtype: torch.dtype, nt: int, device_index: int, variant: tuple, pdl: bool = False
-) -> nvrtc.Kernel:
+def _kernel(dtype: torch.dtype, nt: int, device_index: int, variant: tuple) -> nvrtc.Kernel:
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin = nvrtc.compile_cubin(source(dtype, nt, dict(variant), pdl), f"sm_{major}{minor}")
+    cubin = nvrtc.compile_cubin(source(dtype, nt, dict(variant)), f"sm_{major}{minor}")
     return nvrtc.Kernel(cubin, "nvfp4_mma", torch.device("cuda", device_index))
 
 
@@ -165,14 +162,7 @@ def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
 
 @functools.cache
 def _plan(
-    dtype: torch.dtype,
-    m: int,
-    n: int,
-    k: int,
-    dev: int,
-    warps: int | None,
-    override: tuple | None,
-    pdl: bool = False,
+    dtype: torch.dtype, m: int, n: int, k: int, dev: int, warps: int | None, override: tuple | None
 ) -> tuple:
     """(kernel, grid, block) for one call shape: everything but the pointers, computed once. Without
     an ``override`` (the caller's variant as sorted items) or ``warps``: the measured ``tuned`` entry."""
@@ -186,7 +176,7 @@ def _plan(
     w = warps or max(wn, warps_for(n, k, torch.device("cuda", dev), rows) // wn * wn)
     if not 1 <= w <= 8 or w % wn:
         raise ValueError(f"cuda_mma runs 1 to 8 warps per block, a multiple of WN = {wn}; got {w}")
-    kern = _kernel(dtype, -(-m // 8), dev, key, pdl)
+    kern = _kernel(dtype, -(-m // 8), dev, key)
     return kern, (-(-n // rows), 1, 1), (32 * w, 1, 1)
 
 
@@ -224,9 +214,6 @@ def linear(
     if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
         bias = bias.to(x2.dtype).contiguous()
     override = tuple(sorted(variant.items())) if variant is not None else None
-    dev = _device_index(x2.device)
-    pdl = pdl_for(dev)
-    kern, grid, block = _plan(x2.dtype, m, n, k, dev, warps, override, pdl)
-    kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k,
-                pdl=pdl)  # fmt: skip
+    kern, grid, block = _plan(x2.dtype, m, n, k, _device_index(x2.device), warps, override)
+    kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k)
     return y

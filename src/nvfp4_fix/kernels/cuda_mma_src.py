@@ -209,34 +209,6 @@ __device__ __forceinline__ void mainloop(float (*acc)[RT][NT][4], const u8* cons
   }
 }
 
-// Programmatic dependent launch (PDL 1, sm_90+): start the weight chunks this warp's pipeline loads
-// first (DEPTH + 1) towards L2, wait
-// until the kernels before this one have finished (the activations are theirs; also a no-op when the
-// launch was not a dependent one), then let the next kernel launch. Every block waits before it reads
-// x or writes y, and triggers only after its wait, so a kernel launched early behind this one starts
-// only once everything before this one is done.
-__device__ __forceinline__ void pdl_prologue(const u8* const* wp, const u8* const* sp, int rows, int c_lo,
-                                             int c_hi) {
-#if PDL && __CUDA_ARCH__ >= 900
-  const int n = min(c_hi - c_lo, DEPTH + 1);
-  for (int i = 0; i < rows; ++i) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(sp[i] + (u64)c_lo * 8));
-    for (int c = 0; c < n; ++c) asm volatile("prefetch.global.L2 [%0];" ::"l"(wp[i] + (u64)(c_lo + c) * 64));
-  }
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// The start of a kernel whose first reads depend on the kernels before it (PDL 1, sm_90+): wait for
-// them, then let the next kernel launch.
-__device__ __forceinline__ void pdl_wait() {
-#if PDL && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // [K group of warps][token column][row of the block: WN warps' 16 * RT rows side by side]
 #if RED_SHARED
 typedef float Partials[NT * 8][16 * RT * WN];  // warps add into one tile (too little shared memory for 8)
@@ -316,9 +288,7 @@ nvfp4_mma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8
 #pragma unroll
   for (int j = 0; j < NT; ++j) xr[j] = x + (u64)min(8 * j + g, M - 1) * ldx + t * 32;
   float acc[QA][RT][NT][4] = {};
-  const int c_lo = chunks * kg / k_groups, c_hi = chunks * (kg + 1) / k_groups;
-  pdl_prologue(wp, sp, 2 * RT, c_lo, c_hi);
-  mainloop(acc, wp, sp, xr, c_lo, c_hi);
+  mainloop(acc, wp, sp, xr, chunks * kg / k_groups, chunks * (kg + 1) / k_groups);
   store_partials(red, acc, kg, wn * 16 * RT, g, t);
   __syncthreads();
   for (int i = threadIdx.x; i < M * rows; i += blockDim.x) {
@@ -369,9 +339,7 @@ def default_variant(nt: int) -> dict[str, int]:
     return VARIANT if nt == 1 else VARIANT_TWO_TILES if nt == 2 else VARIANT_MANY_ROWS
 
 
-def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None, pdl: bool = False) -> str:
-    """The kernel text for ``nt`` column tiles; ``pdl``: with the programmatic-dependent-launch prologue
-    (launch it with ``nvrtc.Kernel.launch(..., pdl=True)`` on sm_90+)."""
+def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None) -> str:
     var = {**default_variant(nt), **(variant or {})}
     derived = {
         # independent accumulators per mma column: 4 (one per quarter chunk) while few columns
@@ -381,8 +349,7 @@ def source(dtype: torch.dtype, nt: int, variant: dict[str, int] | None = None, p
         # into one tile
         "RED_SHARED": int(nt * var["RT"] > 8),
     }
-    defs = {**_DEFINES[dtype], "NT": str(nt), "PDL": str(int(pdl))}
-    defs.update({k: str(v) for k, v in {**var, **derived}.items()})
+    defs = {**_DEFINES[dtype], "NT": str(nt), **{k: str(v) for k, v in {**var, **derived}.items()}}
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _SOURCE
 
 

@@ -27,7 +27,6 @@ import functools
 import torch
 
 from . import cuda_mma, nvrtc
-from .device import pdl_for
 
 _SOURCE = r"""
 __device__ __forceinline__ long long pair_expert(const void* ids, int ids64, long long st, long long sk,
@@ -60,7 +59,6 @@ nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, 
                   const void* __restrict__ ids, int ids64, long long id_st, long long id_sk, int topk, int E,
                   u16* __restrict__ act, int ld_act, int I, int H)
 {
-  pdl_wait();  // the ids and activations come from the kernels before this one
   const int p = blockIdx.y;
   const long long e = pair_expert(ids, ids64, id_st, id_sk, p, topk);
   if (e < 0 || e >= E) return;  // the whole block, before any barrier
@@ -123,7 +121,6 @@ nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w
                const void* __restrict__ rw, int rw_kind, long long rw_st, long long rw_sk,
                float* __restrict__ y, int ldy, int H, int I)
 {
-  pdl_wait();  // the ids and activations come from the kernels before this one
   const int p = blockIdx.y;
   const long long e = pair_expert(ids, ids64, id_st, id_sk, p, topk);
   if (e < 0 || e >= E) return;
@@ -159,7 +156,6 @@ nvfp4_moe_down_sum(const u16* __restrict__ act, int ld_act, const u8* __restrict
                    int topk, int E, const void* __restrict__ rw, int rw_kind, long long rw_st,
                    long long rw_sk, u16* __restrict__ out, int ld_out, int H, int I)
 {
-  pdl_wait();
   const int tok = blockIdx.y;
   __shared__ Partials red;
   clear_partials(red);
@@ -219,23 +215,18 @@ DOWN_SUM_VARIANT = {**DOWN_VARIANT, "MINB": 1, "PAIR_SUM": 1}
 _RW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def source(dtype: torch.dtype, variant: dict[str, int], pdl: bool = False) -> str:
-    return cuda_mma.source(dtype, 1, variant, pdl) + _SOURCE
+def source(dtype: torch.dtype, variant: dict[str, int]) -> str:
+    return cuda_mma.source(dtype, 1, variant) + _SOURCE
 
 
-def _kernel(
-    dtype: torch.dtype, name: str, device: torch.device, variant: dict[str, int]
-) -> tuple[nvrtc.Kernel, bool]:
-    """The compiled kernel and whether it launches as a programmatic dependent launch."""
-    dev = cuda_mma._device_index(device)
-    pdl = pdl_for(dev)
-    return _compiled(dtype, name, dev, tuple(sorted(variant.items())), pdl), pdl
+def _kernel(dtype: torch.dtype, name: str, device: torch.device, variant: dict[str, int]) -> nvrtc.Kernel:
+    return _compiled(dtype, name, cuda_mma._device_index(device), tuple(sorted(variant.items())))
 
 
 @functools.cache
-def _compiled(dtype: torch.dtype, name: str, device_index: int, variant: tuple, pdl: bool) -> nvrtc.Kernel:
+def _compiled(dtype: torch.dtype, name: str, device_index: int, variant: tuple) -> nvrtc.Kernel:
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin = nvrtc.compile_cubin(source(dtype, dict(variant), pdl), f"sm_{major}{minor}")
+    cubin = nvrtc.compile_cubin(source(dtype, dict(variant)), f"sm_{major}{minor}")
     return nvrtc.Kernel(cubin, name, torch.device("cuda", device_index))
 
 
@@ -281,13 +272,13 @@ def gate_up_act(
     topk = top_k_index.shape[1]
     pairs = t * topk
     act = torch.empty(pairs, i, dtype=x.dtype, device=x.device)
-    kern, pdl = _kernel(x.dtype, "nvfp4_moe_gate_up", x.device, GATE_UP_VARIANT)
+    kern = _kernel(x.dtype, "nvfp4_moe_gate_up", x.device, GATE_UP_VARIANT)
     warps = GATE_UP_WARPS or cuda_mma.warps_for(i * pairs, h, x.device)
     kern.launch(
         (i // 16, pairs, 1), (32 * warps, 1, 1),
         x, x.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
         mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
-        _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e, act, act.stride(0), i, h, pdl=pdl,
+        _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), topk, e, act, act.stride(0), i, h,
     )  # fmt: skip
     return act
 
@@ -351,13 +342,12 @@ def _launch_down(
     i = act.shape[1]
     e, h, _ = codes.shape
     rows = 16 * variant["RT"]
-    kern, pdl = _kernel(act.dtype, name, act.device, variant)
-    kern.launch(
+    _kernel(act.dtype, name, act.device, variant).launch(
         (-(-h // rows), grid_y, 1), (32 * warps, 1, 1),
         act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
         mul, mul.stride(0), top_k_index, int(top_k_index.dtype == torch.int64),
         _i64(top_k_index.stride(0)), _i64(top_k_index.stride(1)), top_k_index.shape[1], e,
         top_k_weights, _RW_KINDS[top_k_weights.dtype], _i64(top_k_weights.stride(0)),
         _i64(top_k_weights.stride(1)),
-        out, out.stride(0), h, i, pdl=pdl,
+        out, out.stride(0), h, i,
     )  # fmt: skip

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of, triton_pdl
+from .device import on_device_of
 from .triton_ops import _sms
 
 __all__ = ["decode_attention", "supports", "BLOCK_N"]
@@ -48,11 +48,7 @@ def _split_kernel(
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr,  # 0: none, 1: bool (as uint8), 2: additive float
     DOT_F32: tl.constexpr,  # float32 dots: fp32 inputs, and the interpreter (its bf16 dot is broken)
-    PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # device.triton_pdl: wait for the kernels before this one, then let the next launch
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)  # b * stride may pass 2^31 on large caches
@@ -113,11 +109,8 @@ def _split_kernel(
 @triton.jit
 def _combine_kernel(
     o_ptr, m_ptr, l_ptr, out_ptr, n_splits,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # device.triton_pdl: wait for the kernels before this one, then let the next launch
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)  # = b * H + h: out is [B, 1, H, D], contiguous
     kv_row = pid // G  # = b * H_kv + h // G
     s = tl.arange(0, SP)
@@ -215,7 +208,6 @@ def decode_attention(
         mask_arg = mask.view(torch.uint8) if kind == _BOOL_MASK else mask
         smask_b = mask.stride(0) if mask.shape[0] > 1 else 0
         smask_n = mask.stride(3)
-    pdl = triton_pdl(q)
     with on_device_of(q):
         _split_kernel[(b * hkv, splits)](
             q, k, v, mask_arg, o_part, m_part, l_part,
@@ -223,11 +215,11 @@ def decode_attention(
             v.stride(0), v.stride(1), v.stride(2), smask_b, smask_n,
             length, scale * _LOG2E, per_split,
             HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, MASK=kind,
-            DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=num_warps, num_stages=2, **pdl,
+            DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=num_warps, num_stages=2,
         )  # fmt: skip
         _combine_kernel[(b * h,)](
             o_part, m_part, l_part, out, splits,
-            G=g, GP=gp, D=d, SP=max(2, triton.next_power_of_2(splits)), num_warps=4, **pdl,
+            G=g, GP=gp, D=d, SP=max(2, triton.next_power_of_2(splits)), num_warps=4,
         )  # fmt: skip
     return out
 

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .device import on_device_of, triton_pdl
+from .device import on_device_of
 
 try:
     import triton
@@ -39,11 +39,8 @@ if triton is not None:
     def _append_kernel(
         kc_ptr, vc_ptr, k_ptr, v_ptr, len_ptr, R, H, L, D,
         skc_b, skc_h, skc_n, svc_b, svc_h, svc_n, sk_b, sk_h, sv_b, sv_h,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        if PDL:  # device.triton_pdl: wait for the kernels before this one, then let the next launch
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         pos = tl.load(len_ptr)
         rows = tl.where(pos < L, R, 0)  # past the cache: write nothing
         d = tl.arange(0, BLOCK_D)
@@ -102,7 +99,7 @@ def append_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torc
             values.stride(0), values.stride(1), values.stride(2),
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             BLOCK_R=min(_MAX_ROWS, triton.next_power_of_2(rows)), BLOCK_D=triton.next_power_of_2(d),
-            num_warps=4, **triton_pdl(keys),
+            num_warps=4,
         )  # fmt: skip
 
 

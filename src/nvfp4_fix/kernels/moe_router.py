@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import on_device_of, triton_pdl
+from .device import on_device_of
 
 __all__ = ["MAX_EXPERTS", "softmax_topk", "softmax_topk_reference"]
 
@@ -32,11 +32,8 @@ MAX_EXPERTS = 4096
 @triton.jit
 def _softmax_topk_kernel(
     logits, stride_row, values, indices, E, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
-    NORMALIZE: tl.constexpr, PDL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # device.triton_pdl: wait for the kernels before this one, then let the next launch
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < E
@@ -80,7 +77,7 @@ def _launch(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor
         with on_device_of(logits):
             _softmax_topk_kernel[(rows,)](
                 logits, logits.stride(0), values, indices, experts, K=k, KP=triton.next_power_of_2(k),
-                BLOCK=block, NORMALIZE=normalize, num_warps=1 if block <= 256 else 4, **triton_pdl(logits),
+                BLOCK=block, NORMALIZE=normalize, num_warps=1 if block <= 256 else 4,
             )  # fmt: skip
     return values, indices
 

@@ -106,43 +106,9 @@ def _check_cu(res: int, what: str) -> None:
         raise CudaError(f"CUDA {what}: {msg.value.decode() if msg.value else res}")
 
 
-#: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (cuda.h, CUDA 12+)
-_PDL_ATTRIBUTE = 6
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [
-        ("grid", ctypes.c_uint * 3),
-        ("block", ctypes.c_uint * 3),
-        ("shared_bytes", ctypes.c_uint),
-        ("stream", ctypes.c_void_p),
-        ("attrs", ctypes.POINTER(_LaunchAttribute)),
-        ("num_attrs", ctypes.c_uint),
-    ]
-
-
-def pdl_config(grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> _LaunchConfig:
-    """A launch configuration that lets the kernel start before the previous kernel on ``stream`` has
-    finished (programmatic dependent launch, sm_90+): the kernel must execute ``griddepcontrol.wait``
-    before it touches memory the previous kernels write or read."""
-    attr = _LaunchAttribute(id=_PDL_ATTRIBUTE)
-    attr.value[0] = 1  # programmaticStreamSerializationAllowed
-    cfg = _LaunchConfig(shared_bytes=0, stream=ctypes.c_void_p(stream), num_attrs=1)
-    cfg.grid[:] = grid
-    cfg.block[:] = block
-    cfg._attr = attr  # type: ignore[attr-defined]  # kept alive with the config
-    cfg.attrs = ctypes.pointer(attr)
-    return cfg
-
-
 class Kernel:
     """A function of a loaded cubin; ``launch`` takes ints (as C int), ``ctypes.c_int64`` (as long long),
-    tensors and None (as pointers). ``pdl=True`` launches it as a programmatic dependent launch
-    (``pdl_config``; the kernel's source must wait for its predecessor itself)."""
+    tensors and None (as pointers)."""
 
     def __init__(self, cubin: bytes, name: str, device: torch.device) -> None:
         with torch.cuda.device(device):
@@ -157,9 +123,7 @@ class Kernel:
         self.device = device
         self._launch = libcuda().cuLaunchKernel
 
-    def launch(
-        self, grid: tuple[int, int, int], block: tuple[int, int, int], *args: object, pdl: bool = False
-    ) -> None:
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], *args: object) -> None:
         held = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -177,10 +141,6 @@ class Kernel:
         # the driver launches in the current context: switch only when another device is current
         other = torch.cuda.current_device() != self.device.index
         with torch.cuda.device(self.device) if other else contextlib.nullcontext():
-            if pdl:
-                cfg = pdl_config(grid, block, stream)
-                res = libcuda().cuLaunchKernelEx(ctypes.byref(cfg), self._fn, params, None)
-            else:
-                res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
+            res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
         if res:
             _check_cu(res, "launch")
