@@ -1,24 +1,23 @@
 #!/bin/bash
 # Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
-# limit. The default is the first call the next session should make (~9 minutes on one H100; session 12
-# ran the MoE GPU tests, the cuda_moe variant sweep, issue 18's whole table, the M = 64 sweep, batch and
-# generation, and the compiled 48-layer MoE at P = 128 with the pair sum in the down kernel):
-# timeout_s 590 (the humming step needs carry [".whl/humming"]).
-#   call 1 (default): moetest moe  = the MoE GPU tests with session 12's gate_up variant (DEPTH 1, MINB 2,
-#           4 warps: swept, never run in the model), then the compiled 48-layer MoE at P = 128 and 2048
-#           with a profile of the 1-token call (the NVFP4 TTFT is ~300-400 ms against bf16's ~80-150:
-#           a fixed cost whose cause is unmeasured)
-#   call 2: STEPS="humming" HSTEPS="bench" (issue 18's side-by-side table with session 12's table.py edit:
-#           experts 65-128, medium to 1024; carry [".whl/humming"])
-#   call 3: STEPS="generation batch"  (with generate's own decode timing; leave tests/fixtures/mixed out
-#           of the tree instead of tests/fixtures/demo/bf16 so that the lm_head accuracy runs)
+# limit. The default is the first call the next session should make (~9 minutes on one H100; session 13
+# ran the MoE GPU tests and the compiled 48-layer MoE with session 12's gate_up variant, the TTFT fix,
+# PDL (dropped), generation and batch): timeout_s 590 (the humming step needs carry [".whl/humming"]).
+#   call 1 (default): humming  = issue 18's side-by-side table with session 12's table.py edit (tiny
+#           layers to dequantize + cuBLAS from M = 96 and never Humming, medium to M = 1024), never run
+#           through the dispatch; carry [".whl/humming"]
+#   call 2: STEPS=moe MOE_ARGS="--layers 48 --new-tokens 64 --prompts 2048 --paths compile --experts
+#           cuda-sum --router on --profile"  (P = 2048 with the current defaults and one decode step's
+#           kernels; session 13's P = 2048 NVFP4 row came from call 1 only)
+#   call 3: STEPS="generation"  (leave tests/fixtures/mixed out of the tree instead of
+#           tests/fixtures/demo/bf16 so that the lm_head accuracy runs)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
 #          cuda_mma = every variant family too, ~2 minutes)
 #  moe     bench_moe.py (MOE_ARGS; default all 48 layers, compile_step, P = 128 and 2048, the one-launch
-#          router, tensor-core decode experts with the pair sum in the down kernel, a profile of the
-#          1-token call): bf16 and NVFP4 on the same path
+#          router, tensor-core decode experts with the pair sum in the down kernel; --profile-prefill adds
+#          a profile of the 1-token call): bf16 and NVFP4 on the same path
 #  humming device_humming.sh (issue 18's side-by-side table; HSTEPS picks bench / prefill / pytest)
 #  moesweep sweep_moe_tiles.py --cuda: cuda_moe's compile variants and warps per kernel (gate_up, down,
 #          down_sum) at T = 1 and 8, spill-free ones only, each checked against the Triton kernels
@@ -34,7 +33,7 @@
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-moetest moe}
+STEPS=${STEPS:-humming}
 nvidia-smi -L
 step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
@@ -64,7 +63,7 @@ moetest) step moetest
         tests/test_lm_head.py} > "$OUT/pytest-moe.txt" 2>&1; done_ $?
     tail -1 "$OUT/pytest-moe.txt"; grep -m5 "^FAILED\|Error" "$OUT/pytest-moe.txt" ;;
 moe) step moe
-    timeout ${MOE_S:-400} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --prompts 128,2048 --paths compile --experts cuda-sum --router on --profile-prefill} \
+    timeout ${MOE_S:-400} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --prompts 128,2048 --paths compile --experts cuda-sum --router on} \
         --budget-s $(( ${MOE_S:-400} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step\|^== .* 1-token call" "$OUT/moe.log" | cut -c1-150 ;;
 tldot) step tldot
