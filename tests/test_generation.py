@@ -17,6 +17,7 @@ import pytest
 import torch
 from reference import hf_greedy
 
+from nvfp4_fix import settings
 from nvfp4_fix.generation import clear_cache, generate, make_sampler, warp_logits
 from nvfp4_fix.loading import from_pretrained
 from nvfp4_fix.writer import save_quantized
@@ -219,6 +220,12 @@ def test_one_dimensional_prompt_and_runner_reuse(checkpoints):
     for n in (5, 6):  # other cache lengths: other runners
         generate(model, b, n, use_cuda_graph=False, stop_token_ids=(), max_cache_len=64 * n)
     assert kept not in runners.values() and kept.graph is None
+    # a runner (and the graph it captures) holds the kernels the settings chose: other settings, another
+    clear_cache(model)
+    generate(model, b, 9, use_cuda_graph=False, stop_token_ids=())
+    with settings.override(kv_append=False):
+        assert generate(model, b, 9, use_cuda_graph=False, stop_token_ids=()).tolist() == ref_b.tolist()
+    assert len(runners) == 2
 
 
 @pytest.mark.parametrize("sync_every", [1, 4, 64])
