@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("triton")
 
 from nvfp4_fix.generation.router import ROUTERS, fused_routers
-from nvfp4_fix.kernels.moe_router import softmax_topk
+from nvfp4_fix.kernels import moe_router
+from nvfp4_fix.kernels.moe_router import router_topk, softmax_topk
 
 CUDA = torch.cuda.is_available()
 
@@ -83,6 +84,94 @@ def test_softmax_topk_traces_as_one_op_under_torch_compile():
     want = softmax_topk(logits, 4, True)
     assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], rtol=1e-6)
     assert counter.frame_count == 1
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """|logits - float64| allowed: one unit in the last place of the dtype (the rounding; Triton's
+    interpreter truncates to bf16) plus float32 summation over H terms."""
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[logits.dtype]
+    mag = x.double().abs() @ w.double().abs().T
+    return ulp * (x.double() @ w.double().T).abs() + 2.0**-22 * x.shape[1] * mag + 1e-30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "t,e,h,k", [(1, 128, 2048, 8), (3, 60, 200, 4), (16, 8, 64, 2), (2, 512, 96, 10), (1, 6, 40, 6)], ids=str
+)
+def test_gemv_topk_matches_float64(dtype, t, e, h, k):
+    """The fused kernel (run directly: on the CPU through the interpreter): logits within a rounding of
+    the float64 product, the top k exactly the reference's of those logits; E = 60 and 6 leave the last
+    program's experts partial, E = 8 gives one expert a program; the arrival counters are back at 0."""
+    g = torch.Generator().manual_seed(t * e + h)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    w = (3 * torch.randn(e, h, generator=g) / h**0.5).to(dtype)
+    dev = torch.device("cuda" if CUDA else "cpu")
+    x, w = x.to(dev), w.to(dev)
+    for normalize in (True, False):
+        logits, vals, ids = moe_router._gemv_topk(x, w, k, normalize)
+        assert logits.dtype == dtype and vals.dtype == torch.float32 and ids.dtype == torch.int64
+        err = (logits.double().cpu() - (x.double() @ w.double().T).cpu()).abs()
+        assert bool((err <= _bound(x.cpu(), w.cpu(), logits)).all()), err.max()
+        want_vals, want_ids = reference(logits, k, normalize)
+        np.testing.assert_array_equal(ids.cpu().numpy(), want_ids)
+        np.testing.assert_allclose(vals.cpu().double().numpy(), want_vals, rtol=2e-6, atol=1e-9)
+    assert int(moe_router._counters(dev).abs().sum()) == 0
+
+
+def test_router_topk_keeps_f_linear_where_it_does_not_fuse():
+    """The CPU, and more rows than FUSED_MAX_TOKENS: F.linear's logits exactly, then softmax_topk."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 48, generator=g)
+    for rows in (1, moe_router.FUSED_MAX_TOKENS + 1):
+        x = torch.randn(rows, 48, generator=g)
+        logits, vals, ids = router_topk(x, w, 4, True)
+        assert torch.equal(logits, torch.nn.functional.linear(x, w))
+        want_vals, want_ids = softmax_topk(logits, 4, True)
+        assert torch.equal(ids, want_ids) and torch.equal(vals, want_vals)
+    assert not moe_router.fuses(x, w, 4)
+
+
+def test_router_topk_op_traces_under_torch_compile():
+    """The fused op's fake (shapes and dtypes) lets torch.compile trace it as one op."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(
+        lambda x, w: torch.ops.nvfp4_fix.router_topk(x, w, 4, True), backend=counter, fullgraph=True
+    )
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(2, 64, generator=g), torch.randn(16, 64, generator=g)
+    got = f(x, w)
+    want = moe_router._gemv_topk(x, w, 4, True)
+    assert [t.shape for t in got] == [(2, 16), (2, 4), (2, 4)] and torch.equal(got[2], want[2])
+    assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_router_topk_fuses_decode_and_replays_in_a_graph():
+    """Qwen3-30B-A3B's router at 1, 4 and 16 tokens in one launch: logits within a rounding of
+    F.linear's, the ids those of its own logits; captured once and replayed with new hidden states (the
+    arrival counters reset by each call), equal to eager calls bit for bit."""
+    from cuda_graphs import captured
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(128, 2048, device="cuda", generator=g) / 16).to(torch.bfloat16)
+    for t in (1, 4, 16):
+        x = torch.randn(t, 2048, device="cuda", generator=g).to(torch.bfloat16)
+        assert moe_router.fuses(x, w, 8)
+        logits, vals, ids = router_topk(x, w, 8, True)
+        assert bool((logits.double() - (x.double() @ w.double().T)).abs().le(_bound(x, w, logits)).all())
+        want_vals, want_ids = reference(logits, 8, True)
+        np.testing.assert_array_equal(ids.cpu().numpy(), want_ids)
+        graph, out = captured(lambda x=x: router_topk(x, w, 8, True))
+        for _ in range(3):
+            x.copy_(torch.randn(t, 2048, device="cuda", generator=g).to(torch.bfloat16))
+            graph.replay()
+            want = router_topk(x, w, 8, True)
+            torch.cuda.synchronize()
+            for a, b in zip(out, want, strict=True):
+                assert torch.equal(a, b)
 
 
 #: the transformers model package of each router class in ROUTERS
@@ -173,7 +262,7 @@ def test_generate_with_fused_routers_equals_model_generate(monkeypatch, compile_
     from nvfp4_fix.generation import router
 
     calls = []
-    monkeypatch.setattr(router, "softmax_topk", lambda *a: calls.append(a[0].shape) or softmax_topk(*a))
+    monkeypatch.setattr(router, "router_topk", lambda *a: calls.append(a[0].shape) or router_topk(*a))
     with settings.override(moe_router=True):
         got = generate(model, ids, max_new_tokens=6, use_cuda_graph=False, compile_step=compile_step)
     assert torch.equal(got, want)

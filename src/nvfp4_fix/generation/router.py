@@ -3,7 +3,8 @@
 transformers' softmax top-k routers run ``F.linear`` -> ``softmax`` -> ``torch.topk`` -> divide; the
 top-k alone is two sort kernels per layer and token. Within :func:`fused_routers` the routers of the
 classes in :data:`ROUTERS`, whose forward is that math (checked against each class in
-tests/test_moe_router.py), run ``kernels.moe_router.softmax_topk`` instead; the class's forward is
+tests/test_moe_router.py), run ``kernels.moe_router.router_topk`` instead (decode on CUDA: the logits
+and the top k in one launch; else ``F.linear`` and the one-launch top-k); the class's forward is
 restored on exit. Quantized and bf16 models alike: it is the generation path's, not the format's.
 """
 
@@ -15,13 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
-    from ..kernels.moe_router import softmax_topk
+    from ..kernels.moe_router import router_topk
 except ImportError:  # no triton (CPU-only installs): transformers' own routers stay
-    softmax_topk = None
+    router_topk = None
 
 __all__ = ["ROUTERS", "RouterMath", "fused_routers"]
 
@@ -52,9 +52,8 @@ ROUTERS: dict[str, RouterMath] = {
 def _forward(module: nn.Module, math: RouterMath) -> Any:
     def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden_states = hidden_states.reshape(-1, module.hidden_dim)
-        logits = F.linear(hidden_states, module.weight)
         norm = math.normalize if isinstance(math.normalize, bool) else bool(getattr(module, math.normalize))
-        scores, ids = softmax_topk(logits, module.top_k, norm)
+        logits, scores, ids = router_topk(hidden_states, module.weight, module.top_k, norm)
         return logits, scores.to(logits.dtype) if math.cast else scores, ids
 
     return forward
@@ -81,7 +80,7 @@ def fused_routers(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Within the block, the model's known routers run the one-launch softmax top-k (on CUDA; the same
     torch math on the CPU) and the block yields how many; their forward is restored on exit, also on an
     exception."""
-    routers = _routers(model) if enabled and softmax_topk is not None else []
+    routers = _routers(model) if enabled and router_topk is not None else []
     for m, math in routers:
         m.forward = _forward(m, math)
     try:

@@ -1,0 +1,101 @@
+"""MoE router at decode (issue 19): the logits GEMM and the softmax top-k, per layer, in a CUDA graph.
+
+48 routers of Qwen3-30B-A3B's shape (128 experts, hidden 2048, top-8, bf16), each fed the previous
+one's output so the launches depend on each other, captured in one graph per method; replays timed
+(median of 20 after 3 warm-ups), all methods in the same run:
+  transformers: F.linear, softmax, torch.topk, divide (the class's own math);
+  linear + softmax_topk: F.linear (cuBLAS), then kernels.moe_router.softmax_topk (the default before);
+  router_topk: the logits and the top k in one launch (kernels.moe_router.router_topk).
+The ids of each method are compared with the transformers math on the same logits.
+
+Usage (CUDA): python benchmarks/bench_router.py [--tokens 1] [--layers 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from nvfp4_fix.kernels.moe_router import router_topk, softmax_topk, softmax_topk_reference  # noqa: E402
+
+
+def transformers_math(x, w, k):
+    logits = F.linear(x, w)
+    return (logits, *softmax_topk_reference(logits, k, True))
+
+
+def linear_then_topk(x, w, k):
+    logits = F.linear(x, w)
+    return (logits, *softmax_topk(logits, k, True))
+
+
+def fused(x, w, k):
+    return router_topk(x, w, k, True)
+
+
+def chain(method, x, weights, k):
+    outs = []
+    for w in weights:
+        logits, vals, ids = method(x, w, k)
+        outs.append((logits, ids))
+        x = x + vals.sum(-1, keepdim=True).to(x.dtype)  # depend on the previous router
+    return outs
+
+
+def timed(method, x, weights, k) -> tuple[float, list]:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(method, x, weights, k)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(method, x, weights, k)
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), outs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=48)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = [
+        (torch.randn(128, 2048, device="cuda", generator=g) / 16).to(torch.bfloat16)
+        for _ in range(args.layers)
+    ]
+    x = torch.randn(args.tokens, 2048, device="cuda", generator=g).to(torch.bfloat16)
+    card = torch.cuda.get_device_name()
+    head = f"{card}: {args.layers} routers, {args.tokens} token(s)"
+    print(f"| {head} | us a router | ids as transformers' on the same logits |")
+    print("|---|---:|---:|")
+    for name, method in (("transformers", transformers_math), ("linear + softmax_topk", linear_then_topk),
+                         ("router_topk (one launch)", fused)):  # fmt: skip
+        ms, outs = timed(method, x, weights, 8)
+        same = sum(torch.equal(ids, softmax_topk_reference(lg, 8, True)[1]) for lg, ids in outs)
+        print(f"| {name} | {1000 * ms / args.layers:.2f} | {same} / {len(outs)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
