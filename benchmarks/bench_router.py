@@ -1,14 +1,15 @@
 """MoE router at decode (issue 19): the logits GEMM and the softmax top-k, per layer, in a CUDA graph.
 
-48 routers of Qwen3-30B-A3B's shape (128 experts, hidden 2048, top-8, bf16), each fed the previous
-one's output so the launches depend on each other, captured in one graph per method; replays timed
-(median of 20 after 3 warm-ups), all methods in the same run:
+48 routers of Qwen3-30B-A3B's shape (128 experts, hidden 2048, top-8, bf16) back to back on one stream
+(``--feed``: each fed the previous one's output, two more launches a router), captured in one graph per
+method; replays timed (median of 20 after 3 warm-ups), all methods in the same run:
   transformers: F.linear, softmax, torch.topk, divide (the class's own math);
   linear + softmax_topk: F.linear (cuBLAS), then kernels.moe_router.softmax_topk (the default before);
   router_topk: the logits and the top k in one launch (kernels.moe_router.router_topk).
-The ids of each method are compared with the transformers math on the same logits.
+The ids of each method are compared with torch.topk's on the same logits (bf16 logits tie often; the
+kernels take the lowest id of equal probabilities, torch.topk any).
 
-Usage (CUDA): python benchmarks/bench_router.py [--tokens 1] [--layers 48]
+Usage (CUDA): python benchmarks/bench_router.py [--tokens 1] [--layers 48] [--feed]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from nvfp4_fix.kernels import moe_router  # noqa: E402
 from nvfp4_fix.kernels.moe_router import router_topk, softmax_topk, softmax_topk_reference  # noqa: E402
 
 
@@ -40,24 +42,25 @@ def fused(x, w, k):
     return router_topk(x, w, k, True)
 
 
-def chain(method, x, weights, k):
+def chain(method, x, weights, k, feed: bool = True):
     outs = []
     for w in weights:
         logits, vals, ids = method(x, w, k)
         outs.append((logits, ids))
-        x = x + vals.sum(-1, keepdim=True).to(x.dtype)  # depend on the previous router
+        if feed:  # depend on the previous router (two more small launches a router)
+            x = x + vals.sum(-1, keepdim=True).to(x.dtype)
     return outs
 
 
-def timed(method, x, weights, k) -> tuple[float, list]:
+def timed(method, x, weights, k, feed: bool) -> tuple[float, list]:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        chain(method, x, weights, k)
+        chain(method, x, weights, k, feed)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = chain(method, x, weights, k)
+        outs = chain(method, x, weights, k, feed)
     for _ in range(3):
         graph.replay()
     times = []
@@ -75,6 +78,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--feed", action="store_true", help="each router's input is the previous one's output")
+    ap.add_argument("--parts", default="", help="also router_topk at these programs a token: 16,64,128")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -91,9 +96,15 @@ def main() -> int:
     print("|---|---:|---:|")
     for name, method in (("transformers", transformers_math), ("linear + softmax_topk", linear_then_topk),
                          ("router_topk (one launch)", fused)):  # fmt: skip
-        ms, outs = timed(method, x, weights, 8)
+        ms, outs = timed(method, x, weights, 8, args.feed)
         same = sum(torch.equal(ids, softmax_topk_reference(lg, 8, True)[1]) for lg, ids in outs)
         print(f"| {name} | {1000 * ms / args.layers:.2f} | {same} / {len(outs)} |")
+    default = moe_router.PARTS
+    for parts in [int(p) for p in args.parts.split(",") if p]:
+        moe_router.PARTS = parts
+        ms, _ = timed(fused, x, weights, 8, args.feed)
+        print(f"| router_topk, {parts} programs a token | {1000 * ms / args.layers:.2f} | |")
+    moe_router.PARTS = default
     return 0
 
 
