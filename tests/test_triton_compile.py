@@ -115,6 +115,9 @@ def _moe_launches() -> None:
         (128, 8, True, torch.bfloat16), (60, 6, False, torch.float32), (512, 10, True, torch.float16),
     ]:  # fmt: skip
         moe_router.softmax_topk(torch.zeros(3, experts, dtype=dtype), k, normalize)
+        # the fused logits + top-k (router_topk's one launch): one expert a program at 128 / 60, 4 at 512
+        hidden = torch.zeros(2, 96, dtype=dtype)
+        moe_router._gemv_topk(hidden, torch.zeros(experts, 96, dtype=dtype), k, normalize)
 
     e, h, i, topk = 4, 128, 64, 2
 
