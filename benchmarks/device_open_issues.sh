@@ -6,9 +6,9 @@
 #   call 1 (default): humming  = issue 18's side-by-side table with session 12's table.py edit (tiny
 #           layers to dequantize + cuBLAS from M = 96 and never Humming, medium to M = 1024), never run
 #           through the dispatch; carry [".whl/humming"]
-#   call 2: STEPS=moe MOE_ARGS="--layers 48 --new-tokens 64 --prompts 2048 --paths compile --experts
-#           cuda-sum --router on --profile"  (P = 2048 with the current defaults and one decode step's
-#           kernels; session 13's P = 2048 NVFP4 row came from call 1 only)
+#   call 2: STEPS="moetest moe" (the MoE GPU tests, then the 48-layer MoE at P = 128 and 2048: the
+#           first model run with router_topk, the router's logits and top-k in one launch, measured
+#           alone at 5.2 against 7.2 us a router; add --profile to MOE_ARGS for one decode step's kernels)
 #   call 3: STEPS="generation"  (leave tests/fixtures/mixed out of the tree instead of
 #           tests/fixtures/demo/bf16 so that the lm_head accuracy runs)
 # Steps:
