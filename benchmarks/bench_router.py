@@ -2,7 +2,7 @@
 
 48 routers of Qwen3-30B-A3B's shape (128 experts, hidden 2048, top-8, bf16) back to back on one stream
 (``--feed``: each fed the previous one's output, two more launches a router), captured in one graph per
-method; replays timed (median of 20 after 3 warm-ups), all methods in the same run:
+method; replays timed (bench_generation.graph_time: the median of 20), all methods in the same run:
   transformers: F.linear, softmax, torch.topk, divide (the class's own math);
   linear + softmax_topk: F.linear (cuBLAS), then kernels.moe_router.softmax_topk (the default before);
   router_topk: the logits and the top k in one launch (kernels.moe_router.router_topk).
@@ -15,7 +15,6 @@ Usage (CUDA): python benchmarks/bench_router.py [--tokens 1] [--layers 48] [--fe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_generation import graph_time  # noqa: E402
 
 from nvfp4_fix.kernels import moe_router  # noqa: E402
 from nvfp4_fix.kernels.moe_router import router_topk, softmax_topk, softmax_topk_reference  # noqa: E402
@@ -52,28 +54,6 @@ def chain(method, x, weights, k, feed: bool = True):
     return outs
 
 
-def timed(method, x, weights, k, feed: bool) -> tuple[float, list]:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain(method, x, weights, k, feed)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain(method, x, weights, k, feed)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times), outs
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1)
@@ -96,13 +76,14 @@ def main() -> int:
     print("|---|---:|---:|")
     for name, method in (("transformers", transformers_math), ("linear + softmax_topk", linear_then_topk),
                          ("router_topk (one launch)", fused)):  # fmt: skip
-        ms, outs = timed(method, x, weights, 8, args.feed)
+        ms = graph_time(lambda method=method: chain(method, x, weights, 8, args.feed))
+        outs = chain(method, x, weights, 8, args.feed)
         same = sum(torch.equal(ids, softmax_topk_reference(lg, 8, True)[1]) for lg, ids in outs)
         print(f"| {name} | {1000 * ms / args.layers:.2f} | {same} / {len(outs)} |")
     default = moe_router.PARTS
     for parts in [int(p) for p in args.parts.split(",") if p]:
         moe_router.PARTS = parts
-        ms, _ = timed(fused, x, weights, 8, args.feed)
+        ms = graph_time(lambda: chain(fused, x, weights, 8, args.feed))
         print(f"| router_topk, {parts} programs a token | {1000 * ms / args.layers:.2f} | |")
     moe_router.PARTS = default
     return 0

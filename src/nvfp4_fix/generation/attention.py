@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import settings
+from .scan import scan
 
 try:  # Triton is optional: without it decode attention stays on SDPA
     from ..kernels import decode_attention as triton_decode
@@ -127,8 +128,6 @@ def register() -> bool:
 
 def _sdpa_configs(model: nn.Module) -> list[Any]:
     """Every config object of the model (top level, sub-configs, those modules hold) set to sdpa."""
-    from .scan import scan
-
     return [c for c in scan(model).configs if c.__dict__.get("_attn_implementation_internal") == "sdpa"]
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .sampling import SamplingParams
+from .scan import scan
 
 __all__ = ["Unsupported", "check_model", "hf_generate", "log_fallback", "model_device", "pad_id", "stop_ids"]
 
@@ -32,8 +33,6 @@ def check_model(model: nn.Module) -> None:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    from .scan import scan
-
     devices = set(scan(model).devices)
     if len(devices) != 1:
         raise Unsupported(f"the model spans several devices ({sorted(map(str, devices))})")

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .scan import scan
+
 try:
     from ..kernels.moe_router import router_topk
 except ImportError:  # no triton (CPU-only installs): transformers' own routers stay
@@ -60,8 +62,6 @@ def _forward(module: nn.Module, math: RouterMath) -> Any:
 
 
 def _routers(model: nn.Module) -> list[tuple[nn.Module, RouterMath]]:
-    from .scan import scan
-
     out = []
     for m in scan(model).modules_of(ROUTERS):
         math = ROUTERS[type(m).__name__]
@@ -77,9 +77,9 @@ def _routers(model: nn.Module) -> list[tuple[nn.Module, RouterMath]]:
 
 @contextlib.contextmanager
 def fused_routers(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Within the block, the model's known routers run the one-launch softmax top-k (on CUDA; the same
-    torch math on the CPU) and the block yields how many; their forward is restored on exit, also on an
-    exception."""
+    """Within the block, the model's known routers run ``router_topk`` (on CUDA one launch at decode,
+    the logits with the top k; the same torch math on the CPU) and the block yields how many; their
+    forward is restored on exit, also on an exception."""
     routers = _routers(model) if enabled and router_topk is not None else []
     for m, math in routers:
         m.forward = _forward(m, math)

@@ -57,17 +57,16 @@ def _configs(modules: Iterable[nn.Module]) -> tuple[object, ...]:
 
 
 def _walk(model: nn.Module) -> ModuleScan:
+    modules = list(model.modules())
     by_class: dict[str, list[nn.Module]] = {}
-    holders = []
-    for m in model.modules():
+    for m in modules:
         by_class.setdefault(type(m).__name__, []).append(m)
-        if m._parameters or m._buffers:
-            holders.append(m)
+    holders = [m for m in modules if m._parameters or m._buffers]
     step = max(1, -(-len(holders) // SAMPLES))
     sample = tuple(holders[::step]) + tuple(holders[-1:])
     return ModuleScan(
         by_class={k: tuple(v) for k, v in by_class.items()},
-        configs=_configs(m for ms in by_class.values() for m in ms),
+        configs=_configs(modules),
         devices=frozenset(_devices(holders)) - {_META},
         sample=sample,
         sample_devices=tuple(_devices(sample)),
