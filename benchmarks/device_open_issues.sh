@@ -1,16 +1,14 @@
 #!/bin/bash
 # Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
-# limit. The default is the first call the next session should make (~9 minutes on one H100; session 13
-# ran the MoE GPU tests and the compiled 48-layer MoE with session 12's gate_up variant, the TTFT fix,
-# PDL (dropped), generation and batch): timeout_s 590 (the humming step needs carry [".whl/humming"]).
-#   call 1 (default): humming  = issue 18's side-by-side table with session 12's table.py edit (tiny
-#           layers to dequantize + cuBLAS from M = 96 and never Humming, medium to M = 1024), never run
-#           through the dispatch; carry [".whl/humming"]
-#   call 2: STEPS="moetest moe" (the MoE GPU tests, then the 48-layer MoE at P = 128 and 2048: the
-#           first model run with router_topk, the router's logits and top-k in one launch, measured
-#           alone at 5.2 against 7.2 us a router; add --profile to MOE_ARGS for one decode step's kernels)
-#   call 3: STEPS="generation"  (leave tests/fixtures/mixed out of the tree instead of
-#           tests/fixtures/demo/bf16 so that the lm_head accuracy runs)
+# limit. Session 14 ran the humming table through session 12's table edit, the 48-layer MoE with
+# router_topk (2.08x / 2.03x), 43 MoE GPU tests, the generation GPU tests and 24 of test_backends' cases.
+# What it left unrun on a card (next session, in this order):
+#   call 1: STEPS=humming HSTEPS=pytest TEST_S=300 (carry [".whl/humming"]): every backend GPU test
+#           (test_backends, test_humming, test_selection, the graph/compile test); a machine without a
+#           Humming JIT cache needs ~13 s per shape, so 110 s covered only 24 of 70
+#   call 2: STEPS="moetest mmatest" MOETEST_S=240 (all MoE / router / lm_head GPU tests; 140 s covered 43)
+#   call 3: STEPS="generation batch" (8B batch-1 and batched decode on the final code; unchanged since
+#           session 13's run, so only to restate it on one machine)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
@@ -33,7 +31,7 @@
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-humming}
+STEPS=${STEPS:-humming}  # HSTEPS below picks the humming step's parts
 nvidia-smi -L
 step() { t0=$SECONDS; echo "== $1"; }
 done_() { echo "-- rc $1 in $((SECONDS - t0)) s"; }
