@@ -7,9 +7,11 @@
 One run, one card: first correctness of every backend against a float64 decoding of the weight (odd N,
 K not a multiple of 128, bf16 and fp16, memory poisoned with NaN first), then the transformed copy
 Humming keeps (bytes resident and the peak while building, against the checkpoint's bytes), then the
-timing table. Timing: each method captured in a CUDA graph as 10 back-to-back calls (bench_kernels.py's
-_capture: warmed, replayed 30 ms before timing), median of ``--reps`` replays; calls cycle through
-weight copies that together exceed 4x the L2, so every call reads its weights from HBM.
+timing table. Timing: each method captured in a CUDA graph as back-to-back calls over all its weight
+copies, which together exceed 4x the L2 (at least 10 calls; bench_kernels.py's _capture: warmed, replayed
+30 ms before timing), median of ``--reps`` replays, so every call reads its weights from HBM. (Until
+session 14 a graph held 10 calls: the Qwen3-30B-A3B expert shapes then cycled through 17 / 9 MB that the
+L2 holds, and ``ours`` read the copies ``dq+mm`` had just read.)
 Columns: ``ours`` = ``kernels.nvfp4_linear`` with Humming off (this package's kernels), ``humming`` =
 Humming alone, ``auto`` and ``auto+H`` = the package as a model runs it: an ``NVFP4Linear`` holding the
 weight (its own copy), called with the default settings (Humming off) and with ``settings.humming`` on
@@ -201,6 +203,7 @@ def timing(m_list, reps, log, deadline):
         w16_0 = K.dequantize_weight(*q[0], torch.bfloat16)
         c16 = max(1, min(64, math.ceil(4.5 * l2 / (n * k * 2))))
         w16 = [w16_0] + [w16_0.clone() for _ in range(c16 - 1)]
+        n_inner = max(10, copies, c16)
         t0 = time.time()
         xw = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
         for wp, ws, mul in q:  # every copy's Humming plan exists before any capture
@@ -222,7 +225,9 @@ def timing(m_list, reps, log, deadline):
             with settings.override(humming=False):
                 our_kernel = K.select_kernel(xs[0], n, k)
             try:
-                ts = bench_graphs_interleaved([call(name) for name in METHODS], 10, reps)
+                # one replay reads every copy: > 4.5x the L2 for each method, so none starts warm from
+                # the method before it (with 10 calls a graph the expert shapes' 10 copies fit the L2)
+                ts = bench_graphs_interleaved([call(name) for name in METHODS], n_inner, reps)
             except Exception as err:
                 log(f"  {label} M={m}: FAILED {type(err).__name__}: {str(err)[:200]}")
                 continue
