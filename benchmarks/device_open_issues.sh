@@ -6,7 +6,9 @@
 #   call 1: STEPS=humming HSTEPS=pytest TEST_S=300 (carry [".whl/humming"]): every backend GPU test
 #           (test_backends, test_humming, test_selection, the graph/compile test); a machine without a
 #           Humming JIT cache needs ~13 s per shape, so 110 s covered only 24 of 70
-#   call 2: STEPS="moetest mmatest" MOETEST_S=240 (all MoE / router / lm_head GPU tests; 140 s covered 43)
+#   call 2: STEPS="moehum moetest" MOETEST_S=240 (carry [".whl/humming"]): bench_moe_humming.py, issue 19's
+#           never-measured "Humming's MoE GEMMs or ours", written in session 14 without a GPU (expect to
+#           debug it); then all MoE / router / lm_head GPU tests (140 s covered 43)
 #   call 3: STEPS="generation batch" (8B batch-1 and batched decode on the final code; unchanged since
 #           session 13's run, so only to restate it on one machine)
 # Steps:
@@ -16,6 +18,8 @@
 #  moe     bench_moe.py (MOE_ARGS; default all 48 layers, compile_step, P = 128 and 2048, the one-launch
 #          router, tensor-core decode experts with the pair sum in the down kernel; --profile-prefill adds
 #          a profile of the 1-token call): bf16 and NVFP4 on the same path
+#  moehum  bench_moe_humming.py: decode experts, ours vs Humming's MoE GEMMs vs bf16 grouped_mm (needs carry
+#          [".whl/humming"])
 #  humming device_humming.sh (issue 18's side-by-side table; HSTEPS picks bench / prefill / pytest)
 #  moesweep sweep_moe_tiles.py --cuda: cuda_moe's compile variants and warps per kernel (gate_up, down,
 #          down_sum) at T = 1 and 8, spill-free ones only, each checked against the Triton kernels
@@ -64,6 +68,11 @@ moe) step moe
     timeout ${MOE_S:-400} python3 benchmarks/bench_moe.py ${MOE_ARGS:---layers 48 --new-tokens 64 --prompts 128,2048 --paths compile --experts cuda-sum --router on} \
         --budget-s $(( ${MOE_S:-400} - 40 )) --out "$OUT/RESULTS-moe.md" > "$OUT/moe.log" 2>&1; done_ $?
     grep "^|" "$OUT/moe.log" | tail -8; grep -A28 "^== .* decode step\|^== .* 1-token call" "$OUT/moe.log" | cut -c1-150 ;;
+moehum) step moehum  # needs carry [".whl/humming"]
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/humming/*.whl
+    PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${MOEHUM_S:-300} python3 benchmarks/bench_moe_humming.py \
+        --budget-s $(( ${MOEHUM_S:-300} - 40 )) --out "$OUT/RESULTS-moe-humming.md" > "$OUT/moehum.log" 2>&1; done_ $?
+    grep "^|\|WRONG\|failed\|refused" "$OUT/moehum.log" | tail -24 ;;
 tldot) step tldot
     (cd benchmarks && timeout ${TLDOT_S:-80} python3 sweep_mid_m.py --m 64 --budget-s $(( ${TLDOT_S:-80} - 20 )) \
         --out "$OUT/sweep_mid_m.json" > "$OUT/sweep_tldot.log" 2>&1); done_ $?
