@@ -17,7 +17,7 @@ global scales (they differ, as in real checkpoints), at T = 1, 2, 4, 8 tokens (a
 Correctness first: each arm's [T, 2048] output on layer 0 against a float64 reference from the
 dequantized weights (codec.dequantize); rel L2 above 2e-2 is reported WRONG and not timed.
 Timing (cold L2): ``--layers`` layers of independent weights, one experts call per layer, captured in
-one CUDA graph, 30 ms of warm-up replays, then 20 replays (CUDA events); us per call = time / layers.
+one CUDA graph, the median of 20 replays (bench_generation.graph_time); us per call = time / layers.
 Humming plans and kernels are built before capture. Launches: CUDA events of one eager call
 (torch.profiler). Humming failures (import, refusal, compile) are logged and the other arms go on.
 
@@ -42,6 +42,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_generation import graph_time  # noqa: E402
 
 from nvfp4_fix import codec, expert_stack, settings  # noqa: E402
 from nvfp4_fix.kernels import humming as hk  # noqa: E402
@@ -185,34 +188,6 @@ def humming_call(trio, cfgs, tables, x: torch.Tensor, idx: torch.Tensor, w: torc
     return torch.bmm(w.view(t, 1, k).to(y.dtype), y.view(t, k, -1)).view(t, -1)
 
 
-def graph_us(calls: list[Callable[[], Any]]) -> float:
-    """Microseconds per call: all calls captured in one graph, replayed (as sweep_moe_tiles.time_call)."""
-
-    def step():
-        for call in calls:
-            call()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    end = time.perf_counter() + 0.03
-    while time.perf_counter() < end:
-        graph.replay()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) * 1000 / 20 / len(calls)
-
-
 def launches(call: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -235,7 +210,11 @@ def measure(name: str, calls: list[Callable[[], Any]], want: torch.Tensor, notes
         err = float((calls[0]().double() - want).norm() / want.norm())
         if not err < TOL:
             return {name: f"WRONG ({err:.1e})", f"err {name}": err}
-        return {name: graph_us(calls), f"err {name}": err, f"n {name}": launches(calls[0])}
+        return {
+            name: 1000 * graph_time(lambda: [c() for c in calls]) / len(calls),
+            f"err {name}": err,
+            f"n {name}": launches(calls[0]),
+        }
     except Exception as e:  # noqa: BLE001 - e.g. a Humming refusal, compile or capture error: keep going
         notes.append(f"T={t} {name}: {short(e)}")
         return {name: "failed"}
