@@ -25,7 +25,7 @@ Humming plans and kernels are built before capture. Launches: CUDA events of one
         [--t 1,2,4,8] [--layers 8] [--out PATH] [--budget-s 480]
 
 (humming installed into /tmp/site from the carried wheel, as benchmarks/device_humming.sh does.)
-Written in session 14 without a GPU; not yet run on a card.
+First run in session 15: benchmarks/RESULTS-moe-humming.md.
 """
 
 from __future__ import annotations

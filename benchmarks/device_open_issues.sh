@@ -18,8 +18,8 @@
 #  moe     bench_moe.py (MOE_ARGS; default all 48 layers, compile_step, P = 128 and 2048, the one-launch
 #          router, tensor-core decode experts with the pair sum in the down kernel; --profile-prefill adds
 #          a profile of the 1-token call): bf16 and NVFP4 on the same path
-#  moehum  bench_moe_humming.py: decode experts, ours vs Humming's MoE GEMMs vs bf16 grouped_mm (needs carry
-#          [".whl/humming"])
+#  moehum  bench_moe_humming.py (MOEHUM_T tokens, default 1,2,4,8): experts, ours vs Humming's MoE GEMMs vs
+#          bf16 grouped_mm (needs carry [".whl/humming"])
 #  humming device_humming.sh (issue 18's side-by-side table; HSTEPS picks bench / prefill / pytest)
 #  moesweep sweep_moe_tiles.py --cuda: cuda_moe's compile variants and warps per kernel (gate_up, down,
 #          down_sum) at T = 1 and 8, spill-free ones only, each checked against the Triton kernels
@@ -71,7 +71,7 @@ moe) step moe
 moehum) step moehum  # needs carry [".whl/humming"]
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/humming/*.whl
     PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${MOEHUM_S:-300} python3 benchmarks/bench_moe_humming.py \
-        --budget-s $(( ${MOEHUM_S:-300} - 40 )) --out "$OUT/RESULTS-moe-humming.md" > "$OUT/moehum.log" 2>&1; done_ $?
+        --t ${MOEHUM_T:-1,2,4,8} --budget-s $(( ${MOEHUM_S:-300} - 40 )) --out "$OUT/RESULTS-moe-humming.md" > "$OUT/moehum.log" 2>&1; done_ $?
     grep "^|\|WRONG\|failed\|refused" "$OUT/moehum.log" | tail -24 ;;
 tldot) step tldot
     (cd benchmarks && timeout ${TLDOT_S:-80} python3 sweep_mid_m.py --m 64 --budget-s $(( ${TLDOT_S:-80} - 20 )) \
