@@ -61,7 +61,9 @@ def make_layer(n, k, device="cuda"):
 
 
 def n_copies(nbytes):
-    return max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
+    """Copies of a buffer of ``nbytes`` that together exceed 3x the L2 (a graph must replay them all:
+    ``Layer.n_inner``)."""
+    return max(1, math.ceil(3 * L2_BYTES / max(nbytes, 1)))
 
 
 class Layer:
@@ -79,6 +81,8 @@ class Layer:
             self.w16 = [w] + [w.clone() for _ in range(cb - 1)]
         cx = max(cq, len(self.w16))
         self.x = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) + 0.1 for _ in range(cx)]
+        #: calls per captured graph: every copy once, so one replay reads more than the L2 holds
+        self.n_inner = max(10, cx)
 
     def qargs(self, i):
         wp, ws, mul = self.q[i % len(self.q)]
@@ -170,7 +174,7 @@ def tune(shapes, log):
                     log,
                     "bench",
                     lambda cfg=cfg: bench_graph(
-                        lambda i: T.gemv(lay.qargs(i)[0][:1], *lay.qargs(i)[1:], cfg=cfg)
+                        lambda i: T.gemv(lay.qargs(i)[0][:1], *lay.qargs(i)[1:], cfg=cfg), n_inner=lay.n_inner
                     ),
                 )
                 if t is not None:
@@ -186,12 +190,16 @@ def tune(shapes, log):
                     if y is not None:
                         log(f"  mm {cfg} WRONG {rel_err(y, ref16):.2e}")
                     continue
-                t16 = _try(log, "bench", lambda cfg=cfg: bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=cfg)))
+                t16 = _try(
+                    log,
+                    "bench",
+                    lambda cfg=cfg: bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=cfg), n_inner=lay.n_inner),
+                )
                 t1 = _try(
                     log,
                     "bench",
                     lambda cfg=cfg: bench_graph(
-                        lambda i: T.mm(lay.qargs(i)[0][:1], *lay.qargs(i)[1:], cfg=cfg)
+                        lambda i: T.mm(lay.qargs(i)[0][:1], *lay.qargs(i)[1:], cfg=cfg), n_inner=lay.n_inner
                     ),
                 )
                 if t16 is not None:
@@ -212,7 +220,9 @@ def tune(shapes, log):
                 t = _try(
                     log,
                     "bench",
-                    lambda cfg=cfg: bench_graph(lambda i: T.mm(x128, *lay.qargs(i)[1:], cfg=cfg)),
+                    lambda cfg=cfg: bench_graph(
+                        lambda i: T.mm(x128, *lay.qargs(i)[1:], cfg=cfg), n_inner=lay.n_inner
+                    ),
                 )
                 if t is not None:
                     res128.append((t, "mm", cfg))
@@ -294,7 +304,8 @@ def main():
                     lambda cfg=cfg: bench_graph(
                         lambda i: T.dequantize_rows(
                             *lay.q[i % len(lay.q)], torch.bfloat16, 0, rows_, out=out, cfg=cfg
-                        )
+                        ),
+                        n_inner=lay.n_inner,
                     ),
                 )
                 if t is not None:
@@ -332,25 +343,35 @@ def main():
             r["cuda_mma"] = None
             if m <= 16 and cuda_mma.supports(x0, n, k):
                 r["cuda_mma"] = _try(
-                    log, "cuda_mma", lambda: bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i)))
+                    log,
+                    "cuda_mma",
+                    lambda: bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i)), n_inner=lay.n_inner),
                 )
                 for w in [int(v) for v in args.mma_warps.split(",") if v]:
                     t = _try(
                         log,
                         "cuda_mma",
-                        lambda w=w: bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i), warps=w)),
+                        lambda w=w: bench_graph(
+                            lambda i: cuda_mma.linear(*lay.qargs(i), warps=w), n_inner=lay.n_inner
+                        ),
                     )
                     log(
                         f"  cuda_mma {name} M={m} warps={w}: {t} us (default {cuda_mma.warps_for(n, k, x0.device)})"
                     )
             r["gemv"] = (
-                _try(log, "gemv", lambda: bench_graph(lambda i: T.gemv(*lay.qargs(i)))) if m <= 4 else None
+                _try(log, "gemv", lambda: bench_graph(lambda i: T.gemv(*lay.qargs(i)), n_inner=lay.n_inner))
+                if m <= 4
+                else None
             )
             r["mm"] = (
-                _try(log, "mm", lambda: bench_graph(lambda i: T.mm(*lay.qargs(i)))) if m <= 2048 else None
+                _try(log, "mm", lambda: bench_graph(lambda i: T.mm(*lay.qargs(i)), n_inner=lay.n_inner))
+                if m <= 2048
+                else None
             )
             r["dequant_mm"] = _try(
-                log, "dequant_mm", lambda: bench_graph(lambda i: T.dequant_mm(*lay.qargs(i)))
+                log,
+                "dequant_mm",
+                lambda: bench_graph(lambda i: T.dequant_mm(*lay.qargs(i)), n_inner=lay.n_inner),
             )
             if not args.no_torch_dequant and m in (1, 2048):
                 r["torch_deq"] = (

@@ -42,18 +42,29 @@ def sweep(name: str, n: int, k: int, m: int, warps: list[int], load_only: bool) 
     x0, wp, ws, mul = lay.qargs(0)
     ref = x0.double() @ dequantize(wp, ws, mul, "multiplier", torch.float64).t()
     nw, nx = len(lay.w16), len(lay.x)
-    cub = bench_graph(lambda i: torch.nn.functional.linear(lay.x[i % nx], lay.w16[i % nw]))
-    default = bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i)))
+    cub = bench_graph(
+        lambda i: torch.nn.functional.linear(lay.x[i % nx], lay.w16[i % nw]), n_inner=lay.n_inner
+    )
+    default = bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i)), n_inner=lay.n_inner)
     results = []
     for v, w in itertools.product(VARIANTS, warps):
         err = rel_err(cuda_mma.linear(x0, wp, ws, mul, warps=w, variant=v), ref)
         assert err < 1e-2, (name, m, v, w, err)
-        t = bench_graph(lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v))
+        t = bench_graph(
+            lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v), n_inner=lay.n_inner
+        )
         results.append((t, v, w))
     t, v, w = min(results, key=lambda r: r[0])
     if load_only:
         lo = [
-            (bench_graph(lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v)), v, w)
+            (
+                bench_graph(
+                    lambda i, v=v, w=w: cuda_mma.linear(*lay.qargs(i), warps=w, variant=v),
+                    n_inner=lay.n_inner,
+                ),
+                v,
+                w,
+            )
             for v, w in itertools.product(LOAD_ONLY, warps)
         ]
         print("  load only: " + " ".join(f"{r[0]:.1f}@B{r[1]['MINB']}w{r[2]}" for r in lo))

@@ -80,8 +80,8 @@ def main() -> int:
             x, wp, ws, mul = lay.qargs(0)
             ref = x.double() @ dequantize(wp, ws, mul, "multiplier", torch.float64).t()
             default = T.mm_config(m, n, k, x.device)
-            t_default = bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=default))
-            t_dispatch = bench_graph(lambda i: K.nvfp4_linear(*lay.qargs(i)))
+            t_default = bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=default), n_inner=lay.n_inner)
+            t_dispatch = bench_graph(lambda i: K.nvfp4_linear(*lay.qargs(i)), n_inner=lay.n_inner)
             results = []
             for cfg in variants(m, n, k):
                 try:
@@ -90,7 +90,9 @@ def main() -> int:
                     if err > 1e-2:
                         print(f"  WRONG {err:.2e} {cfg}", flush=True)
                         continue
-                    results.append((bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=cfg)), cfg))
+                    results.append(
+                        (bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=cfg), n_inner=lay.n_inner), cfg)
+                    )
                 except Exception as e:  # out of shared memory / registers for this tile
                     print(f"  failed {cfg}: {type(e).__name__}", flush=True)
             results.sort(key=lambda r: r[0])

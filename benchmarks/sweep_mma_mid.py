@@ -110,9 +110,11 @@ def main() -> int:
             x, wp, ws, mul = lay.qargs(0)
             ref = x.double() @ dequantize(wp, ws, mul, "multiplier", torch.float64).t()
             nw, nx = len(lay.w16), len(lay.x)
-            t_cublas = bench_graph(lambda i: torch.nn.functional.linear(lay.x[i % nx], lay.w16[i % nw]))
-            t_tldot = bench_graph(lambda i: T.mm(*lay.qargs(i)))
-            t_dispatch = bench_graph(lambda i: K.nvfp4_linear(*lay.qargs(i)))
+            t_cublas = bench_graph(
+                lambda i: torch.nn.functional.linear(lay.x[i % nx], lay.w16[i % nw]), n_inner=lay.n_inner
+            )
+            t_tldot = bench_graph(lambda i: T.mm(*lay.qargs(i)), n_inner=lay.n_inner)
+            t_dispatch = bench_graph(lambda i: K.nvfp4_linear(*lay.qargs(i)), n_inner=lay.n_inner)
             results = []
             complete = True
             for var, warps in variants(m):
@@ -127,7 +129,9 @@ def main() -> int:
                 if not err < 1e-2:
                     print(f"  WRONG {err:.2e} {var} w{warps}", flush=True)
                     continue
-                t = bench_graph(lambda i: cuda_mma.linear(*lay.qargs(i), warps=warps, variant=var))
+                t = bench_graph(
+                    lambda i: cuda_mma.linear(*lay.qargs(i), warps=warps, variant=var), n_inner=lay.n_inner
+                )
                 results.append((t, var, warps))
             if not results:  # out of budget before the first variant, or none launched (printed above)
                 continue

@@ -46,8 +46,11 @@ def main() -> None:
         for m in [int(v) for v in args.m.split(",")]:
             lay = Layer(n, k, m)
             nw = len(lay.w16)
-            cublas = bench_graph(lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw]))
-            dmm = bench_graph(lambda i: T.dequant_mm(*lay.qargs(i)))
+            cublas = bench_graph(
+                lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw]),
+                n_inner=lay.n_inner,
+            )
+            dmm = bench_graph(lambda i: T.dequant_mm(*lay.qargs(i)), n_inner=lay.n_inner)
             ref = torch.nn.functional.linear(lay.x[0].float(), lay.w16[0].float())
             res = []
             for cfg in variants():
@@ -60,7 +63,9 @@ def main() -> None:
                         print(f"  WRONG {err:.2e} {cfg}", flush=True)
                         broken.add(key)
                         continue
-                    res.append((bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=cfg)), cfg))
+                    res.append(
+                        (bench_graph(lambda i: T.mm(*lay.qargs(i), cfg=cfg), n_inner=lay.n_inner), cfg)
+                    )
                 except Exception as e:  # compile failures, out of shared memory
                     print(f"  failed {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                     broken.add(key)

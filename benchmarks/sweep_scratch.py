@@ -41,7 +41,8 @@ def main() -> None:
 
             def cublas():
                 return bench_graph(
-                    lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw])
+                    lambda i: torch.nn.functional.linear(lay.x[i % len(lay.x)], lay.w16[i % nw]),
+                    n_inner=lay.n_inner,
                 )
 
             before = cublas()
@@ -52,7 +53,11 @@ def main() -> None:
                 err = rel_err(T.dequant_mm(*lay.qargs(0), scratch_bytes=nbytes), ref)
                 if err > 1e-2:
                     raise SystemExit(f"{name} M={m} scratch {mb} MB: rel err {err:.2e}")
-                times.append(bench_graph(lambda i: T.dequant_mm(*lay.qargs(i), scratch_bytes=nbytes)))
+                times.append(
+                    bench_graph(
+                        lambda i: T.dequant_mm(*lay.qargs(i), scratch_bytes=nbytes), n_inner=lay.n_inner
+                    )
+                )
             after = cublas()
             base = min(before, after)
             cells = " | ".join(f"{t:.1f}" for t in times)
