@@ -3,6 +3,7 @@
 
     pip install humming-kernels==0.1.20   # (cuda-bindings, jinja2, filelock come with a CUDA image)
     PYTHONPATH=src python benchmarks/bench_humming.py [--m 1,2,...] [--out DIR] [--reps 10] [--budget-s 330]
+        [--shapes expert,70B]
 
 One run, one card: first correctness of every backend against a float64 decoding of the weight (odd N,
 K not a multiple of 128, bf16 and fp16, memory poisoned with NaN first), then the transformed copy
@@ -284,7 +285,7 @@ def report(results, log):
                 f"median {ratios[len(ratios) // 2]:.2f}x, {sum(v >= 0.95 for v in ratios)} of {len(ratios)} points met"
             )
     log("\nours / Humming time per (shape class, M) (> 1: Humming faster), for kernels/table.py:")
-    for cls in ("tiny", "small", "medium", "large"):
+    for cls in ("tiny", "small", "medium", "big", "large"):
         line = []
         for m in sorted({r["m"] for r in results}):
             rs = [r for r in results if r["m"] == m and TB.shape_class(r["n"], r["k"]) == cls]
@@ -301,8 +302,13 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument(
+        "--shapes", default="", help="only the layers whose label contains one of these (comma-separated)"
+    )
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what would start past this (seconds)")
     args = ap.parse_args()
+    if args.shapes:  # memory, timing and the correctness cases all read SHAPES
+        SHAPES[:] = [s for s in SHAPES if any(p and p in s[0] for p in args.shapes.split(","))]
     lines = []
 
     def log(s=""):

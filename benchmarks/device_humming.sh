@@ -13,7 +13,8 @@
 # humming-kernels wheel travels:
 #   here:   mkdir -p .whl/humming && pip download humming-kernels==0.1.20 --no-deps -d .whl/humming
 #   run:    command "bash benchmarks/device_humming.sh", carry [".whl/humming"]   (~7.5 minutes; at most ~8.7)
-# HSTEPS="bench prefill pytest" (the default) picks the steps.
+# HSTEPS="bench prefill pytest" (the default) picks the steps; BENCH_ARGS adds arguments to bench_humming.py
+# (e.g. --shapes expert), TEST_K picks tests (pytest -k).
 # Outputs under $OUT (6 files): bench_humming.md, bench_humming.json, bench.log, prefill.md,
 # prefill.log, pytest.log.
 set -u -o pipefail
@@ -30,7 +31,7 @@ has() { [[ " $HSTEPS " == *" $1 "* ]]; }
 
 if has bench; then
     stamp "bench_humming"
-    timeout ${BENCH_S:-300} python3 benchmarks/bench_humming.py --out "$OUT" --budget-s $(( ${BENCH_S:-300} - 25 )) \
+    timeout ${BENCH_S:-300} python3 benchmarks/bench_humming.py ${BENCH_ARGS:-} --out "$OUT" --budget-s $(( ${BENCH_S:-300} - 25 )) \
         > "$OUT/bench.log" 2>&1
     echo "rc $?"; grep -A14 "^Targets of issue 18" "$OUT/bench.log"; grep "^correctness\|^(total" "$OUT/bench.log"
 fi
@@ -44,7 +45,7 @@ if has pytest; then
     stamp "pytest"
     timeout ${TEST_S:-125} python3 -m pytest -q -p no:cacheprovider --timeout 90 -rfE \
         tests/test_backends.py tests/test_humming.py tests/test_selection.py \
-        tests/test_kernels.py::test_gpu_no_sync_graph_and_compile > "$OUT/pytest.log" 2>&1
+        tests/test_kernels.py::test_gpu_no_sync_graph_and_compile ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.log" 2>&1
     echo "rc $?"; tail -3 "$OUT/pytest.log"; grep -m10 "^FAILED\|^ERROR" "$OUT/pytest.log"
 fi
 stamp "done"

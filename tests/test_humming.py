@@ -53,6 +53,7 @@ def test_table_rows():
     M; ours at every M on the experts."""
     assert T.shape_class(2048, 768) == "tiny" and T.shape_class(6144, 4096) == "small"
     assert T.shape_class(4096, 14336) == "medium" and T.shape_class(28672, 4096) == "large"
+    assert T.shape_class(10240, 8192) == "big" and T.shape_class(8192, 8192) == "medium"
     h100 = (9, 0)
     assert T.backend_for(h100, 1, 6144, 4096) == "nvfp4"
     assert T.backend_for(h100, 1, 28672, 4096) == "humming"
@@ -67,6 +68,10 @@ def test_table_rows():
     assert T.backend_for(h100, 1024, 4096, 14336) == "humming"
     assert T.backend_for(h100, 1025, 4096, 14336) == "nvfp4"
     assert T.backend_for(h100, 2048, 57344, 8192) == "humming"
+    # 70B q/k/v: ours at M = 1 (0.90x Humming's time), Humming from M = 2
+    assert T.backend_for(h100, 1, 10240, 8192) == "nvfp4"
+    assert T.backend_for(h100, 2, 10240, 8192) == T.backend_for(h100, 2048, 10240, 8192) == "humming"
+    assert T.backend_for(h100, 2049, 10240, 8192) == "nvfp4"
     assert T.backend_for(h100, 4096, 57344, 8192) == "nvfp4"
     for cc in ((7, 5), (8, 0), (8, 9), (10, 0), (12, 0)):  # unmeasured cards: our kernels
         assert T.backend_for(cc, 128, 4096, 4096) == "nvfp4", cc
@@ -77,7 +82,7 @@ def test_table_rows():
 
 def test_table_has_no_holes_on_the_h100():
     """Every M from 1 to 8192 and every shape class hit an explicit row on sm_90."""
-    for n, k in ((2048, 768), (4096, 4096), (4096, 14336), (28672, 4096)):
+    for n, k in ((2048, 768), (4096, 4096), (4096, 14336), (10240, 8192), (28672, 4096)):
         cls = T.shape_class(n, k)
         for m in range(1, 8193):
             assert any(
@@ -261,18 +266,24 @@ def test_gpu_humming_in_cuda_graph_and_compile():
 @needs_humming
 def test_gpu_compile_failure_falls_back(tmp_path):
     """A Humming cache directory that cannot be created (a file stands in its way) makes every JIT
-    compile fail: auto logs it and the result still comes, from our kernels."""
+    compile fail: auto logs it and the result still comes, from our kernels. The call shape is one that
+    kernels/table.py sends to Humming on this card."""
+    cc = torch.cuda.get_device_capability()
+    n, k = 4096, 4096
+    m = next((m for m in (64, 128, 512, 1, 16) if T.backend_for(cc, m, n, k) == "humming"), None)
+    if m is None:
+        pytest.skip(f"kernels/table.py sends no {n}x{k} call to Humming on sm_{cc[0]}{cc[1]}")
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     code = textwrap.dedent(
-        """
+        f"""
         import logging, torch
         logging.basicConfig(level=logging.INFO)
         from nvfp4_fix import settings
         import nvfp4_fix.kernels as K
-        wp = torch.randint(0, 256, (512, 1024), dtype=torch.uint8, device="cuda")
-        ws = torch.ones((512, 128), device="cuda").to(torch.float8_e4m3fn)
-        x = torch.randn(64, 2048, dtype=torch.bfloat16, device="cuda")
+        wp = torch.randint(0, 256, ({n}, {k // 2}), dtype=torch.uint8, device="cuda")
+        ws = (torch.rand(({n}, {k // 16}), device="cuda") + 0.5).to(torch.float8_e4m3fn)
+        x = torch.randn({m}, {k}, dtype=torch.bfloat16, device="cuda")
         with settings.override(humming=True):
             y = K.nvfp4_linear(x, wp, ws, torch.tensor(1.0, device="cuda"))
             ref = K.nvfp4_linear(x, wp, ws, torch.tensor(1.0, device="cuda"), kernel="reference")
@@ -282,5 +293,5 @@ def test_gpu_compile_failure_falls_back(tmp_path):
     env = dict(os.environ, HUMMING_CACHE_DIR=str(blocker / "cache"))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Humming cannot run a 512x2048 weight" in res.stderr, res.stderr[-3000:]
+    assert f"Humming cannot run a {n}x{k} weight" in res.stderr, res.stderr[-3000:]
     assert float(res.stdout.split("relerr")[-1]) < 1e-2
