@@ -70,18 +70,24 @@ def test_spill_report_is_read():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_moe_decode_kernels_compile_without_spills(arch, dtype):
-    """kernels/cuda_moe.py's gate_up, down and down_sum kernels (each compiled with its own variant;
-    gate_up exists only where RT = 2, the two tiles its epilogue reads)."""
+    """kernels/cuda_moe.py's gate_up, down and down_sum kernels and the sorted gate_up / down (each
+    compiled with its own variant; the gate_up ones exist only where RT = 2, the two tiles their
+    epilogues read)."""
     from nvfp4_fix.kernels import cuda_moe
 
     for variant, launched in (
-        (cuda_moe.GATE_UP_VARIANT, "nvfp4_moe_gate_up"),
-        (cuda_moe.DOWN_VARIANT, "nvfp4_moe_down"),
-        (cuda_moe.DOWN_SUM_VARIANT, "nvfp4_moe_down_sum"),
+        (cuda_moe.GATE_UP_VARIANT, ("nvfp4_moe_gate_up", "nvfp4_moe_gate_up_sorted")),
+        (cuda_moe.DOWN_VARIANT, ("nvfp4_moe_down", "nvfp4_moe_down_sorted")),
+        (cuda_moe.DOWN_SUM_VARIANT, ("nvfp4_moe_down_sum",)),
     ):
         _, log = nvrtc.compile_with_log(cuda_moe.source(dtype, variant), arch, ("--ptxas-options=-v",))
         kernels = re.findall(r"Function properties for (\w+)", log)
-        assert launched in kernels and ("nvfp4_moe_gate_up" in kernels) == (variant["RT"] == 2), log
+        assert set(launched) <= set(kernels), log
+        assert (
+            ("nvfp4_moe_gate_up" in kernels)
+            == ("nvfp4_moe_gate_up_sorted" in kernels)
+            == (variant["RT"] == 2)
+        )
         assert ("nvfp4_moe_down_sum" in kernels) == ("PAIR_SUM" in variant), log
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
         assert len(spills) == len(kernels) and all(a == b == "0" for a, b in spills), (variant, log)

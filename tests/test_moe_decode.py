@@ -218,15 +218,18 @@ E30, H30, I30, TOPK30 = 128, 2048, 768, 8
 @pytest.mark.parametrize("t", [1, 8, 16], ids=["T1", "T8", "T16-grouped"])
 def test_gpu_qwen3_30b_experts_match_float64(t):
     """grouped_forward on the GPU (packed-PTX dequantization, bf16): the fused decode kernels at 8 and 64
-    pairs, the grouped tl.dot kernels with the SiLU and routing-weight epilogues at 128."""
-    from nvfp4_fix import expert_stack
+    pairs, the sorted ones at 128 (the grouped tl.dot kernels with settings.cuda_moe off)."""
+    from nvfp4_fix import expert_stack, settings
 
     st = _experts(E30, H30, I30, seed=t, device="cuda")
     idx, w = _routing(t, TOPK30, E30, seed=t, invalid=t > 1)
     x = torch.randn(t, H30, device="cuda", dtype=torch.bfloat16)
     idx, w = idx.cuda(), w.to("cuda", torch.bfloat16)
-    got = expert_stack.grouped_forward(st, x, idx, w, torch.nn.SiLU(), False)
-    assert rel(got, reference_moe(st, x, idx, w)) <= TOL[torch.bfloat16]
+    ref = reference_moe(st, x, idx, w)
+    for cuda_moe in (True, False):
+        with settings.override(cuda_moe=cuda_moe):
+            got = expert_stack.grouped_forward(st, x, idx, w, torch.nn.SiLU(), False)
+        assert rel(got, ref) <= TOL[torch.bfloat16], cuda_moe
 
 
 @gpu
@@ -271,15 +274,59 @@ def test_gpu_cuda_decode_experts_match_float64(
 
 @gpu
 @needs_cuda
-def test_gpu_decode_experts_graph_replays_any_routing():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "t,e,topk,h,i,skew",
+    [
+        (16, E30, 8, H30, I30, False),  # 128 pairs of the Qwen3-30B-A3B experts: ~1 per expert
+        (64, E30, 8, H30, I30, False),  # 512 pairs: ~4 per expert, some past 8 (two blocks)
+        (40, 16, 4, 384, 256, False),  # 160 pairs on 16 experts: ~10 each
+        (33, 8, 4, 256, 1408, True),  # every token on experts 0-3: 33 pairs each, a partial 5th block
+    ],
+    ids=["30B-T16", "30B-T64", "16e-T40", "skewed-T33"],
+)
+def test_gpu_sorted_cuda_experts_match_float64(dtype, t, e, topk, h, i, skew):
+    """Above 64 pairs the CUDA kernels take the pairs sorted by expert (``cuda_moe.*_sorted``, up to 8
+    pairs of one expert per block): against the float64 MoE, with pairs routed to no expert, int32 ids
+    read column-major, float32 routing weights; the Triton per-pair kernels and ``grouped_forward`` on
+    the same inputs."""
+    from nvfp4_fix import expert_stack
+    from nvfp4_fix.kernels import moe_decode
+    from nvfp4_fix.kernels.moe_decode import decode_experts
+
+    st = _experts(e, h, i, seed=t + i, device="cuda")
+    idx, w = _routing(t, topk, e, seed=t, invalid=True)
+    if skew:
+        idx = torch.arange(topk).repeat(t, 1)
+        idx[0, 1], idx[-1, -1] = -1, e
+    assert moe_decode.sorted_cuda_may_run(torch.empty(1, device="cuda", dtype=dtype), t * topk, h, i)
+    ids = idx.to(torch.int32).T.contiguous().T.cuda()
+    w = w.to("cuda", torch.float32)
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    gate_up = (st.gate_up_codes, st.gate_up_scales, st.gate_up_mul)
+    down = (st.down_codes, st.down_scales, st.down_mul)
+    ref = reference_moe(st, x, idx, w)
+    for backend in ("cuda", "triton"):
+        got = decode_experts(x, ids, w, gate_up, down, backend=backend)
+        assert got.dtype == dtype and got.shape == (t, h)
+        assert rel(got, ref) <= TOL[dtype], backend
+    got = expert_stack.grouped_forward(st, x, ids, w, torch.nn.SiLU(), False)
+    assert rel(got, ref) <= TOL[dtype]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("t", [1, 16], ids=["T1-indexed", "T16-sorted"])
+def test_gpu_decode_experts_graph_replays_any_routing(t):
     """One captured call serves every routing (ids and weights copied into the captured inputs), also
-    with pairs routed to no expert: replays equal eager calls bit for bit."""
+    with pairs routed to no expert: replays equal eager calls bit for bit (the sorted kernels' routing
+    step included)."""
     from nvfp4_fix import expert_stack
 
     st = _experts(E30, H30, I30, seed=3, device="cuda")
     silu = torch.nn.SiLU()
-    x = torch.randn(1, H30, device="cuda", dtype=torch.bfloat16)
-    idx, w = (a.cuda() for a in _routing(1, TOPK30, E30, seed=0, invalid=False))
+    x = torch.randn(t, H30, device="cuda", dtype=torch.bfloat16)
+    idx, w = (a.cuda() for a in _routing(t, TOPK30, E30, seed=0, invalid=False))
     w = w.to(torch.bfloat16)
 
     def step():
@@ -287,7 +334,7 @@ def test_gpu_decode_experts_graph_replays_any_routing():
 
     graph, out = captured(step)
     for seed in (1, 2, 3):
-        new_idx, new_w = _routing(1, TOPK30, E30, seed=seed, invalid=seed == 2)
+        new_idx, new_w = _routing(t, TOPK30, E30, seed=seed, invalid=seed == 2)
         idx.copy_(new_idx)
         w.copy_(new_w)
         x.copy_(torch.randn_like(x))

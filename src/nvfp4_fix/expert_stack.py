@@ -156,7 +156,8 @@ def grouped_forward(
     compiling = torch.compiler.is_compiling()
     quantize = st.divisors is not None and quantize_activations
     silu = md.is_silu(act_fn)
-    if block_m == 1 and not quantize and silu:
+    decode = block_m == 1 or md.sorted_cuda_may_run(hidden_states, t * k, h, rows)
+    if decode and not quantize and silu:
         gate_up = (st.gate_up_codes, st.gate_up_scales, st.gate_up_mul)
         down = (st.down_codes, st.down_scales, st.down_mul)
         if compiling:

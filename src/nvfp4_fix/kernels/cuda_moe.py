@@ -93,6 +93,57 @@ nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, 
     act[(u64)p * ld_act + n0 + i] = o;
   }
 }
+
+// The same for pairs sorted by expert (kernels/moe_grouped.route with block_m = 8): block y holds up to
+// 8 pairs of expert block_expert[y], one per token column of the MMA (lane column g reads the x row of
+// pair slot g), so the expert's weights are read once for all 8. Padding slots (id >= num_pairs) repeat
+// slot 0's row and are not stored; blocks of an expert outside [0, E) return at once.
+extern "C" __global__ void __launch_bounds__(256, MINB)
+nvfp4_moe_gate_up_sorted(const u16* __restrict__ x, int ldx, const u8* __restrict__ w,
+                         const u8* __restrict__ s, long long w_se, long long s_se,
+                         const float* __restrict__ mul, int mul_se,
+                         const int* __restrict__ pairs, const int* __restrict__ block_expert, int num_pairs,
+                         int topk, int E, u16* __restrict__ act, int ld_act, int I, int H)
+{
+  const int b = blockIdx.y;
+  const long long e = block_expert[b];
+  if (e < 0 || e >= E) return;
+  __shared__ Partials red;
+  clear_partials(red);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int chunks = H >> 7;
+  const u8* wb = w + e * w_se;
+  const u8* sb = s + e * s_se;
+  const u8* wp[4];
+  const u8* sp[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = min(n0 + g + 8 * (i & 1), I - 1) + (i >> 1) * I;
+    wp[i] = wb + (u64)row * (H >> 1) + t * 16;
+    sp[i] = sb + (u64)row * (H >> 4) + t * 2;
+  }
+  const int pg = pairs[b * 8 + g];
+  const int prow = pg < num_pairs ? pg : pairs[b * 8];
+  const u16* xr[1] = {x + (u64)(prow / topk) * ldx + t * 32};
+  float acc[QA][RT][NT][4] = {};
+  mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
+  store_partials(red, acc, warp, 0, g, t);
+  __syncthreads();
+  const float mg = mul[e * mul_se] * 128.0f, mu = mul[e * mul_se + 1] * 128.0f;
+  for (int idx = threadIdx.x; idx < 8 * 16; idx += blockDim.x) {
+    const int m = idx >> 4, i = idx & 15;
+    const int p = pairs[b * 8 + m];
+    if (p >= num_pairs || n0 + i >= I) continue;
+    const float gate = sum_partials(red, warps, m, i) * mg;
+    const float up = sum_partials(red, warps, m, 16 + i) * mu;
+    const float a = gate / (1.0f + expf(-gate)) * up;
+    u16 o;
+    asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(a));
+    act[(u64)p * ld_act + n0 + i] = o;
+  }
+}
 #endif
 
 // acc += rows n0 .. n0 + 16 * RT - 1 (clamped to H - 1) of expert e's down projection [H, I] times the
@@ -138,6 +189,42 @@ nvfp4_moe_down(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w
   const float scale = mul[e * mul_se] * 128.0f * routing_weight(rw, rw_kind, rw_st, rw_sk, p, topk);
   for (int i = threadIdx.x; i < 16 * RT; i += blockDim.x) {
     if (n0 + i < H) y[(u64)p * ldy + n0 + i] = sum_partials(red, warps, 0, i) * scale;
+  }
+}
+
+// down for pairs sorted by expert (as nvfp4_moe_gate_up_sorted): y [pairs, H] float32, each pair's row
+// times its multiplier and routing weight; rows of pairs in no block (routed to no expert) unwritten.
+extern "C" __global__ void __launch_bounds__(256, MINB)
+nvfp4_moe_down_sorted(const u16* __restrict__ act, int ld_act, const u8* __restrict__ w,
+                      const u8* __restrict__ s, long long w_se, long long s_se,
+                      const float* __restrict__ mul, int mul_se,
+                      const int* __restrict__ pairs, const int* __restrict__ block_expert, int num_pairs,
+                      int topk, int E, const void* __restrict__ rw, int rw_kind, long long rw_st,
+                      long long rw_sk, float* __restrict__ y, int ldy, int H, int I)
+{
+  const int b = blockIdx.y;
+  const long long e = block_expert[b];
+  if (e < 0 || e >= E) return;
+  __shared__ Partials red;
+  clear_partials(red);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16 * RT;
+  const int chunks = I >> 7;
+  const int pg = pairs[b * 8 + g];
+  const int prow = pg < num_pairs ? pg : pairs[b * 8];
+  float acc[QA][RT][NT][4] = {};
+  down_rows(acc, w, s, e, w_se, s_se, act + (u64)prow * ld_act, n0, g, t, H, I, chunks * warp / warps,
+            chunks * (warp + 1) / warps);
+  store_partials(red, acc, warp, 0, g, t);
+  __syncthreads();
+  const float me = mul[e * mul_se] * 128.0f;
+  for (int idx = threadIdx.x; idx < 8 * 16 * RT; idx += blockDim.x) {
+    const int m = idx / (16 * RT), i = idx % (16 * RT);
+    const int p = pairs[b * 8 + m];
+    if (p >= num_pairs || n0 + i >= H) continue;
+    const float rwp = routing_weight(rw, rw_kind, rw_st, rw_sk, p, topk);
+    y[(u64)p * ldy + n0 + i] = sum_partials(red, warps, m, i) * me * rwp;
   }
 }
 
@@ -213,6 +300,8 @@ DOWN_SUM_WARPS = 8  # the pair slots of one token (top-8) side by side; fewer sl
 #: two accumulator sets spill under the down variant's two-block cap on sm_90).
 DOWN_SUM_VARIANT = {**DOWN_VARIANT, "MINB": 1, "PAIR_SUM": 1}
 _RW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: Pairs of one expert per block of the sorted kernels (``*_sorted``): the 8 token columns of one MMA.
+SORTED_BLOCK = 8
 
 
 def source(dtype: torch.dtype, variant: dict[str, int]) -> str:
@@ -300,6 +389,83 @@ def down(
     _launch_down("nvfp4_moe_down", DOWN_VARIANT, pairs, warps, act, top_k_index, top_k_weights, codes, scales,
                  mul, y)  # fmt: skip
     return y
+
+
+def gate_up_act_sorted(
+    x: torch.Tensor,
+    pairs: torch.Tensor,
+    block_expert: torch.Tensor,
+    topk: int,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mul: torch.Tensor,
+) -> torch.Tensor:
+    """``gate_up_act`` for pairs sorted by expert: ``pairs`` [blocks * SORTED_BLOCK] int32 pair ids in
+    expert order (the pair count marks padding) and ``block_expert`` [blocks] int32, as
+    ``moe_grouped.route(top_k_index, E, SORTED_BLOCK)`` lays them out. act rows of pairs in no block
+    (routed to no expert) are not written."""
+    t, h = x.shape
+    e, two_i, _ = codes.shape
+    i = two_i // 2
+    num_pairs = t * topk
+    _check_sorted(pairs, block_expert)
+    act = torch.empty(num_pairs, i, dtype=x.dtype, device=x.device)
+    kern = _kernel(x.dtype, "nvfp4_moe_gate_up_sorted", x.device, GATE_UP_VARIANT)
+    warps = GATE_UP_WARPS or cuda_mma.warps_for(i * num_pairs, h, x.device)
+    kern.launch(
+        (i // 16, block_expert.numel(), 1), (32 * warps, 1, 1),
+        x, x.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
+        mul, mul.stride(0), pairs, block_expert, num_pairs, topk, e, act, act.stride(0), i, h,
+    )  # fmt: skip
+    return act
+
+
+def down_sorted(
+    act: torch.Tensor,
+    pairs: torch.Tensor,
+    block_expert: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mul: torch.Tensor,
+) -> torch.Tensor:
+    """``down`` for pairs sorted by expert (``gate_up_act_sorted``'s layout): y [pairs, H] float32."""
+    num_pairs, i = act.shape
+    e, h, _ = codes.shape
+    topk = top_k_weights.shape[1]
+    _check_sorted(pairs, block_expert)
+    if num_pairs != top_k_weights.numel():
+        raise ValueError(
+            f"down_sorted: act {tuple(act.shape)} for routing weights {tuple(top_k_weights.shape)}"
+        )
+    y = torch.empty(num_pairs, h, dtype=torch.float32, device=act.device)
+    rows = 16 * DOWN_VARIANT["RT"]
+    warps = DOWN_WARPS or cuda_mma.warps_for(h * num_pairs, i, act.device, rows)
+    _kernel(act.dtype, "nvfp4_moe_down_sorted", act.device, DOWN_VARIANT).launch(
+        (-(-h // rows), block_expert.numel(), 1), (32 * warps, 1, 1),
+        act, act.stride(0), codes, scales.view(torch.uint8), _i64(codes.stride(0)), _i64(scales.stride(0)),
+        mul, mul.stride(0), pairs, block_expert, num_pairs, topk, e,
+        top_k_weights, _RW_KINDS[top_k_weights.dtype], _i64(top_k_weights.stride(0)),
+        _i64(top_k_weights.stride(1)), y, y.stride(0), h, i,
+    )  # fmt: skip
+    return y
+
+
+def _check_sorted(pairs: torch.Tensor, block_expert: torch.Tensor) -> None:
+    ok = (
+        pairs.dtype == block_expert.dtype == torch.int32
+        and pairs.is_contiguous()
+        and block_expert.is_contiguous()
+    )
+    if (
+        not ok
+        or pairs.numel() != block_expert.numel() * SORTED_BLOCK
+        or not 0 < block_expert.numel() <= 65535
+    ):
+        raise ValueError(
+            f"sorted experts: pairs {pairs.dtype} {tuple(pairs.shape)} and block_expert {block_expert.dtype} "
+            f"{tuple(block_expert.shape)}: need contiguous int32, {SORTED_BLOCK} pair slots per block"
+        )
 
 
 def down_sum(

@@ -29,7 +29,7 @@ import triton.language as tl
 from .. import settings
 from . import cuda_moe
 from .device import on_device_of
-from .moe_grouped import _INTERPRET
+from .moe_grouped import _INTERPRET, INDEXED_MAX_PAIRS, route
 from .triton_dequant import _dequant_tile
 
 __all__ = ["Tiles", "GATE_UP_TILES", "DOWN_TILES", "SUM_BLOCK", "decode_experts", "sum_pairs", "is_silu"]
@@ -48,6 +48,10 @@ GATE_UP_TILES = Tiles(bn=32, bk=128, warps=4)
 DOWN_TILES = Tiles(bn=64, bk=128, warps=4)
 MAX_SLOTS = 8  # pairs of one token per pass of the down kernel (more: several passes; 16 spill on sm_90)
 SUM_BLOCK = 1024
+#: Above moe_grouped.INDEXED_MAX_PAIRS (pairs read indexed: an expert's weights once per pair) and up to
+#: this many pairs, the CUDA kernels take the pairs sorted by expert (``cuda_moe.*_sorted``: one read
+#: per 8 pairs of an expert); beyond, moe_grouped's tl.dot kernels.
+SORTED_MAX_PAIRS = 4096
 
 
 def is_silu(act_fn: object) -> bool:
@@ -196,6 +200,20 @@ def sum_pairs(
     return out
 
 
+def sorted_cuda_may_run(x: torch.Tensor, num_pairs: int, h: int, i: int) -> bool:
+    """From shapes and settings alone (a traced call has no data pointers): whether ``decode_experts``
+    is meant for ``num_pairs`` pairs, through the sorted CUDA kernels (``cuda_moe.supports`` then
+    decides on the real tensors; if it refuses, the Triton decode kernels run, one read per pair)."""
+    return (
+        INDEXED_MAX_PAIRS < num_pairs <= SORTED_MAX_PAIRS
+        and x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and h % 128 == 0
+        and i % 128 == 0
+        and settings.current().cuda_moe
+    )
+
+
 def decode_experts(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -240,6 +258,16 @@ def decode_experts(
             f" I = {i}, ids {top_k_index.dtype}, weights {top_k_weights.dtype} (need CUDA sm_80+ with"
             " NVRTC, fp16/bf16 x, H and I multiples of 128, 16-byte aligned expert weights)"
         )
+    if on_cuda and t * topk > INDEXED_MAX_PAIRS:  # each expert's weights read once per 8 of its pairs
+        with on_device_of(x):
+            plan = route(top_k_index, e, cuda_moe.SORTED_BLOCK)
+            act = cuda_moe.gate_up_act_sorted(
+                x, plan.pairs, plan.block_expert, topk, gcodes, gscales, gmul.float()
+            )
+            y = cuda_moe.down_sorted(
+                act, plan.pairs, plan.block_expert, top_k_weights, dcodes, dscales, dmul.float()
+            )
+        return sum_pairs(y, top_k_index, e, x.dtype)
     if on_cuda:
         with on_device_of(x):
             act = cuda_moe.gate_up_act(x, top_k_index, gcodes, gscales, gmul.float())

@@ -184,10 +184,15 @@ def supports(x: torch.Tensor, codes: torch.Tensor) -> bool:
     )
 
 
+#: Up to this many (token, expert) pairs the kernels take them indexed, one pair per program (batch 8
+#: at top-8: at most a few tokens share an expert), without a routing step.
+INDEXED_MAX_PAIRS = 64
+
+
 def block_m_for(num_pairs: int) -> int:
-    """Pairs per tile: 1 (indexed, one pair per program) up to 64 pairs (batch 8 at top-8: at most a
-    few tokens share an expert), 16 up to 256, 64 beyond (prefill: tensor-core tiles)."""
-    return 1 if num_pairs <= 64 else 16 if num_pairs <= 256 else 64
+    """Pairs per tile: 1 (indexed) up to INDEXED_MAX_PAIRS, 16 up to 256, 64 beyond (prefill:
+    tensor-core tiles)."""
+    return 1 if num_pairs <= INDEXED_MAX_PAIRS else 16 if num_pairs <= 256 else 64
 
 
 def expert_mm(
