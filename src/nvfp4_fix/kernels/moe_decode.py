@@ -50,8 +50,9 @@ MAX_SLOTS = 8  # pairs of one token per pass of the down kernel (more: several p
 SUM_BLOCK = 1024
 #: Above moe_grouped.INDEXED_MAX_PAIRS (pairs read indexed: an expert's weights once per pair) and up to
 #: this many pairs, the CUDA kernels take the pairs sorted by expert (``cuda_moe.*_sorted``: one read
-#: per 8 pairs of an expert); beyond, moe_grouped's tl.dot kernels.
-SORTED_MAX_PAIRS = 4096
+#: per 8 pairs of an expert); beyond, moe_grouped's tl.dot kernels. H100, Qwen3-30B-A3B experts
+#: (benchmarks/RESULTS-moe-humming.md, session 15): 1.47x those at 2048 pairs, 0.94x at 4096.
+SORTED_MAX_PAIRS = 2048
 
 
 def is_silu(act_fn: object) -> bool:
