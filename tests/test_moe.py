@@ -68,6 +68,33 @@ def test_route_sorts_pairs_by_expert_and_pads_each_run():
     assert sorted(seen) == [i for i in range(10) if flat[i] < 4]  # each routed pair exactly once
 
 
+@pytest.mark.parametrize("block_m", [8, 16, 64])
+@pytest.mark.parametrize(
+    "t,topk,e,ids_dtype",
+    [(1, 8, 128, torch.int64), (16, 8, 128, torch.int64), (33, 4, 8, torch.int32), (300, 2, 60, torch.int64)],
+    ids=["T1", "T16", "skewed-int32", "T300"],
+)
+def test_route_kernel_equals_torch_route(block_m, t, topk, e, ids_dtype):
+    """``route``'s one-program kernel (here through Triton's interpreter) lays the pairs out exactly as
+    the torch ops do: same pair order, padding and block experts, with ids outside [0, E) and ids read
+    column-major through their strides."""
+    from nvfp4_fix.kernels import moe_grouped as mg
+
+    if not mg._INTERPRET:
+        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(t + e)
+    idx = torch.stack([torch.randperm(e, generator=g)[:topk] for _ in range(t)])
+    if t == 33:
+        idx = torch.arange(topk).repeat(t, 1)  # every token on the same experts: several blocks each
+    idx[0, -1], idx[-1, 0] = e, -1  # routed to no expert
+    ids = idx.to(ids_dtype).T.contiguous().T
+    assert t * topk <= mg.ROUTE_KERNEL_MAX_PAIRS
+    got, want = mg.route(ids, e, block_m), mg.route_torch(idx, e, block_m)
+    assert got.num_pairs == want.num_pairs == t * topk and got.block_m == block_m
+    torch.testing.assert_close(got.block_expert, want.block_expert, rtol=0, atol=0)
+    torch.testing.assert_close(got.pairs, want.pairs, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("block_m", [1, 16, 64], ids=lambda b: "indexed" if b == 1 else f"grouped{b}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
