@@ -5,7 +5,8 @@ weights built as benchmarks/sweep_moe_tiles.py builds them, every expert with it
 global scales (they differ, as in real checkpoints), at T = 1, 2, 4, 8 tokens (and optionally 128):
   ours: expert_stack.grouped_forward (cuda_moe: pairs indexed up to 64, sorted by expert up to
     moe_decode.SORTED_MAX_PAIRS, moe_grouped's tl.dot kernels above); "ours, Triton": the same with
-    settings.cuda_moe off (Triton decode kernels up to 64 pairs, moe_grouped above);
+    settings.cuda_moe off (Triton decode kernels up to 64 pairs, moe_grouped above); "ours, route kernel":
+    with settings.moe_route_kernel on (the pairs sorted by one Triton program, not ~35 torch ops);
   Humming (humming-kernels, indexed MoE GEMMs through HummingLayer(num_experts=128)): Humming takes one
     global scale per expert per weight tensor, so gate and up run as two MoE GEMMs (each with its own
     per-expert scales), then silu(gate) * up, then down (one row per (token, expert) pair), then the
@@ -54,7 +55,7 @@ from nvfp4_fix.kernels import humming as hk  # noqa: E402
 E, H, INTER, TOPK = 128, 2048, 768, 8
 TOL = 2e-2
 INDEXED = json.dumps({"gemm_type": "indexed"})
-ARMS = ("ours", "ours, Triton", "Humming", "Humming + routing", "bf16")
+ARMS = ("ours", "ours, route kernel", "ours, Triton", "Humming", "Humming + routing", "bf16")
 
 
 def packed(e: int, n: int, k: int, parts: int, device: str) -> tuple[torch.Tensor, ...]:
@@ -190,6 +191,12 @@ def humming_call(trio, cfgs, tables, x: torch.Tensor, idx: torch.Tensor, w: torc
     return torch.bmm(w.view(t, 1, k).to(y.dtype), y.view(t, k, -1)).view(t, -1)
 
 
+def route_kernel_experts(st: expert_stack.Stacked, *data: torch.Tensor) -> torch.Tensor:
+    """grouped_forward with settings.moe_route_kernel on: the pairs sorted by one Triton program."""
+    with settings.override(moe_route_kernel=True):
+        return expert_stack.grouped_forward(st, *data, torch.nn.SiLU(), False)
+
+
 def triton_experts(st: expert_stack.Stacked, *data: torch.Tensor) -> torch.Tensor:
     """grouped_forward with settings.cuda_moe off: the Triton kernels (decode and grouped tl.dot)."""
     with settings.override(cuda_moe=False):
@@ -273,6 +280,8 @@ def main() -> int:
         arms: dict[str, list[Callable[[], Any]]] = {
             "ours": [lambda st=st, d=d: expert_stack.grouped_forward(st, *d, silu, False)
                      for st, d in zip(layers, data, strict=True)],
+            "ours, route kernel": [lambda st=st, d=d: route_kernel_experts(st, *d)
+                                   for st, d in zip(layers, data, strict=True)],
             "ours, Triton": [lambda st=st, d=d: triton_experts(st, *d)
                              for st, d in zip(layers, data, strict=True)],
             "bf16": [lambda m=m, d=d: bf16_experts(*m, *d) for m, d in zip(dense, data, strict=True)],
@@ -324,10 +333,11 @@ def table(rows: list[dict], notes: list[str], n_layers: int) -> str:
         "Humming: gate and up as two MoE GEMMs (gate and up global scales differ per expert), silu * up, "
         "down, weights + sum; '+ routing': its tables built in the call. ours vs X = X us / ours us.",
         "",
-        "| T | ours us | ours, Triton us | Humming us | Humming + routing us | bf16 us | ours vs Humming "
-        "| ours vs bf16 | launches ours / Triton / Humming / + routing / bf16 "
-        "| rel err ours / Triton / Humming / + routing / bf16 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| T | ours us | ours, route kernel us | ours, Triton us | Humming us | Humming + routing us "
+        "| bf16 us | ours vs Humming | ours vs bf16 "
+        "| launches ours / route kernel / Triton / Humming / + routing / bf16 "
+        "| rel err ours / route kernel / Triton / Humming / + routing / bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n = " / ".join(str(r.get(f"n {a}", "-")) for a in ARMS)

@@ -1,16 +1,16 @@
 #!/bin/bash
 # Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
-# limit. Session 14 ran the humming table through session 12's table edit, the 48-layer MoE with
-# router_topk (2.08x / 2.03x), 43 MoE GPU tests, the generation GPU tests and 24 of test_backends' cases.
-# What it left unrun on a card (next session, in this order):
-#   call 1: STEPS=humming HSTEPS=pytest TEST_S=300 (carry [".whl/humming"]): every backend GPU test
-#           (test_backends, test_humming, test_selection, the graph/compile test); a machine without a
-#           Humming JIT cache needs ~13 s per shape, so 110 s covered only 24 of 70
-#   call 2: STEPS="moehum moetest" MOETEST_S=240 (carry [".whl/humming"]): bench_moe_humming.py, issue 19's
-#           never-measured "Humming's MoE GEMMs or ours", written in session 14 without a GPU (expect to
-#           debug it); then all MoE / router / lm_head GPU tests (140 s covered 43)
-#   call 3: STEPS="generation batch" (8B batch-1 and batched decode on the final code; unchanged since
-#           session 13's run, so only to restate it on one machine)
+# limit. Session 15 ran bench_moe_humming (ours vs Humming's MoE GEMMs, T = 1-2048), the sorted-by-expert
+# CUDA MoE kernels (65-2048 pairs) with their GPU tests (43 passed), the cold-L2 humming table (104 + 52
+# points) and every backend GPU test. What it left unrun on a card (next session, in this order):
+#   call 1: STEPS="moetest moehum" MOETEST_FILES="tests/test_moe_decode.py tests/test_moe.py"
+#           MOEHUM_T=1,16,64,128,256,512 (carry [".whl/humming"]): the one-program routing kernel
+#           (settings.moe_route_kernel, written in session 15 after its last device call: interpreter
+#           and sm_90 compile only) against the torch-op routing ("ours, route kernel" column); if it is
+#           faster and the tests pass with NVFP4_FIX_MOE_ROUTE_KERNEL=1, make it the default
+#   call 2: STEPS="moe" MOE_ARGS="--layers 48 --new-tokens 64 --prompts 128 --paths compile --experts
+#           cuda-sum --router on": TTFT of the 48-layer MoE through the sorted kernels (P = 128 is 1024
+#           pairs a layer), and batched MoE decode
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;

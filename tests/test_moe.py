@@ -78,6 +78,7 @@ def test_route_kernel_equals_torch_route(block_m, t, topk, e, ids_dtype):
     """``route``'s one-program kernel (here through Triton's interpreter) lays the pairs out exactly as
     the torch ops do: same pair order, padding and block experts, with ids outside [0, E) and ids read
     column-major through their strides."""
+    from nvfp4_fix import settings
     from nvfp4_fix.kernels import moe_grouped as mg
 
     if not mg._INTERPRET:
@@ -89,10 +90,36 @@ def test_route_kernel_equals_torch_route(block_m, t, topk, e, ids_dtype):
     idx[0, -1], idx[-1, 0] = e, -1  # routed to no expert
     ids = idx.to(ids_dtype).T.contiguous().T
     assert t * topk <= mg.ROUTE_KERNEL_MAX_PAIRS
-    got, want = mg.route(ids, e, block_m), mg.route_torch(idx, e, block_m)
+    with settings.override(moe_route_kernel=True):
+        got = mg.route(ids, e, block_m)
+    want = mg.route_torch(idx, e, block_m)
     assert got.num_pairs == want.num_pairs == t * topk and got.block_m == block_m
     torch.testing.assert_close(got.block_expert, want.block_expert, rtol=0, atol=0)
     torch.testing.assert_close(got.pairs, want.pairs, rtol=0, atol=0)
+
+
+def test_route_kernel_traces_as_one_op_under_torch_compile():
+    """fullgraph tracing of the one-program route: the opaque op torch.ops.nvfp4_fix.moe_route, equal to
+    the eager call."""
+    from nvfp4_fix import settings
+    from nvfp4_fix.kernels import moe_grouped as mg
+
+    if not mg._INTERPRET:
+        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
+    idx = torch.randint(0, 16, (6, 4), generator=torch.Generator().manual_seed(0))
+    idx[2, 1] = 16
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    with settings.override(moe_route_kernel=True):
+        fn = torch.compile(lambda ids: mg.route(ids, 16, 8).pairs, backend=backend, fullgraph=True)
+        got = fn(idx)
+    op = torch.ops.nvfp4_fix.moe_route
+    assert op in seen or op.default in seen, seen
+    torch.testing.assert_close(got, mg.route_torch(idx, 16, 8).pairs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("block_m", [1, 16, 64], ids=lambda b: "indexed" if b == 1 else f"grouped{b}")
@@ -448,3 +475,35 @@ def test_gpu_moe_fixture_generates_in_a_cuda_graph(path):
     out = generate(model, ids[:1], 24, stop_token_ids=(), stats=stats).cpu()
     assert stats["path"] == "cuda-graph", stats
     assert out.tolist() == hf_greedy(model, ids[:1], 24).tolist()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "t,topk,e,block_m", [(1, 8, 128, 8), (16, 8, 128, 8), (200, 8, 128, 16), (512, 8, 128, 64)]
+)
+def test_gpu_route_kernel_equals_torch_route(t, topk, e, block_m):
+    """The one-program route on the card (up to 4096 pairs: the largest sort it takes) lays the pairs out
+    exactly as the torch ops do, with ids routed to no expert; also inside a CUDA graph replayed with new
+    ids."""
+    from cuda_graphs import captured
+
+    from nvfp4_fix import settings
+    from nvfp4_fix.kernels import moe_grouped as mg
+
+    def routing(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.stack([torch.randperm(e, generator=g)[:topk] for _ in range(t)])
+        idx[0, -1], idx[-1, 0] = e, -1
+        return idx.cuda()
+
+    idx = routing(0)
+    with settings.override(moe_route_kernel=True):
+        plan = mg.route(idx, e, block_m)
+        graph, out = captured(lambda: mg.route(idx, e, block_m))
+    want = mg.route_torch(idx, e, block_m)
+    torch.testing.assert_close(plan.pairs, want.pairs, rtol=0, atol=0)
+    torch.testing.assert_close(plan.block_expert, want.block_expert, rtol=0, atol=0)
+    idx.copy_(routing(1))
+    graph.replay()
+    torch.testing.assert_close(out.pairs, mg.route_torch(idx, e, block_m).pairs, rtol=0, atol=0)

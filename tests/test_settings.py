@@ -40,6 +40,7 @@ def test_defaults_when_unset_or_empty():
     )
     assert d.humming is False  # opt-in: it keeps a second copy of the weights it runs
     assert d.cuda_moe is True and d.moe_router is True
+    assert d.moe_route_kernel is False  # not yet measured on a GPU
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,7 @@ def test_bool_variables(text, value):
         "decode_attention",
         "kv_append",
         "moe_router",
+        "moe_route_kernel",
         "humming",
     ):
         got = getattr(from_environ({ENV_NAMES[name]: text}), name)

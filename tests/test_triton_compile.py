@@ -108,6 +108,7 @@ def _attention_launches() -> None:
 
 
 def _moe_launches() -> None:
+    from nvfp4_fix import settings
     from nvfp4_fix.kernels import moe_decode, moe_grouped, moe_router
 
     # router logits (experts, k, renormalize, dtype): 60 experts pad to 64, k = 6 to 8; 512 takes 4 warps
@@ -133,7 +134,8 @@ def _moe_launches() -> None:
     ]:  # fmt: skip
         idx = torch.arange(t * topk).reshape(t, topk) % e
         codes, scales, mul = experts(2 * i, h, 2) if glu else experts(i, h, 1)
-        plan = moe_grouped.route(idx, e, block_m)
+        with settings.override(moe_route_kernel=True):  # its one-program kernel too (off by default)
+            plan = moe_grouped.route(idx, e, block_m)
         w = torch.ones(t * topk) if weighted else None
         moe_grouped.expert_mm(torch.zeros(t, h, dtype=dtype), topk, plan, codes, scales, mul, i, None, w, glu)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -70,6 +70,10 @@ class Settings:
     #: fast generation: softmax top-k MoE routers (Qwen3-MoE, Mixtral, OLMoE, ...) in one launch
     #: (generation/router.py; transformers' softmax + torch.topk when off).
     moe_router: bool = True
+    #: MoE experts above decode sizes: sort the routed pairs by expert in one Triton program
+    #: (kernels/moe_grouped.route) instead of ~35 torch ops. Off until measured on a GPU: it has run
+    #: only under Triton's interpreter (equal to the torch ops) and compiled for sm_90.
+    moe_route_kernel: bool = False
     #: Let "auto" run Humming (optional humming-kernels) where the table in kernels/table.py says it is
     #: faster. Off by default: it keeps a second, Humming-layout copy of each weight it runs.
     humming: bool = False
@@ -97,6 +101,7 @@ ENV_NAMES: dict[str, str] = {
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
     "kv_append": "NVFP4_FIX_KV_APPEND",
     "moe_router": "NVFP4_FIX_MOE_ROUTER",
+    "moe_route_kernel": "NVFP4_FIX_MOE_ROUTE_KERNEL",
     "humming": "NVFP4_FIX_HUMMING",
     "fp8_scaled_mm": "NVFP4_FIX_FP8_SCALED_MM",
 }
@@ -109,6 +114,7 @@ _BOOL_FIELDS = (
     "decode_attention",
     "kv_append",
     "moe_router",
+    "moe_route_kernel",
     "humming",
     "fp8_scaled_mm",
 )

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from .device import on_device_of
 from .triton_dequant import _dequant_tile
 
@@ -45,9 +46,10 @@ class RoutePlan:
     block_m: int
 
 
-#: Up to this many pairs ``route`` is one Triton program (``_route_kernel``: a sort of the pairs in
-#: registers) instead of ~35 torch ops, which in a CUDA graph cost more than the expert kernels they
-#: feed at 128 pairs (benchmarks/RESULTS-moe-humming.md, session 15).
+#: With ``settings.moe_route_kernel`` on, up to this many pairs ``route`` is one Triton program
+#: (``_route_kernel``: a sort of the pairs in registers) instead of ~35 torch ops, which in a CUDA graph
+#: cost more than the expert kernels they feed at 128 pairs (benchmarks/RESULTS-moe-humming.md,
+#: session 15). Off by default until measured on a GPU.
 ROUTE_KERNEL_MAX_PAIRS = 4096
 
 
@@ -60,7 +62,8 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> RoutePla
     if block_m == 1:  # the kernel reads the ids as they come (no cast launch)
         ids = top_k_index.reshape(-1)
         return RoutePlan(ids, ids.new_empty(0, dtype=torch.int32), n, 1)
-    if 0 < n <= ROUTE_KERNEL_MAX_PAIRS and top_k_index.dim() == 2 and (top_k_index.is_cuda or _INTERPRET):
+    one_program = settings.current().moe_route_kernel and (top_k_index.is_cuda or _INTERPRET)
+    if one_program and 0 < n <= ROUTE_KERNEL_MAX_PAIRS and top_k_index.dim() == 2:
         if torch.compiler.is_compiling():
             pairs, block_expert = torch.ops.nvfp4_fix.moe_route(top_k_index, num_experts, block_m)
         else:  # eager: without the op's dispatch cost
