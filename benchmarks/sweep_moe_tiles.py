@@ -28,10 +28,10 @@ import argparse
 import itertools
 import re
 import sys
-import time
 
 import torch
 import triton
+from bench_generation import graph_time
 
 from nvfp4_fix import expert_stack, settings
 from nvfp4_fix.kernels import cuda_moe, nvrtc
@@ -67,32 +67,13 @@ def routed_bytes(layers: list[tuple]) -> float:
 
 
 def time_call(layers: list[tuple], act) -> float:
-    """Microseconds per experts call, graph-replayed over the layers."""
+    """Microseconds per experts call, graph-replayed over the layers (bench_generation.graph_time)."""
 
     def step():
         for st, x, idx, w in layers:
             expert_stack.grouped_forward(st, x, idx, w, act, False)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    end = time.perf_counter() + 0.03
-    while time.perf_counter() < end:
-        graph.replay()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 20
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) * 1000 / reps / len(layers)
+    return 1000 * graph_time(step) / len(layers)
 
 
 def count_kernels(layer: tuple, act) -> list[str]:
