@@ -145,7 +145,9 @@ def grouped_forward(
     """sum_k w[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t)) over each token's routed experts e = idx[t, k];
     ``quantize_activations``: W4A4 experts quantize each pair's inputs with that expert's scales.
     SiLU experts without activation quantization: decode-sized routings run ``kernels.moe_decode``
-    (2 or 3 launches), larger ones apply silu(gate) * up in the gate_up kernel's epilogue."""
+    (2 or 3 launches), and so do routings up to ``moe_decode.SORTED_MAX_PAIRS`` pairs where its CUDA
+    kernels take the pairs sorted by expert; larger ones apply silu(gate) * up in the grouped gate_up
+    kernel's epilogue."""
     from .kernels import moe_decode as md
     from .kernels import moe_grouped as mg
 

@@ -1,4 +1,6 @@
-"""Decode-sized MoE experts (up to 64 routed pairs, SiLU) in two Triton launches, no other op.
+"""Decode-sized MoE experts (up to 64 routed pairs, SiLU) in two Triton launches, no other op; on CUDA
+the tensor-core kernels of ``cuda_moe`` instead, which also take up to ``SORTED_MAX_PAIRS`` pairs sorted
+by expert (``moe_grouped.route`` first, ``sum_pairs`` after).
 
 For T tokens routed to K experts each (``top_k_index`` [T, K], any integer dtype, read in place):
 
