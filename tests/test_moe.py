@@ -51,7 +51,7 @@ def rel(a: torch.Tensor, b: np.ndarray) -> float:
 
 
 def test_route_sorts_pairs_by_expert_and_pads_each_run():
-    from nvfp4_fix.kernels.moe_grouped import route
+    from nvfp4_fix.kernels.moe_route import route
 
     idx = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3], [1, 1]])  # 5 = no expert (E = 4): skipped
     plan = route(idx, 4, 4)
@@ -79,9 +79,9 @@ def test_route_kernel_equals_torch_route(block_m, t, topk, e, ids_dtype):
     the torch ops do: same pair order, padding and block experts, with ids outside [0, E) and ids read
     column-major through their strides."""
     from nvfp4_fix import settings
-    from nvfp4_fix.kernels import moe_grouped as mg
+    from nvfp4_fix.kernels import moe_route as mr
 
-    if not mg._INTERPRET:
+    if not mr._INTERPRET:
         pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
     g = torch.Generator().manual_seed(t + e)
     idx = torch.stack([torch.randperm(e, generator=g)[:topk] for _ in range(t)])
@@ -89,10 +89,10 @@ def test_route_kernel_equals_torch_route(block_m, t, topk, e, ids_dtype):
         idx = torch.arange(topk).repeat(t, 1)  # every token on the same experts: several blocks each
     idx[0, -1], idx[-1, 0] = e, -1  # routed to no expert
     ids = idx.to(ids_dtype).T.contiguous().T
-    assert t * topk <= mg.ROUTE_KERNEL_MAX_PAIRS
+    assert t * topk <= mr.ROUTE_KERNEL_MAX_PAIRS
     with settings.override(moe_route_kernel=True):
-        got = mg.route(ids, e, block_m)
-    want = mg.route_torch(idx, e, block_m)
+        got = mr.route(ids, e, block_m)
+    want = mr.route_torch(idx, e, block_m)
     assert got.num_pairs == want.num_pairs == t * topk and got.block_m == block_m
     torch.testing.assert_close(got.block_expert, want.block_expert, rtol=0, atol=0)
     torch.testing.assert_close(got.pairs, want.pairs, rtol=0, atol=0)
@@ -102,9 +102,9 @@ def test_route_kernel_traces_as_one_op_under_torch_compile():
     """fullgraph tracing of the one-program route: the opaque op torch.ops.nvfp4_fix.moe_route, equal to
     the eager call."""
     from nvfp4_fix import settings
-    from nvfp4_fix.kernels import moe_grouped as mg
+    from nvfp4_fix.kernels import moe_route as mr
 
-    if not mg._INTERPRET:
+    if not mr._INTERPRET:
         pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
     idx = torch.randint(0, 16, (6, 4), generator=torch.Generator().manual_seed(0))
     idx[2, 1] = 16
@@ -115,11 +115,11 @@ def test_route_kernel_traces_as_one_op_under_torch_compile():
         return gm.forward
 
     with settings.override(moe_route_kernel=True):
-        fn = torch.compile(lambda ids: mg.route(ids, 16, 8).pairs, backend=backend, fullgraph=True)
+        fn = torch.compile(lambda ids: mr.route(ids, 16, 8).pairs, backend=backend, fullgraph=True)
         got = fn(idx)
     op = torch.ops.nvfp4_fix.moe_route
     assert op in seen or op.default in seen, seen
-    torch.testing.assert_close(got, mg.route_torch(idx, 16, 8).pairs, rtol=0, atol=0)
+    torch.testing.assert_close(got, mr.route_torch(idx, 16, 8).pairs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("block_m", [1, 16, 64], ids=lambda b: "indexed" if b == 1 else f"grouped{b}")
@@ -128,7 +128,8 @@ def test_route_kernel_traces_as_one_op_under_torch_compile():
     "t,topk,e,n,k,parts", [(5, 3, 4, 96, 256, 2), (1, 2, 6, 64, 160, 1), (40, 2, 3, 48, 128, 2)]
 )
 def test_expert_mm_matches_float64_reference(block_m, dtype, t, topk, e, n, k, parts):
-    from nvfp4_fix.kernels.moe_grouped import expert_mm, route
+    from nvfp4_fix.kernels.moe_grouped import expert_mm
+    from nvfp4_fix.kernels.moe_route import route
 
     codes, scales, mul = random_experts(e, n, k, parts, seed=t * 7 + e)
     rows = n // parts
@@ -150,7 +151,8 @@ def test_expert_mm_matches_float64_reference(block_m, dtype, t, topk, e, n, k, p
 
 
 def test_expert_mm_refuses_mismatched_weights():
-    from nvfp4_fix.kernels.moe_grouped import expert_mm, route
+    from nvfp4_fix.kernels.moe_grouped import expert_mm
+    from nvfp4_fix.kernels.moe_route import route
 
     codes, scales, mul = random_experts(2, 32, 64, 1, seed=0)
     with pytest.raises(ValueError, match="scales"):
@@ -365,7 +367,8 @@ def _reference_rows(x, idx, codes, scales, mul, rows_per_part, x_div) -> np.ndar
 @needs_cuda
 @pytest.mark.parametrize("t", [1, 16, 64])  # 8 pairs: indexed kernel; 128 and 512: grouped tiles
 def test_gpu_qwen3_30b_shapes_match_float64(t):
-    from nvfp4_fix.kernels.moe_grouped import block_m_for, expert_mm, route
+    from nvfp4_fix.kernels.moe_grouped import block_m_for, expert_mm
+    from nvfp4_fix.kernels.moe_route import route
 
     codes, scales, mul = random_experts(E30, 2 * I30, H30, 2, seed=t, device="cuda")
     dcodes, dscales, dmul = random_experts(E30, H30, I30, 1, seed=t + 1, device="cuda")
@@ -385,7 +388,8 @@ def test_gpu_qwen3_30b_shapes_match_float64(t):
 def test_gpu_graph_capture_replays_any_routing(block_m):
     """One captured launch sequence (route + gate_up + down) serves every routing: replays with new
     expert ids in the same input tensors equal eager calls."""
-    from nvfp4_fix.kernels.moe_grouped import expert_mm, route
+    from nvfp4_fix.kernels.moe_grouped import expert_mm
+    from nvfp4_fix.kernels.moe_route import route
 
     codes, scales, mul = random_experts(E30, 2 * I30, H30, 2, seed=3, device="cuda")
     x = torch.randn(1, H30, device="cuda", dtype=torch.bfloat16)
@@ -489,7 +493,7 @@ def test_gpu_route_kernel_equals_torch_route(t, topk, e, block_m):
     from cuda_graphs import captured
 
     from nvfp4_fix import settings
-    from nvfp4_fix.kernels import moe_grouped as mg
+    from nvfp4_fix.kernels import moe_route as mr
 
     def routing(seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -499,11 +503,11 @@ def test_gpu_route_kernel_equals_torch_route(t, topk, e, block_m):
 
     idx = routing(0)
     with settings.override(moe_route_kernel=True):
-        plan = mg.route(idx, e, block_m)
-        graph, out = captured(lambda: mg.route(idx, e, block_m))
-    want = mg.route_torch(idx, e, block_m)
+        plan = mr.route(idx, e, block_m)
+        graph, out = captured(lambda: mr.route(idx, e, block_m))
+    want = mr.route_torch(idx, e, block_m)
     torch.testing.assert_close(plan.pairs, want.pairs, rtol=0, atol=0)
     torch.testing.assert_close(plan.block_expert, want.block_expert, rtol=0, atol=0)
     idx.copy_(routing(1))
     graph.replay()
-    torch.testing.assert_close(out.pairs, mg.route_torch(idx, e, block_m).pairs, rtol=0, atol=0)
+    torch.testing.assert_close(out.pairs, mr.route_torch(idx, e, block_m).pairs, rtol=0, atol=0)

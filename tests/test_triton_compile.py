@@ -14,7 +14,7 @@ empty Triton cache, 5 s with a warm one). Skipped without triton, or where it ca
 target (no CUDA backend or ptxas).
 
 Covered: triton_nvfp4 through triton_ops (gemv, mm, dequantize_rows, split-K reduce), triton_fp8,
-fp8_act_quant, act_quant, kv_cache, decode_attention, moe_grouped, moe_decode, moe_router: every
+fp8_act_quant, act_quant, kv_cache, decode_attention, moe_grouped, moe_route, moe_decode, moe_router: every
 ``*_kernel`` of nvfp4_fix.kernels (checked: a kernel none of the calls below launches fails the
 test), with the ``@triton.jit`` helpers they call. Not covered: branches chosen by ``x.is_cuda`` (act_quant's
 ``RECIP=True``; decode_attention's CUDA block sizes 32/128 and split counts), the gemv's ``DEQ=1`` (no
@@ -109,7 +109,7 @@ def _attention_launches() -> None:
 
 def _moe_launches() -> None:
     from nvfp4_fix import settings
-    from nvfp4_fix.kernels import moe_decode, moe_grouped, moe_router
+    from nvfp4_fix.kernels import moe_decode, moe_grouped, moe_route, moe_router
 
     # router logits (experts, k, renormalize, dtype): 60 experts pad to 64, k = 6 to 8; 512 takes 4 warps
     for experts, k, normalize, dtype in [
@@ -135,7 +135,7 @@ def _moe_launches() -> None:
         idx = torch.arange(t * topk).reshape(t, topk) % e
         codes, scales, mul = experts(2 * i, h, 2) if glu else experts(i, h, 1)
         with settings.override(moe_route_kernel=True):  # its one-program kernel too (off by default)
-            plan = moe_grouped.route(idx, e, block_m)
+            plan = moe_route.route(idx, e, block_m)
         w = torch.ones(t * topk) if weighted else None
         moe_grouped.expert_mm(torch.zeros(t, h, dtype=dtype), topk, plan, codes, scales, mul, i, None, w, glu)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -150,6 +150,7 @@ def grouped_forward(
     kernel's epilogue."""
     from .kernels import moe_decode as md
     from .kernels import moe_grouped as mg
+    from .kernels import moe_route
 
     t, h = hidden_states.shape
     k = top_k_index.shape[1]
@@ -166,7 +167,7 @@ def grouped_forward(
             op = torch.ops.nvfp4_fix.moe_decode_experts
             return op(hidden_states, top_k_index, top_k_weights, *gate_up, *down)
         return md.decode_experts(hidden_states, top_k_index, top_k_weights, gate_up, down)
-    plan = mg.route(top_k_index, e, block_m)
+    plan = moe_route.route(top_k_index, e, block_m)
     flat = top_k_index.reshape(-1)
 
     def mm(x: torch.Tensor, x_div: int, codes: torch.Tensor, scales: torch.Tensor, mul: torch.Tensor,

@@ -71,7 +71,7 @@ class Settings:
     #: (generation/router.py; transformers' softmax + torch.topk when off).
     moe_router: bool = True
     #: MoE experts above decode sizes: sort the routed pairs by expert in one Triton program
-    #: (kernels/moe_grouped.route) instead of ~35 torch ops. Off until measured on a GPU: it has run
+    #: (kernels/moe_route.route) instead of ~35 torch ops. Off until measured on a GPU: it has run
     #: only under Triton's interpreter (equal to the torch ops) and compiled for sm_90.
     moe_route_kernel: bool = False
     #: Let "auto" run Humming (optional humming-kernels) where the table in kernels/table.py says it is

@@ -15,9 +15,9 @@ chosen per block from ``top_k_index``:
 tokens, a warp per pair slot, taken up to ``DOWN_SUM_MAX_TOKENS`` tokens) does the down projections and
 that sum in one launch.
 
-Past moe_grouped.INDEXED_MAX_PAIRS pairs several tokens share an expert, and reading its weights once
+Past moe_route.INDEXED_MAX_PAIRS pairs several tokens share an expert, and reading its weights once
 per pair wastes bandwidth: ``gate_up_act_sorted`` and ``down_sorted`` take the pairs sorted by expert
-(``moe_grouped.route(top_k_index, E, SORTED_BLOCK)``), one block per 8 pairs of one expert, one pair per
+(``moe_route.route(top_k_index, E, SORTED_BLOCK)``), one block per 8 pairs of one expert, one pair per
 token column of the MMA, so the expert's weights are read once for the 8.
 A pair whose id is outside [0, E) returns before any work: its rows of act and y are never written.
 Same grid for any routing: a CUDA graph replays it with new ids. Needs H and I multiples of 128
@@ -155,7 +155,7 @@ def gate_up_act_sorted(
 ) -> torch.Tensor:
     """``gate_up_act`` for pairs sorted by expert: ``pairs`` [blocks * SORTED_BLOCK] int32 pair ids in
     expert order (the pair count marks padding) and ``block_expert`` [blocks] int32, as
-    ``moe_grouped.route(top_k_index, E, SORTED_BLOCK)`` lays them out. act rows of pairs in no block
+    ``moe_route.route(top_k_index, E, SORTED_BLOCK)`` lays them out. act rows of pairs in no block
     (routed to no expert) are not written."""
     t, h = x.shape
     e, two_i, _ = codes.shape

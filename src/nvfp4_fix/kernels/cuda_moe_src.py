@@ -68,7 +68,7 @@ nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, 
   }
 }
 
-// The same for pairs sorted by expert (kernels/moe_grouped.route with block_m = 8): block y holds up to
+// The same for pairs sorted by expert (kernels/moe_route.route with block_m = 8): block y holds up to
 // 8 pairs of expert block_expert[y], one per token column of the MMA (lane column g reads the x row of
 // pair slot g), so the expert's weights are read once for all 8. Padding slots (id >= num_pairs) repeat
 // slot 0's row and are not stored; blocks of an expert outside [0, E) return at once.

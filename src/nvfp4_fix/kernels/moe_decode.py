@@ -1,6 +1,6 @@
 """Decode-sized MoE experts (up to 64 routed pairs, SiLU) in two Triton launches, no other op; on CUDA
 the tensor-core kernels of ``cuda_moe`` instead, which also take up to ``SORTED_MAX_PAIRS`` pairs sorted
-by expert (``moe_grouped.route`` first, ``sum_pairs`` after).
+by expert (``moe_route.route`` first, ``sum_pairs`` after).
 
 For T tokens routed to K experts each (``top_k_index`` [T, K], any integer dtype, read in place):
 
@@ -31,7 +31,8 @@ import triton.language as tl
 from .. import settings
 from . import cuda_moe
 from .device import on_device_of
-from .moe_grouped import _INTERPRET, INDEXED_MAX_PAIRS, route
+from .moe_grouped import _INTERPRET
+from .moe_route import INDEXED_MAX_PAIRS, route
 from .triton_dequant import _dequant_tile
 
 __all__ = ["Tiles", "GATE_UP_TILES", "DOWN_TILES", "SUM_BLOCK", "decode_experts", "sum_pairs", "is_silu"]
@@ -50,7 +51,7 @@ GATE_UP_TILES = Tiles(bn=32, bk=128, warps=4)
 DOWN_TILES = Tiles(bn=64, bk=128, warps=4)
 MAX_SLOTS = 8  # pairs of one token per pass of the down kernel (more: several passes; 16 spill on sm_90)
 SUM_BLOCK = 1024
-#: Above moe_grouped.INDEXED_MAX_PAIRS (pairs read indexed: an expert's weights once per pair) and up to
+#: Above moe_route.INDEXED_MAX_PAIRS (pairs read indexed: an expert's weights once per pair) and up to
 #: this many pairs, the CUDA kernels take the pairs sorted by expert (``cuda_moe.*_sorted``: one read
 #: per 8 pairs of an expert); beyond, moe_grouped's tl.dot kernels. H100, Qwen3-30B-A3B experts
 #: (benchmarks/RESULTS-moe-humming.md, session 15): 1.47x those at 2048 pairs, 0.94x at 4096.
