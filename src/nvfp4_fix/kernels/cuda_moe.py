@@ -72,6 +72,12 @@ def _compiled(dtype: torch.dtype, name: str, device_index: int, variant: tuple) 
     return nvrtc.Kernel(cubin, name, torch.device("cuda", device_index))
 
 
+def shapes_supported(x: torch.Tensor, h: int, i: int) -> bool:
+    """The part of ``supports`` that needs no data pointers (a traced call has none): CUDA, fp16/bf16
+    x, H and I multiples of 128."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and h % 128 == 0 and i % 128 == 0
+
+
 def supports(
     x: torch.Tensor,
     h: int,
@@ -85,10 +91,7 @@ def supports(
     65535 (token, expert) pairs, and 16-byte aligned expert ``weights`` (codes and scales: the kernels
     read them with 16-byte vector loads)."""
     return (
-        x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and h % 128 == 0
-        and i % 128 == 0
+        shapes_supported(x, h, i)
         and x.stride(1) == 1
         and x.stride(0) % 8 == 0
         and x.data_ptr() % 16 == 0

@@ -27,6 +27,33 @@ __device__ __forceinline__ float routing_weight(const void* rw, int kind, long l
 // RT == 2: tile 0 = gate rows n0..n0+15, tile 1 = the same rows of up (I rows further). Only the
 // GATE_UP_VARIANT module has it (the down module's RT = 1 Partials hold no up rows).
 #if RT == 2
+// acc += rows n0 .. n0 + 15 (clamped to I - 1) of expert e's gate (tile 0) and up (tile 1, I rows
+// further) projections [2I, H] times the activation row ``x_row``, over the K chunks [c_lo, c_hi)
+__device__ __forceinline__ void gate_up_rows(float (*acc)[RT][NT][4], const u8* w, const u8* s, long long e,
+                                             long long w_se, long long s_se, const u16* x_row, int n0,
+                                             int g, int t, int I, int H, int c_lo, int c_hi) {
+  const u8* wb = w + e * w_se;
+  const u8* sb = s + e * s_se;
+  const u8* wp[4];
+  const u8* sp[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // gate rows g, g+8; up rows g, g+8
+    const int row = min(n0 + g + 8 * (i & 1), I - 1) + (i >> 1) * I;
+    wp[i] = wb + (u64)row * (H >> 1) + t * 16;
+    sp[i] = sb + (u64)row * (H >> 4) + t * 2;
+  }
+  const u16* xr[1] = {x_row + t * 32};
+  mainloop(acc, wp, sp, xr, c_lo, c_hi);
+}
+
+// silu(gate) * up, computed in fp32 and rounded once to x's dtype
+__device__ __forceinline__ void store_act(u16* out, float gate, float up) {
+  const float a = gate / (1.0f + expf(-gate)) * up;
+  u16 o;
+  asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(a));
+  *out = o;
+}
+
 extern "C" __global__ void __launch_bounds__(256, MINB)
 nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
                   long long w_se, long long s_se, const float* __restrict__ mul, int mul_se,
@@ -42,29 +69,15 @@ nvfp4_moe_gate_up(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, 
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16;
   const int chunks = H >> 7;
-  const u8* wb = w + e * w_se;
-  const u8* sb = s + e * s_se;
-  const u8* wp[4];
-  const u8* sp[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // gate rows g, g+8; up rows g, g+8 (clamped to I-1)
-    const int row = min(n0 + g + 8 * (i & 1), I - 1) + (i >> 1) * I;
-    wp[i] = wb + (u64)row * (H >> 1) + t * 16;
-    sp[i] = sb + (u64)row * (H >> 4) + t * 2;
-  }
-  const u16* xr[1] = {x + (u64)(p / topk) * ldx + t * 32};
   float acc[QA][RT][NT][4] = {};
-  mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
+  gate_up_rows(acc, w, s, e, w_se, s_se, x + (u64)(p / topk) * ldx, n0, g, t, I, H, chunks * warp / warps,
+               chunks * (warp + 1) / warps);
   store_partials(red, acc, warp, 0, g, t);
   __syncthreads();
   if (threadIdx.x < 16 && n0 + threadIdx.x < I) {
     const int i = threadIdx.x;
-    const float gate = sum_partials(red, warps, 0, i) * mul[e * mul_se] * 128.0f;
-    const float up = sum_partials(red, warps, 0, 16 + i) * mul[e * mul_se + 1] * 128.0f;
-    const float a = gate / (1.0f + expf(-gate)) * up;
-    u16 o;
-    asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(a));
-    act[(u64)p * ld_act + n0 + i] = o;
+    store_act(act + (u64)p * ld_act + n0 + i, sum_partials(red, warps, 0, i) * mul[e * mul_se] * 128.0f,
+              sum_partials(red, warps, 0, 16 + i) * mul[e * mul_se + 1] * 128.0f);
   }
 }
 
@@ -88,21 +101,11 @@ nvfp4_moe_gate_up_sorted(const u16* __restrict__ x, int ldx, const u8* __restric
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16;
   const int chunks = H >> 7;
-  const u8* wb = w + e * w_se;
-  const u8* sb = s + e * s_se;
-  const u8* wp[4];
-  const u8* sp[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = min(n0 + g + 8 * (i & 1), I - 1) + (i >> 1) * I;
-    wp[i] = wb + (u64)row * (H >> 1) + t * 16;
-    sp[i] = sb + (u64)row * (H >> 4) + t * 2;
-  }
   const int pg = pairs[b * 8 + g];
   const int prow = pg < num_pairs ? pg : pairs[b * 8];
-  const u16* xr[1] = {x + (u64)(prow / topk) * ldx + t * 32};
   float acc[QA][RT][NT][4] = {};
-  mainloop(acc, wp, sp, xr, chunks * warp / warps, chunks * (warp + 1) / warps);
+  gate_up_rows(acc, w, s, e, w_se, s_se, x + (u64)(prow / topk) * ldx, n0, g, t, I, H,
+               chunks * warp / warps, chunks * (warp + 1) / warps);
   store_partials(red, acc, warp, 0, g, t);
   __syncthreads();
   const float mg = mul[e * mul_se] * 128.0f, mu = mul[e * mul_se + 1] * 128.0f;
@@ -110,12 +113,8 @@ nvfp4_moe_gate_up_sorted(const u16* __restrict__ x, int ldx, const u8* __restric
     const int m = idx >> 4, i = idx & 15;
     const int p = pairs[b * 8 + m];
     if (p >= num_pairs || n0 + i >= I) continue;
-    const float gate = sum_partials(red, warps, m, i) * mg;
-    const float up = sum_partials(red, warps, m, 16 + i) * mu;
-    const float a = gate / (1.0f + expf(-gate)) * up;
-    u16 o;
-    asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(a));
-    act[(u64)p * ld_act + n0 + i] = o;
+    store_act(act + (u64)p * ld_act + n0 + i, sum_partials(red, warps, m, i) * mg,
+              sum_partials(red, warps, m, 16 + i) * mu);
   }
 }
 #endif

@@ -210,10 +210,7 @@ def sorted_cuda_may_run(x: torch.Tensor, num_pairs: int, h: int, i: int) -> bool
     decides on the real tensors; if it refuses, the Triton decode kernels run, one read per pair)."""
     return (
         INDEXED_MAX_PAIRS < num_pairs <= SORTED_MAX_PAIRS
-        and x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and h % 128 == 0
-        and i % 128 == 0
+        and cuda_moe.shapes_supported(x, h, i)
         and settings.current().cuda_moe
     )
 
