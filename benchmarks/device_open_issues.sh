@@ -28,6 +28,8 @@
 #  apply   apply_mma_sweep.py: the sweep's winners into cuda_mma.TUNED (on the device's copy)
 #  generation bench_generation.py --compile: batch-1 decode of the 8B shape, 32 layers (issue 19)
 #  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
+#  wgmma   sweep_wgmma.py: cuda_wgmma (sm_90a) plan and variants vs the dispatch, Humming, cuBLAS at WGMMA_M
+#  wgmmatest the cuda_wgmma GPU tests
 #  tldot   sweep_mid_m.py: the tl.dot tiles at M = 64 (fallback where cuda_mma does not win)
 #  gen     the generation GPU tests (test_generation*.py)
 #  fp8test the FP8 / mixed-precision GPU tests
@@ -73,6 +75,14 @@ moehum) step moehum  # needs carry [".whl/humming"]
     PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${MOEHUM_S:-300} python3 benchmarks/bench_moe_humming.py \
         --t ${MOEHUM_T:-1,2,4,8} --budget-s $(( ${MOEHUM_S:-300} - 40 )) --out "$OUT/RESULTS-moe-humming.md" > "$OUT/moehum.log" 2>&1; done_ $?
     grep "^|\|WRONG\|failed\|refused" "$OUT/moehum.log" | tail -24 ;;
+wgmma) step wgmma  # Humming's column needs carry [".whl/humming"] (skipped without it)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/humming/*.whl 2>/dev/null
+    (cd benchmarks && PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${WGMMA_S:-330} python3 sweep_wgmma.py \
+        --m ${WGMMA_M:-16,32,64,128,256,512} --budget-s $(( ${WGMMA_S:-330} - 30 )) --out "$OUT/sweep_wgmma.json" > "$OUT/wgmma.log" 2>&1); done_ $?
+    grep -v "^    " "$OUT/wgmma.log" | tail -80 ;;
+wgmmatest) step wgmmatest
+    timeout ${WGMMATEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_wgmma.py > "$OUT/pytest-wgmma.txt" 2>&1; done_ $?
+    tail -1 "$OUT/pytest-wgmma.txt"; grep -m8 "^FAILED\|Error" "$OUT/pytest-wgmma.txt" ;;
 tldot) step tldot
     (cd benchmarks && timeout ${TLDOT_S:-80} python3 sweep_mid_m.py --m 64 --budget-s $(( ${TLDOT_S:-80} - 20 )) \
         --out "$OUT/sweep_mid_m.json" > "$OUT/sweep_tldot.log" 2>&1); done_ $?

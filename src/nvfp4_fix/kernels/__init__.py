@@ -38,6 +38,7 @@ import torch
 from .. import settings
 from . import cpu as _cpu
 from . import cuda_mma as _cuda_mma
+from . import cuda_wgmma as _cuda_wgmma
 from . import humming as _humming
 from . import selection as _selection
 from . import table as _table
@@ -93,8 +94,9 @@ def _ours_cuda(index: int, dtype: torch.dtype, m: int, n: int, k: int, s: settin
 
 
 def _card(index: int, humming: bool) -> _selection.Card:
-    # nvrtc=True until a call is about to take cuda_mma: only then is it compiled (_nvrtc_checked)
-    return _selection.Card(torch.cuda.get_device_capability(index), HAS_TRITON, True, humming)
+    # nvrtc / wgmma True until a call is about to take cuda_mma / cuda_wgmma: only then is it compiled
+    # (_nvrtc_checked)
+    return _selection.Card(torch.cuda.get_device_capability(index), HAS_TRITON, True, humming, wgmma=True)
 
 
 def _nvrtc_checked(
@@ -107,6 +109,9 @@ def _nvrtc_checked(
     k: int,
     s: settings.Settings,
 ) -> str:
+    if kernel == "cuda_wgmma" and not _cuda_wgmma.supports_shape(index, dtype, m, k):
+        card = dataclasses.replace(card, wgmma=False)
+        kernel = _selection.ours(card, dtype, m, n, k, s, _m1(n, k))
     if kernel == "cuda_mma" and not _cuda_mma.supports_shape(index, dtype, m, k):
         return _selection.ours(dataclasses.replace(card, nvrtc=False), dtype, m, n, k, s, _m1(n, k))
     return kernel
@@ -173,6 +178,13 @@ def _run_here(kernel: str, x2, wp, ws, mul, bias):
                 f" (M={x2.shape[0]}, K={k})"
             )
         return _cuda_mma.linear(x2, wp, ws, mul, bias)
+    if kernel == "cuda_wgmma":
+        if not (x2.is_cuda and _cuda_wgmma.supports(x2, n, k)):
+            raise RuntimeError(
+                f"kernel 'cuda_wgmma' needs an sm_90 GPU, fp16/bf16, {_cuda_wgmma.MIN_M} <= M <= "
+                f"{_cuda_wgmma.MAX_M} and K % 128 == 0 (M={x2.shape[0]}, K={k})"
+            )
+        return _cuda_wgmma.linear(x2, wp, ws, mul, bias)
     if kernel in ("triton_gemv", "triton_mm", "dequant_mm"):
         if not HAS_TRITON:
             raise RuntimeError(f"kernel {kernel!r} needs triton, which is not importable")

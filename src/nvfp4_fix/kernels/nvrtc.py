@@ -106,11 +106,15 @@ def _check_cu(res: int, what: str) -> None:
         raise CudaError(f"CUDA {what}: {msg.value.decode() if msg.value else res}")
 
 
+#: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_MAX_DYNAMIC_SHARED = 8
+
+
 class Kernel:
     """A function of a loaded cubin; ``launch`` takes ints (as C int), ``ctypes.c_int64`` (as long long),
-    tensors and None (as pointers)."""
+    tensors and None (as pointers). ``shared_bytes``: the dynamic shared memory of every launch."""
 
-    def __init__(self, cubin: bytes, name: str, device: torch.device) -> None:
+    def __init__(self, cubin: bytes, name: str, device: torch.device, shared_bytes: int = 0) -> None:
         with torch.cuda.device(device):
             torch.cuda.current_stream(device)  # makes torch's primary context current on this thread
             self._module = ctypes.c_void_p()
@@ -120,6 +124,11 @@ class Kernel:
             _check_cu(
                 libcuda().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()), name
             )
+            if shared_bytes > 48 * 1024:  # above 48 KiB a kernel must opt in
+                _check_cu(
+                    libcuda().cuFuncSetAttribute(self._fn, _MAX_DYNAMIC_SHARED, shared_bytes), "shared memory"
+                )
+        self.shared_bytes = shared_bytes
         self.device = device
         self._launch = libcuda().cuLaunchKernel
 
@@ -141,6 +150,8 @@ class Kernel:
         # the driver launches in the current context: switch only when another device is current
         other = torch.cuda.current_device() != self.device.index
         with torch.cuda.device(self.device) if other else contextlib.nullcontext():
-            res = self._launch(self._fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None)
+            res = self._launch(
+                self._fn, *grid, *block, self.shared_bytes, ctypes.c_void_p(stream), params, None
+            )
         if res:
             _check_cu(res, "launch")

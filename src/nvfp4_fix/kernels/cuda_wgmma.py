@@ -1,0 +1,160 @@
+"""NVFP4 GEMM on Hopper's warpgroup tensor-core instruction for 9 to a few hundred token rows (sm_90a),
+compiled at first use with NVRTC.
+
+Why: from ~32 rows cuda_mma's ``mma.sync`` issue rate and per-warp activation loads, not the weight
+bytes, bound the time, and the tl.dot GEMM dequantizes each weight tile into shared memory once per
+token tile. Here a warpgroup's four warps decode their 64 weight rows of one 128-wide K chunk straight
+into the register A operand of eight ``wgmma.m64nBMk16`` (the decode and the checkpoint layout are
+cuda_mma's: nothing is re-laid out, nothing kept beside the state_dict), and the block's BM token rows
+are the B operand in shared memory, written once per chunk for every warpgroup of the block. The
+weights are read once per token tile of BM rows.
+
+Grid: token tiles (fastest, so blocks sharing weights run together), row blocks of 64 * WG, and K
+splits; a split block stores float32 partial sums and the last of a tile's splits to arrive (a
+counter per tile, reset by that block) adds them and writes y, so there is one launch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import settings
+from . import nvrtc
+from .cuda_wgmma_src import ARCH, DTYPES, VARIANT, shared_bytes, source
+
+__all__ = ["VARIANT", "linear", "supports", "supports_shape", "MIN_M", "MAX_M", "plan_for"]
+
+#: The call sizes the dispatch may send here (kernels/selection.py narrows them by measurement).
+MIN_M, MAX_M = 9, 512
+#: Most output tiles of one launch that split K (one arrival counter each).
+_MAX_TILES = 1 << 16
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype, device_index: int, variant: tuple) -> nvrtc.Kernel:
+    var = dict(variant)
+    cubin = nvrtc.compile_cubin(source(dtype, var), ARCH)
+    return nvrtc.Kernel(cubin, "nvfp4_wgmma", torch.device("cuda", device_index), shared_bytes(var))
+
+
+@functools.cache
+def _compiles(device_index: int) -> bool:
+    if torch.cuda.get_device_capability(device_index) != (9, 0):
+        return False  # wgmma is sm_90a only (Blackwell has its own instructions)
+    try:
+        _kernel(torch.bfloat16, device_index, _key(None))
+        return True
+    except (nvrtc.CudaError, OSError) as err:
+        import warnings
+
+        warnings.warn(f"nvfp4_fix: wgmma kernel unavailable ({err}); using the other kernels", stacklevel=2)
+        return False
+
+
+def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> bool:
+    return (
+        dtype in DTYPES
+        and MIN_M <= m <= MAX_M
+        and k % 128 == 0
+        and settings.current().cuda_wgmma
+        and _compiles(device_index)
+    )
+
+
+def supports(x2: torch.Tensor, n: int, k: int) -> bool:
+    return x2.is_cuda and supports_shape(_device_index(x2.device), x2.dtype, x2.shape[0], k)
+
+
+def _key(variant: dict[str, int] | None) -> tuple:
+    return tuple(sorted({**VARIANT, **(variant or {})}.items()))
+
+
+def plan_for(m: int, n: int, k: int, sms: int) -> tuple[dict[str, int], int]:
+    """(variant, K splits) for one call shape: token tiles of 64 rows up to M = 64, else of 128; two
+    warpgroups (128 weight rows) a block; K split while the grid is under one block per SM and each
+    split keeps at least 8 chunks of 128."""
+    bm = 32 if m <= 32 else 64 if m <= 64 else 128
+    variant = {"BM": bm, "WG": 2}
+    tiles = -(-m // bm) * -(-n // 128)
+    splits, chunks = 1, k // 128
+    while tiles * splits < sms and chunks // (2 * splits) >= 8:
+        splits *= 2
+    return variant, splits
+
+
+@functools.cache
+def _counters(device: torch.device) -> torch.Tensor:
+    """Arrival counters of the split-K tiles, zero between calls (each tile's last block resets its own).
+    One set per device: calls on one device run in stream order."""
+    return torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+
+
+@functools.cache
+def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, override: tuple | None, splits: int | None):
+    variant, auto_splits = plan_for(m, n, k, _sm_count(dev))
+    if override is not None:
+        variant = {**variant, **dict(override)}
+    splits = splits or auto_splits
+    bm, wg = variant["BM"], variant["WG"]
+    grid = (-(-m // bm), -(-n // (64 * wg)), splits)
+    if splits > 1 and grid[0] * grid[1] > _MAX_TILES:
+        raise ValueError(f"cuda_wgmma: {grid[0] * grid[1]} tiles exceed {_MAX_TILES} for a K split")
+    if splits > k // 128:
+        raise ValueError(f"cuda_wgmma: {splits} splits of {k // 128} chunks")
+    return _kernel(dtype, dev, _key(variant)), grid, (128 * wg, 1, 1)
+
+
+def linear(
+    x2: torch.Tensor,
+    wp: torch.Tensor,
+    ws: torch.Tensor,
+    mul: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    variant: dict[str, int] | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """y[M, N] = x2[M, K] @ W.T * mul (+ bias). ``mul`` has 1 or N float32 elements; ``variant`` and
+    ``splits`` override the plan (benchmarks, tests)."""
+    m, k = x2.shape
+    n = wp.shape[0]
+    if not (m >= 1 and k % 128 == 0 and wp.shape[1] * 2 == k and x2.dtype in DTYPES):
+        raise ValueError(
+            f"cuda_wgmma needs K % 128 == 0 and fp16/bf16 activations, got x {tuple(x2.shape)} {x2.dtype}, "
+            f"weight {tuple(wp.shape)}"
+        )
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    if not wp.is_contiguous() or wp.data_ptr() % 16:
+        wp = wp.clone(memory_format=torch.contiguous_format)
+    if not ws.is_contiguous() or ws.data_ptr() % 16:
+        ws = ws.clone(memory_format=torch.contiguous_format)
+    if mul.dtype != torch.float32:
+        mul = mul.to(torch.float32)
+    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.stride(1) != 1):
+        raise ValueError(f"cuda_wgmma: out must be [{m}, {n}] {x2.dtype} with unit column stride")
+    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
+        bias = bias.to(x2.dtype).contiguous()
+    dev = _device_index(x2.device)
+    override = tuple(sorted(variant.items())) if variant is not None else None
+    kern, grid, block = _plan(x2.dtype, m, n, k, dev, override, splits)
+    part = None
+    if grid[2] > 1:
+        part = torch.empty((grid[2], m, n), dtype=torch.float32, device=x2.device)
+    counters = _counters(torch.device("cuda", dev)) if grid[2] > 1 else None
+    mul_stride = 1 if mul.numel() > 1 else 0
+    kern.launch(grid, block, x2, k, wp, ws, mul, mul_stride, bias, y, y.stride(0), m, n, k, part, counters)
+    return y

@@ -1,0 +1,255 @@
+"""The CUDA C++ of cuda_wgmma (sm_90a): a GEMM for 9 to a few hundred token rows in which the decoded
+NVFP4 weights are wgmma's register A operand and the activations its shared-memory B operand.
+``kernels/cuda_wgmma.py`` launches it; nothing here needs a GPU.
+
+It is appended to cuda_mma's source (one RT = 1 warp's weight loads and decode, ``load_slot``,
+``scale_pairs``, ``dec``, ``scl``), so a warp holds its 16 weight rows exactly as cuda_mma does, and its
+decoded fragments for one 128-wide K chunk are the A fragments of eight ``wgmma.m64nBMk16`` (a
+warpgroup's four warps are the 64 rows). The k order inside a chunk is cuda_mma's permutation, so the
+activations are written to shared memory in that order: per 16-deep step, two core matrices
+(8 tokens x 16 bytes each) per 8 tokens, no swizzle; lane (token, quarter q) turns the 32 activations
+it loaded (4 x 16 bytes) into the four 16-byte core-matrix rows of steps 2q and 2q + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cuda_mma_src
+
+_KERNEL = r"""
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void st_shared4(u32 a, u32 x, u32 y, u32 z, u32 w) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};"
+               :: "r"(a), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
+}
+__device__ __forceinline__ u64 smem_desc(u32 addr) {
+  // no swizzle; bits 16-29: byte offset between core matrices adjacent in K, 32-45: adjacent in N
+  return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(DESC_LBO >> 4) << 16) | ((u64)(DESC_SBO >> 4) << 32);
+}
+
+// the 32 activations (4 x 8) of token row `xr` that one lane turns into core-matrix rows
+struct XUnit { u32 v[4][4]; };
+
+__device__ __forceinline__ void load_xunit(XUnit& u, const u16* xr, int c) {
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const U4 v = ld_x(xr + c * 128 + t * 32);
+    u.v[t][0] = v.x; u.v[t][1] = v.y; u.v[t][2] = v.z; u.v[t][3] = v.w;
+  }
+}
+
+// Step s = 2q + h, half cc (k 0-7 / 8-15 of the step) of token n lies at
+// s * BM * 32 + (n / 8) * 256 + cc * 128 + (n % 8) * 16: the pairs (3-2h, 7-2h) and (2-2h, 6-2h) of
+// each 8 activations, as cuda_mma's B fragments b0 / b1 are built.
+__device__ __forceinline__ void store_xunit(const XUnit& u, u32 buf, int n, int q) {
+  const u32 row = buf + (n >> 3) * 256 + (n & 7) * 16;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const u32 a = row + (2 * q + h) * (BM * 32);
+#define PAIR(t, sel) prmt(u.v[t][1 - h], u.v[t][3 - h], sel)
+    st_shared4(a, PAIR(0, 0x7632u), PAIR(1, 0x7632u), PAIR(2, 0x7632u), PAIR(3, 0x7632u));
+    st_shared4(a + 128, PAIR(0, 0x5410u), PAIR(1, 0x5410u), PAIR(2, 0x5410u), PAIR(3, 0x5410u));
+#undef PAIR
+  }
+}
+
+// A lane's share of the activations of one chunk: XU units of (token, quarter), 8 tokens per warp pass.
+struct XRegs { XUnit u[XU]; };
+
+// (fewer groups of 8 tokens than warps: the warps past BM / 8 load and store none)
+__device__ __forceinline__ void load_x_chunk(XRegs& X, const u16* const* xr, int c, int warp) {
+#pragma unroll
+  for (int i = 0; i < XU; ++i)
+    if (warp + i * WARPS < BM / 8) load_xunit(X.u[i], xr[i], c);
+}
+__device__ __forceinline__ void store_x_chunk(const XRegs& X, u32 buf, int warp, int lane) {
+#pragma unroll
+  for (int i = 0; i < XU; ++i)
+    if (warp + i * WARPS < BM / 8) store_xunit(X.u[i], buf, (warp + i * WARPS) * 8 + (lane & 7), lane >> 3);
+}
+
+__device__ __forceinline__ void decode_chunk(const Slot& S, u32 (*A)[4]) {
+  u32 sc[2][2];
+  scale_pairs(S.s[0][0], sc[0][0], sc[0][1]);
+  scale_pairs(S.s[0][1], sc[1][0], sc[1][1]);
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const u32 wa = S.q[0][0][q], wb = S.q[0][1][q];
+      A[2 * q + h][0] = scl(dec(wa << (8 * h)), sc[0][q >> 1]);
+      A[2 * q + h][1] = scl(dec(wb << (8 * h)), sc[1][q >> 1]);
+      A[2 * q + h][2] = scl(dec(wa << (8 * h + 4)), sc[0][q >> 1]);
+      A[2 * q + h][3] = scl(dec(wb << (8 * h + 4)), sc[1][q >> 1]);
+    }
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+WGMMA_STEP
+
+// The chunk's eight 16-deep steps: A from registers, B = the step's tile of the buffer at `buf`.
+__device__ __forceinline__ void mma_chunk(float* acc, u32 (*A)[4], u32 buf) {
+  wg_fence();
+#pragma unroll
+  for (int s = 0; s < 8; ++s) wgmma_step(acc, A[s], smem_desc(buf + s * (BM * 32)));
+  wg_commit();
+}
+
+extern "C" __global__ void __launch_bounds__(128 * WG, MINB)
+nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
+            const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
+            u16* __restrict__ y, int ldy, int M, int N, int K, float* __restrict__ part,
+            int* __restrict__ counters)
+{
+  extern __shared__ __align__(1024) unsigned char smem[];
+  // three chunk buffers in rotation: chunk cc+1 is written during chunk cc into the buffer chunk cc-2
+  // used, which every warpgroup waited for before the last barrier (two would race a warpgroup still
+  // running chunk cc-1)
+  u32 cur = smem_addr(smem), nxt = cur + BM * 256, spare = nxt + BM * 256;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * BM, row0 = blockIdx.y * (64 * WG) + warp * 16;
+  const int splits = gridDim.z, z = blockIdx.z, chunks = K >> 7;
+  const int c_lo = chunks * z / splits, c_hi = chunks * (z + 1) / splits, last = c_hi - 1;
+  const u8* wp[2];
+  const u8* sp[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // rows g and g+8 of the warp (clamped to N-1: computed, never stored)
+    const int row = min(row0 + g + 8 * i, N - 1);
+    wp[i] = w + (u64)row * (K >> 1) + t * 16;
+    sp[i] = s + (u64)row * (K >> 4) + t * 2;
+  }
+  const u16* xr[XU];  // token rows past M repeat row M-1 (computed, never stored)
+#pragma unroll
+  for (int i = 0; i < XU; ++i)
+    xr[i] = x + (u64)min(m0 + (warp + i * WARPS) * 8 + (lane & 7), M - 1) * ldx + (lane >> 3) * 8;
+
+  float acc[BM / 2];
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
+  u32 A[8][4];
+  Slot S[DEPTH + 1];
+  XRegs X;
+#pragma unroll
+  for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wp, sp, nullptr);
+  load_x_chunk(X, xr, c_lo, warp);
+  store_x_chunk(X, cur, warp, lane);
+  load_x_chunk(X, xr, min(c_lo + 1, last), warp);
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  __syncthreads();
+  for (int c = c_lo; c < c_hi; c += DEPTH + 1) {
+#pragma unroll
+    for (int i = 0; i <= DEPTH; ++i) {
+      const int cc = c + i;
+      load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(cc + DEPTH, last), wp, sp, nullptr);
+      wg_wait0();  // this warpgroup's chunk cc-1 is done: A is free
+      decode_chunk(S[i], A);
+      mma_chunk(acc, A, cur);
+      store_x_chunk(X, nxt, warp, lane);
+      load_x_chunk(X, xr, min(cc + 2, last), warp);
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      __syncthreads();
+      const u32 done = cur;
+      cur = nxt;
+      nxt = spare;
+      spare = done;
+      if (cc + 1 >= c_hi) break;
+    }
+  }
+  wg_wait0();
+
+  // acc[4i + e]: row (g, g, g+8, g+8)[e] of the warp, token 8i + 2t + (e & 1) of the tile
+  const int wrow = row0 + g;
+  if (splits > 1) {
+    // split K: every split stores its partial sums; the last to arrive adds the others' and stores y
+#pragma unroll
+    for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * i + 2 * t + (e & 1), n = wrow + 8 * (e >> 1);
+        if (m < M && n < N) part[((u64)z * M + m) * N + n] = acc[4 * i + e];
+      }
+    __threadfence();
+    __syncthreads();
+    __shared__ int arrived_last;
+    const int tile = blockIdx.x + gridDim.x * blockIdx.y;
+    if (threadIdx.x == 0) arrived_last = atomicAdd(&counters[tile], 1) == splits - 1;
+    __syncthreads();
+    if (!arrived_last) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * i + 2 * t + (e & 1), n = wrow + 8 * (e >> 1);
+        if (m < M && n < N)
+          for (int o = 0; o < splits; ++o)
+            if (o != z) acc[4 * i + e] += __ldcg(&part[((u64)o * M + m) * N + n]);
+      }
+    if (threadIdx.x == 0) counters[tile] = 0;  // ready for the next call (graph replays reuse it)
+  }
+#pragma unroll
+  for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = m0 + 8 * i + 2 * t + (e & 1), n = wrow + 8 * (e >> 1);
+      if (m >= M || n >= N) continue;
+      float v = acc[4 * i + e] * mul[(u64)n * mul_stride] * 128.0f;
+      if (bias) v += to_f32(bias[n]);
+      u16 o;
+      asm("cvt.rn." STYPE ".f32 %0, %1;" : "=h"(o) : "f"(v));
+      y[(u64)m * ldy + n] = o;
+    }
+}
+"""
+
+
+def _wgmma_step(bm: int, mtype: str) -> str:
+    """``wgmma_step``: one m64n{bm}k16 wgmma, its bm / 2 accumulators per thread spelled out."""
+    n_acc = bm // 2
+    d = ", ".join(f"%{i}" for i in range(n_acc))
+    a = ", ".join(f"%{n_acc + i}" for i in range(4))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n_acc))
+    return (
+        "__device__ __forceinline__ void wgmma_step(float* d, const u32* a, u64 desc) {\n"
+        f'  asm volatile("wgmma.mma_async.sync.aligned.m64n{bm}k16.f32.{mtype}.{mtype} '
+        f'{{{d}}}, {{{a}}}, %{n_acc + 4}, 1, 1, 1, 0;"\n'
+        f'      : {outs}\n      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc) : "memory");\n'
+        "}\n"
+    )
+
+
+#: Token rows per block (wgmma's N: 8 to 256 in steps of 8; the accumulators are BM / 2 registers), warpgroups
+#: per block (each 64 weight rows), weight chunks in flight (DEPTH), blocks per SM for the register cap
+#: (MINB), and the descriptor's two byte offsets (LBO: core matrices adjacent in K, SBO: adjacent in N).
+VARIANT = {"BM": 64, "WG": 2, "DEPTH": 2, "MINB": 1, "DESC_LBO": 128, "DESC_SBO": 256}
+
+_MTYPE = {torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def source(dtype: torch.dtype, variant: dict[str, int] | None = None) -> str:
+    var = {**VARIANT, **(variant or {})}
+    bm, wg = var["BM"], var["WG"]
+    if bm % 8 or not 8 <= bm <= 256:
+        raise ValueError(f"cuda_wgmma: BM must be a multiple of 8 from 8 to 256, got {bm}")
+    defs = {**var, "WARPS": 4 * wg, "XU": -(-bm // (32 * wg))}
+    head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
+    kernel = _KERNEL.replace("WGMMA_STEP", _wgmma_step(bm, _MTYPE[dtype]))
+    return cuda_mma_src.source(dtype, 1, {"RT": 1, "XPRE": 0}) + head + kernel
+
+
+def shared_bytes(variant: dict[str, int] | None = None) -> int:
+    """Dynamic shared memory of one block: three chunks of BM token rows x 128 activations."""
+    return 3 * {**VARIANT, **(variant or {})}["BM"] * 256
+
+
+#: sm_90a: wgmma exists only on the "a" target of Hopper
+ARCH = "sm_90a"
+DTYPES = tuple(_MTYPE)

@@ -1,0 +1,143 @@
+"""kernels/cuda_wgmma.py: the sm_90a wgmma GEMM.
+
+On the CPU: every plan and swept variant compiles with NVRTC for sm_90a without register spills and
+without ptxas serializing the wgmma instructions, and the plan (tile, warpgroups, K splits) follows its
+rules. On an H100 (``gpu``): the product against the float64 reference of the same packed weight at
+odd N, K not a power of two, M not a multiple of the tile, both dtypes, per-row multipliers, bias and
+split K (twice, so the arrival counters were reset), output poisoned before each run.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from test_kernels import TOL, make_weight, make_x, ref_linear_f64, rel_err
+
+from nvfp4_fix.kernels import cuda_wgmma, nvrtc
+from nvfp4_fix.kernels.cuda_wgmma_src import ARCH, source
+
+try:
+    nvrtc.nvrtc()
+    HAS_NVRTC = True
+except nvrtc.CudaError:  # pragma: no cover - depends on the environment
+    HAS_NVRTC = False
+
+HAS_H100 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_nvrtc = pytest.mark.skipif(not HAS_NVRTC, reason="no NVRTC")
+needs_h100 = pytest.mark.skipif(not HAS_H100, reason="needs an sm_90 GPU")
+
+#: the variant families the sweep times (benchmarks/sweep_wgmma.py): tiles of 32 / 64 / 128 rows, one or
+#: two warpgroups, 1-3 weight chunks in flight
+SWEPT = [{"BM": bm, "WG": wg, "DEPTH": d} for bm in (32, 64, 128) for wg in (1, 2) for d in (1, 2, 3)]
+
+
+def _compile(dtype: torch.dtype, variant: dict[str, int]) -> tuple[int, int, int, str]:
+    _, log = nvrtc.compile_with_log(source(dtype, variant), ARCH, ("--ptxas-options=-v",))
+    i = log.index("Function properties for nvfp4_wgmma")
+    block = log[i : i + 400]
+    regs = re.search(r"Used (\d+) registers", block)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+    assert regs and spills, log
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2)), log
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plans_and_swept_variants_compile_without_spills(dtype):
+    shapes = [(m, n, k) for m in (9, 16, 32, 33, 64, 65, 128, 512) for n, k in ((4096, 4096), (8192, 28672))]
+    variants = {tuple(sorted(cuda_wgmma.plan_for(m, n, k, 132)[0].items())) for m, n, k in shapes}
+    variants |= {tuple(sorted(v.items())) for v in SWEPT}
+    for key in sorted(variants):
+        regs, stores, loads, log = _compile(dtype, dict(key))
+        assert stores == 0 and loads == 0, (dict(key), regs, stores, loads)
+        assert "serializ" not in log.lower(), log  # ptxas serializes wgmma it cannot keep in flight
+
+
+@needs_nvrtc
+def test_spill_report_is_read():
+    """The check above can fail: 256 token rows on one warpgroup (128 accumulators a thread) spill."""
+    _, stores, _, _ = _compile(torch.bfloat16, {"BM": 256, "WG": 1})
+    assert stores > 0
+
+
+def test_source_refuses_a_tile_wgmma_has_not():
+    for bm in (0, 12, 264):
+        with pytest.raises(ValueError, match="BM must be a multiple of 8"):
+            source(torch.bfloat16, {"BM": bm})
+
+
+@pytest.mark.parametrize("m", [9, 32, 33, 64, 65, 200, 512])
+@pytest.mark.parametrize(
+    "n,k", [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (1536, 2048), (520, 384)]
+)
+def test_plan_splits_k_only_while_the_grid_is_small(m, n, k):
+    sms = 132
+    variant, splits = cuda_wgmma.plan_for(m, n, k, sms)
+    bm = variant["BM"]
+    assert bm >= min(m, 128) and bm in (32, 64, 128)
+    tiles = -(-m // bm) * -(-n // (64 * variant["WG"]))
+    assert splits >= 1 and (splits == 1 or tiles * splits // 2 < sms)  # the last doubling was needed
+    assert k // 128 // splits >= 8 or splits == 1  # every split keeps 8 chunks of 128
+
+
+# ----------------------------------------------------------------------------- on an H100
+def _poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+
+
+CASES = [  # (M, N, K, variant, splits)
+    (9, 1000, 384, None, None),
+    (16, 4096, 4096, None, None),
+    (33, 1544, 1152, None, None),
+    (64, 6144, 4096, None, None),
+    (100, 4096, 14336, None, None),
+    (128, 520, 2048, {"BM": 128, "WG": 1}, 4),
+    (200, 2048, 768, {"BM": 64, "WG": 1, "DEPTH": 3}, 2),
+    (300, 3000, 1024, {"BM": 128, "WG": 2, "DEPTH": 1}, 3),
+    (512, 4096, 4096, None, None),
+    (17, 28672, 4096, {"BM": 32, "WG": 2}, None),
+    (40, 2048, 4096, {"BM": 64, "WG": 1}, 8),
+]
+
+
+@pytest.mark.gpu
+@needs_h100
+@pytest.mark.parametrize("m,n,k,variant,splits", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_matches_float64(m, n, k, variant, splits, dtype):
+    wp, ws, mul = make_weight(n, k, "cuda")
+    x = make_x(m, k, dtype, "cuda")
+    bias = torch.randn(n).to(dtype).cuda() if m % 2 else None
+    row_mul = mul * (torch.rand(n, device="cuda") + 0.5)
+    for mult, ref in (
+        (mul, ref_linear_f64(x, wp, ws, mul, bias)),
+        (row_mul, ref_linear_f64(x, wp, ws, row_mul[:, None], bias)),
+    ):
+        for _ in range(2):  # a split-K call leaves its counters at zero for the next
+            out = _poisoned(m, n, dtype)
+            y = cuda_wgmma.linear(x, wp, ws, mult, bias, out=out, variant=variant, splits=splits)
+            assert y is out
+            err = rel_err(y, ref)
+            assert err <= TOL[dtype], (m, n, k, variant, splits, dtype, err)
+
+
+@pytest.mark.gpu
+@needs_h100
+def test_gpu_graph_replay_of_a_split_call():
+    """Captured in a CUDA graph, a split-K call replays correctly on new inputs (the counters reset)."""
+    m, n, k = 64, 4096, 4096
+    wp, ws, mul = make_weight(n, k, "cuda")
+    x = make_x(m, k, torch.bfloat16, "cuda")
+    _, splits = cuda_wgmma.plan_for(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert splits > 1
+    cuda_wgmma.linear(x, wp, ws, mul)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = cuda_wgmma.linear(x, wp, ws, mul)
+    for _ in range(3):
+        x.copy_(make_x(m, k, torch.bfloat16, "cuda"))
+        y.fill_(float("nan"))
+        g.replay()
+        assert rel_err(y, ref_linear_f64(x, wp, ws, mul)) <= TOL[torch.bfloat16]
