@@ -149,10 +149,10 @@ def test_grouped_forward_paths_match_float64_and_count_launches(act, t, topk):
     elif t * topk <= 64:  # gate_up (+ its zero fill), act, mul, down (reads int64 ids: no cast), sum
         assert triton == [f"triton:_{k}_kernel" for k in ("pair_gemv", "pair_gemv", "sum_pairs")]
         assert count.total <= 6, count.names
-    else:  # routing, then gate_up (SiLU in its epilogue unless unrecognised), down, sum
-        assert triton == [f"triton:_{k}_kernel" for k in ("expert_mm", "expert_mm", "sum_pairs")]
+    else:  # routing (one Triton program), then gate_up (SiLU in its epilogue unless unrecognised), down, sum
+        assert triton == [f"triton:_{k}_kernel" for k in ("route", "expert_mm", "expert_mm", "sum_pairs")]
         if silu:
-            assert "silu" not in count.names and "mul" not in count.names[count.names.index(triton[0]) :]
+            assert "silu" not in count.names and "mul" not in count.names[count.names.index(triton[1]) :]
 
 
 def test_decode_experts_trace_whole_under_torch_compile():

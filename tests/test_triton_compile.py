@@ -134,7 +134,7 @@ def _moe_launches() -> None:
     ]:  # fmt: skip
         idx = torch.arange(t * topk).reshape(t, topk) % e
         codes, scales, mul = experts(2 * i, h, 2) if glu else experts(i, h, 1)
-        with settings.override(moe_route_kernel=True):  # its one-program kernel too (off by default)
+        with settings.override(moe_route_kernel=True):  # its one-program kernel too (the default)
             plan = moe_route.route(idx, e, block_m)
         w = torch.ones(t * topk) if weighted else None
         moe_grouped.expert_mm(torch.zeros(t, h, dtype=dtype), topk, plan, codes, scales, mul, i, None, w, glu)

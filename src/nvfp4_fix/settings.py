@@ -75,9 +75,9 @@ class Settings:
     #: (generation/router.py; transformers' softmax + torch.topk when off).
     moe_router: bool = True
     #: MoE experts above decode sizes: sort the routed pairs by expert in one Triton program
-    #: (kernels/moe_route.route) instead of ~35 torch ops. Off until measured on a GPU: it has run
-    #: only under Triton's interpreter (equal to the torch ops) and compiled for sm_90.
-    moe_route_kernel: bool = False
+    #: (kernels/moe_route.route) instead of ~35 torch ops: 115.0 against 174.9 us an experts call at 16
+    #: tokens, 178.0 against 287.9 at 64 (H100, benchmarks/RESULTS-moe-humming.md, session 16).
+    moe_route_kernel: bool = True
     #: Let "auto" run Humming (optional humming-kernels) where the table in kernels/table.py says it is
     #: faster. Off by default: it keeps a second, Humming-layout copy of each weight it runs.
     humming: bool = False
