@@ -95,15 +95,31 @@ __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync
 
 WGMMA_STEP
 
+// Pins registers at this point of the program: the compiler may not compute them later (a decode
+// instruction moved between a stage's wgmma would make ptxas serialize them) nor read them earlier.
+__device__ __forceinline__ void pin_a(u32 (*A)[4]) {
+#pragma unroll
+  for (int s = 0; s < 8; ++s)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(A[s][j]) :: "memory");
+}
+__device__ __forceinline__ void pin_acc(float* acc) {
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) asm volatile("" : "+f"(acc[i]) :: "memory");
+}
+
 // The chunk's eight 16-deep steps: A from registers, B = the step's tile of the buffer at `buf`.
 __device__ __forceinline__ void mma_chunk(float* acc, u32 (*A)[4], u32 buf) {
+  pin_a(A);
+  pin_acc(acc);
   wg_fence();
 #pragma unroll
   for (int s = 0; s < 8; ++s) wgmma_step(acc, A[s], smem_desc(buf + s * (BM * 32)));
   wg_commit();
+  pin_acc(acc);
 }
 
-extern "C" __global__ void __launch_bounds__(128 * WG, MINB)
+extern "C" __global__ void __launch_bounds__(128 * WG, WG_MINB)
 nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
             const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
             u16* __restrict__ y, int ldy, int M, int N, int K, float* __restrict__ part,
@@ -111,8 +127,8 @@ nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const 
 {
   extern __shared__ __align__(1024) unsigned char smem[];
   // three chunk buffers in rotation: chunk cc+1 is written during chunk cc into the buffer chunk cc-2
-  // used, which every warpgroup waited for before the last barrier (two would race a warpgroup still
-  // running chunk cc-1)
+  // used, which every warpgroup waited for before the last barrier (two would race a warpgroup whose
+  // chunk cc-1 still runs)
   u32 cur = smem_addr(smem), nxt = cur + BM * 256, spare = nxt + BM * 256;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * BM, row0 = blockIdx.y * (64 * WG) + warp * 16;
@@ -136,24 +152,29 @@ nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const 
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
   u32 A[8][4];
   Slot S[DEPTH + 1];
-  XRegs X;
+  // chunk j (counted from c_lo) arrives in X[j & 1], loaded two chunks before it is stored: an L2
+  // round trip under the weights' traffic is about one chunk's time
+  XRegs X[2];
 #pragma unroll
   for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wp, sp, nullptr);
-  load_x_chunk(X, xr, c_lo, warp);
-  store_x_chunk(X, cur, warp, lane);
-  load_x_chunk(X, xr, min(c_lo + 1, last), warp);
+  load_x_chunk(X[0], xr, c_lo, warp);
+  store_x_chunk(X[0], cur, warp, lane);
+  load_x_chunk(X[1], xr, min(c_lo + 1, last), warp);
+  load_x_chunk(X[0], xr, min(c_lo + 2, last), warp);
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   __syncthreads();
-  for (int c = c_lo; c < c_hi; c += DEPTH + 1) {
+  // unrolled UNROLL = lcm(DEPTH + 1, 2) chunks at a time, so that slot and X indices are constants
+  for (int c = c_lo; c < c_hi; c += UNROLL) {
 #pragma unroll
-    for (int i = 0; i <= DEPTH; ++i) {
+    for (int i = 0; i < UNROLL; ++i) {
       const int cc = c + i;
       load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(cc + DEPTH, last), wp, sp, nullptr);
       wg_wait0();  // this warpgroup's chunk cc-1 is done: A is free
-      decode_chunk(S[i], A);
+      pin_acc(acc);
+      decode_chunk(S[i % (DEPTH + 1)], A);
       mma_chunk(acc, A, cur);
-      store_x_chunk(X, nxt, warp, lane);
-      load_x_chunk(X, xr, min(cc + 2, last), warp);
+      store_x_chunk(X[(i + 1) & 1], nxt, warp, lane);
+      load_x_chunk(X[(i + 1) & 1], xr, min(cc + 3, last), warp);
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       __syncthreads();
       const u32 done = cur;
@@ -164,6 +185,7 @@ nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const 
     }
   }
   wg_wait0();
+  pin_acc(acc);
 
   // acc[4i + e]: row (g, g, g+8, g+8)[e] of the warp, token 8i + 2t + (e & 1) of the tile
   const int wrow = row0 + g;
@@ -228,8 +250,8 @@ def _wgmma_step(bm: int, mtype: str) -> str:
 
 #: Token rows per block (wgmma's N: 8 to 256 in steps of 8; the accumulators are BM / 2 registers), warpgroups
 #: per block (each 64 weight rows), weight chunks in flight (DEPTH), blocks per SM for the register cap
-#: (MINB), and the descriptor's two byte offsets (LBO: core matrices adjacent in K, SBO: adjacent in N).
-VARIANT = {"BM": 64, "WG": 2, "DEPTH": 2, "MINB": 1, "DESC_LBO": 128, "DESC_SBO": 256}
+#: (WG_MINB), and the descriptor's two byte offsets (LBO: core matrices adjacent in K, SBO: adjacent in N).
+VARIANT = {"BM": 64, "WG": 2, "DEPTH": 2, "WG_MINB": 1, "DESC_LBO": 128, "DESC_SBO": 256}
 
 _MTYPE = {torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -239,7 +261,13 @@ def source(dtype: torch.dtype, variant: dict[str, int] | None = None) -> str:
     bm, wg = var["BM"], var["WG"]
     if bm % 8 or not 8 <= bm <= 256:
         raise ValueError(f"cuda_wgmma: BM must be a multiple of 8 from 8 to 256, got {bm}")
-    defs = {**var, "WARPS": 4 * wg, "XU": -(-bm // (32 * wg))}
+    depth = var["DEPTH"]
+    defs = {
+        **var,
+        "WARPS": 4 * wg,
+        "XU": -(-bm // (32 * wg)),
+        "UNROLL": depth + 1 if depth % 2 else 2 * (depth + 1),
+    }
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     kernel = _KERNEL.replace("WGMMA_STEP", _wgmma_step(bm, _MTYPE[dtype]))
     return cuda_mma_src.source(dtype, 1, {"RT": 1, "XPRE": 0}) + head + kernel

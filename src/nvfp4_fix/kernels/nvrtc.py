@@ -124,7 +124,7 @@ class Kernel:
             _check_cu(
                 libcuda().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()), name
             )
-            if shared_bytes > 48 * 1024:  # above 48 KiB a kernel must opt in
+            if shared_bytes:  # the opt-in above 48 KiB counts static shared memory too: always set
                 _check_cu(
                     libcuda().cuFuncSetAttribute(self._fn, _MAX_DYNAMIC_SHARED, shared_bytes), "shared memory"
                 )
