@@ -29,6 +29,7 @@
 #  generation bench_generation.py --compile: batch-1 decode of the 8B shape, 32 layers (issue 19)
 #  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
 #  wgmma   sweep_wgmma.py: cuda_wgmma (sm_90a) plan and variants vs the dispatch, Humming, cuBLAS at WGMMA_M
+#          (WGMMA_ARGS="--diag": only the timing diagnostics)
 #  wgmmatest the cuda_wgmma GPU tests
 #  tldot   sweep_mid_m.py: the tl.dot tiles at M = 64 (fallback where cuda_mma does not win)
 #  gen     the generation GPU tests (test_generation*.py)
@@ -77,7 +78,7 @@ moehum) step moehum  # needs carry [".whl/humming"]
     grep "^|\|WRONG\|failed\|refused" "$OUT/moehum.log" | tail -24 ;;
 wgmma) step wgmma  # Humming's column needs carry [".whl/humming"] (skipped without it)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/humming/*.whl 2>/dev/null
-    (cd benchmarks && PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${WGMMA_S:-330} python3 sweep_wgmma.py \
+    (cd benchmarks && PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${WGMMA_S:-330} python3 sweep_wgmma.py ${WGMMA_ARGS:-} \
         --m ${WGMMA_M:-16,32,64,128,256,512} --budget-s $(( ${WGMMA_S:-330} - 30 )) --out "$OUT/sweep_wgmma.json" > "$OUT/wgmma.log" 2>&1); done_ $?
     grep -v "^    " "$OUT/wgmma.log" | tail -80 ;;
 wgmmatest) step wgmmatest

@@ -76,6 +76,31 @@ def correctness(desc, log) -> bool:
         (512, 4096, 4096, torch.bfloat16, None, None, False, False),
         (17, 28672, 4096, torch.bfloat16, {"BM": 32, "WG": 2}, None, False, False),
         (40, 2048, 4096, torch.bfloat16, {"BM": 64, "WG": 1}, 8, False, False),
+        (16, 4096, 4096, torch.bfloat16, {"KIND": 1, "BM": 16, "WG": 2, "RT": 2}, 2, False, False),
+        (9, 1000, 384, torch.float16, {"KIND": 1, "BM": 32, "WG": 2, "RT": 1}, None, True, True),
+        (33, 1544, 1152, torch.bfloat16, {"KIND": 1, "BM": 32, "WG": 1, "RT": 2}, 2, True, True),
+        (64, 6144, 4096, torch.float16, {"KIND": 1, "BM": 64, "WG": 2, "RT": 2}, None, False, False),
+        (
+            100,
+            4096,
+            14336,
+            torch.bfloat16,
+            {"KIND": 1, "BM": 64, "WG": 2, "RT": 1, "DEPTH": 1},
+            4,
+            False,
+            True,
+        ),
+        (200, 2048, 768, torch.bfloat16, {"KIND": 1, "BM": 128, "WG": 2, "RT": 1}, 2, False, False),
+        (
+            512,
+            3000,
+            1024,
+            torch.float16,
+            {"KIND": 1, "BM": 128, "WG": 1, "RT": 1, "XST": 3},
+            None,
+            True,
+            False,
+        ),
     ]
     for m, n, k, dt, var, splits, per_row, with_bias in cases:
         wp, ws, mul = make_layer(n, k)
@@ -105,22 +130,61 @@ def old_auto(*args):
         return K.nvfp4_linear(*args)
 
 
+#: the mma.sync kernel's (BM, WG, RT) families per M range
+MMA_FAMILIES = {
+    16: [(16, 2, 2), (32, 2, 1), (32, 2, 2), (32, 1, 2)],
+    32: [(32, 2, 1), (32, 2, 2), (32, 1, 2), (64, 2, 1)],
+    64: [(64, 2, 1), (64, 2, 2), (64, 1, 1), (32, 2, 2)],
+    512: [(64, 2, 1), (64, 2, 2), (128, 2, 1), (128, 1, 1)],
+}
+
+
 def candidates(m, n, k, sms, desc):
+    """(label, variant, K splits): the wgmma plan, then the mma.sync kernel's families at depth 2 (and 1
+    for the first), each with the split count splits_for gives it, the first also with twice that."""
     plan, splits = cuda_wgmma.plan_for(m, n, k, sms)
-    out = [("plan", {**desc, **plan}, splits)]
-    bms = (32, 64) if m <= 32 else (64, 128)
-    for bm in bms:
-        for wg in (1, 2) if bm <= 64 else (2,):  # one warpgroup holding 128 rows' activations spills
-            for depth in (1, 2, 3):
-                var = {**desc, "BM": bm, "WG": wg, "DEPTH": depth}
-                if (bm, wg, depth) == (plan["BM"], plan["WG"], 2):
-                    continue
-                _, s = cuda_wgmma.plan_for(m, n, k, sms)
-                out.append((f"BM{bm} WG{wg} D{depth}", var, s))
-    for s in {max(1, splits // 2), splits * 2}:
-        if s != splits and s <= k // 128 // 4:
-            out.append((f"plan s{s}", {**desc, **plan}, s))
+    out = [("wgmma", {**desc, **plan, "KIND": 0}, splits)]
+    fams = next(v for top, v in MMA_FAMILIES.items() if m <= top)
+    for i, (bm, wg, rt) in enumerate(fams):
+        var = {"KIND": 1, "BM": bm, "WG": wg, "RT": rt, "DEPTH": 2}
+        s = cuda_wgmma.splits_for(m, n, k, sms, var)
+        out.append((f"mma BM{bm} WG{wg} RT{rt}", var, s))
+        if i == 0:
+            out.append((f"mma BM{bm} WG{wg} RT{rt} D1", {**var, "DEPTH": 1}, s))
+            if 2 * s <= k // 128 // 4:
+                out.append((f"mma BM{bm} WG{wg} RT{rt} s{2 * s}", var, 2 * s))
     return out
+
+
+DIAG = {
+    "plan": {},
+    "late loads": {"LATE_LOADS": 1},
+    "no proxy fence": {"PROXY_FENCE": 0},
+    "no wgmma": {"WGMMA_OFF": 1},
+    "no wgmma, no proxy fence": {"WGMMA_OFF": 1, "PROXY_FENCE": 0},
+    "no wgmma, late loads": {"WGMMA_OFF": 1, "LATE_LOADS": 1},
+}
+
+
+def diagnose(desc, log):
+    """Where a chunk's time goes: the plan against itself without the proxy fence, without the tensor work,
+    with the global loads after the fences (timing only; these variants' results are not used)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    log("| layer | M | " + " | ".join(f"{k} us" for k in DIAG) + " | us per chunk (plan) |")
+    log("|---|---|" + "---|" * len(DIAG) + "---|")
+    for name, n, k in (SHAPES["8b"][1], SHAPES["8b"][2]):
+        for m in (16, 128):
+            lay = Layer(n, k, m, with_bf16=False)
+            plan, splits = cuda_wgmma.plan_for(m, n, k, sms)
+            calls = [lambda i, v={**desc, **plan, **d}: cuda_wgmma.linear(*lay.qargs(i), variant=v, splits=splits)
+                     for d in DIAG.values()]  # fmt: skip
+            ts = bench_graphs_interleaved(calls, lay.n_inner)
+            ctas = -(-m // plan["BM"]) * -(-n // (64 * plan["WG"])) * splits
+            waves = -(-ctas // sms)  # one block per SM (registers)
+            per_chunk = ts[0] / (waves * (k // 128 // splits))
+            log(f"| {name} | {m} | " + " | ".join(f"{t:.1f}" for t in ts) + f" | {per_chunk:.2f} |")
+            lay = None
+            torch.cuda.empty_cache()
 
 
 def timing(m_list, desc, deadline, log, humming):
@@ -160,8 +224,8 @@ def timing(m_list, desc, deadline, log, humming):
             row = {"name": name, "m": m, "n": n, "k": k, "auto_kernel": auto_kernel, **t, "best": best}
             rows.append(row)
             log(
-                f"| {name} | {m} | {t['cuBLAS']:.1f} | {t['auto']:.1f} ({auto_kernel}) | {hum:.1f} | {t['plan']:.1f} | "
-                f"{wg[best]:.1f} ({best}) | {t['cuBLAS'] / t['plan']:.2f}x | {hum / t['plan']:.2f} | {t['auto'] / t['plan']:.2f} |"
+                f"| {name} | {m} | {t['cuBLAS']:.1f} | {t['auto']:.1f} ({auto_kernel}) | {hum:.1f} | {t['wgmma']:.1f} | "
+                f"{wg[best]:.1f} ({best}) | {t['cuBLAS'] / wg[best]:.2f}x | {hum / wg[best]:.2f} | {t['auto'] / wg[best]:.2f} |"
             )
             log("    " + " ".join(f"{key}={v:.1f}" for key, v in sorted(wg.items(), key=lambda kv: kv[1])))
             lay = None
@@ -197,6 +261,8 @@ def main() -> int:
     log(f"correctness: {'all passed' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)")
     if not ok:
         return 1  # timing a wrong kernel says nothing
+    if args.diag:
+        diagnose(desc, log)
     humming_ok = False
     if args.humming:
         try:

@@ -16,7 +16,7 @@ import torch
 from test_kernels import TOL, make_weight, make_x, ref_linear_f64, rel_err
 
 from nvfp4_fix.kernels import cuda_wgmma, nvrtc
-from nvfp4_fix.kernels.cuda_wgmma_src import ARCH, source
+from nvfp4_fix.kernels.cuda_wgmma_src import arch, kernel_name, source
 
 try:
     nvrtc.nvrtc()
@@ -28,19 +28,36 @@ HAS_H100 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (
 needs_nvrtc = pytest.mark.skipif(not HAS_NVRTC, reason="no NVRTC")
 needs_h100 = pytest.mark.skipif(not HAS_H100, reason="needs an sm_90 GPU")
 
-#: the variant families the sweep times (benchmarks/sweep_wgmma.py): tiles of 32 / 64 / 128 rows, one or
-#: two warpgroups (two for 128 rows: one holds every activation of 128 rows and spills), 1-3 weight chunks
-#: in flight
+#: the variant families the sweep times (benchmarks/sweep_wgmma.py). wgmma: tiles of 32 / 64 / 128 rows,
+#: one or two warpgroups (two for 128 rows: one holding every activation of 128 rows spills), 1-3 weight
+#: chunks in flight. mma.sync: its (BM, WG, RT) families at depth 1 and 2.
 SWEPT = [
     {"BM": bm, "WG": wg, "DEPTH": d}
     for bm, wg in ((32, 1), (32, 2), (64, 1), (64, 2), (128, 2))
     for d in (1, 2, 3)
 ]
+SWEPT += [
+    {"KIND": 1, "BM": bm, "WG": wg, "RT": rt, "DEPTH": d}
+    for bm, wg, rt in (
+        (16, 2, 2),
+        (32, 2, 1),
+        (32, 2, 2),
+        (32, 1, 2),
+        (64, 2, 1),
+        (64, 2, 2),
+        (64, 1, 1),
+        (128, 2, 1),
+        (128, 1, 1),
+    )
+    for d in (1, 2)
+]
 
 
-def _compile(dtype: torch.dtype, variant: dict[str, int]) -> tuple[int, int, int, str]:
-    _, log = nvrtc.compile_with_log(source(dtype, variant), ARCH, ("--ptxas-options=-v",))
-    i = log.index("Function properties for nvfp4_wgmma")
+def _compile(dtype: torch.dtype, variant: dict[str, int], capability=(9, 0)) -> tuple[int, int, int, str]:
+    _, log = nvrtc.compile_with_log(
+        source(dtype, variant), arch(variant, capability), ("--ptxas-options=-v",)
+    )
+    i = log.index(f"Function properties for {kernel_name(variant)}")
     block = log[i : i + 400]
     regs = re.search(r"Used (\d+) registers", block)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
@@ -55,22 +72,27 @@ def test_plans_and_swept_variants_compile_without_spills(dtype):
     variants = {tuple(sorted(cuda_wgmma.plan_for(m, n, k, 132)[0].items())) for m, n, k in shapes}
     variants |= {tuple(sorted(v.items())) for v in SWEPT}
     for key in sorted(variants):
-        regs, stores, loads, log = _compile(dtype, dict(key))
-        assert stores == 0 and loads == 0, (dict(key), regs, stores, loads)
-        assert "serializ" not in log.lower(), log  # ptxas serializes wgmma it cannot keep in flight
+        var = dict(key)
+        for cc in ((9, 0),) if var.get("KIND", 0) == 0 else ((8, 0), (9, 0)):  # mma.sync: sm_80+
+            regs, stores, loads, log = _compile(dtype, var, cc)
+            assert stores == 0 and loads == 0, (var, cc, regs, stores, loads)
+            assert "serializ" not in log.lower(), log  # ptxas serializes wgmma it cannot keep in flight
 
 
 @needs_nvrtc
 def test_spill_report_is_read():
-    """The check above can fail: 128 token rows on one warpgroup spill."""
-    _, stores, _, _ = _compile(torch.bfloat16, {"BM": 128, "WG": 1})
-    assert stores > 0
+    """The check above can fail: 128 token rows on one warpgroup spill (wgmma), as do two 16-row tiles a warp
+    against 128 token rows (mma.sync)."""
+    assert _compile(torch.bfloat16, {"BM": 128, "WG": 1})[1] > 0
+    assert _compile(torch.bfloat16, {"KIND": 1, "BM": 128, "WG": 2, "RT": 2})[1] > 0
 
 
 def test_source_refuses_a_tile_wgmma_has_not():
     for bm in (0, 12, 264):
         with pytest.raises(ValueError, match="BM must be a multiple of 8"):
             source(torch.bfloat16, {"BM": bm})
+    with pytest.raises(ValueError, match="copies BM"):
+        source(torch.bfloat16, {"KIND": 1, "BM": 8, "WG": 2})
 
 
 @pytest.mark.parametrize("m", [9, 32, 33, 64, 65, 200, 512])
@@ -104,6 +126,13 @@ CASES = [  # (M, N, K, variant, splits)
     (512, 4096, 4096, None, None),
     (17, 28672, 4096, {"BM": 32, "WG": 2}, None),
     (40, 2048, 4096, {"BM": 64, "WG": 1}, 8),
+    (16, 4096, 4096, {"KIND": 1, "BM": 16, "WG": 2, "RT": 2}, 2),
+    (9, 1000, 384, {"KIND": 1, "BM": 32, "WG": 2, "RT": 1}, None),
+    (33, 1544, 1152, {"KIND": 1, "BM": 32, "WG": 1, "RT": 2}, 2),
+    (64, 6144, 4096, {"KIND": 1, "BM": 64, "WG": 2, "RT": 2}, None),
+    (100, 4096, 14336, {"KIND": 1, "BM": 64, "WG": 2, "RT": 1, "DEPTH": 1}, 4),
+    (200, 2048, 768, {"KIND": 1, "BM": 128, "WG": 2, "RT": 1}, 2),
+    (512, 3000, 1024, {"KIND": 1, "BM": 128, "WG": 1, "RT": 1, "XST": 3}, None),
 ]
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .. import settings
 from . import nvrtc
-from .cuda_wgmma_src import ARCH, DTYPES, VARIANT, shared_bytes, source
+from .cuda_wgmma_src import DTYPES, VARIANT, arch, kernel_name, rows_per_block, shared_bytes, source
 
 __all__ = ["VARIANT", "linear", "supports", "supports_shape", "MIN_M", "MAX_M", "plan_for"]
 
@@ -44,8 +44,8 @@ def _sm_count(device_index: int) -> int:
 @functools.cache
 def _kernel(dtype: torch.dtype, device_index: int, variant: tuple) -> nvrtc.Kernel:
     var = dict(variant)
-    cubin = nvrtc.compile_cubin(source(dtype, var), ARCH)
-    return nvrtc.Kernel(cubin, "nvfp4_wgmma", torch.device("cuda", device_index), shared_bytes(var))
+    cubin = nvrtc.compile_cubin(source(dtype, var), arch(var, torch.cuda.get_device_capability(device_index)))
+    return nvrtc.Kernel(cubin, kernel_name(var), torch.device("cuda", device_index), shared_bytes(var))
 
 
 @functools.cache
@@ -81,16 +81,22 @@ def _key(variant: dict[str, int] | None) -> tuple:
 
 
 def plan_for(m: int, n: int, k: int, sms: int) -> tuple[dict[str, int], int]:
-    """(variant, K splits) for one call shape: token tiles of 64 rows up to M = 64, else of 128; two
-    warpgroups (128 weight rows) a block; K split while the grid is under one block per SM and each
-    split keeps at least 8 chunks of 128."""
+    """(variant, K splits) for one call shape: token tiles of 32 rows up to M = 32, 64 up to 64, else
+    128; two warpgroups a block."""
     bm = 32 if m <= 32 else 64 if m <= 64 else 128
     variant = {"BM": bm, "WG": 2}
-    tiles = -(-m // bm) * -(-n // 128)
+    return variant, splits_for(m, n, k, sms, variant)
+
+
+def splits_for(m: int, n: int, k: int, sms: int, variant: dict[str, int]) -> int:
+    """K splits: doubled while the grid is under one block per SM and each split keeps at least 8 chunks
+    of 128."""
+    var = {**VARIANT, **variant}
+    tiles = -(-m // var["BM"]) * -(-n // rows_per_block(var))
     splits, chunks = 1, k // 128
     while tiles * splits < sms and chunks // (2 * splits) >= 8:
         splits *= 2
-    return variant, splits
+    return splits
 
 
 @functools.cache
@@ -107,7 +113,7 @@ def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, override: tuple 
         variant = {**variant, **dict(override)}
     splits = splits or auto_splits
     bm, wg = variant["BM"], variant["WG"]
-    grid = (-(-m // bm), -(-n // (64 * wg)), splits)
+    grid = (-(-m // bm), -(-n // rows_per_block(variant)), splits)
     if splits > 1 and grid[0] * grid[1] > _MAX_TILES:
         raise ValueError(f"cuda_wgmma: {grid[0] * grid[1]} tiles exceed {_MAX_TILES} for a K split")
     if splits > k // 128:

@@ -17,7 +17,7 @@ import torch
 
 from . import cuda_mma_src
 
-_KERNEL = r"""
+_COMMON = r"""
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   u32 a;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -43,7 +43,9 @@ __device__ __forceinline__ void load_xunit(XUnit& u, const u16* xr, int c) {
   }
 }
 
-// Step s = 2q + h, half cc (k 0-7 / 8-15 of the step) of token n lies at
+"""
+
+_STORE_WGMMA = r"""// Step s = 2q + h, half cc (k 0-7 / 8-15 of the step) of token n lies at
 // s * BM * 32 + (n / 8) * 256 + cc * 128 + (n % 8) * 16: the pairs (3-2h, 7-2h) and (2-2h, 6-2h) of
 // each 8 activations, as cuda_mma's B fragments b0 / b1 are built.
 __device__ __forceinline__ void store_xunit(const XUnit& u, u32 buf, int n, int q) {
@@ -58,7 +60,10 @@ __device__ __forceinline__ void store_xunit(const XUnit& u, u32 buf, int n, int 
   }
 }
 
-// A lane's share of the activations of one chunk: XU units of (token, quarter), 8 tokens per warp pass.
+"""
+
+_XREGS = r"""
+// A lane's share of the activations of one chunk: XU units of (token, quarter), 8 tokens a warp pass.
 struct XRegs { XUnit u[XU]; };
 
 // (fewer groups of 8 tokens than warps: the warps past BM / 8 load and store none)
@@ -73,7 +78,9 @@ __device__ __forceinline__ void store_x_chunk(const XRegs& X, u32 buf, int warp,
     if (warp + i * WARPS < BM / 8) store_xunit(X.u[i], buf, (warp + i * WARPS) * 8 + (lane & 7), lane >> 3);
 }
 
-__device__ __forceinline__ void decode_chunk(const Slot& S, u32 (*A)[4]) {
+"""
+
+_WGMMA = r"""__device__ __forceinline__ void decode_chunk(const Slot& S, u32 (*A)[4]) {
   u32 sc[2][2];
   scale_pairs(S.s[0][0], sc[0][0], sc[0][1]);
   scale_pairs(S.s[0][1], sc[1][0], sc[1][1]);
@@ -119,34 +126,107 @@ __device__ __forceinline__ void mma_chunk(float* acc, u32 (*A)[4], u32 buf) {
   pin_acc(acc);
 }
 
-extern "C" __global__ void __launch_bounds__(128 * WG, WG_MINB)
-nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
+"""
+
+_MMA = r"""
+// mma.sync kernel: a chunk's activations stay in their natural layout (BM rows x 256 bytes), copied in by
+// cp.async three chunks ahead (no registers held); 16-byte piece c of row r lies at piece
+// c ^ 2 (c >> 3) ^ (r & 1), so that the 8 lanes of a quarter warp reading (row g, piece 4t + q) hit 8
+// different bank groups.
+__device__ __forceinline__ u32 piece(int r, int c) { return (u32)(c ^ (((c >> 3) & 1) << 1) ^ (r & 1)); }
+
+__device__ __forceinline__ void copy_x_chunk(u32 stage, const u16* x, int ldx, int m0, int M, int c) {
+#pragma unroll
+  for (int i = 0; i < BM * 16 / THREADS; ++i) {
+    const int p = threadIdx.x + i * THREADS, r = p >> 4, k = p & 15;
+    const u16* src = x + (u64)min(m0 + r, M - 1) * ldx + c * 128 + k * 8;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                 :: "r"(stage + r * 256 + piece(r, k) * 16), "l"(src) : "memory");
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void wait_x_copies() {  // all but the newest XST - 2 chunks have landed
+  asm volatile("cp.async.wait_group %0;" :: "n"(XST - 2) : "memory");
+}
+__device__ __forceinline__ U4 ld_shared4(u32 a) {
+  U4 r;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+}
+
+// One chunk of a warp: RT tiles of 16 weight rows against the block's BM / 8 token tiles; each quarter's
+// A fragments are decoded once and meet every token tile (the B fragments as cuda_mma builds them).
+__device__ __forceinline__ void compute_tile(const Slot& S, float* acc, u32 stage, int g, int t) {
+  u32 sc[RT_][2][2];
+#pragma unroll
+  for (int r = 0; r < RT_; ++r) {
+    scale_pairs(S.s[r][0], sc[r][0][0], sc[r][0][1]);
+    scale_pairs(S.s[r][1], sc[r][1][0], sc[r][1][1]);
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    u32 a[RT_][2][4];
+#pragma unroll
+    for (int r = 0; r < RT_; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const u32 wa = S.q[r][0][q], wb = S.q[r][1][q], sa = sc[r][0][q >> 1], sb = sc[r][1][q >> 1];
+        a[r][h][0] = scl(dec(wa << (8 * h)), sa);
+        a[r][h][1] = scl(dec(wb << (8 * h)), sb);
+        a[r][h][2] = scl(dec(wa << (8 * h + 4)), sa);
+        a[r][h][3] = scl(dec(wb << (8 * h + 4)), sb);
+      }
+    const u32 at = stage + g * 256 + piece(g, 4 * t + q) * 16;  // token rows 8j + g: same piece
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j) {
+      const U4 v = ld_shared4(at + j * 2048);
+      const u32 X[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const u32 b0 = prmt(X[1 - h], X[3 - h], 0x7632u), b1 = prmt(X[1 - h], X[3 - h], 0x5410u);
+#pragma unroll
+        for (int r = 0; r < RT_; ++r)
+          mma(acc + 4 * (r * (BM / 8) + j), a[r][h][0], a[r][h][1], a[r][h][2], a[r][h][3], b0, b1);
+      }
+    }
+  }
+}
+"""
+
+_HEAD = r"""extern "C" __global__ void __launch_bounds__(THREADS, WG_MINB)
+KERNEL_NAME(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const u8* __restrict__ s,
             const float* __restrict__ mul, int mul_stride, const u16* __restrict__ bias,
             u16* __restrict__ y, int ldy, int M, int N, int K, float* __restrict__ part,
             int* __restrict__ counters)
 {
   extern __shared__ __align__(1024) unsigned char smem[];
-  // three chunk buffers in rotation: chunk cc+1 is written during chunk cc into the buffer chunk cc-2
-  // used, which every warpgroup waited for before the last barrier (two would race a warpgroup whose
-  // chunk cc-1 still runs)
-  u32 cur = smem_addr(smem), nxt = cur + BM * 256, spare = nxt + BM * 256;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * BM, row0 = blockIdx.y * (64 * WG) + warp * 16;
+  const int m0 = blockIdx.x * BM, row0 = blockIdx.y * ROWS + warp * WARP_ROWS;
   const int splits = gridDim.z, z = blockIdx.z, chunks = K >> 7;
   const int c_lo = chunks * z / splits, c_hi = chunks * (z + 1) / splits, last = c_hi - 1;
-  const u8* wp[2];
-  const u8* sp[2];
+  const u8* wp[2 * RT_];
+  const u8* sp[2 * RT_];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {  // rows g and g+8 of the warp (clamped to N-1: computed, never stored)
+  for (int i = 0; i < 2 * RT_; ++i) {  // rows g + 8i of the warp (clamped to N-1: computed, never stored)
     const int row = min(row0 + g + 8 * i, N - 1);
     wp[i] = w + (u64)row * (K >> 1) + t * 16;
     sp[i] = s + (u64)row * (K >> 4) + t * 2;
   }
+#if KIND == 0
   const u16* xr[XU];  // token rows past M repeat row M-1 (computed, never stored)
 #pragma unroll
   for (int i = 0; i < XU; ++i)
     xr[i] = x + (u64)min(m0 + (warp + i * WARPS) * 8 + (lane & 7), M - 1) * ldx + (lane >> 3) * 8;
+#endif
 
+"""
+
+_LOOP_WGMMA = r"""
+  // three chunk buffers in rotation: chunk cc+1 is written during chunk cc into the buffer chunk cc-2
+  // used, which every warpgroup waited for before the last barrier (two would race a warpgroup whose
+  // chunk cc-1 still runs)
+  u32 cur = smem_addr(smem), nxt = cur + BM * 256, spare = nxt + BM * 256;
   float acc[BM / 2];
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
@@ -168,15 +248,29 @@ nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const 
 #pragma unroll
     for (int i = 0; i < UNROLL; ++i) {
       const int cc = c + i;
+#if !LATE_LOADS
       load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(cc + DEPTH, last), wp, sp, nullptr);
+#endif
       wg_wait0();  // this warpgroup's chunk cc-1 is done: A is free
       pin_acc(acc);
       decode_chunk(S[i % (DEPTH + 1)], A);
+#if WGMMA_OFF  // timing diagnostic: no tensor work (wrong results)
+      acc[0] += __uint_as_float(A[0][0] ^ A[7][3]);
+#else
       mma_chunk(acc, A, cur);
+#endif
       store_x_chunk(X[(i + 1) & 1], nxt, warp, lane);
+#if !LATE_LOADS
       load_x_chunk(X[(i + 1) & 1], xr, min(cc + 3, last), warp);
+#endif
+#if PROXY_FENCE  // 0 only as a timing diagnostic: wgmma may then read stale activations
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
       __syncthreads();
+#if LATE_LOADS  // the global loads issued after the fences instead of before them
+      load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(cc + DEPTH, last), wp, sp, nullptr);
+      load_x_chunk(X[(i + 1) & 1], xr, min(cc + 3, last), warp);
+#endif
       const u32 done = cur;
       cur = nxt;
       nxt = spare;
@@ -187,15 +281,48 @@ nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const 
   wg_wait0();
   pin_acc(acc);
 
-  // acc[4i + e]: row (g, g, g+8, g+8)[e] of the warp, token 8i + 2t + (e & 1) of the tile
+"""
+
+_LOOP_MMA = r"""
+  // XST chunk stages in a ring: chunk cc+XST-1 is copied into the stage chunk cc-1 left, which every warp
+  // finished reading before the barrier that ended chunk cc-1
+  const u32 ring = smem_addr(smem);
+  float acc[NF * 4];
+#pragma unroll
+  for (int i = 0; i < NF * 4; ++i) acc[i] = 0.f;
+  Slot S[DEPTH + 1];
+#pragma unroll
+  for (int i = 0; i < DEPTH; ++i) load_slot(S[i], min(c_lo + i, last), wp, sp, nullptr);
+#pragma unroll
+  for (int i = 0; i < XST - 1; ++i) copy_x_chunk(ring + i * (BM * 256), x, ldx, m0, M, min(c_lo + i, last));
+  wait_x_copies();
+  __syncthreads();
+  for (int c = c_lo; c < c_hi; c += UNROLL) {
+#pragma unroll
+    for (int i = 0; i < UNROLL; ++i) {
+      const int cc = c + i, r = cc - c_lo;
+      copy_x_chunk(ring + ((r + XST - 1) % XST) * (BM * 256), x, ldx, m0, M, min(cc + XST - 1, last));
+      load_slot(S[(i + DEPTH) % (DEPTH + 1)], min(cc + DEPTH, last), wp, sp, nullptr);
+      compute_tile(S[i % (DEPTH + 1)], acc, ring + (r % XST) * (BM * 256), g, t);
+      wait_x_copies();  // chunk cc+1 (this thread's copies) ...
+      __syncthreads();  // ... and everyone's; chunk cc's stage is free
+      if (cc + 1 >= c_hi) break;
+    }
+  }
+
+"""
+
+_EPILOGUE = r"""
+  // acc[4f + e], fragment f < NF: weight row row0 + FROW(f) + g + 8 (e >> 1), token
+  // m0 + FTOK(f) + 2t + (e & 1)
   const int wrow = row0 + g;
   if (splits > 1) {
     // split K: every split stores its partial sums; the last to arrive adds the others' and stores y
 #pragma unroll
-    for (int i = 0; i < BM / 8; ++i)
+    for (int i = 0; i < NF; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int m = m0 + 8 * i + 2 * t + (e & 1), n = wrow + 8 * (e >> 1);
+        const int m = m0 + FTOK(i) + 2 * t + (e & 1), n = wrow + FROW(i) + 8 * (e >> 1);
         if (m < M && n < N) part[((u64)z * M + m) * N + n] = acc[4 * i + e];
       }
     __threadfence();
@@ -207,10 +334,10 @@ nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const 
     if (!arrived_last) return;
     __threadfence();
 #pragma unroll
-    for (int i = 0; i < BM / 8; ++i)
+    for (int i = 0; i < NF; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int m = m0 + 8 * i + 2 * t + (e & 1), n = wrow + 8 * (e >> 1);
+        const int m = m0 + FTOK(i) + 2 * t + (e & 1), n = wrow + FROW(i) + 8 * (e >> 1);
         if (m < M && n < N)
           for (int o = 0; o < splits; ++o)
             if (o != z) acc[4 * i + e] += __ldcg(&part[((u64)o * M + m) * N + n]);
@@ -218,10 +345,10 @@ nvfp4_wgmma(const u16* __restrict__ x, int ldx, const u8* __restrict__ w, const 
     if (threadIdx.x == 0) counters[tile] = 0;  // ready for the next call (graph replays reuse it)
   }
 #pragma unroll
-  for (int i = 0; i < BM / 8; ++i)
+  for (int i = 0; i < NF; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int m = m0 + 8 * i + 2 * t + (e & 1), n = wrow + 8 * (e >> 1);
+      const int m = m0 + FTOK(i) + 2 * t + (e & 1), n = wrow + FROW(i) + 8 * (e >> 1);
       if (m >= M || n >= N) continue;
       float v = acc[4 * i + e] * mul[(u64)n * mul_stride] * 128.0f;
       if (bias) v += to_f32(bias[n]);
@@ -248,34 +375,76 @@ def _wgmma_step(bm: int, mtype: str) -> str:
     )
 
 
-#: Token rows per block (wgmma's N: 8 to 256 in steps of 8; the accumulators are BM / 2 registers), warpgroups
-#: per block (each 64 weight rows), weight chunks in flight (DEPTH), blocks per SM for the register cap
-#: (WG_MINB), and the descriptor's two byte offsets (LBO: core matrices adjacent in K, SBO: adjacent in N).
-VARIANT = {"BM": 64, "WG": 2, "DEPTH": 2, "WG_MINB": 1, "DESC_LBO": 128, "DESC_SBO": 256}
+#: KIND 0: wgmma (sm_90a); KIND 1: mma.sync tiles (sm_80+), whose shared memory needs no proxy fence.
+#: Token rows per block (BM: wgmma's N, 8 to 256 in steps of 8), warpgroups per block (WG: 4 warps each;
+#: wgmma: 64 weight rows a warpgroup; mma.sync: 16 * RT rows a warp), weight chunks in flight (DEPTH),
+#: activation chunks in the mma.sync kernel's copy ring (XST), blocks per SM for the register cap (WG_MINB),
+#: and the wgmma descriptor's two byte offsets (LBO: core matrices
+#: adjacent in K, SBO: adjacent in N).
+VARIANT = {"KIND": 0, "BM": 64, "WG": 2, "RT": 1, "DEPTH": 2, "XST": 4, "WG_MINB": 1}
+VARIANT |= {"DESC_LBO": 128, "DESC_SBO": 256}
+#: Timing diagnostics of the wgmma kernel (benchmarks/sweep_wgmma.py --diag), never launched by the dispatch:
+#: LATE_LOADS issues the next chunk's global loads after the per-chunk fences, PROXY_FENCE=0 drops the
+#: shared-memory proxy fence (wgmma may read stale activations), WGMMA_OFF=1 drops the tensor work.
+DIAGNOSTIC = {"LATE_LOADS": 0, "PROXY_FENCE": 1, "WGMMA_OFF": 0}
 
 _MTYPE = {torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
+def rows_per_block(variant: dict[str, int]) -> int:
+    var = {**VARIANT, **variant}
+    return 64 * var["WG"] if var["KIND"] == 0 else 4 * var["WG"] * 16 * var["RT"]
+
+
+def kernel_name(variant: dict[str, int]) -> str:
+    return "nvfp4_wgmma" if {**VARIANT, **variant}["KIND"] == 0 else "nvfp4_mma_tile"
+
+
 def source(dtype: torch.dtype, variant: dict[str, int] | None = None) -> str:
     var = {**VARIANT, **(variant or {})}
-    bm, wg = var["BM"], var["WG"]
+    bm, wg, kind = var["BM"], var["WG"], var["KIND"]
     if bm % 8 or not 8 <= bm <= 256:
         raise ValueError(f"cuda_wgmma: BM must be a multiple of 8 from 8 to 256, got {bm}")
+    if kind == 1 and (bm * 16) % (128 * wg):
+        raise ValueError(
+            f"cuda_wgmma: the mma.sync kernel copies BM * 16 pieces with {128 * wg} threads; BM={bm}"
+        )
+    rt = 1 if kind == 0 else var["RT"]
     depth = var["DEPTH"]
     defs = {
+        **DIAGNOSTIC,
         **var,
+        "RT_": rt,
+        "THREADS": 128 * wg,
+        "ROWS": rows_per_block(var),
+        "WARP_ROWS": 16 * rt,
         "WARPS": 4 * wg,
         "XU": -(-bm // (32 * wg)),
         "UNROLL": depth + 1 if depth % 2 else 2 * (depth + 1),
+        "NF": bm // 8 * rt,
+        "KERNEL_NAME": kernel_name(var),
     }
+    defs.pop("RT")  # cuda_mma's source defines RT (its Slot's row tiles), here RT_
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
-    kernel = _KERNEL.replace("WGMMA_STEP", _wgmma_step(bm, _MTYPE[dtype]))
-    return cuda_mma_src.source(dtype, 1, {"RT": 1, "XPRE": 0}) + head + kernel
+    if kind == 0:
+        head += "#define FROW(f) 0\n#define FTOK(f) (8 * (f))\n"
+        parts = [_COMMON, _STORE_WGMMA, _XREGS, _WGMMA.replace("WGMMA_STEP", _wgmma_step(bm, _MTYPE[dtype]))]
+        parts += [_HEAD, _LOOP_WGMMA, _EPILOGUE]
+    else:
+        head += f"#define FROW(f) (16 * ((f) / {bm // 8}))\n#define FTOK(f) (8 * ((f) % {bm // 8}))\n"
+        parts = [_COMMON, _MMA, _HEAD, _LOOP_MMA, _EPILOGUE]
+    return cuda_mma_src.source(dtype, 1, {"RT": rt, "XPRE": 0}) + head + "".join(parts)
 
 
 def shared_bytes(variant: dict[str, int] | None = None) -> int:
-    """Dynamic shared memory of one block: three chunks of BM token rows x 128 activations."""
-    return 3 * {**VARIANT, **(variant or {})}["BM"] * 256
+    """Dynamic shared memory of one block: 3 (wgmma) or XST (mma.sync) chunks of BM rows x 128 activations."""
+    var = {**VARIANT, **(variant or {})}
+    return (3 if var["KIND"] == 0 else var["XST"]) * var["BM"] * 256
+
+
+def arch(variant: dict[str, int], capability: tuple[int, int]) -> str:
+    """wgmma needs the sm_90a target; the mma.sync kernel compiles for the card's own architecture."""
+    return "sm_90a" if {**VARIANT, **variant}["KIND"] == 0 else f"sm_{capability[0]}{capability[1]}"
 
 
 #: sm_90a: wgmma exists only on the "a" target of Hopper
