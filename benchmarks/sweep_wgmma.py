@@ -8,7 +8,7 @@
    (odd N, K not a power of two, M not a multiple of the tile, per-row multipliers, bias, fp16, split K),
    output poisoned first; tolerance rel L2 1e-2.
 3. Timing as bench_kernels.py (CUDA graph over weight copies > 3x the L2, median of 15 replays, the methods'
-   replays interleaved): cuBLAS bf16, ``auto`` (the dispatch without cuda_wgmma, Humming off), Humming (if
+   replays interleaved): cuBLAS bf16, ``auto`` (the dispatch, Humming off), Humming (if
    ``--humming`` and ``humming-kernels`` imports; its own re-laid-out copy) and cuda_wgmma's plan and variants.
 """
 
@@ -125,8 +125,8 @@ def correctness(desc, log) -> bool:
 
 
 def old_auto(*args):
-    """The dispatch without cuda_wgmma (and Humming off): the kernels it replaces."""
-    with settings.override(humming=False, cuda_wgmma=False):
+    """The dispatch with Humming off (it never picks cuda_wgmma)."""
+    with settings.override(humming=False):
         return K.nvfp4_linear(*args)
 
 
@@ -210,7 +210,7 @@ def timing(m_list, desc, deadline, log, humming):
                 calls["Humming"] = lambda i: K.nvfp4_linear(*lay.qargs(i), kernel="humming")
             for label, var, s in candidates(m, n, k, sms, desc):
                 calls[label] = lambda i, var=var, s=s: cuda_wgmma.linear(*lay.qargs(i), variant=var, splits=s)
-            with settings.override(humming=False, cuda_wgmma=False):
+            with settings.override(humming=False):
                 auto_kernel = K.select_kernel(lay.x[0], n, k)
                 try:
                     ts = bench_graphs_interleaved(list(calls.values()), lay.n_inner)

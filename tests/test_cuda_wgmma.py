@@ -109,6 +109,17 @@ def test_plan_splits_k_only_while_the_grid_is_small(m, n, k):
     assert k // 128 // splits >= 8 or splits == 1  # every split keeps 8 chunks of 128
 
 
+def test_explicit_kernel_off_an_sm90_gpu_is_a_clear_error():
+    """``auto`` never picks it; asked for by name where it cannot run, it says what it needs."""
+    import nvfp4_fix.kernels as K
+
+    wp, ws, mul = make_weight(64, 256)
+    x = make_x(16, 256, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="kernel 'cuda_wgmma' needs an sm_90 GPU"):
+        K.nvfp4_linear(x, wp, ws, mul, kernel="cuda_wgmma")
+    assert K.select_kernel(x, 64, 256) != "cuda_wgmma"
+
+
 # ----------------------------------------------------------------------------- on an H100
 def _poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((m, n), float("nan"), dtype=dtype, device="cuda")

@@ -124,27 +124,3 @@ def test_older_than_sm80_runs_the_torch_path(cc):
 def test_no_triton():
     for m in (1, 64):
         assert S.choose(card((9, 0), triton=False, humming=False), BF16, m, 4096, 4096, DEFAULT) == "chunked"
-
-
-def test_wgmma_on_sm90_only_in_its_measured_rows():
-    """cuda_wgmma (sm_90a) takes the rows ``WGMMA_M`` gives each shape class on an H100 whose kernel
-    compiles, fp16/bf16 and K % 128 == 0; never on other cards, with ``cuda_wgmma`` off, or when the
-    kernel did not compile (``Card.wgmma``)."""
-    h100 = S.Card((9, 0), True, True, False, wgmma=True)
-    on = settings.Settings(cuda_wgmma=True)
-    for n, k in ((4096, 4096), (28672, 4096), (10240, 8192), (1536, 2048)):
-        lo, hi = S.WGMMA_M[S.table.shape_class(n, k)]
-        for m in (lo, hi):
-            for dtype in (BF16, FP16):
-                assert S.choose(h100, dtype, m, n, k, on) == "cuda_wgmma", (n, k, m)
-        if hi < 4096:
-            assert S.choose(h100, BF16, hi + 1, n, k, on) != "cuda_wgmma"
-        if lo > 1:
-            assert S.choose(h100, BF16, lo - 1, n, k, on) != "cuda_wgmma"
-        assert S.choose(h100, FP32, lo, n, k, on) == "dequant_mm"
-        assert S.choose(h100, BF16, lo, n, k, settings.Settings(cuda_wgmma=False)) != "cuda_wgmma"
-        assert S.choose(S.Card((9, 0), True, True, False), BF16, lo, n, k, on) != "cuda_wgmma"
-        for cc in ((8, 0), (8, 9), (10, 0)):
-            other = S.Card(cc, True, True, False, wgmma=True)
-            assert S.choose(other, BF16, lo, n, k, on) != "cuda_wgmma"
-    assert S.choose(h100, BF16, 64, 1000, 1520, on) != "cuda_wgmma"  # K % 128 != 0

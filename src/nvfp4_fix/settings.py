@@ -58,9 +58,6 @@ class Settings:
     cpu_compile_min_weights: int = 1 << 22
     #: The NVRTC-compiled tensor-core decode kernel for small M on sm_80+.
     cuda_mma: bool = True
-    #: The NVRTC-compiled wgmma GEMM (kernels/cuda_wgmma.py) for the token rows where the dispatch's
-    #: table measured it fastest, on sm_90. Off until it has run on a card.
-    cuda_wgmma: bool = False
     #: MoE decode experts on tensor cores (kernels/cuda_moe.py) where they support the call; off: the
     #: Triton decode kernels (kernels/moe_decode.py). On: 23 against 37 us a layer for Qwen3-30B-A3B's
     #: experts on an H100 (benchmarks/RESULTS-moe.md).
@@ -100,7 +97,6 @@ ENV_NAMES: dict[str, str] = {
     "cpu_compile": "NVFP4_FIX_CPU_COMPILE",
     "cpu_compile_min_weights": "NVFP4_FIX_CPU_COMPILE_MIN_WEIGHTS",
     "cuda_mma": "NVFP4_FIX_CUDA_MMA",
-    "cuda_wgmma": "NVFP4_FIX_CUDA_WGMMA",
     "cuda_moe": "NVFP4_FIX_CUDA_MOE",
     "nvrtc_library": "NVFP4_FIX_NVRTC",
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
@@ -115,7 +111,6 @@ _BOOL_FIELDS = (
     "fuse",
     "cpu_compile",
     "cuda_mma",
-    "cuda_wgmma",
     "cuda_moe",
     "decode_attention",
     "kv_append",

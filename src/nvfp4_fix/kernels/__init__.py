@@ -94,9 +94,8 @@ def _ours_cuda(index: int, dtype: torch.dtype, m: int, n: int, k: int, s: settin
 
 
 def _card(index: int, humming: bool) -> _selection.Card:
-    # nvrtc / wgmma True until a call is about to take cuda_mma / cuda_wgmma: only then is it compiled
-    # (_nvrtc_checked)
-    return _selection.Card(torch.cuda.get_device_capability(index), HAS_TRITON, True, humming, wgmma=True)
+    # nvrtc=True until a call is about to take cuda_mma: only then is it compiled (_nvrtc_checked)
+    return _selection.Card(torch.cuda.get_device_capability(index), HAS_TRITON, True, humming)
 
 
 def _nvrtc_checked(
@@ -109,9 +108,6 @@ def _nvrtc_checked(
     k: int,
     s: settings.Settings,
 ) -> str:
-    if kernel == "cuda_wgmma" and not _cuda_wgmma.supports_shape(index, dtype, m, k):
-        card = dataclasses.replace(card, wgmma=False)
-        kernel = _selection.ours(card, dtype, m, n, k, s, _m1(n, k))
     if kernel == "cuda_mma" and not _cuda_mma.supports_shape(index, dtype, m, k):
         return _selection.ours(dataclasses.replace(card, nvrtc=False), dtype, m, n, k, s, _m1(n, k))
     return kernel

@@ -1,17 +1,22 @@
-"""NVFP4 GEMM on Hopper's warpgroup tensor-core instruction for 9 to a few hundred token rows (sm_90a),
-compiled at first use with NVRTC.
+"""Two NVRTC-compiled GEMMs for 9 to 512 token rows that read each weight once per token tile of BM rows.
+Neither is picked by ``auto`` (not measured faster than the dispatch's kernels); ``kernel="cuda_wgmma"``
+and ``linear`` run them, the benchmark ``benchmarks/sweep_wgmma.py`` times them.
 
-Why: from ~32 rows cuda_mma's ``mma.sync`` issue rate and per-warp activation loads, not the weight
-bytes, bound the time, and the tl.dot GEMM dequantizes each weight tile into shared memory once per
-token tile. Here a warpgroup's four warps decode their 64 weight rows of one 128-wide K chunk straight
-into the register A operand of eight ``wgmma.m64nBMk16`` (the decode and the checkpoint layout are
-cuda_mma's: nothing is re-laid out, nothing kept beside the state_dict), and the block's BM token rows
-are the B operand in shared memory, written once per chunk for every warpgroup of the block. The
-weights are read once per token tile of BM rows.
+* KIND 0 (sm_90a): a warpgroup's four warps decode their 64 weight rows of one 128-wide K chunk straight
+  into the register A operand of eight ``wgmma.m64nBMk16`` (cuda_mma's decode and the checkpoint layout:
+  nothing re-laid out, nothing kept beside the state_dict); the block's BM token rows are the B operand,
+  written to shared memory once per chunk in the matching k order. Correct on an H100 (session 16: every
+  case of the sweep and the GPU tests) but no faster than the dispatch anywhere (0.31-1.01 of its speed at 54 points a run): about
+  1 us a chunk whatever the tile, the depth of the loads or the activations' prefetch
+  (benchmarks/RESULTS-kernels-wgmma.md).
+* KIND 1 (sm_80+): the same decode into ``mma.sync`` fragments, warps side by side over N with RT tiles
+  of 16 rows each, against the block's activations, copied by ``cp.async`` a few chunks ahead into a
+  shared ring (no proxy fence: mma.sync reads shared memory through registers). Compiled and checked on
+  the CPU only (no device time was left in session 16).
 
-Grid: token tiles (fastest, so blocks sharing weights run together), row blocks of 64 * WG, and K
-splits; a split block stores float32 partial sums and the last of a tile's splits to arrive (a
-counter per tile, reset by that block) adds them and writes y, so there is one launch.
+Grid: token tiles (fastest, so blocks sharing weights run together), row blocks, and K splits; a split
+block stores float32 partial sums and the last of a tile's splits to arrive (a counter per tile, reset by
+that block) adds them and writes y, so there is one launch.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import functools
 
 import torch
 
-from .. import settings
 from . import nvrtc
 from .cuda_wgmma_src import DTYPES, VARIANT, arch, kernel_name, rows_per_block, shared_bytes, source
 
@@ -63,13 +67,7 @@ def _compiles(device_index: int) -> bool:
 
 
 def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> bool:
-    return (
-        dtype in DTYPES
-        and MIN_M <= m <= MAX_M
-        and k % 128 == 0
-        and settings.current().cuda_wgmma
-        and _compiles(device_index)
-    )
+    return dtype in DTYPES and MIN_M <= m <= MAX_M and k % 128 == 0 and _compiles(device_index)
 
 
 def supports(x2: torch.Tensor, n: int, k: int) -> bool:

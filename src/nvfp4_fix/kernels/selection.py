@@ -42,22 +42,6 @@ TINY_DEQUANT_MM_MIN_M = 96
 
 _HALF = (torch.float16, torch.bfloat16)
 
-#: (first, last) token rows cuda_wgmma runs per shape class on sm_90, where it measured faster than
-#: cuda_mma, the tl.dot GEMM and dequantize + cuBLAS (benchmarks/RESULTS-kernels-wgmma.md).
-WGMMA_M: dict[str, tuple[int, int]] = {
-    "tiny": (33, 512),
-    "small": (33, 512),
-    "medium": (33, 512),
-    "big": (33, 512),
-    "large": (33, 512),
-}
-
-
-def wgmma_takes(card: Card, m: int, n: int, k: int, s: settings.Settings) -> bool:
-    """Whether ``ours`` runs cuda_wgmma (sm_90 only: wgmma is an sm_90a instruction)."""
-    lo, hi = WGMMA_M.get(table.shape_class(n, k), (0, -1))
-    return card.capability == (9, 0) and card.wgmma and s.cuda_wgmma and k % 128 == 0 and lo <= m <= hi
-
 
 @dataclasses.dataclass(frozen=True)
 class Card:
@@ -67,7 +51,6 @@ class Card:
     triton: bool  # Triton imports
     nvrtc: bool  # cuda_mma's NVRTC kernels compile on this card
     humming: bool  # humming-kernels imports
-    wgmma: bool = False  # cuda_wgmma's sm_90a kernel compiles on this card
 
 
 def humming_allowed(card: Card, s: settings.Settings) -> bool:
@@ -132,8 +115,6 @@ def ours(
         return "chunked"
     if dtype not in _HALF:
         return "dequant_mm"
-    if wgmma_takes(card, m, n, k, s):
-        return "cuda_wgmma"
     if m <= CUDA_MMA_MAX_M and s.cuda_mma and card.nvrtc and k % 128 == 0:
         return "cuda_mma"
     if m == 1:
