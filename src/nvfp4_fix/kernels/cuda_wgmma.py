@@ -6,9 +6,9 @@ and ``linear`` run them, the benchmark ``benchmarks/sweep_wgmma.py`` times them.
   into the register A operand of eight ``wgmma.m64nBMk16`` (cuda_mma's decode and the checkpoint layout:
   nothing re-laid out, nothing kept beside the state_dict); the block's BM token rows are the B operand,
   written to shared memory once per chunk in the matching k order. Correct on an H100 (session 16: every
-  case of the sweep and the GPU tests) but no faster than the dispatch anywhere (0.31-1.01 of its speed at 54 points a run): about
-  1 us a chunk whatever the tile, the depth of the loads or the activations' prefetch
-  (benchmarks/RESULTS-kernels-wgmma.md).
+  case of the sweep and the GPU tests) but no faster than the dispatch anywhere (0.31-1.01 of its speed at
+  54 points a run): about 1 us a chunk whatever the tile, the depth of the loads or the activations'
+  prefetch (benchmarks/RESULTS-kernels-wgmma.md).
 * KIND 1 (sm_80+): the same decode into ``mma.sync`` fragments, warps side by side over N with RT tiles
   of 16 rows each, against the block's activations, copied by ``cp.async`` a few chunks ahead into a
   shared ring (no proxy fence: mma.sync reads shared memory through registers). Compiled and checked on
