@@ -1,16 +1,14 @@
 #!/bin/bash
-# Device calls for what issues 18 and 19 still lack; STEPS picks the steps, each under its own time
-# limit. Session 15 ran bench_moe_humming (ours vs Humming's MoE GEMMs, T = 1-2048), the sorted-by-expert
-# CUDA MoE kernels (65-2048 pairs) with their GPU tests (43 passed), the cold-L2 humming table (104 + 52
-# points) and every backend GPU test. What it left unrun on a card (next session, in this order):
-#   call 1: STEPS="moetest moehum" MOETEST_FILES="tests/test_moe_decode.py tests/test_moe.py"
-#           MOEHUM_T=1,16,64,128,256,512 (carry [".whl/humming"]): the one-program routing kernel
-#           (settings.moe_route_kernel, written in session 15 after its last device call: interpreter
-#           and sm_90 compile only) against the torch-op routing ("ours, route kernel" column); if it is
-#           faster and the tests pass with NVFP4_FIX_MOE_ROUTE_KERNEL=1, make it the default
+# Device calls for what issue 18 still lacks; STEPS picks the steps, each under its own time limit.
+# Session 16 measured the one-program MoE routing kernel (now the default: 1.25-1.62x faster experts calls)
+# and the sm_90a wgmma GEMM (benchmarks/RESULTS-kernels-wgmma.md: correct, never faster than the dispatch).
+# What it left unrun on a card (next session, in this order):
+#   call 1: STEPS="wgmma wgmmatest" WGMMA_ARGS=--diag: the wgmma kernel's diagnostics (is the per-chunk proxy
+#           fence waiting on the prefetched loads?) and the first run of the mma.sync kernel (KIND 1: cp.async
+#           activation ring, no proxy fence) against the dispatch at 16-512 rows, with its GPU tests; if it
+#           wins, give kernels/selection.py rows for it
 #   call 2: STEPS="moe" MOE_ARGS="--layers 48 --new-tokens 64 --prompts 128 --paths compile --experts
-#           cuda-sum --router on": TTFT of the 48-layer MoE through the sorted kernels (P = 128 is 1024
-#           pairs a layer), and batched MoE decode
+#           cuda-sum --router on": TTFT of the 48-layer MoE through the sorted kernels and the route kernel
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
