@@ -20,6 +20,8 @@ Choice of kernel (``kernel=`` argument, else ``settings.current().kernel``, env 
                    ``settings.humming`` on, where kernels/table.py measured it faster, and falls back
                    to the kernels above when it is missing, fails to compile or refuses a weight
                    (shapes it cannot run, ``humming.shape_refusal``, are never sent to it).
+* ``cuda_wgmma``     (by name only, 9 <= M <= 512, sm_90): kernels/cuda_wgmma.py, measured no faster than
+                   the kernels above (benchmarks/RESULTS-kernels-wgmma.md), so ``auto`` never picks it.
 * ``blackwell_fp4`` (sm >= 100, W4A4 only): activations quantized to NVFP4 with ``input_mul``, then
                    ``torch._scaled_mm`` on FP4 tensor cores. Only when ``input_mul`` is passed.
 
