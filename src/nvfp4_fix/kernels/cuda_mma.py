@@ -31,7 +31,17 @@ from .. import settings
 from . import nvrtc
 from .cuda_mma_src import DTYPES, VARIANT, default_variant, source
 
-__all__ = ["VARIANT", "default_variant", "source", "linear", "supports", "supports_shape", "TUNED", "MAX_M"]
+__all__ = [
+    "VARIANT",
+    "default_variant",
+    "source",
+    "linear",
+    "launch_args",
+    "supports",
+    "supports_shape",
+    "TUNED",
+    "MAX_M",
+]
 
 #: Token-row ranges of the measured table, named by their top M (the M measured): M 1, 9..16,
 #: 17..32, 33..64 (2..8 run the defaults).
@@ -180,6 +190,35 @@ def _plan(
     return kern, (-(-n // rows), 1, 1), (32 * w, 1, 1)
 
 
+def launch_args(
+    name: str,
+    x2: torch.Tensor,
+    wp: torch.Tensor,
+    ws: torch.Tensor,
+    mul: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(x2, wp, ws, mul, bias, y) as the NVRTC kernels read them: 16-byte aligned contiguous activations,
+    codes and scales (a misaligned view, rare, is copied), float32 multipliers, bias in x2's dtype, and the
+    output (``out`` checked, else a new [M, N] tensor)."""
+    m, n = x2.shape[0], wp.shape[0]
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    if not wp.is_contiguous() or wp.data_ptr() % 16:
+        wp = wp.clone(memory_format=torch.contiguous_format)
+    if not ws.is_contiguous() or ws.data_ptr() % 16:
+        ws = ws.clone(memory_format=torch.contiguous_format)
+    if mul.dtype != torch.float32:
+        mul = mul.to(torch.float32)
+    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.stride(1) != 1):
+        raise ValueError(f"{name}: out must be [{m}, {n}] {x2.dtype} with unit column stride")
+    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
+        bias = bias.to(x2.dtype).contiguous()
+    return x2, wp, ws, mul, bias, y
+
+
 def linear(
     x2: torch.Tensor,
     wp: torch.Tensor,
@@ -199,20 +238,7 @@ def linear(
             f"cuda_mma needs 1 <= M <= {MAX_ROWS} and K % 128 == 0, "
             f"got M={m}, K={k}, weight {tuple(wp.shape)}"
         )
-    if not x2.is_contiguous() or x2.data_ptr() % 16:
-        x2 = x2.clone(memory_format=torch.contiguous_format)
-    # the kernel reads weights with 16-byte vector loads: a misaligned view (rare) is copied
-    if not wp.is_contiguous() or wp.data_ptr() % 16:
-        wp = wp.clone(memory_format=torch.contiguous_format)
-    if not ws.is_contiguous() or ws.data_ptr() % 16:
-        ws = ws.clone(memory_format=torch.contiguous_format)
-    if mul.dtype != torch.float32:
-        mul = mul.to(torch.float32)
-    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.stride(1) != 1):
-        raise ValueError(f"cuda_mma: out must be [{m}, {n}] {x2.dtype} with unit column stride")
-    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
-        bias = bias.to(x2.dtype).contiguous()
+    x2, wp, ws, mul, bias, y = launch_args("cuda_mma", x2, wp, ws, mul, bias, out)
     override = tuple(sorted(variant.items())) if variant is not None else None
     kern, grid, block = _plan(x2.dtype, m, n, k, _device_index(x2.device), warps, override)
     kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k)

@@ -26,23 +26,15 @@ import functools
 import torch
 
 from . import nvrtc
+from .cuda_mma import _device_index, _sm_count, launch_args
 from .cuda_wgmma_src import DTYPES, VARIANT, arch, kernel_name, rows_per_block, shared_bytes, source
 
 __all__ = ["VARIANT", "linear", "supports", "supports_shape", "MIN_M", "MAX_M", "plan_for"]
 
-#: The call sizes the dispatch may send here (kernels/selection.py narrows them by measurement).
+#: The call sizes ``kernel="cuda_wgmma"`` runs.
 MIN_M, MAX_M = 9, 512
 #: Most output tiles of one launch that split K (one arrival counter each).
 _MAX_TILES = 1 << 16
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.cache
@@ -62,7 +54,7 @@ def _compiles(device_index: int) -> bool:
     except (nvrtc.CudaError, OSError) as err:
         import warnings
 
-        warnings.warn(f"nvfp4_fix: wgmma kernel unavailable ({err}); using the other kernels", stacklevel=2)
+        warnings.warn(f"nvfp4_fix: wgmma kernel unavailable ({err})", stacklevel=2)
         return False
 
 
@@ -139,19 +131,7 @@ def linear(
             f"cuda_wgmma needs K % 128 == 0 and fp16/bf16 activations, got x {tuple(x2.shape)} {x2.dtype}, "
             f"weight {tuple(wp.shape)}"
         )
-    if not x2.is_contiguous() or x2.data_ptr() % 16:
-        x2 = x2.clone(memory_format=torch.contiguous_format)
-    if not wp.is_contiguous() or wp.data_ptr() % 16:
-        wp = wp.clone(memory_format=torch.contiguous_format)
-    if not ws.is_contiguous() or ws.data_ptr() % 16:
-        ws = ws.clone(memory_format=torch.contiguous_format)
-    if mul.dtype != torch.float32:
-        mul = mul.to(torch.float32)
-    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.stride(1) != 1):
-        raise ValueError(f"cuda_wgmma: out must be [{m}, {n}] {x2.dtype} with unit column stride")
-    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if bias is not None and (bias.dtype != x2.dtype or not bias.is_contiguous()):
-        bias = bias.to(x2.dtype).contiguous()
+    x2, wp, ws, mul, bias, y = launch_args("cuda_wgmma", x2, wp, ws, mul, bias, out)
     dev = _device_index(x2.device)
     override = tuple(sorted(variant.items())) if variant is not None else None
     kern, grid, block = _plan(x2.dtype, m, n, k, dev, override, splits)

@@ -24,7 +24,9 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
-__device__ __forceinline__ void st_shared4(u32 a, u32 x, u32 y, u32 z, u32 w) {
+"""
+
+_STORE_WGMMA = r"""__device__ __forceinline__ void st_shared4(u32 a, u32 x, u32 y, u32 z, u32 w) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};"
                :: "r"(a), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
 }
@@ -44,9 +46,7 @@ __device__ __forceinline__ void load_xunit(XUnit& u, const u16* xr, int c) {
   }
 }
 
-"""
-
-_STORE_WGMMA = r"""// Step s = 2q + h, half cc (k 0-7 / 8-15 of the step) of token n lies at
+// Step s = 2q + h, half cc (k 0-7 / 8-15 of the step) of token n lies at
 // s * BM * 32 + (n / 8) * 256 + cc * 128 + (n % 8) * 16: the pairs (3-2h, 7-2h) and (2-2h, 6-2h) of
 // each 8 activations, as cuda_mma's B fragments b0 / b1 are built.
 __device__ __forceinline__ void store_xunit(const XUnit& u, u32 buf, int n, int q) {
