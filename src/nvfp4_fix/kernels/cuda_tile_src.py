@@ -101,5 +101,6 @@ LOOP = r"""
       if (cc + 1 >= c_hi) break;
     }
   }
+  asm volatile("cp.async.wait_all;" ::: "memory");  // no copy may land after the block has exited
 
 """
