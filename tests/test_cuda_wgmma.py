@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_kernels import TOL, make_weight, make_x, ref_linear_f64, rel_err
 
+import nvfp4_fix.kernels as K
 from nvfp4_fix.kernels import cuda_wgmma, nvrtc
 from nvfp4_fix.kernels.cuda_wgmma_src import arch, kernel_name, source
 
@@ -112,15 +113,27 @@ def test_plan_splits_k_only_while_the_grid_is_small(m, n, k):
     assert k // 128 // splits >= 8 or splits == 1  # every split keeps 8 chunks of 128
 
 
-def test_explicit_kernel_off_an_sm90_gpu_is_a_clear_error():
-    """``auto`` never picks it; asked for by name where it cannot run, it says what it needs."""
-    import nvfp4_fix.kernels as K
-
+def test_explicit_kernel_off_a_gpu_is_a_clear_error():
+    """``auto`` never picks the wgmma kernel; asked for by name where they cannot run, both kernels say
+    what they need."""
     wp, ws, mul = make_weight(64, 256)
     x = make_x(16, 256, torch.bfloat16)
     with pytest.raises(RuntimeError, match="kernel 'cuda_wgmma' needs an sm_90 GPU"):
         K.nvfp4_linear(x, wp, ws, mul, kernel="cuda_wgmma")
-    assert K.select_kernel(x, 64, 256) != "cuda_wgmma"
+    with pytest.raises(RuntimeError, match="kernel 'cuda_tile' needs CUDA sm_80"):
+        K.nvfp4_linear(x, wp, ws, mul, kernel="cuda_tile")
+    assert K.select_kernel(x, 64, 256) not in ("cuda_wgmma", "cuda_tile")
+
+
+def test_tile_plan_covers_the_rows_with_the_least_padding():
+    """The mma.sync plan's token tile is the smallest of its 24 / 32 / 48 that covers M up to 48 (the
+    dispatch's range), and every plan is a KIND 1 variant the source accepts."""
+    for m in range(9, 49):
+        bm = cuda_wgmma.tile_plan(m)["BM"]
+        assert bm >= m and bm == min(b for b in (24, 32, 48) if b >= m), m
+    for _, plan in cuda_wgmma.TILE_PLANS:
+        assert plan["KIND"] == 1 and source(torch.bfloat16, plan)
+    assert cuda_wgmma.tile_plan(512)["BM"] == 48
 
 
 # ----------------------------------------------------------------------------- on an H100
@@ -169,6 +182,34 @@ def test_gpu_matches_float64(m, n, k, variant, splits, dtype):
             assert y is out
             err = rel_err(y, ref)
             assert err <= TOL[dtype], (m, n, k, variant, splits, dtype, err)
+
+
+@pytest.mark.gpu
+@needs_h100
+@pytest.mark.parametrize("m", [17, 24, 29, 40, 48])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_auto_runs_cuda_tile_on_wide_layers(m, dtype):
+    """The dispatch sends a wide large layer (N*K >= 96M, N >= 16384; N odd multiple of 8) at 17-48 rows
+    to the mma.sync kernel with tile_plan's variant, and the product matches float64; the same call by
+    name gives the same bytes."""
+    n, k = 24584, 4096
+    wp, ws, mul = make_weight(n, k, "cuda")
+    x = make_x(m, k, dtype, "cuda")
+    bias = torch.randn(n).to(dtype).cuda()
+    assert K.select_kernel(x, n, k) == "cuda_tile"
+    y = K.nvfp4_linear(x, wp, ws, mul, bias)
+    assert rel_err(y, ref_linear_f64(x, wp, ws, mul, bias)) <= TOL[dtype]
+    out = _poisoned(m, n, dtype)
+    cuda_wgmma.linear(x, wp, ws, mul, bias, out=out, variant=cuda_wgmma.tile_plan(m))
+    assert torch.equal(out, y)
+    assert torch.equal(K.nvfp4_linear(x, wp, ws, mul, bias, kernel="cuda_tile"), y)
+    g = torch.cuda.CUDAGraph()  # the dispatch captures it
+    with torch.cuda.graph(g):
+        yg = K.nvfp4_linear(x, wp, ws, mul, bias)
+    x.copy_(make_x(m, k, dtype, "cuda"))
+    yg.fill_(float("nan"))
+    g.replay()
+    assert rel_err(yg, ref_linear_f64(x, wp, ws, mul, bias)) <= TOL[dtype]
 
 
 @pytest.mark.gpu

@@ -89,6 +89,26 @@ def test_h100_with_humming_follows_the_table():
         assert S.ours(H100, BF16, m, *large, HUMMING) == S.choose(H100, BF16, m, *large, DEFAULT)
 
 
+def test_h100_wide_layers_take_cuda_tile_at_17_to_48_rows():
+    """selection.tile_wins: the large class with N >= 16384 (8B / 70B gate_up, lm_heads), 17-48 rows, sm_90
+    only (measured there); everything else keeps cuda_mma / tl.dot."""
+    gate_up, lm_head, down70, qkv70 = (28672, 4096), (128256, 4096), (8192, 28672), (10240, 8192)
+    for wide in (gate_up, lm_head, (57344, 8192)):
+        picks = [S.choose(H100, BF16, m, *wide, DEFAULT) for m in (16, 17, 32, 33, 48, 49)]
+        assert picks == ["cuda_mma", "cuda_tile", "cuda_tile", "cuda_tile", "cuda_tile", "triton_mm"], wide
+        assert S.choose(H100, FP16, 24, *wide, DEFAULT) == "cuda_tile"
+    for other in (down70, qkv70, (6144, 4096), (1536, 2048)):
+        assert S.choose(H100, BF16, 24, *other, DEFAULT) == "cuda_mma", other
+    for cc in ((8, 0), (8, 9), (10, 0), (12, 0)):  # not measured there
+        assert S.choose(card(cc), BF16, 24, *gate_up, DEFAULT) == "cuda_mma", cc
+    assert S.choose(H100, BF16, 24, *gate_up, settings.Settings(cuda_tile=False)) == "cuda_mma"
+    assert S.choose(card((9, 0), nvrtc=False), BF16, 24, *gate_up, DEFAULT) == "triton_mm"
+    assert S.choose(H100, BF16, 24, 28672, 4160, DEFAULT) == "triton_mm"  # K % 128 != 0
+    assert S.choose(H100, FP32, 24, *gate_up, DEFAULT) == "dequant_mm"
+    assert S.choose(H100, BF16, 24, *gate_up, HUMMING) == "humming"  # the table's Humming row first
+    assert S.ours(H100, BF16, 24, *gate_up, HUMMING) == "cuda_tile"  # and its fallback
+
+
 def test_h100_with_humming_skips_shapes_humming_cannot_run():
     """An N that is not a multiple of 8 goes to our kernels where the table gives the call to Humming,
     and ``humming_refusal`` says why; N a multiple of 8 (padded to 128 by Humming) still goes to it."""

@@ -26,6 +26,7 @@ KernelName = Literal[
     "reference",
     "cuda_mma",
     "cuda_wgmma",
+    "cuda_tile",
     "triton_gemv",
     "triton_mm",
     "dequant_mm",
@@ -58,6 +59,9 @@ class Settings:
     cpu_compile_min_weights: int = 1 << 22
     #: The NVRTC-compiled tensor-core decode kernel for small M on sm_80+.
     cuda_mma: bool = True
+    #: The NVRTC-compiled tiled tensor-core kernel (kernels/cuda_wgmma.py, KIND 1) for wide layers at
+    #: 17-48 token rows on the H100, where it was measured faster than cuda_mma and the tl.dot GEMM.
+    cuda_tile: bool = True
     #: MoE decode experts on tensor cores (kernels/cuda_moe.py) where they support the call; off: the
     #: Triton decode kernels (kernels/moe_decode.py). On: 23 against 37 us a layer for Qwen3-30B-A3B's
     #: experts on an H100 (benchmarks/RESULTS-moe.md).
@@ -97,6 +101,7 @@ ENV_NAMES: dict[str, str] = {
     "cpu_compile": "NVFP4_FIX_CPU_COMPILE",
     "cpu_compile_min_weights": "NVFP4_FIX_CPU_COMPILE_MIN_WEIGHTS",
     "cuda_mma": "NVFP4_FIX_CUDA_MMA",
+    "cuda_tile": "NVFP4_FIX_CUDA_TILE",
     "cuda_moe": "NVFP4_FIX_CUDA_MOE",
     "nvrtc_library": "NVFP4_FIX_NVRTC",
     "decode_attention": "NVFP4_FIX_DECODE_ATTENTION",
@@ -111,6 +116,7 @@ _BOOL_FIELDS = (
     "fuse",
     "cpu_compile",
     "cuda_mma",
+    "cuda_tile",
     "cuda_moe",
     "decode_attention",
     "kv_append",

@@ -1,18 +1,17 @@
 """Two NVRTC-compiled GEMMs for 9 to 512 token rows that read each weight once per token tile of BM rows.
-Neither is picked by ``auto`` (not measured faster than the dispatch's kernels); ``kernel="cuda_wgmma"``
-and ``linear`` run them, the benchmark ``benchmarks/sweep_wgmma.py`` times them.
 
-* KIND 0 (sm_90a): a warpgroup's four warps decode their 64 weight rows of one 128-wide K chunk straight
-  into the register A operand of eight ``wgmma.m64nBMk16`` (cuda_mma's decode and the checkpoint layout:
-  nothing re-laid out, nothing kept beside the state_dict); the block's BM token rows are the B operand,
-  written to shared memory once per chunk in the matching k order. Correct on an H100 (session 16: every
-  case of the sweep and the GPU tests) but no faster than the dispatch anywhere (0.31-1.01 of its speed at
-  54 points a run): about 1 us a chunk whatever the tile, the depth of the loads or the activations'
-  prefetch (benchmarks/RESULTS-kernels-wgmma.md).
-* KIND 1 (sm_80+): the same decode into ``mma.sync`` fragments, warps side by side over N with RT tiles
-  of 16 rows each, against the block's activations, copied by ``cp.async`` a few chunks ahead into a
-  shared ring (no proxy fence: mma.sync reads shared memory through registers). Compiled and checked on
-  the CPU only (no device time was left in session 16).
+* KIND 0 (sm_90a, ``kernel="cuda_wgmma"``, never picked by ``auto``): a warpgroup's four warps decode
+  their 64 weight rows of one 128-wide K chunk straight into the register A operand of eight
+  ``wgmma.m64nBMk16`` (cuda_mma's decode and the checkpoint layout: nothing re-laid out, nothing kept
+  beside the state_dict); the block's BM token rows are the B operand, written to shared memory once per
+  chunk in the matching k order. Correct on an H100 but no faster than the dispatch anywhere: its loads,
+  decode and activation stores alone take as long as the dispatch's kernels, and the tensor work is
+  serialized behind them (benchmarks/RESULTS-kernels-wgmma.md, sessions 16-17).
+* KIND 1 (sm_80+, ``kernel="cuda_tile"``): the same decode into ``mma.sync`` fragments, warps side by
+  side over N with RT tiles of 16 rows each, against the block's activations, copied by ``cp.async`` a
+  few chunks ahead into a shared ring. ``auto`` runs it on the H100 for wide layers at 17-48 token rows
+  (kernels/selection.py), with the plan ``tile_plan`` gives: 1.11-1.88x cuda_mma and 1.23-1.50x the
+  tl.dot GEMM there.
 
 Grid: token tiles (fastest, so blocks sharing weights run together), row blocks, and K splits; a split
 block stores float32 partial sums and the last of a tile's splits to arrive (a counter per tile, reset by
@@ -29,7 +28,7 @@ from . import nvrtc
 from .cuda_mma import _device_index, _sm_count, launch_args
 from .cuda_wgmma_src import DTYPES, VARIANT, arch, kernel_name, rows_per_block, shared_bytes, source
 
-__all__ = ["VARIANT", "linear", "supports", "supports_shape", "MIN_M", "MAX_M", "plan_for"]
+__all__ = ["VARIANT", "linear", "supports", "supports_shape", "MIN_M", "MAX_M", "plan_for", "tile_plan"]
 
 #: The call sizes ``kernel="cuda_wgmma"`` runs.
 MIN_M, MAX_M = 9, 512
@@ -44,26 +43,42 @@ def _kernel(dtype: torch.dtype, device_index: int, variant: tuple) -> nvrtc.Kern
     return nvrtc.Kernel(cubin, kernel_name(var), torch.device("cuda", device_index), shared_bytes(var))
 
 
+#: The mma.sync kernel's variant by token count (the first row whose bound is >= M): the token tile
+#: just covering M. The fastest family at each measured M on an H100 (session 17: M 17 / 24 -> BM 24,
+#: 32 -> BM 32, 40 / 48 -> BM 48) for the wide layers ``auto`` sends it.
+TILE_PLANS: tuple[tuple[int, dict[str, int]], ...] = (
+    (24, {"KIND": 1, "BM": 24, "WG": 1, "RT": 2}),
+    (32, {"KIND": 1, "BM": 32, "WG": 2, "RT": 1}),
+    (MAX_M, {"KIND": 1, "BM": 48, "WG": 1, "RT": 2}),
+)
+
+
+def tile_plan(m: int) -> dict[str, int]:
+    return next(plan for top, plan in TILE_PLANS if m <= top)
+
+
 @functools.cache
-def _compiles(device_index: int) -> bool:
-    if torch.cuda.get_device_capability(device_index) != (9, 0):
-        return False  # wgmma is sm_90a only (Blackwell has its own instructions)
+def _compiles(device_index: int, kind: int) -> bool:
+    cc = torch.cuda.get_device_capability(device_index)
+    if (kind == 0 and cc != (9, 0)) or cc < (8, 0):
+        return False  # wgmma is sm_90a only (Blackwell has its own instructions); mma.sync from sm_80
     try:
-        _kernel(torch.bfloat16, device_index, _key(None))
+        _kernel(torch.bfloat16, device_index, _key(None if kind == 0 else TILE_PLANS[0][1]))
         return True
     except (nvrtc.CudaError, OSError) as err:
         import warnings
 
-        warnings.warn(f"nvfp4_fix: wgmma kernel unavailable ({err})", stacklevel=2)
+        warnings.warn(f"nvfp4_fix: {kernel_name({'KIND': kind})} kernel unavailable ({err})", stacklevel=2)
         return False
 
 
-def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> bool:
-    return dtype in DTYPES and MIN_M <= m <= MAX_M and k % 128 == 0 and _compiles(device_index)
+def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int, kind: int = 0) -> bool:
+    """Whether KIND ``kind`` runs this call on the device (compiling it the first time)."""
+    return dtype in DTYPES and MIN_M <= m <= MAX_M and k % 128 == 0 and _compiles(device_index, kind)
 
 
-def supports(x2: torch.Tensor, n: int, k: int) -> bool:
-    return x2.is_cuda and supports_shape(_device_index(x2.device), x2.dtype, x2.shape[0], k)
+def supports(x2: torch.Tensor, n: int, k: int, kind: int = 0) -> bool:
+    return x2.is_cuda and supports_shape(_device_index(x2.device), x2.dtype, x2.shape[0], k, kind)
 
 
 def _key(variant: dict[str, int] | None) -> tuple:
@@ -98,10 +113,10 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, override: tuple | None, splits: int | None):
-    variant, auto_splits = plan_for(m, n, k, _sm_count(dev))
+    variant, _ = plan_for(m, n, k, _sm_count(dev))
     if override is not None:
         variant = {**variant, **dict(override)}
-    splits = splits or auto_splits
+    splits = splits or splits_for(m, n, k, _sm_count(dev), variant)
     bm, wg = variant["BM"], variant["WG"]
     grid = (-(-m // bm), -(-n // rows_per_block(variant)), splits)
     if splits > 1 and grid[0] * grid[1] > _MAX_TILES:

@@ -7,6 +7,8 @@ the result per call shape.
 
 Per card (benchmarks/KERNEL_NOTES.md, "Older GPUs"):
 
+* sm_90 (H100 / H200): ``cuda_tile`` (cuda_wgmma's mma.sync kernel) for wide layers (``tile_wins``)
+  at 17-48 rows, fp16/bf16, K % 128 == 0, NVRTC present; the rows below otherwise.
 * sm_80 and newer: ``cuda_mma`` for M <= 32 (fp16/bf16, K % 128 == 0, NVRTC present), else the Triton
   kernels (GEMV at M == 1, the tl.dot GEMM up to ``dequant_mm_min_m`` (``TINY_DEQUANT_MM_MIN_M`` on
   tiny layers), dequantize + cuBLAS beyond);
@@ -39,6 +41,16 @@ OURS_MIN_CC = (8, 0)
 #: (benchmarks/RESULTS-kernels-humming.md, session 12): the tl.dot GEMM takes 8.3 / 5.8 us at M = 64 and
 #: 12.3 / 12.0 at 128, dequantize + cuBLAS ~10.3 / ~7.3 at both; the lines cross near M = 96 / 80.
 TINY_DEQUANT_MM_MIN_M = 96
+
+#: Where ``cuda_tile`` beats cuda_mma (M <= 32) and the tl.dot GEMM (33-48) on the H100: layers of the
+#: "large" class with at least TILE_MIN_N output features (8B gate_up, 70B gate_up, the lm_heads).
+#: auto / cuda_tile time at M = 17 / 24 / 32 / 40 / 48 (benchmarks/RESULTS-kernels-wgmma.md, session 17):
+#: 8B gate_up 1.11 / 1.14 / 1.20 / 1.34 / 1.23, 8B lm_head 1.59 / 1.81 / 1.88 / 1.50 / 1.29, 70B gate_up
+#: 0.98 / 1.03 / 1.02 / 1.42 / 1.25; at M = 64 it loses (0.91 / 0.96). The narrow large layer (70B down,
+#: N = 8192) is 0.90-1.06 and every smaller class 0.39-1.02, so they keep cuda_mma / tl.dot.
+TILE_CC = (9, 0)
+TILE_MIN_M, TILE_MAX_M = 17, 48
+TILE_MIN_N = 16384
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -115,6 +127,8 @@ def ours(
         return "chunked"
     if dtype not in _HALF:
         return "dequant_mm"
+    if s.cuda_tile and card.nvrtc and k % 128 == 0 and tile_wins(card.capability, m, n, k):
+        return "cuda_tile"
     if m <= CUDA_MMA_MAX_M and s.cuda_mma and card.nvrtc and k % 128 == 0:
         return "cuda_mma"
     if m == 1:
@@ -126,3 +140,13 @@ def ours(
     if m <= 16 or m < min_m:
         return "triton_mm"
     return "dequant_mm"
+
+
+def tile_wins(capability: tuple[int, int], m: int, n: int, k: int) -> bool:
+    """Whether ``cuda_tile`` was measured faster than our other kernels for this call shape."""
+    return (
+        capability == TILE_CC
+        and TILE_MIN_M <= m <= TILE_MAX_M
+        and n >= TILE_MIN_N
+        and table.shape_class(n, k) == "large"
+    )
