@@ -1,14 +1,13 @@
 #!/bin/bash
 # Device calls for what issue 18 still lacks; STEPS picks the steps, each under its own time limit.
-# Session 16 measured the one-program MoE routing kernel (now the default: 1.25-1.62x faster experts calls)
-# and the sm_90a wgmma GEMM (benchmarks/RESULTS-kernels-wgmma.md: correct, never faster than the dispatch).
+# Session 17 ran the wgmma diagnostics (the proxy fence is not its cost) and the mma.sync tile kernel, which
+# the dispatch now runs for wide layers at 17-48 rows as `cuda_tile` (benchmarks/RESULTS-kernels-wgmma.md).
 # What it left unrun on a card (next session, in this order):
-#   call 1: STEPS="wgmma wgmmatest" WGMMA_ARGS=--diag: the wgmma kernel's diagnostics (is the per-chunk proxy
-#           fence waiting on the prefetched loads?) and the first run of the mma.sync kernel (KIND 1: cp.async
-#           activation ring, no proxy fence) against the dispatch at 16-512 rows, with its GPU tests; if it
-#           wins, give kernels/selection.py rows for it
+#   call 1: STEPS="humming" HSTEPS="bench pytest" (carry [".whl/humming"]): issue 18's side-by-side table
+#           with the cuda_tile dispatch, every shape and M (the last full table is session 15's)
 #   call 2: STEPS="moe" MOE_ARGS="--layers 48 --new-tokens 64 --prompts 128 --paths compile --experts
 #           cuda-sum --router on": TTFT of the 48-layer MoE through the sorted kernels and the route kernel
+#   call 3: STEPS="batch": batched decode at batch 1 / 8 / 32 (the lm_head at batch 17-48 now runs cuda_tile)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
