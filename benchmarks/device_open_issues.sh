@@ -1,9 +1,10 @@
 #!/bin/bash
 # Device calls for what issue 18 still lacks; STEPS picks the steps, each under its own time limit.
 # Session 17 ran the wgmma diagnostics (the proxy fence is not its cost) and the mma.sync tile kernel, which
-# the dispatch now runs for wide layers at 17-48 rows as `cuda_tile` (benchmarks/RESULTS-kernels-wgmma.md).
+# the dispatch now runs for wide layers at 17-48 rows as `cuda_tile` (benchmarks/RESULTS-kernels-tile.md).
 # What it left unrun on a card (next session, in this order):
-#   call 1: STEPS="humming" HSTEPS="bench pytest" (carry [".whl/humming"]): issue 18's side-by-side table
+#   call 1: STEPS="tiletest humming" HSTEPS="bench pytest" (carry [".whl/humming"]): the cuda_tile GPU tests
+#           in their session-17 file (the kernels are byte-identical to the ones run), issue 18's side-by-side table
 #           with the cuda_tile dispatch, every shape and M (the last full table is session 15's)
 #   call 2: STEPS="moe" MOE_ARGS="--layers 48 --new-tokens 64 --prompts 128 --paths compile --experts
 #           cuda-sum --router on": TTFT of the 48-layer MoE through the sorted kernels and the route kernel
@@ -25,9 +26,9 @@
 #  apply   apply_mma_sweep.py: the sweep's winners into cuda_mma.TUNED (on the device's copy)
 #  generation bench_generation.py --compile: batch-1 decode of the 8B shape, 32 layers (issue 19)
 #  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
-#  wgmma   sweep_wgmma.py: cuda_wgmma (sm_90a) plan and variants vs the dispatch, Humming, cuBLAS at WGMMA_M
-#          (WGMMA_ARGS="--diag": only the timing diagnostics)
-#  wgmmatest the cuda_wgmma GPU tests
+#  tile    sweep_tile.py: cuda_tile's plan and variant families vs the dispatch without it, Humming (with
+#          TILE_ARGS=--humming and carry [".whl/humming"]), cuBLAS, at TILE_M
+#  tiletest the cuda_tile GPU tests
 #  tldot   sweep_mid_m.py: the tl.dot tiles at M = 64 (fallback where cuda_mma does not win)
 #  gen     the generation GPU tests (test_generation*.py)
 #  fp8test the FP8 / mixed-precision GPU tests
@@ -73,14 +74,14 @@ moehum) step moehum  # needs carry [".whl/humming"]
     PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${MOEHUM_S:-300} python3 benchmarks/bench_moe_humming.py \
         --t ${MOEHUM_T:-1,2,4,8} --budget-s $(( ${MOEHUM_S:-300} - 40 )) --out "$OUT/RESULTS-moe-humming.md" > "$OUT/moehum.log" 2>&1; done_ $?
     grep "^|\|WRONG\|failed\|refused" "$OUT/moehum.log" | tail -24 ;;
-wgmma) step wgmma  # Humming's column needs carry [".whl/humming"] (skipped without it)
+tile) step tile
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/humming/*.whl 2>/dev/null
-    (cd benchmarks && PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${WGMMA_S:-330} python3 sweep_wgmma.py ${WGMMA_ARGS:-} \
-        --m ${WGMMA_M:-16,32,64,128,256,512} --budget-s $(( ${WGMMA_S:-330} - 30 )) --out "$OUT/sweep_wgmma.json" > "$OUT/wgmma.log" 2>&1); done_ $?
-    grep -v "^    " "$OUT/wgmma.log" | tail -80 ;;
-wgmmatest) step wgmmatest
-    timeout ${WGMMATEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_wgmma.py > "$OUT/pytest-wgmma.txt" 2>&1; done_ $?
-    tail -1 "$OUT/pytest-wgmma.txt"; grep -m8 "^FAILED\|Error" "$OUT/pytest-wgmma.txt" ;;
+    (cd benchmarks && PYTHONPATH=/tmp/site:$PYTHONPATH HUMMING_CACHE_DIR=/tmp/hcache timeout ${TILE_S:-300} python3 sweep_tile.py ${TILE_ARGS:-} \
+        --m ${TILE_M:-17,24,32,40,48} --budget-s $(( ${TILE_S:-300} - 30 )) --out "$OUT/sweep_tile.json" > "$OUT/tile.log" 2>&1); done_ $?
+    grep -v "^    " "$OUT/tile.log" | tail -80 ;;
+tiletest) step tiletest
+    timeout ${TILETEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_tile.py > "$OUT/pytest-tile.txt" 2>&1; done_ $?
+    tail -1 "$OUT/pytest-tile.txt"; grep -m8 "^FAILED\|Error" "$OUT/pytest-tile.txt" ;;
 tldot) step tldot
     (cd benchmarks && timeout ${TLDOT_S:-80} python3 sweep_mid_m.py --m 64 --budget-s $(( ${TLDOT_S:-80} - 20 )) \
         --out "$OUT/sweep_mid_m.json" > "$OUT/sweep_tldot.log" 2>&1); done_ $?

@@ -25,7 +25,6 @@ KernelName = Literal[
     "auto",
     "reference",
     "cuda_mma",
-    "cuda_wgmma",
     "cuda_tile",
     "triton_gemv",
     "triton_mm",
@@ -59,7 +58,7 @@ class Settings:
     cpu_compile_min_weights: int = 1 << 22
     #: The NVRTC-compiled tensor-core decode kernel for small M on sm_80+.
     cuda_mma: bool = True
-    #: The NVRTC-compiled tiled tensor-core kernel (kernels/cuda_wgmma.py, KIND 1) for wide layers at
+    #: The NVRTC-compiled tiled tensor-core kernel (kernels/cuda_tile.py) for wide layers at
     #: 17-48 token rows on the H100, where it was measured faster than cuda_mma and the tl.dot GEMM.
     cuda_tile: bool = True
     #: MoE decode experts on tensor cores (kernels/cuda_moe.py) where they support the call; off: the

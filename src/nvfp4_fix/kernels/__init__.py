@@ -20,11 +20,9 @@ Choice of kernel (``kernel=`` argument, else ``settings.current().kernel``, env 
                    ``settings.humming`` on, where kernels/table.py measured it faster, and falls back
                    to the kernels above when it is missing, fails to compile or refuses a weight
                    (shapes it cannot run, ``humming.shape_refusal``, are never sent to it).
-* ``cuda_tile``      (sm_80+, 9 <= M <= 512): kernels/cuda_wgmma.py's mma.sync kernel; ``auto`` runs it on
-                   sm_90 for wide layers at 17 <= M <= 48, where it was measured faster than the
+* ``cuda_tile``      (sm_80+, 9 <= M <= 512): kernels/cuda_tile.py, a tiled mma.sync GEMM; ``auto`` runs it
+                   on sm_90 for wide layers at 17 <= M <= 48, where it was measured faster than the
                    kernels above (``selection.tile_wins``).
-* ``cuda_wgmma``     (by name only, 9 <= M <= 512, sm_90): kernels/cuda_wgmma.py, measured no faster than
-                   the kernels above (benchmarks/RESULTS-kernels-wgmma.md), so ``auto`` never picks it.
 * ``blackwell_fp4`` (sm >= 100, W4A4 only): activations quantized to NVFP4 with ``input_mul``, then
                    ``torch._scaled_mm`` on FP4 tensor cores. Only when ``input_mul`` is passed.
 
@@ -43,7 +41,7 @@ import torch
 from .. import settings
 from . import cpu as _cpu
 from . import cuda_mma as _cuda_mma
-from . import cuda_wgmma as _cuda_wgmma
+from . import cuda_tile as _cuda_tile
 from . import humming as _humming
 from . import selection as _selection
 from . import table as _table
@@ -113,7 +111,7 @@ def _nvrtc_checked(
     k: int,
     s: settings.Settings,
 ) -> str:
-    if kernel == "cuda_tile" and not _cuda_wgmma.supports_shape(index, dtype, m, k, kind=1):
+    if kernel == "cuda_tile" and not _cuda_tile.supports_shape(index, dtype, m, k):
         kernel = _selection.ours(card, dtype, m, n, k, dataclasses.replace(s, cuda_tile=False), _m1(n, k))
     if kernel == "cuda_mma" and not _cuda_mma.supports_shape(index, dtype, m, k):
         return _selection.ours(dataclasses.replace(card, nvrtc=False), dtype, m, n, k, s, _m1(n, k))
@@ -181,20 +179,13 @@ def _run_here(kernel: str, x2, wp, ws, mul, bias):
                 f" (M={x2.shape[0]}, K={k})"
             )
         return _cuda_mma.linear(x2, wp, ws, mul, bias)
-    if kernel == "cuda_wgmma":
-        if not (x2.is_cuda and _cuda_wgmma.supports(x2, n, k)):
-            raise RuntimeError(
-                f"kernel 'cuda_wgmma' needs an sm_90 GPU, fp16/bf16, {_cuda_wgmma.MIN_M} <= M <= "
-                f"{_cuda_wgmma.MAX_M} and K % 128 == 0 (M={x2.shape[0]}, K={k})"
-            )
-        return _cuda_wgmma.linear(x2, wp, ws, mul, bias)
     if kernel == "cuda_tile":
-        if not (x2.is_cuda and _cuda_wgmma.supports(x2, n, k, kind=1)):
+        if not _cuda_tile.supports(x2, n, k):
             raise RuntimeError(
-                f"kernel 'cuda_tile' needs CUDA sm_80+, fp16/bf16, {_cuda_wgmma.MIN_M} <= M <= "
-                f"{_cuda_wgmma.MAX_M} and K % 128 == 0 (M={x2.shape[0]}, K={k})"
+                f"kernel 'cuda_tile' needs CUDA sm_80+, fp16/bf16, {_cuda_tile.MIN_M} <= M <= "
+                f"{_cuda_tile.MAX_M} and K % 128 == 0 (M={x2.shape[0]}, K={k})"
             )
-        return _cuda_wgmma.linear(x2, wp, ws, mul, bias, variant=_cuda_wgmma.tile_plan(x2.shape[0]))
+        return _cuda_tile.linear(x2, wp, ws, mul, bias)
     if kernel in ("triton_gemv", "triton_mm", "dequant_mm"):
         if not HAS_TRITON:
             raise RuntimeError(f"kernel {kernel!r} needs triton, which is not importable")

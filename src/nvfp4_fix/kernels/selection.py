@@ -7,7 +7,7 @@ the result per call shape.
 
 Per card (benchmarks/KERNEL_NOTES.md, "Older GPUs"):
 
-* sm_90 (H100 / H200): ``cuda_tile`` (cuda_wgmma's mma.sync kernel) for wide layers (``tile_wins``)
+* sm_90 (H100 / H200): ``cuda_tile`` (the tiled mma.sync kernel) for wide layers (``tile_wins``)
   at 17-48 rows, fp16/bf16, K % 128 == 0, NVRTC present; the rows below otherwise.
 * sm_80 and newer: ``cuda_mma`` for M <= 32 (fp16/bf16, K % 128 == 0, NVRTC present), else the Triton
   kernels (GEMV at M == 1, the tl.dot GEMM up to ``dequant_mm_min_m`` (``TINY_DEQUANT_MM_MIN_M`` on
@@ -44,7 +44,7 @@ TINY_DEQUANT_MM_MIN_M = 96
 
 #: Where ``cuda_tile`` beats cuda_mma (M <= 32) and the tl.dot GEMM (33-48) on the H100: layers of the
 #: "large" class with at least TILE_MIN_N output features (8B gate_up, 70B gate_up, the lm_heads).
-#: auto / cuda_tile time at M = 17 / 24 / 32 / 40 / 48 (benchmarks/RESULTS-kernels-wgmma.md, session 17):
+#: auto / cuda_tile time at M = 17 / 24 / 32 / 40 / 48 (benchmarks/RESULTS-kernels-tile.md, session 17):
 #: 8B gate_up 1.11 / 1.14 / 1.20 / 1.34 / 1.23, 8B lm_head 1.59 / 1.81 / 1.88 / 1.50 / 1.29, 70B gate_up
 #: 0.98 / 1.03 / 1.02 / 1.42 / 1.25; at M = 64 it loses (0.91 / 0.96). The narrow large layer (70B down,
 #: N = 8192) is 0.90-1.06 and every smaller class 0.39-1.02, so they keep cuda_mma / tl.dot.
