@@ -47,6 +47,7 @@ CASES += [
 ]
 CASES += [(m, 4096, 4096, FP16) for m in (1, 300)]
 CASES += [(m, 2880, 2064, BF16) for m in (1, 300)]
+CASES += [(24, 28672, 4096, BF16), (40, 28672, 4096, FP16)]  # sm_90: auto takes cuda_tile
 
 
 def weight(n: int, k: int, device: str = "cuda"):
@@ -68,6 +69,8 @@ def backends(m: int, k: int) -> list[tuple[str, dict]]:
         out.append(("triton_gemv", {"kernel": "triton_gemv"}))
     if m <= 16 and k % 128 == 0 and torch.cuda.get_device_capability() >= (8, 0):
         out.append(("cuda_mma", {"kernel": "cuda_mma"}))
+    if 9 <= m <= 512 and k % 128 == 0 and torch.cuda.get_device_capability() >= (8, 0):
+        out.append(("cuda_tile", {"kernel": "cuda_tile"}))
     if HAS_HUMMING:
         out += [("auto+humming", {"humming": True}), ("humming", {"kernel": "humming"})]
     return out

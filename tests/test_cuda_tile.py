@@ -166,7 +166,7 @@ def test_gpu_matches_float64(m, n, k, variant, splits, dtype):
 def test_gpu_auto_runs_cuda_tile_on_wide_layers(m, dtype):
     """The dispatch sends a wide large layer (N*K >= 96M, N >= 16384; N odd multiple of 8) at 17-48 rows
     to the kernel with tile_plan's variant, and the product matches float64; the same call by name gives
-    the same bytes; the dispatch replays in a CUDA graph on new inputs."""
+    the same bytes; the dispatch replays in a CUDA graph on new inputs and runs under torch.compile."""
     n, k = 24584, 4096
     wp, ws, mul = make_weight(n, k, "cuda")
     x = make_x(m, k, dtype, "cuda")
@@ -184,7 +184,10 @@ def test_gpu_auto_runs_cuda_tile_on_wide_layers(m, dtype):
     x.copy_(make_x(m, k, dtype, "cuda"))
     yg.fill_(float("nan"))
     g.replay()
-    assert rel_err(yg, ref_linear_f64(x, wp, ws, mul, bias)) <= TOL[dtype]
+    ref = ref_linear_f64(x, wp, ws, mul, bias)
+    assert rel_err(yg, ref) <= TOL[dtype]
+    compiled = torch.compile(lambda a: K.nvfp4_linear(a, wp, ws, mul, bias), fullgraph=True)
+    assert rel_err(compiled(x), ref) <= TOL[dtype]
 
 
 @pytest.mark.gpu
