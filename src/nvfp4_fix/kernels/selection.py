@@ -7,8 +7,9 @@ the result per call shape.
 
 Per card (benchmarks/KERNEL_NOTES.md, "Older GPUs"):
 
-* sm_90 (H100 / H200): ``cuda_tile`` (the tiled mma.sync kernel) for wide layers (``tile_wins``)
-  at 17-48 rows, fp16/bf16, K % 128 == 0, NVRTC present; the rows below otherwise.
+* sm_90 (measured on the H100; the H200 shares its compute capability): ``cuda_tile`` (the tiled
+  mma.sync kernel) for wide layers (``tile_wins``) at 17-48 rows, fp16/bf16, K % 128 == 0, NVRTC
+  present; the rows below otherwise.
 * sm_80 and newer: ``cuda_mma`` for M <= 32 (fp16/bf16, K % 128 == 0, NVRTC present), else the Triton
   kernels (GEMV at M == 1, the tl.dot GEMM up to ``dequant_mm_min_m`` (``TINY_DEQUANT_MM_MIN_M`` on
   tiny layers), dequantize + cuBLAS beyond);
