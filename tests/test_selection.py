@@ -144,3 +144,21 @@ def test_older_than_sm80_runs_the_torch_path(cc):
 def test_no_triton():
     for m in (1, 64):
         assert S.choose(card((9, 0), triton=False, humming=False), BF16, m, 4096, 4096, DEFAULT) == "chunked"
+
+
+def test_cuda_tile_that_does_not_compile_falls_back(monkeypatch):
+    """The dispatch's compile check (kernels/__init__._nvrtc_checked): where cuda_tile cannot be built on
+    the device, the call goes to what ``ours`` picks without it (cuda_mma up to 32 rows, tl.dot from 33),
+    and cuda_mma's own check still applies after that. The device probes are replaced; the choice is real."""
+    import nvfp4_fix.kernels as kernels
+
+    gate_up = (28672, 4096)
+    monkeypatch.setattr(kernels._cuda_tile, "supports_shape", lambda *a: False)
+    monkeypatch.setattr(kernels._cuda_mma, "supports_shape", lambda *a: True)
+    for m, want in ((17, "cuda_mma"), (32, "cuda_mma"), (33, "triton_mm"), (48, "triton_mm")):
+        assert S.choose(H100, BF16, m, *gate_up, DEFAULT) == "cuda_tile"
+        assert kernels._nvrtc_checked(H100, 0, "cuda_tile", BF16, m, *gate_up, DEFAULT) == want, m
+    monkeypatch.setattr(kernels._cuda_mma, "supports_shape", lambda *a: False)
+    assert kernels._nvrtc_checked(H100, 0, "cuda_tile", BF16, 24, *gate_up, DEFAULT) == "triton_mm"
+    monkeypatch.setattr(kernels._cuda_tile, "supports_shape", lambda *a: True)
+    assert kernels._nvrtc_checked(H100, 0, "cuda_tile", BF16, 24, *gate_up, DEFAULT) == "cuda_tile"
