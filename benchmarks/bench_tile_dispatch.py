@@ -49,10 +49,9 @@ def main() -> None:
                     lambda i: torch.nn.functional.linear(lay.x[i % nx], lay.w16[i % nw]),
                 ]
                 t_now, t_before, t_cublas = bench_graphs_interleaved(calls, lay.n_inner)
-                wp, ws, mul = lay.q[0]
-                one = torch.ones((), device="cuda")
-                w64 = dequantize(wp, ws, one, "multiplier", torch.float64) * mul.double()
-                err = rel_err(K.nvfp4_linear(*lay.qargs(0)), lay.x[0].double() @ w64.t())
+                x, wp, ws, mul = lay.qargs(0)
+                ref = x.double() @ dequantize(wp, ws, mul, "multiplier", torch.float64).t()
+                err = rel_err(K.nvfp4_linear(x, wp, ws, mul), ref)
             print(
                 f"| {name} | {m} | {t_now:.1f} ({now}) | {t_before:.1f} ({before}) | {t_cublas:.1f} | "
                 f"{t_before / t_now:.2f} | {err:.1e} |",
