@@ -208,3 +208,17 @@ def test_gpu_graph_replay_of_a_split_call():
         y.fill_(float("nan"))
         g.replay()
         assert rel_err(y, ref_linear_f64(x, wp, ws, mul)) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_split_call_is_bit_reproducible():
+    """The last split to arrive adds the partial sums in split order, so repeated split-K calls give the
+    same bytes whichever split finishes last (4 splits, 2 x 32 tiles racing)."""
+    m, n, k = 40, 4096, 8192
+    wp, ws, mul = make_weight(n, k, "cuda")
+    x = make_x(m, k, torch.bfloat16, "cuda")
+    first = cuda_tile.linear(x, wp, ws, mul, splits=4)
+    assert rel_err(first, ref_linear_f64(x, wp, ws, mul)) <= TOL[torch.bfloat16]
+    for _ in range(30):
+        assert torch.equal(cuda_tile.linear(x, wp, ws, mul, splits=4), first)

@@ -6,7 +6,8 @@ decodes its 16 x RT weight rows exactly as cuda_mma does, in the checkpoint layo
 over N; the block's BM token rows of a 128-wide K chunk keep their natural layout (BM rows x 256 bytes) in a
 ring of XST chunk stages that ``cp.async`` fills XST - 1 chunks ahead, and every warp builds its B fragments
 from there. A K split stores float32 partial sums; the last split of a tile to arrive (a counter per tile,
-reset by that block) adds the others' and writes y, so a call is one launch.
+reset by that block) adds all of them in split order and writes y, so a call is one launch and its bytes do
+not depend on which split arrives last.
 
 (Sessions 16-17 kept a wgmma kernel beside it, measured slower at every point and deleted:
 benchmarks/RESULTS-kernels-tile.md and KERNEL_NOTES.md say why; its source is in git history before the
@@ -150,7 +151,8 @@ _EPILOGUE = r"""
   // m0 + FTOK(f) + 2t + (e & 1)
   const int wrow = row0 + g;
   if (splits > 1) {
-    // split K: every split stores its partial sums; the last to arrive adds the others' and stores y
+    // split K: every split stores its partial sums; the last to arrive adds them in split order (its own
+    // from registers), so the sum does not depend on which split arrives last, and stores y
 #pragma unroll
     for (int i = 0; i < NF; ++i)
 #pragma unroll
@@ -171,9 +173,12 @@ _EPILOGUE = r"""
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = m0 + FTOK(i) + 2 * t + (e & 1), n = wrow + FROW(i) + 8 * (e >> 1);
-        if (m < M && n < N)
+        if (m < M && n < N) {
+          float sum = 0.0f;
           for (int o = 0; o < splits; ++o)
-            if (o != z) acc[4 * i + e] += __ldcg(&part[((u64)o * M + m) * N + n]);
+            sum += o == z ? acc[4 * i + e] : __ldcg(&part[((u64)o * M + m) * N + n]);
+          acc[4 * i + e] = sum;
+        }
       }
     if (threadIdx.x == 0) counters[tile] = 0;  // ready for the next call (graph replays reuse it)
   }
