@@ -30,6 +30,7 @@ import torch
 from .. import settings
 from . import nvrtc
 from .cuda_mma_src import DTYPES, VARIANT, default_variant, source
+from .device import sm_count
 
 __all__ = [
     "VARIANT",
@@ -155,15 +156,10 @@ def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> boo
     return dtype in DTYPES and m <= MAX_ROWS and k % 128 == 0 and _usable(device_index)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
     """Warps per block of ``rows`` rows (they split K): 8 while the grid is under two blocks per SM,
     else 4; never fewer than 4 chunks of 128 per warp. Measured on the H100 (benchmarks/RESULTS.md)."""
-    sms = _sm_count(_device_index(device))
+    sms = sm_count(_device_index(device))
     w = 8 if -(-n // rows) <= 2 * sms else 4
     while w > 1 and k // 128 < 4 * w:
         w //= 2

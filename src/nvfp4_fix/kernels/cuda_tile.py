@@ -14,8 +14,9 @@ import functools
 import torch
 
 from . import nvrtc
-from .cuda_mma import _device_index, _sm_count, launch_args
+from .cuda_mma import _device_index, launch_args
 from .cuda_tile_src import DTYPES, KERNEL_NAME, VARIANT, arch, rows_per_block, shared_bytes, source
+from .device import arrival_counters, sm_count
 
 __all__ = ["VARIANT", "TILE_PLANS", "linear", "supports", "supports_shape", "MIN_M", "MAX_M", "tile_plan"]
 
@@ -84,16 +85,9 @@ def splits_for(m: int, n: int, k: int, sms: int, variant: dict[str, int]) -> int
 
 
 @functools.cache
-def _counters(device: torch.device) -> torch.Tensor:
-    """Arrival counters of the split-K tiles, zero between calls (each tile's last block resets its own).
-    One set per device: calls on one device run in stream order."""
-    return torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-
-
-@functools.cache
 def _plan(dtype: torch.dtype, m: int, n: int, k: int, dev: int, variant: tuple, splits: int | None):
     var = {**VARIANT, **dict(variant)}
-    splits = splits or splits_for(m, n, k, _sm_count(dev), var)
+    splits = splits or splits_for(m, n, k, sm_count(dev), var)
     grid = (-(-m // var["BM"]), -(-n // rows_per_block(var)), splits)
     if splits > 1 and grid[0] * grid[1] > _MAX_TILES:
         raise ValueError(f"cuda_tile: {grid[0] * grid[1]} tiles exceed {_MAX_TILES} for a K split")
@@ -129,7 +123,7 @@ def linear(
     part = None
     if grid[2] > 1:
         part = torch.empty((grid[2], m, n), dtype=torch.float32, device=x2.device)
-    counters = _counters(torch.device("cuda", dev)) if grid[2] > 1 else None
+    counters = arrival_counters(torch.device("cuda", dev), KERNEL_NAME, _MAX_TILES) if grid[2] > 1 else None
     mul_stride = 1 if mul.numel() > 1 else 0
     kern.launch(grid, block, x2, k, wp, ws, mul, mul_stride, bias, y, y.stride(0), m, n, k, part, counters)
     return y

@@ -1,12 +1,29 @@
-"""Triton launches its kernels on the current CUDA device and stream: a kernel whose tensors live on
+"""What the launchers need to know about a CUDA device, asked once per device.
+
+Triton launches its kernels on the current CUDA device and stream: a kernel whose tensors live on
 another device (a model split across GPUs, or one moved to cuda:1) would run on the wrong GPU, racing
 the work of the right one. Every launch site enters ``on_device_of(tensor)`` first."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+
+
+@functools.cache
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index``."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def arrival_counters(device: torch.device, kernel: str, size: int) -> torch.Tensor:
+    """``size`` int32 arrival counters of one kernel on ``device``, zero between calls: the kernel's last
+    program to arrive resets its own. One set per (device, kernel): calls on one device run in stream
+    order."""
+    return torch.zeros(size, dtype=torch.int32, device=device)
 
 
 def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:

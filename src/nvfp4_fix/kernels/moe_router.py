@@ -18,7 +18,6 @@ the token's last program to finish (an atomic counter) takes the top k.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .device import on_device_of
+from .device import arrival_counters, on_device_of
 
 __all__ = ["FUSED_MAX_TOKENS", "MAX_EXPERTS", "router_topk", "softmax_topk", "softmax_topk_reference"]
 
@@ -175,11 +174,9 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.T
     return _softmax_topk(logits, k, normalize)  # eager: without the op's ~150 us of dispatch
 
 
-@functools.cache
 def _counters(device: torch.device) -> torch.Tensor:
-    """Per-row arrival counters of the fused kernel on ``device``, zero between calls (each call's last
-    programs reset theirs). One set per device: calls on one device run in stream order."""
-    return torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
+    """Per-row arrival counters of the fused kernel on ``device`` (each call's last programs reset theirs)."""
+    return arrival_counters(device, "softmax_topk", FUSED_MAX_TOKENS)
 
 
 def _gemv_topk(

@@ -8,13 +8,13 @@ write into ``out``), so they are safe under CUDA-graph capture.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 
 from .. import settings
+from .device import sm_count
 from .triton_nvfp4 import _dequant_kernel, _gemv_kernel, _mm_kernel, _splitk_reduce_kernel
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -85,17 +85,10 @@ TUNED_M64: dict[tuple[int, int], dict] = {
 }
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    if _INTERPRET or not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
+    if device.type != "cuda" or _INTERPRET:
         return 132
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _split_for(
