@@ -23,7 +23,8 @@
 #          down_sum) at T = 1 and 8, spill-free ones only, each checked against the Triton kernels
 #  mma     sweep_mma_mid.py: cuda_mma at MMA_M rows, every spill-free variant and WN, against the tl.dot
 #          GEMM and cuBLAS; writes its JSON after every shape
-#  apply   apply_mma_sweep.py: the sweep's winners into cuda_mma.TUNED (on the device's copy)
+#  apply   apply_mma_sweep.py: the sweep's winners into cuda_mma.TUNED (on the device's copy; APPLY_BUCKETS,
+         APPLY_ARGS e.g. "--span 8=2,4,8"), the new file into $OUT
 #  generation bench_generation.py --compile: batch-1 decode of the 8B shape, 32 layers (issue 19)
 #  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
 #  tile    sweep_tile.py: cuda_tile's plan and variant families vs the dispatch without it, Humming (with
@@ -49,8 +50,8 @@ moesweep) step moesweep
     timeout ${MOESWEEP_S:-200} python3 benchmarks/sweep_moe_tiles.py --cuda --t 1,8 --layers 8 > "$OUT/moesweep.log" 2>&1; done_ $?
     grep "^|\|defaults" "$OUT/moesweep.log" | tail -50 ;;
 apply) step apply  # the sweep's winners into cuda_mma.TUNED, so the steps after it time the new table
-    python3 benchmarks/apply_mma_sweep.py "$OUT/sweep_mma_mid.json" --buckets ${APPLY_BUCKETS:-16,32}; done_ $?
-    git diff --stat ;;
+    python3 benchmarks/apply_mma_sweep.py "$OUT/sweep_mma_mid.json" --buckets ${APPLY_BUCKETS:-16,32} ${APPLY_ARGS:-}; done_ $?
+    git diff --stat; cp src/nvfp4_fix/kernels/cuda_mma.py "$OUT/cuda_mma.py" ;;
 humming) step humming  # needs carry [".whl/humming"]
     HSTEPS=${HSTEPS:-bench} BENCH_S=${BENCH_S:-300} OUT="$OUT/humming" bash benchmarks/device_humming.sh; done_ $? ;;
 generation) step generation

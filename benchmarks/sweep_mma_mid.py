@@ -1,5 +1,5 @@
 # ruff: noqa: B023, E501  (lambdas are called at once, inside the loop that binds them)
-"""Sweep of the cuda_mma decode GEMM at M = 1 (8B and Qwen3-30B-A3B attention shapes) and 9..64 (NT = ceil(M / 8) mma column tiles of 8 tokens),
+"""Sweep of the cuda_mma decode GEMM at M = 1..8 (8B incl. the lm_head, 70B and Qwen3-30B-A3B attention shapes) and 9..64 (NT = ceil(M / 8) mma column tiles of 8 tokens),
 against the dispatch's current kernel for that M (the tl.dot GEMM) and cuBLAS bf16, same run.
 
     PYTHONPATH=src python3 benchmarks/sweep_mma_mid.py [--m 1,16,32,64] [--budget-s 240] [--out sweep.json]
@@ -91,7 +91,7 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.time()
     print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
-    shapes = SHAPES["8b"][:4] + EXPERT_SHAPES + MOE_ATTENTION_SHAPES + SHAPES["70b"]
+    shapes = SHAPES["8b"] + EXPERT_SHAPES + MOE_ATTENTION_SHAPES + SHAPES["70b"]
     if args.only:
         shapes = [s for s in shapes if any(s[0].startswith(p) for p in args.only.split(","))]
     found = []
@@ -101,7 +101,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in (int(v) for v in args.m.split(",")):
         for name, n, k in shapes:
-            if m == 1 and "expert" in name:
+            if m <= 8 and "expert" in name:
                 continue  # decode experts run kernels/moe_decode.py or cuda_moe.py, not cuda_mma
             if time.time() - t0 > args.budget_s:
                 print(f"budget spent: stopped before {name} M={m}", flush=True)

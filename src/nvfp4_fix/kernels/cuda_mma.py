@@ -44,9 +44,10 @@ __all__ = [
     "MAX_M",
 ]
 
-#: Token-row ranges of the measured table, named by their top M (the M measured): M 1, 9..16,
-#: 17..32, 33..64 (2..8 run the defaults).
-BUCKETS = ((1, 1), (9, 16), (17, 32), (33, 64))
+#: Token-row ranges of the measured table, named by their top M: M 1, 2..8 (one mma column tile, like
+#: M = 1; its entries are the variant with the least worst slowdown measured at M = 2, 4 and 8), 9..16,
+#: 17..32, 33..64 (each measured at its top M).
+BUCKETS = ((1, 1), (2, 8), (9, 16), (17, 32), (33, 64))
 
 #: (bucket top M, N, K) -> (variant, warps): the fastest spill-free variant measured at the top M
 #: (benchmarks/sweep_mma_mid.py); other shapes get ``default_variant`` and ``warps_for``.
