@@ -1,14 +1,15 @@
 #!/bin/bash
 # Device calls for what issue 18 still lacks; STEPS picks the steps, each under its own time limit.
-# Session 17 ran the wgmma diagnostics (the proxy fence is not its cost) and the mma.sync tile kernel, which
-# the dispatch now runs for wide layers at 17-48 rows as `cuda_tile` (benchmarks/RESULTS-kernels-tile.md).
+# Session 18 ran session 17's calls 1 and 3 (RESULTS-kernels-humming.md and RESULTS-batch.md, session 18).
 # What it left unrun on a card (next session, in this order):
-#   call 1: STEPS="tiletest humming" HSTEPS="bench pytest" (carry [".whl/humming"]): the cuda_tile GPU tests
-#           in their session-17 file (the kernels are byte-identical to the ones run), issue 18's side-by-side table
-#           with the cuda_tile dispatch, every shape and M (the last full table is session 15's)
+#   call 1: STEPS="mma apply mmatest humming" MMA_M=8,2,4,1 MMA_S=200 APPLY_BUCKETS=1,8 APPLY_ARGS="--span 8=2,4,8"
+#           MMATEST_S=80 HSTEPS=bench BENCH_S=170 BENCH_ARGS="--m 1,2,4,8 --skip-correctness" (carry [".whl/humming"]):
+#           cuda_mma's variants at M = 2, 4, 8 (and 1, now with the 8B lm_head) into the (2, 8) bucket of
+#           cuda_mma.TUNED, which has no entries yet (M = 2-8 run the NT = 1 defaults: 70B q/k/v 26.0 us at M = 2
+#           against 21.5 at M = 1 with its tuned variant), then the dispatch against Humming at M = 1-8, same run;
+#           copy $OUT/cuda_mma.py into src/ (or rerun apply_mma_sweep.py on the fetched JSON)
 #   call 2: STEPS="moe" MOE_ARGS="--layers 48 --new-tokens 64 --prompts 128 --paths compile --experts
 #           cuda-sum --router on": TTFT of the 48-layer MoE through the sorted kernels and the route kernel
-#   call 3: STEPS="batch": batched decode at batch 1 / 8 / 32 (the lm_head at batch 17-48 now runs cuda_tile)
 # Steps:
 #  moetest the MoE GPU tests (cuda_moe and Triton decode experts, grouped kernels, lm_head, router)
 #  mmatest the cuda_mma GPU tests (MMATEST_K: test_cuda_mma_gpu = the dispatch's variants at M up to 64;
@@ -24,7 +25,7 @@
 #  mma     sweep_mma_mid.py: cuda_mma at MMA_M rows, every spill-free variant and WN, against the tl.dot
 #          GEMM and cuBLAS; writes its JSON after every shape
 #  apply   apply_mma_sweep.py: the sweep's winners into cuda_mma.TUNED (on the device's copy; APPLY_BUCKETS,
-         APPLY_ARGS e.g. "--span 8=2,4,8"), the new file into $OUT
+#          APPLY_ARGS e.g. "--span 8=2,4,8"), the new file into $OUT
 #  generation bench_generation.py --compile: batch-1 decode of the 8B shape, 32 layers (issue 19)
 #  batch   batched decode at batch 1 / 8 / 32, full 32 layers of the 8B shape
 #  tile    sweep_tile.py: cuda_tile's plan and variant families vs the dispatch without it, Humming (with

@@ -45,8 +45,8 @@ __all__ = [
 ]
 
 #: Token-row ranges of the measured table, named by their top M: M 1, 2..8 (one mma column tile, like
-#: M = 1; its entries are the variant with the least worst slowdown measured at M = 2, 4 and 8), 9..16,
-#: 17..32, 33..64 (each measured at its top M).
+#: M = 1; an entry is the variant with the least worst slowdown measured at M = 2, 4 and 8: none measured
+#: yet, so these rows run the defaults), 9..16, 17..32, 33..64 (each measured at its top M).
 BUCKETS = ((1, 1), (2, 8), (9, 16), (17, 32), (33, 64))
 
 #: (bucket top M, N, K) -> (variant, warps): the fastest spill-free variant measured at the top M
