@@ -162,3 +162,19 @@ def test_cuda_tile_that_does_not_compile_falls_back(monkeypatch):
     assert kernels._nvrtc_checked(H100, 0, "cuda_tile", BF16, 24, *gate_up, DEFAULT) == "triton_mm"
     monkeypatch.setattr(kernels._cuda_tile, "supports_shape", lambda *a: True)
     assert kernels._nvrtc_checked(H100, 0, "cuda_tile", BF16, 24, *gate_up, DEFAULT) == "cuda_tile"
+
+
+def test_cuda_mma_buckets_cover_every_row_count_once():
+    """Every M that cuda_mma runs (1..64) falls in exactly one TUNED bucket, named by its top M, and the
+    bucket's column-tile counts are exactly those of its M; M = 2..8 share M = 1's one tile but not its
+    bucket, so a variant measured only at M = 1 never runs at M = 8."""
+    from nvfp4_fix.kernels import cuda_mma
+
+    for m in range(1, cuda_mma.MAX_ROWS + 1):
+        owners = [hi for lo, hi in cuda_mma.BUCKETS if lo <= m <= hi]
+        assert owners == [cuda_mma.bucket(m)], m
+        assert -(-m // 8) in cuda_mma.bucket_nts(owners[0]), m
+    for lo, hi in cuda_mma.BUCKETS:
+        assert set(cuda_mma.bucket_nts(hi)) == {-(-m // 8) for m in range(lo, hi + 1)}
+    assert [cuda_mma.bucket(m) for m in (1, 2, 8, 9)] == [1, 8, 8, 16]
+    assert cuda_mma.bucket(cuda_mma.MAX_ROWS + 1) is None
