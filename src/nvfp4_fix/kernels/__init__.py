@@ -45,7 +45,7 @@ from . import cuda_tile as _cuda_tile
 from . import humming as _humming
 from . import selection as _selection
 from . import table as _table
-from .device import on_device_of
+from .device import device_index, on_device_of
 from .reference import linear_reference
 
 try:  # Triton is optional: without it CUDA falls back to the chunked torch path.
@@ -73,7 +73,7 @@ def select_kernel(x2: torch.Tensor, n: int, k: int) -> str:
 def _index(dev: torch.device) -> int:
     if dev.type != "cuda":
         return -1
-    return dev.index if dev.index is not None else torch.cuda.current_device()
+    return device_index(dev)
 
 
 @functools.lru_cache(maxsize=8192)

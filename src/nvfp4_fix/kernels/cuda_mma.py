@@ -30,7 +30,7 @@ import torch
 from .. import settings
 from . import nvrtc
 from .cuda_mma_src import DTYPES, VARIANT, default_variant, source
-from .device import sm_count
+from .device import device_index, sm_count
 
 __all__ = [
     "VARIANT",
@@ -111,10 +111,6 @@ def _variant_key(nt: int, variant: dict[str, int] | None = None) -> tuple:
     return tuple(sorted({**default_variant(nt), **(variant or {})}.items()))
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 @functools.cache
 def _kernel(dtype: torch.dtype, nt: int, device_index: int, variant: tuple) -> nvrtc.Kernel:
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -150,7 +146,7 @@ MAX_ROWS = 64
 
 
 def supports(x2: torch.Tensor, n: int, k: int) -> bool:
-    return x2.is_cuda and supports_shape(_device_index(x2.device), x2.dtype, x2.shape[0], k)
+    return x2.is_cuda and supports_shape(device_index(x2.device), x2.dtype, x2.shape[0], k)
 
 
 def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> bool:
@@ -160,7 +156,7 @@ def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> boo
 def warps_for(n: int, k: int, device: torch.device, rows: int = 16) -> int:
     """Warps per block of ``rows`` rows (they split K): 8 while the grid is under two blocks per SM,
     else 4; never fewer than 4 chunks of 128 per warp. Measured on the H100 (benchmarks/RESULTS.md)."""
-    sms = sm_count(_device_index(device))
+    sms = sm_count(device_index(device))
     w = 8 if -(-n // rows) <= 2 * sms else 4
     while w > 1 and k // 128 < 4 * w:
         w //= 2
@@ -237,6 +233,6 @@ def linear(
         )
     x2, wp, ws, mul, bias, y = launch_args("cuda_mma", x2, wp, ws, mul, bias, out)
     override = tuple(sorted(variant.items())) if variant is not None else None
-    kern, grid, block = _plan(x2.dtype, m, n, k, _device_index(x2.device), warps, override)
+    kern, grid, block = _plan(x2.dtype, m, n, k, device_index(x2.device), warps, override)
     kern.launch(grid, block, x2, k, wp, ws, mul, 1 if mul.numel() > 1 else 0, bias, y, y.stride(0), m, n, k)
     return y

@@ -33,6 +33,7 @@ import torch
 
 from . import cuda_mma, nvrtc
 from .cuda_moe_src import SOURCE
+from .device import device_index
 
 #: gate_up: two tiles (gate, up) of 16 rows per block, activations loaded when used (ahead, they
 #: spill), single-buffered, two blocks of 4 warps per SM (H100 sweep, benchmarks/RESULTS-moe.md: 16.0
@@ -62,7 +63,7 @@ def source(dtype: torch.dtype, variant: dict[str, int]) -> str:
 
 
 def _kernel(dtype: torch.dtype, name: str, device: torch.device, variant: dict[str, int]) -> nvrtc.Kernel:
-    return _compiled(dtype, name, cuda_mma._device_index(device), tuple(sorted(variant.items())))
+    return _compiled(dtype, name, device_index(device), tuple(sorted(variant.items())))
 
 
 @functools.cache
@@ -99,7 +100,7 @@ def supports(
         and 0 < top_k_index.numel() <= 65535  # one grid row per pair
         and top_k_weights.dtype in _RW_KINDS
         and all(w.data_ptr() % 16 == 0 for w in weights)
-        and cuda_mma.supports_shape(cuda_mma._device_index(x.device), x.dtype, 1, h)
+        and cuda_mma.supports_shape(device_index(x.device), x.dtype, 1, h)
     )
 
 

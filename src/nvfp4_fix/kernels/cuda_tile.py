@@ -14,9 +14,9 @@ import functools
 import torch
 
 from . import nvrtc
-from .cuda_mma import _device_index, launch_args
+from .cuda_mma import launch_args
 from .cuda_tile_src import DTYPES, KERNEL_NAME, VARIANT, arch, rows_per_block, shared_bytes, source
-from .device import arrival_counters, sm_count
+from .device import arrival_counters, device_index, sm_count
 
 __all__ = ["VARIANT", "TILE_PLANS", "linear", "supports", "supports_shape", "MIN_M", "MAX_M", "tile_plan"]
 
@@ -66,7 +66,7 @@ def supports_shape(device_index: int, dtype: torch.dtype, m: int, k: int) -> boo
 
 
 def supports(x2: torch.Tensor, n: int, k: int) -> bool:
-    return x2.is_cuda and supports_shape(_device_index(x2.device), x2.dtype, x2.shape[0], k)
+    return x2.is_cuda and supports_shape(device_index(x2.device), x2.dtype, x2.shape[0], k)
 
 
 def _key(variant: dict[str, int]) -> tuple:
@@ -117,7 +117,7 @@ def linear(
             f"weight {tuple(wp.shape)}"
         )
     x2, wp, ws, mul, bias, y = launch_args("cuda_tile", x2, wp, ws, mul, bias, out)
-    dev = _device_index(x2.device)
+    dev = device_index(x2.device)
     var = tuple(sorted((variant if variant is not None else tile_plan(m)).items()))
     kern, grid, block = _plan(x2.dtype, m, n, k, dev, var, splits)
     part = None

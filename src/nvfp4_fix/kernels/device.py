@@ -12,6 +12,11 @@ import functools
 import torch
 
 
+def device_index(device: torch.device) -> int:
+    """The index of CUDA ``device``; the current device for a bare ``cuda``."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def sm_count(index: int) -> int:
     """Streaming multiprocessors of CUDA device ``index``."""

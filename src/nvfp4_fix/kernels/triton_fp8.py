@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..schemes import FP8Spec
-from .device import on_device_of, sm_count
+from .device import device_index, on_device_of, sm_count
 from .triton_dequant import _e4m3_to_f32
 from .triton_ops import scratch_bytes_default, scratch_matmul
 
@@ -172,7 +172,7 @@ def supports(x2: torch.Tensor, spec: FP8Spec, k: int) -> bool:
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(device_index(device))
 
 
 def fp8_linear(

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .. import settings
-from .device import sm_count
+from .device import device_index, sm_count
 from .triton_nvfp4 import _dequant_kernel, _gemv_kernel, _mm_kernel, _splitk_reduce_kernel
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -88,7 +88,7 @@ TUNED_M64: dict[tuple[int, int], dict] = {
 def _sms(device: torch.device) -> int:
     if device.type != "cuda" or _INTERPRET:
         return 132
-    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(device_index(device))
 
 
 def _split_for(
